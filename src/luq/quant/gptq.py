@@ -1,0 +1,265 @@
+"""GPTQ (Frantar et al., 2022): layer-wise OBS quantization with lazy batch updates.
+
+For each column j (in act-order if asked), in blocks of `block_size` columns:
+    q_j   = grid(w_j)                                  quantize one column
+    err_j = (w_j - q_j) / U_jj                          U = chol(H^-1), upper
+    W[:, j:] -= err_j * U[j, j:]                        OBS update (Alg. 1, within the block)
+and after each block, W[:, later] -= Err_block @ U[block, later]   (lazy batch update).
+Group grids (scale, zero) are fitted on the error-updated weights when the first
+column of each group is reached, as the reference does.
+
+The stored form (`GPTQWeight`): codes packed `bits` bits each, fp16 scales per row
+per group, zeros packed at `bits` bits (none when symmetric: the zero is implied),
+and `g_idx` (column -> group) when act-order reorders the groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from luq.errors import LuqError
+from luq.quant.base import QuantizedWeight
+from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
+from luq.quant.packing import pack_bits, unpack_bits
+
+GPTQ_BITS = (1, 2, 3, 4, 8)
+_FP16_MAX = 65504.0
+_FP16_MIN_SCALE = 2.0 ** -24  # smallest positive fp16
+
+
+def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max uniform grid per row of w [rows, cols] -> (scale [rows], zero [rows]).
+
+    As the reference quantizer: the range always includes 0; an all-zero row gets
+    [-1, 1]; symmetric grids centre the zero at (maxq + 1) / 2. The scale is rounded
+    to fp16 here, because fp16 is what is stored and what dequantization will read.
+    """
+    maxq = 2 ** bits - 1
+    zeros = torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+    xmin = torch.minimum(w.min(dim=1).values, zeros)
+    xmax = torch.maximum(w.max(dim=1).values, zeros)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / maxq).clamp(_FP16_MIN_SCALE, _FP16_MAX).half().float()
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round w onto the grid: (codes, dequantized values); broadcasting like w."""
+    codes = torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+    return codes, scale * (codes - zero)
+
+
+@dataclass(eq=False, repr=False)
+class GPTQWeight(QuantizedWeight):
+    """A weight on a uniform grid per (row, group): W_hat[r, j] = scale[r, g] * (code[r, j] - zero[r, g])."""
+
+    method = "gptq"
+
+    qweight: torch.Tensor          # uint8 [out, packed(in)] codes in original column order
+    scales: torch.Tensor           # fp16 [out, n_groups]
+    qzeros: torch.Tensor | None    # uint8 [out, packed(n_groups)]; None when symmetric
+    g_idx: torch.Tensor | None     # uint8/int16/int32 [in] group of each column; None when groups are contiguous
+    shape: tuple[int, int]
+    bits: int
+    group_size: int                # columns per group (== in for one group per row)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def sym(self) -> bool:
+        return self.qzeros is None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {"qweight": self.qweight, "scales": self.scales}
+        if self.qzeros is not None:
+            sd["qzeros"] = self.qzeros
+        if self.g_idx is not None:
+            sd["g_idx"] = self.g_idx
+        return sd
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.method, "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "GPTQWeight":
+        return cls(qweight=tensors["qweight"], scales=tensors["scales"], qzeros=tensors.get("qzeros"),
+                   g_idx=tensors.get("g_idx"), shape=tuple(config["shape"]), bits=int(config["bits"]),
+                   group_size=int(config["group_size"]))
+
+    @property
+    def nominal_bits_per_weight(self) -> float:
+        """The figure papers quote for GPTQ: the code width alone (scales and zeros left out)."""
+        return float(self.bits)
+
+    def column_groups(self) -> torch.Tensor:
+        """Group index of every input column (int64 [in])."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.shape[1], device=self.scales.device) // self.group_size
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        cols = self.shape[1]
+        codes = unpack_bits(self.qweight[start:stop], self.bits, cols).float()
+        groups = self.column_groups()
+        scale = self.scales[start:stop].float()[:, groups]
+        if self.qzeros is None:
+            zero = float((2 ** self.bits) // 2)
+        else:
+            zero = unpack_bits(self.qzeros[start:stop], self.bits, self.n_groups).float()[:, groups]
+        return (scale * (codes - zero)).to(dtype)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    """Smallest integer dtype that holds indices 0..n-1."""
+    return torch.uint8 if n <= 2 ** 8 else torch.int16 if n <= 2 ** 15 else torch.int32
+
+
+def pack_gptq_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groups: torch.Tensor | None,
+                     bits: int, group_size: int, sym: bool) -> GPTQWeight:
+    """Store codes [out, in] (original column order), per-group scales/zeros [out, n_groups]."""
+    rows, cols = codes.shape
+    g_idx = None if groups is None else groups.to(_index_dtype(scales.shape[1]))
+    return GPTQWeight(
+        qweight=pack_bits(codes, bits),
+        scales=scales.half().contiguous(),
+        qzeros=None if sym else pack_bits(zeros, bits),
+        g_idx=g_idx, shape=(rows, cols), bits=bits, group_size=group_size,
+    )
+
+
+def _check_settings(solver: str, bits: int, group_size: int | None) -> None:
+    if bits not in GPTQ_BITS:
+        raise LuqError(f"{solver}: bits must be one of {GPTQ_BITS}, got {bits}")
+    if group_size is not None and group_size != -1 and (not isinstance(group_size, int) or group_size <= 0):
+        raise LuqError(f"{solver}: group_size must be a positive integer, or -1/None for one group per row; got {group_size}")
+
+
+def _group_width(group_size: int | None, cols: int) -> int:
+    """Columns per group; the last group of a row may be narrower when it does not divide `cols`."""
+    return cols if group_size in (None, -1) else min(group_size, cols)
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest on the same grid and stored form as GPTQ (no Hessian): the data-free baseline."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        _check_settings("RTN", self.bits, self.group_size)
+
+    def quantize(self, W: torch.Tensor, H: torch.Tensor | None = None) -> GPTQWeight:
+        if H is None:
+            H = torch.eye(W.shape[1], device=W.device) if isinstance(W, torch.Tensor) and W.dim() == 2 else W
+        check_problem(W, H, "RTN")
+        W = W.detach().float()
+        rows, cols = W.shape
+        gs = _group_width(self.group_size, cols)
+        codes = torch.empty_like(W)
+        scales, zeros = [], []
+        for c0 in range(0, cols, gs):
+            scale, zero = fit_grid(W[:, c0:c0 + gs], self.bits, self.sym)
+            codes[:, c0:c0 + gs], _ = quantize_to_grid(W[:, c0:c0 + gs], scale[:, None], zero[:, None], self.bits)
+            scales.append(scale)
+            zeros.append(zero)
+        return pack_gptq_weight(codes, torch.stack(scales, 1), torch.stack(zeros, 1), None, self.bits, gs, self.sym)
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ settings; `quantize(W, H)` is the solver.
+
+    bits: 2, 3, 4 or 8. group_size: columns per scale/zero (-1 or None: one per row; a
+    size that does not divide the columns leaves a narrower last group). act_order:
+    quantize columns in decreasing diag(H) order. sym: symmetric grid (zero implied,
+    not stored). damp: relative damping, H += damp * mean(diag H) * I. block_size:
+    columns per lazy batch update. static_groups: fit every group's grid on the
+    original W before any update (groups stay contiguous under act-order, no g_idx).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    act_order: bool = True
+    sym: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        _check_settings("GPTQ", self.bits, self.group_size)
+        if not (0 <= self.damp < 1):
+            raise LuqError(f"GPTQ: damp must be in [0, 1), got {self.damp}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise LuqError(f"GPTQ: block_size must be a positive integer, got {self.block_size}")
+
+    def quantize(self, W: torch.Tensor, H: torch.Tensor) -> GPTQWeight:
+        check_problem(W, H, "GPTQ")
+        W, H, _ = prepare_hessian(W, H, self.damp)
+        rows, cols = W.shape
+        bits, sym = self.bits, self.sym
+        gs = _group_width(self.group_size, cols)
+        n_groups = (cols + gs - 1) // gs
+
+        if self.static_groups:  # grids of the original, unpermuted groups
+            grids = [fit_grid(W[:, c0:c0 + gs], bits, sym) for c0 in range(0, cols, gs)]
+
+        perm = torch.argsort(torch.diagonal(H), descending=True) if self.act_order else None
+        if perm is not None:
+            W, H = W[:, perm], H[perm][:, perm]
+        U = inverse_hessian_cholesky(H, self.damp, "GPTQ")
+        del H
+
+        codes = torch.zeros_like(W)
+        scales = torch.zeros(rows, n_groups, device=W.device)
+        zeros = torch.zeros(rows, n_groups, device=W.device)
+        # group of each column in the (possibly permuted) solving order
+        orig_col = perm if perm is not None else torch.arange(cols, device=W.device)
+        solve_group = orig_col // gs if self.static_groups else torch.arange(cols, device=W.device) // gs
+        solve_group_list = solve_group.tolist()
+        if self.static_groups:
+            for g, (s, z) in enumerate(grids):
+                scales[:, g], zeros[:, g] = s, z
+
+        for b0 in range(0, cols, self.block_size):
+            b1 = min(b0 + self.block_size, cols)
+            W1 = W[:, b0:b1].clone()
+            U1 = U[b0:b1, b0:b1]
+            Err1 = torch.zeros_like(W1)
+            for i in range(b1 - b0):
+                j = b0 + i
+                g = solve_group_list[j]
+                if not self.static_groups and j % gs == 0:
+                    # the group's grid, on the weights as updated so far (in and past this block)
+                    group_w = torch.cat([W1[:, i:i + gs], W[:, b1:j + gs]], dim=1)
+                    scales[:, g], zeros[:, g] = fit_grid(group_w, bits, sym)
+                w = W1[:, i]
+                code, q = quantize_to_grid(w, scales[:, g], zeros[:, g], bits)
+                codes[:, j] = code
+                err = (w - q) / U1[i, i]
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                Err1[:, i] = err
+            W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+
+        if perm is None:
+            return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if self.static_groups:  # groups are the original contiguous ones
+            return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
+        return pack_gptq_weight(codes, scales, zeros, solve_group[invperm], bits, gs, sym)

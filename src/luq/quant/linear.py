@@ -1,0 +1,65 @@
+"""QuantLinear: a drop-in nn.Linear that computes straight from the packed weight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from luq.quant.base import ROW_TILE, QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    """y = x W_hat^T + b, with W_hat unpacked one tile of output rows at a time.
+
+    The packed tensors are buffers (they follow `.to(device)` and appear in the
+    state dict under their stored names); no full-precision copy of the weight is
+    kept, only one tile of `row_tile` rows exists while a forward runs. `dtype` is
+    the compute dtype (default: the input's).
+    """
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None, row_tile: int = ROW_TILE):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.weight_config: dict[str, Any] = qweight.config()
+        self.compute_dtype = dtype
+        self.row_tile = row_tile
+        self._weight_cls = type(qweight)
+        for name, tensor in qweight.state_dict().items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype or bias.dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight, dtype: torch.dtype | None = None) -> "QuantLinear":
+        if qweight.shape != (linear.out_features, linear.in_features):
+            raise ValueError(f"quantized weight {qweight.shape} does not fit {linear}")
+        return cls(qweight.to(linear.weight.device), linear.bias, dtype=dtype)
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        """The packed weight, as views of this module's buffers."""
+        tensors = {name: buf for name, buf in self.named_buffers(recurse=False) if name != "bias" and buf is not None}
+        return self._weight_cls.from_state_dict(tensors, self.weight_config)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (bias excluded)."""
+        return self.quantized_weight.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        x = x.to(dtype)
+        qweight = self.quantized_weight
+        out = torch.empty(*x.shape[:-1], self.out_features, dtype=dtype, device=x.device)
+        for r0 in range(0, self.out_features, self.row_tile):
+            r1 = min(r0 + self.row_tile, self.out_features)
+            out[..., r0:r1] = nn.functional.linear(x, qweight.dequantize_rows(r0, r1, dtype))
+        if self.bias is not None:
+            out += self.bias.to(dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"method={self.weight_config['method']}, bits_per_weight={self.quantized_weight.bits_per_weight:.3f}")
