@@ -261,3 +261,106 @@ def _link_label(match: re.Match) -> str:
         return ""
     target, _, label = inner.partition("|")
     return (label or target).strip().lstrip(":")
+
+
+# --------------------------------------------------------------------------- GPTQ problems
+
+
+@dataclass(eq=False)
+class LinearProblem:
+    """One linear layer of a real model, ready for a layerwise quantizer."""
+
+    name: str  # e.g. "layers.15.mlp.down_proj"
+    weight: torch.Tensor  # float32 [out, in]
+    hessian: torch.Tensor  # float32 [in, in], H = 2/n sum_tokens x x^T
+    inputs: torch.Tensor  # float32 [<= 2048, in], real input rows for output-error checks
+
+
+def smollm2_linear_problems(
+    layers: Sequence[int] = (0, 15, 29), n_seq: int = 16, seq_len: int = 256, seed: int = 0
+) -> list[LinearProblem]:
+    """The 7 linears of SmolLM2 decoder ``layers``, with Hessians from Wikipedia text (cached)."""
+    layers = tuple(int(i) for i in layers)
+    key = "-".join(map(str, layers))
+    path = cache_root() / f"smollm2-problems-L{key}-n{n_seq}-s{seq_len}-seed{seed}-{_PROBLEMS_CACHE_VERSION}.pt"
+    if not path.is_file():
+        problems = _compute_problems(layers, n_seq, seq_len, seed)
+        _atomic_write(path, lambda tmp: torch.save([vars(p) for p in problems], tmp))
+    return [LinearProblem(**p) for p in torch.load(path, weights_only=True)]
+
+
+def _compute_problems(layers: tuple[int, ...], n_seq: int, seq_len: int, seed: int) -> list[LinearProblem]:
+    model, tokenizer = load_smollm2()
+    n_layers = model.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n_layers for i in layers):
+        raise LuqError(f"layers must be in 0..{n_layers - 1}, got {list(layers)}")
+    if n_seq < 1 or seq_len < 1:
+        raise LuqError(f"n_seq and seq_len must be >= 1, got {n_seq} and {seq_len}")
+
+    ids = torch.tensor(tokenizer(wikipedia_text(), add_special_tokens=False)["input_ids"])
+    n_windows = len(ids) // seq_len
+    if n_seq > n_windows:
+        raise LuqError(f"the Wikipedia text has only {n_windows} windows of {seq_len} tokens, asked {n_seq}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(n_windows, generator=gen)[:n_seq] * seq_len
+    batch = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])  # [n_seq, seq_len]
+    rows = torch.randperm(n_seq * seq_len, generator=gen)[:MAX_INPUT_ROWS].sort().values
+
+    linears = {
+        name.removeprefix("model."): module
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] in LINEAR_NAMES and int(name.split(".")[2]) in layers
+    }
+    accumulators = {name: _hessian_accumulator(m.in_features) for name, m in linears.items()}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def pre_hook(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            accumulators[name].add_batch(x)
+            inputs[name] = x.reshape(-1, x.shape[-1])[rows].float().cpu()
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    try:
+        with torch.inference_mode():
+            model(input_ids=batch.to(model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        LinearProblem(
+            name=name,
+            weight=m.weight.detach().float().cpu().clone(),
+            hessian=accumulators[name].hessian,
+            inputs=inputs[name],
+        )
+        for name, m in linears.items()
+    ]
+
+
+def _hessian_accumulator(n_features: int):
+    """``luq.quant.hessian.HessianAccumulator`` when it exists, else the local fallback."""
+    if importlib.util.find_spec("luq.quant.hessian") is not None:
+        module = importlib.import_module("luq.quant.hessian")
+        if hasattr(module, "HessianAccumulator"):
+            return module.HessianAccumulator(n_features)
+    return _accumulate(n_features)
+
+
+class _accumulate:  # noqa: N801 - TODO: delete once luq.quant.hessian.HessianAccumulator exists
+    """Fallback Hessian accumulator: H = 2/n sum x x^T over all n tokens seen, in float64."""
+
+    def __init__(self, n_features: int) -> None:
+        self._sum = torch.zeros(n_features, n_features, dtype=torch.float64)
+        self._n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self._sum.shape[0]).to(device="cpu", dtype=torch.float64)
+        self._sum += x.T @ x
+        self._n += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return (2 / max(self._n, 1) * self._sum).float()

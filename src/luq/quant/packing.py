@@ -5,7 +5,7 @@ Written by hand because the layouts are luq's own stored format (the exact bytes
 
 Layout: codes run along the last dimension; every 8 consecutive codes of `bits`
 bits fill `bits` bytes, little-endian (code k occupies bits [k*bits, (k+1)*bits) of
-that group). The last dimension is zero-padded to a multiple of 8 codes. All
+that group). The last dimension is zero-padded to a multiple of 8 codes (8-bit codes are plain bytes). All
 routines are plain tensor ops, so they run on any device.
 """
 
@@ -18,7 +18,7 @@ SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
 def packed_length(n: int, bits: int) -> int:
     """Bytes that `n` codes of `bits` bits take along the last dimension."""
-    return (n + 7) // 8 * bits
+    return n if bits == 8 else (n + 7) // 8 * bits
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""The peer GPTQ: llmcompressor's `quantize_weight`, called as its GPTQModifier calls it.
+
+What GPTQModifier (llmcompressor 0.14, compressed-tensors 0.19) does per Linear, and
+what `peer_gptq` repeats on a bare (W, H):
+
+1. weight qparams: a `memoryless_minmax` observer (the default for weights) looks at
+   the *original* weight once, before GPTQ, and `calculate_qparams` turns per-group
+   min/max (range forced to include 0) into scale and zero point
+   (`observe` -> `weight_observer.get_qparams()`);
+2. `prepare_batch` stacks [W], [H / num_samples], [scale], [zero_point] into batches of one;
+3. `quantize_weight(weights, hessians, scale, zero_point, None, quant_args,
+   blocksize=block_size, percdamp=dampening_frac)`; the first output is the fake-quantized
+   (dequantized) weight.
+
+Activation order. compressed-tensors 0.19 keeps only actorder "weight" (alias "static",
+GPTQModifier's default): columns are solved in decreasing diag(H) order but the groups
+stay the contiguous original ones, with grids fixed from the original W (step 1), so no
+g_idx is stored. The old "group" order (grids fitted on the error-updated weights of each
+act-order group, g_idx stored), which is what `luq.quant.GPTQ(act_order=True)` does by
+default, is rejected by `quantize_weight` in this version. So act_order=True maps to
+actorder="static"; its exact counterpart in luq is GPTQ(act_order=True, static_groups=True).
+act_order=False maps to actorder=None (contiguous groups, still with grids fixed from the
+original W, i.e. luq's GPTQ(act_order=False, static_groups=True)).
+
+Hessian convention. llmcompressor accumulates 2 * sum_tokens x x^T and divides by the
+number of *samples* (the batch dimension of the module input, i.e. sequences), so its
+H is seq_len times luq's 2/n_tokens * sum x x^T. GPTQ is invariant to a positive
+scaling of H (the damping is relative to mean(diag H)), so H is passed as it is; see
+`check()` below, which verifies that.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def peer_available() -> bool:
+    """Whether llmcompressor's GPTQ can be imported here."""
+    try:
+        _peer()
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def _peer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from compressed_tensors.quantization import QuantizationArgs
+        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+        from llmcompressor.observers import Observer
+    return QuantizationArgs, Observer, quantize_weight
+
+
+def peer_gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, act_order: bool = True,
+              sym: bool = False, block_size: int = 128, damp: float = 0.01) -> torch.Tensor:
+    """llmcompressor GPTQ of W [out, in] under H [in, in]; returns the dequantized weight (float32)."""
+    QuantizationArgs, Observer, quantize_weight = _peer()
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size,
+                            dynamic=False, actorder="static" if act_order else None)
+    W = W.detach().float()
+    with torch.no_grad():
+        observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
+        qparams = observer(W).get_qparams()
+        Q, _loss, rtn_fallback = quantize_weight(
+            weights=W.unsqueeze(0).clone(), hessians=H.detach().float().unsqueeze(0).clone(),
+            scale=qparams["scale"].unsqueeze(0), zero_point=qparams["zero_point"].unsqueeze(0),
+            global_scale=None, quant_args=args, blocksize=block_size, percdamp=damp)
+    if rtn_fallback.any():
+        warnings.warn("llmcompressor fell back to round-to-nearest (H not positive definite)")
+    return Q[0]
+
+
+def check(rows: int = 512, cols: int = 1024, n: int = 4096, seed: int = 0) -> None:
+    """Sanity check on a random problem: peer error far below RTN, invariant to H's scale."""
+    from luq.quant import GPTQ, RTN
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols ** 0.5)
+    X *= torch.exp(torch.randn(cols, generator=g))          # uneven channel scales
+    H = 2 / n * X.T @ X
+    W = torch.randn(rows, cols, generator=g) * 0.02
+
+    def err(Q):
+        D = W - Q
+        return (torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T)).item()
+
+    peer = peer_gptq(W, H)
+    print(f"RTN-4 g128                      {err(RTN(4, 128).quantize(W).dequantize()):.3e}")
+    print(f"peer GPTQ-4 g128 static order   {err(peer):.3e}")
+    print(f"peer, H x 256 (llmc convention) {err(peer_gptq(W, 256 * H)):.3e}  max|dQ| = "
+          f"{(peer_gptq(W, 256 * H) - peer).abs().max().item():.2e}")
+    print(f"peer, no act order              {err(peer_gptq(W, H, act_order=False)):.3e}")
+    print(f"luq GPTQ static_groups          {err(GPTQ(4, 128, static_groups=True).quantize(W, H).dequantize()):.3e}")
+    print(f"luq GPTQ act_order (g_idx)      {err(GPTQ(4, 128).quantize(W, H).dequantize()):.3e}")
+
+
+if __name__ == "__main__":
+    print("peer available:", peer_available())
+    check()

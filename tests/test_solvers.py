@@ -1,0 +1,164 @@
+"""Solver mechanics on synthetic problems: formats, exactness, settings, bad input."""
+
+import pytest
+import torch
+
+from luq import LuqError
+from luq.quant import GPTQ, RTN, BiLLM, HessianAccumulator, QuantLinear, Sign, weight_from_state_dict
+from luq.quant.packing import pack_bits, packed_length, unpack_bits
+
+
+def make_problem(rows=96, cols=256, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g) @ (torch.randn(cols, cols, generator=g) * 0.2)
+    X[:, :4] *= 10  # a few loud input channels, as in real LLM activations
+    acc = HessianAccumulator(cols)
+    acc.add_batch(X)
+    W = torch.randn(rows, cols, generator=g) * 0.05
+    return W, acc.hessian, X
+
+
+def output_error(W, q, H):
+    """||(W - Q) X||^2 / ||W X||^2 written through H = 2/n X^T X."""
+    D = W - q.dequantize()
+    return (torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T)).item()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_pack_unpack_roundtrip(bits):
+    codes = torch.randint(0, 2 ** bits, (7, 45))
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, packed_length(45, bits))
+    assert torch.equal(unpack_bits(packed, bits, 45), codes)
+
+
+def test_hessian_accumulator_matches_reference_convention():
+    X = torch.randn(3, 50, 16)
+    acc = HessianAccumulator(16)
+    acc.add_batch(X[:1])
+    acc.add_batch(X[1:])
+    flat = X.reshape(-1, 16).double()
+    torch.testing.assert_close(acc.hessian, (2 / 150 * flat.T @ flat).float())
+
+
+@pytest.mark.parametrize("solver", [
+    GPTQ(4), GPTQ(4, act_order=False), GPTQ(3, sym=True), GPTQ(2, static_groups=True), GPTQ(4, group_size=-1),
+    GPTQ(8), RTN(4), BiLLM(), BiLLM(salient_metric="magnitude", compensation="reference"), Sign(),
+])
+def test_stored_form_is_exact_and_counted(solver):
+    W, H, _ = make_problem()
+    q = solver.quantize(W, H)
+    sd = q.state_dict()
+    # nbytes is the bytes of the stored tensors, nothing else
+    assert q.nbytes == sum(t.numel() * t.element_size() for t in sd.values())
+    assert q.bits_per_weight == pytest.approx(8 * q.nbytes / W.numel())
+    # a copy through (state dict, config) dequantizes bit for bit like the original
+    clone = weight_from_state_dict({k: v.clone() for k, v in sd.items()}, q.config())
+    assert torch.equal(clone.dequantize(), q.dequantize())
+    assert q.dequantize().shape == W.shape
+    # row tiles agree with the whole
+    assert torch.equal(q.dequantize_rows(10, 50), q.dequantize()[10:50])
+
+
+def test_gptq_with_diagonal_hessian_is_round_to_nearest():
+    """With no correlation between inputs there is no error to feed forward: GPTQ must give
+    exactly RTN's codes, scales and zeros."""
+    W, _, _ = make_problem()
+    H = torch.diag(torch.rand(W.shape[1]) + 0.5)
+    gptq = GPTQ(4, act_order=False).quantize(W, H)
+    rtn = RTN(4).quantize(W)
+    for name, tensor in rtn.state_dict().items():
+        assert torch.equal(gptq.state_dict()[name], tensor), name
+
+
+def test_gptq_beats_rtn_and_bits_order():
+    W, H, _ = make_problem()
+    errs = {b: output_error(W, GPTQ(b).quantize(W, H), H) for b in (2, 3, 4, 8)}
+    assert errs[8] < errs[4] < errs[3] < errs[2]
+    assert errs[4] < 0.7 * output_error(W, RTN(4).quantize(W), H)
+
+
+def test_gptq_act_order_stores_group_index():
+    W, H, _ = make_problem()
+    q = GPTQ(4, group_size=64, act_order=True).quantize(W, H)
+    assert q.g_idx is not None and q.g_idx.shape == (W.shape[1],)
+    assert sorted(torch.bincount(q.g_idx.long()).tolist()) == [64] * 4
+    assert GPTQ(4, act_order=False).quantize(W, H).g_idx is None
+    assert GPTQ(4, act_order=True, static_groups=True).quantize(W, H).g_idx is None
+
+
+def test_gptq_group_size_not_dividing_columns_leaves_narrow_last_group():
+    W, H, _ = make_problem(cols=200)
+    q = GPTQ(4, group_size=128, act_order=False).quantize(W, H)
+    assert q.scales.shape == (W.shape[0], 2)
+    assert output_error(W, q, H) < 0.05
+
+
+def test_dead_columns_are_zeroed():
+    W, H, _ = make_problem()
+    H[5, :] = 0
+    H[:, 5] = 0
+    for solver in (GPTQ(4), BiLLM()):
+        Q = solver.quantize(W, H).dequantize()
+        assert torch.isfinite(Q).all()
+
+
+def test_billm_layout_and_nominal_bits():
+    W, H, _ = make_problem(rows=64, cols=384)
+    q = BiLLM(block_size=128).quantize(W, H)
+    salient = q.salient_mask()
+    n_sal = int(salient.sum())
+    assert 3 <= n_sal <= 3 * 49  # at least one salient column per block
+    assert q.residual_signs.shape == (64, packed_length(n_sal, 1))
+    assert q.sparse_bitmap.shape == (64, packed_length(384 - n_sal, 1))
+    assert q.scales.shape == (64, 3, 4) and q.scales.dtype == torch.float16
+    assert 1.0 < q.nominal_bits_per_weight < 1.5 < q.bits_per_weight
+
+
+def test_billm_beats_sign_and_one_bit_rtn():
+    W, H, _ = make_problem()
+    e_billm = output_error(W, BiLLM().quantize(W, H), H)
+    assert e_billm < output_error(W, Sign().quantize(W), H)
+    assert e_billm < output_error(W, RTN(1, group_size=-1).quantize(W), H)
+
+
+@pytest.mark.parametrize("solver", [GPTQ(4), BiLLM(), Sign()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_matches_dequantized_matmul(solver, dtype):
+    W, H, X = make_problem(rows=300)
+    linear = torch.nn.Linear(W.shape[1], W.shape[0])
+    linear.weight.data = W
+    q = solver.quantize(W, H)
+    module = QuantLinear.from_linear(linear, q, dtype=dtype)
+    module.row_tile = 128  # several tiles
+    x = X[:20].reshape(4, 5, -1)
+    expected = x.to(dtype) @ q.dequantize(dtype).T + linear.bias.to(dtype)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(module(x), expected, **tol)
+    # no full-precision weight is held: only the packed buffers and the bias
+    assert set(dict(module.named_buffers())) == set(q.state_dict()) | {"bias"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda W, H: (W[0], H), "2-D"),
+    (lambda W, H: (W, H[:-1]), "Hessian must be"),
+    (lambda W, H: (W, H + torch.triu(torch.ones_like(H))), "not symmetric"),
+    (lambda W, H: (W.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(float("nan"))), H), "NaN or inf"),
+    (lambda W, H: (W, H.index_put((torch.tensor(1), torch.tensor(1)), torch.tensor(float("inf")))), "NaN or inf"),
+    (lambda W, H: (W.long(), H), "floating point"),
+])
+@pytest.mark.parametrize("solver", [GPTQ(4), BiLLM()])
+def test_bad_problems_raise_one_clear_error(bad, message, solver):
+    W, H, _ = make_problem(rows=8, cols=32, n=256)
+    W, H = bad(W, H)
+    with pytest.raises(LuqError, match=message):
+        solver.quantize(W, H)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GPTQ(bits=5), lambda: GPTQ(bits=4, group_size=0), lambda: GPTQ(damp=-1), lambda: RTN(bits=6),
+    lambda: BiLLM(block_size=0), lambda: BiLLM(salient_metric="bogus"), lambda: BiLLM(compensation="x"),
+])
+def test_bad_settings_raise(make):
+    with pytest.raises(LuqError):
+        make()
