@@ -1,0 +1,112 @@
+"""Layer-by-layer execution of a decoder (paper Eq. 1: h_i = f_i(h_{i-1})).
+
+The model runs once up to decoder layer 0, and what that layer receives is kept: the
+hidden states and every keyword argument the family passes (attention mask, position
+ids, rotary position embeddings, Qwen's mRoPE ones, cache position, ...). Then the
+layers run one at a time over those inputs, each one's outputs becoming the next
+one's inputs, so peak memory is one layer plus the activations. Activations wait on
+`offload_device` (the CPU by default) between layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from luq.models import Adapter
+
+# token kinds, as counted in calibration and used for per-modality entropy
+PAD, TEXT, IMAGE = 0, 1, 2
+
+
+@dataclass
+class LayerInput:
+    """What one decoder layer receives for one calibration batch."""
+
+    hidden: torch.Tensor          # [batch, tokens, width]
+    kwargs: dict[str, Any]        # every other argument of the layer's forward
+    token_kind: torch.Tensor      # int8 [batch, tokens]: PAD, TEXT or IMAGE
+
+
+class _ReachedFirstLayer(Exception):
+    """Stops the model's forward once layer 0's inputs are captured."""
+
+
+def move(obj: Any, device: torch.device | str) -> Any:
+    """`obj` with every tensor inside (tuples, lists, dicts) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iterable[tuple[dict, torch.Tensor]],
+                               offload_device: torch.device | str = "cpu") -> list[LayerInput]:
+    """Run `model` on each (model inputs, token kinds) batch up to decoder layer 0 and keep
+    that layer's inputs. The model's own embedding, vision tower, projector, masks and
+    rotary embeddings produce them, so nothing family-specific is recomputed here."""
+    first = adapter.decoder_layers(model)[0]
+    seen: dict[str, Any] = {}
+
+    def grab(module, args, kwargs):
+        kwargs = dict(kwargs)
+        seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        raise _ReachedFirstLayer
+
+    device = next(model.parameters()).device
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    captured = []
+    try:
+        for inputs, token_kind in batches:
+            try:
+                model(**move(inputs, device), use_cache=False)
+            except _ReachedFirstLayer:
+                pass
+            else:  # pragma: no cover - a family whose forward never reaches layer 0
+                raise RuntimeError("the model's forward did not reach decoder layer 0")
+            captured.append(LayerInput(hidden=seen["hidden"].to(offload_device),
+                                       kwargs=move(seen["kwargs"], offload_device),
+                                       token_kind=token_kind.to(torch.int8)))
+    finally:
+        handle.remove()
+    return captured
+
+
+def layer_forward(layer: nn.Module, inp: LayerInput, device: torch.device | str) -> torch.Tensor:
+    """One decoder layer on one captured batch, on `device`."""
+    out = layer(inp.hidden.to(device), **move(inp.kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch.device | str,
+                  offload_device: torch.device | str = "cpu",
+                  before_layer: Callable[[int, nn.Module], Any] | None = None,
+                  ) -> Iterator[tuple[int, nn.Module, list[torch.Tensor], Any]]:
+    """Yield (index, layer, outputs per batch, context) for each decoder layer in turn.
+
+    Each layer is moved to `device` for its forward and back to where it was after
+    the consumer resumes the iterator. `before_layer(i, layer)` runs before the layer's
+    forward and its return value is yielded as `context` (the hook point where, e.g.,
+    Hessian accumulators are attached). The outputs yielded become the next layer's
+    inputs; a consumer that changes the layer (quantizes it) and wants the next layer
+    fed by the changed layer's outputs can call `layer_forward` itself and
+    `send` nothing: see `luq.pipeline` for that use.
+    """
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        context = before_layer(i, layer) if before_layer is not None else None
+        outputs = [layer_forward(layer, inp, device).to(offload_device) for inp in inputs]
+        yield i, layer, outputs, context
+        layer.to(home)
+        inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]
