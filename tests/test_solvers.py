@@ -42,7 +42,7 @@ def test_hessian_accumulator_matches_reference_convention():
 
 
 @pytest.mark.parametrize("solver", [
-    GPTQ(4), GPTQ(4, act_order=False), GPTQ(3, sym=True), GPTQ(2, static_groups=True), GPTQ(4, group_size=-1),
+    GPTQ(4), GPTQ(4, static_groups=False), GPTQ(4, act_order=False), GPTQ(3, sym=True), GPTQ(2, static_groups=False), GPTQ(4, group_size=-1),
     GPTQ(8), RTN(4), BiLLM(), BiLLM(salient_metric="magnitude", compensation="reference"), Sign(),
 ])
 def test_stored_form_is_exact_and_counted(solver):
@@ -80,10 +80,10 @@ def test_gptq_beats_rtn_and_bits_order():
 
 def test_gptq_act_order_stores_group_index():
     W, H, _ = make_problem()
-    q = GPTQ(4, group_size=64, act_order=True).quantize(W, H)
+    q = GPTQ(4, group_size=64, act_order=True, static_groups=False).quantize(W, H)
     assert q.g_idx is not None and q.g_idx.shape == (W.shape[1],)
     assert sorted(torch.bincount(q.g_idx.long()).tolist()) == [64] * 4
-    assert GPTQ(4, act_order=False).quantize(W, H).g_idx is None
+    assert GPTQ(4, act_order=False, static_groups=False).quantize(W, H).g_idx is None
     assert GPTQ(4, act_order=True, static_groups=True).quantize(W, H).g_idx is None
 
 
