@@ -1,5 +1,7 @@
 # Every target installs what it needs into .venv first.
 PY      ?= python3
+# OpenMP threads that spin-wait slow everything down when another process is busy
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.luq-installed

@@ -43,32 +43,41 @@ SALIENT_METRICS = ("hessian", "magnitude")
 COMPENSATIONS = ("obs", "reference")
 
 
-def binarize(w: torch.Tensor, mask: torch.Tensor, order: int, fp16_params: bool = False):
+def binarize(w: torch.Tensor, mask: torch.Tensor | None, order: int, fp16_params: bool = False):
     """Residual binarization of the entries of w [rows, cols] selected by mask, per row.
 
-    Returns (approx, signs [order, rows, cols] bool, scales [order, rows], means [order, rows]);
-    approx is 0 outside the mask. With fp16_params the scale and mean are rounded to
-    fp16 as they are stored, so that approx is exactly what dequantization gives.
+    mask None selects every entry. Returns (approx, signs [order, rows, cols] bool,
+    scales [order, rows], means [order, rows]); approx is 0 outside the mask. With
+    fp16_params the scale and mean are rounded to fp16 as they are stored, so that
+    approx is exactly what dequantization gives.
     """
     approx = torch.zeros_like(w)
-    maskf = mask.to(w.dtype)
-    count = maskf.sum(1).clamp_min(1)
+    maskf = None if mask is None else mask.to(w.dtype)
+    count = w.new_full((w.shape[0],), w.shape[1]) if mask is None else maskf.sum(1).clamp_min(1)
     signs, scales, means = [], [], []
     for _ in range(order):
         residual = w - approx
-        mean = (residual * maskf).sum(1) / count
+        mean = (residual if maskf is None else residual * maskf).sum(1) / count
         if fp16_params:
             mean = mean.half().float()
         centred = residual - mean[:, None]
-        scale = (centred.abs() * maskf).sum(1) / count
+        scale = (centred.abs() if maskf is None else centred.abs() * maskf).sum(1) / count
         if fp16_params:
             scale = scale.half().float()
         positive = centred >= 0  # a zero residual takes +1: a stored bit has no zero
-        approx = approx + binary_value(positive, scale[:, None], mean[:, None]) * maskf
-        signs.append(positive & mask)
+        step = binary_value(positive, scale[:, None], mean[:, None])
+        approx = approx + (step if maskf is None else step * maskf)
+        signs.append(positive if mask is None else positive & mask)
         scales.append(scale)
         means.append(mean)
     return approx, torch.stack(signs), torch.stack(scales), torch.stack(means)
+
+
+def _squared_error(w: torch.Tensor, mask: torch.Tensor | None, order: int) -> float:
+    """Squared error of binarizing the masked entries of w (the searches' objective)."""
+    approx = binarize(w, mask, order)[0]
+    diff = w - approx if mask is None else (w - approx) * mask
+    return float((diff ** 2).sum())
 
 
 def binary_value(positive: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -244,35 +253,28 @@ class BiLLM:
         if len(candidates) == 0:
             return chosen
         ranked = torch.argsort(salience.sum(0), descending=True)
-        best_err, best_n = float("inf"), 0
-        for n in candidates:
-            mask = torch.zeros(n_cols, dtype=torch.bool, device=Wb.device)
-            mask[ranked[:n]] = True
-            mask = mask[None, :].expand_as(Wb)
-            approx = binarize(Wb, mask, 2)[0] + binarize(Wb, ~mask, 2)[0]
-            err = ((Wb - approx) ** 2).sum().item()
-            if err < best_err:
-                best_err, best_n = err, n
+        by_salience = Wb[:, ranked]  # salient candidates are leading column slices
+        errors = [_squared_error(by_salience[:, :n], None, 2) + _squared_error(by_salience[:, n:], None, 2)
+                  for n in candidates]
+        best_n = candidates[min(range(len(errors)), key=errors.__getitem__)]
         chosen[ranked[:best_n]] = True
         return chosen
 
     def _search_break_point(self, Wb: torch.Tensor, salient: torch.Tensor) -> float:
         """Bell-shaped split: the break point p (a quantile of the non-salient |w|) whose
-        concentrated/sparse binarization gives the least squared error."""
-        plain = ~salient[None, :].expand_as(Wb)
-        magnitudes = Wb.abs()[plain]
-        if magnitudes.numel() == 0:
+        concentrated/sparse binarization gives the least squared error (the salient
+        columns' error does not depend on p, so only the non-salient part is scored)."""
+        plain = Wb[:, ~salient]
+        if plain.numel() == 0:
             return float("inf")
-        sorted_mag = magnitudes.sort().values
+        magnitude = plain.abs()
+        sorted_mag = magnitude.flatten().sort().values
         n = sorted_mag.numel()
-        sal_mask = ~plain
-        salient_approx = binarize(Wb, sal_mask, 2)[0]
         best_err, best_split = float("inf"), float("inf")
         for q in self.split_quantiles:
             split = sorted_mag[min(int(q * (n - 1)), n - 1)].item()
-            sparse = (Wb.abs() >= split) & plain
-            approx = salient_approx + binarize(Wb, plain & ~sparse, 1)[0] + binarize(Wb, sparse, 1)[0]
-            err = ((Wb - approx) ** 2).sum().item()
+            sparse = magnitude >= split
+            err = _squared_error(plain, ~sparse, 1) + _squared_error(plain, sparse, 1)
             if err < best_err:
                 best_err, best_split = err, split
         return best_split

@@ -1,0 +1,91 @@
+"""The solvers on real weights: the 21 linears of SmolLM2-135M layers 0, 15 and 29, with
+Hessians from real activations on the Wikipedia text (luq.assets.smollm2_linear_problems).
+
+Tolerances come from measurement (bench/solvers.py prints the same figures):
+- GPTQ-4 vs the peer (llmcompressor, pinned in tests/data by bench/pin_peer.py): luq's
+  static-group GPTQ is the same algorithm and lands within 0.1% of it on every layer;
+  the issue's bound is 5%.
+- GPTQ-4 vs RTN-4: RTN's error is 2.9x to 49x GPTQ's on these layers; we ask for 2x.
+- BiLLM vs the sign baseline and 1-bit RTN: BiLLM is 7x-45x below both; we ask for 2x.
+"""
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from luq.quant import GPTQ, RTN, BiLLM, QuantLinear, Sign, weight_from_state_dict
+
+PINNED = json.loads((Path(__file__).parent / "data" / "peer_gptq_smollm2.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def problems():
+    assets = pytest.importorskip("luq.assets")
+    try:
+        return {p.name: p for p in assets.smollm2_linear_problems()}
+    except Exception as e:  # pragma: no cover - offline assets not installed
+        pytest.skip(f"real SmolLM2 assets unavailable: {e}")
+
+
+def names():
+    return sorted(PINNED["relative_output_error"])
+
+
+def relative_output_error(p, q):
+    """||W X - Q X||^2 / ||W X||^2 over all calibration tokens, through H = 2/n X^T X."""
+    D = p.weight - q.dequantize()
+    return (torch.trace(D @ p.hessian @ D.T) / torch.trace(p.weight @ p.hessian @ p.weight.T)).item()
+
+
+@lru_cache(maxsize=None)
+def billm(name):
+    p = problems()[name]
+    return BiLLM().quantize(p.weight, p.hessian)
+
+
+@pytest.mark.parametrize("name", names())
+def test_gptq4_matches_the_peer_and_beats_rtn(name):
+    p = problems()[name]
+    s = PINNED["settings"]
+    ours = GPTQ(bits=s["bits"], group_size=s["group_size"], act_order=s["act_order"], sym=s["sym"],
+                block_size=s["block_size"], damp=s["damp"]).quantize(p.weight, p.hessian)
+    err = relative_output_error(p, ours)
+    assert err <= 1.05 * PINNED["relative_output_error"][name]
+    assert err <= 0.5 * relative_output_error(p, RTN(4, s["group_size"]).quantize(p.weight))
+    # the default g128 (a narrower last group on 576 columns): coarser groups, measured 1.21-1.34x g64's error
+    assert relative_output_error(p, GPTQ(4).quantize(p.weight, p.hessian)) < 1.5 * err
+
+
+@pytest.mark.parametrize("name", names())
+def test_billm_beats_sign_and_one_bit_rtn(name):
+    p = problems()[name]
+    err = relative_output_error(p, billm(name))
+    assert err < 0.5 * relative_output_error(p, Sign().quantize(p.weight))
+    assert err < 0.5 * relative_output_error(p, RTN(1, group_size=-1).quantize(p.weight))
+
+
+@pytest.mark.parametrize("name", ["layers.15.self_attn.q_proj", "layers.29.mlp.down_proj"])
+def test_real_packed_round_trip_and_bytes(name):
+    p = problems()[name]
+    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name)):
+        sd = q.state_dict()
+        assert q.nbytes == sum(t.numel() * t.element_size() for t in sd.values())
+        clone = weight_from_state_dict({k: v.clone() for k, v in sd.items()}, q.config())
+        assert torch.equal(clone.dequantize(), q.dequantize())
+    # true bits: GPTQ-4 g128 carries fp16 scales and 4-bit zeros; BiLLM its bitmap and fp16 scales/means
+    assert 4.1 < GPTQ(4).quantize(p.weight, p.hessian).bits_per_weight < 4.3
+    assert 2.9 < billm(name).bits_per_weight < 3.2 and billm(name).nominal_bits_per_weight < 1.4
+
+
+@pytest.mark.parametrize("name", ["layers.0.self_attn.k_proj", "layers.29.mlp.down_proj"])
+def test_quant_linear_on_real_inputs(name):
+    p = problems()[name]
+    linear = torch.nn.Linear(p.weight.shape[1], p.weight.shape[0], bias=False)
+    linear.weight.data = p.weight.clone()
+    x = p.inputs[:256]
+    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name)):
+        module = QuantLinear.from_linear(linear, q)
+        torch.testing.assert_close(module(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
