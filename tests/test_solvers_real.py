@@ -55,8 +55,8 @@ def test_gptq4_matches_the_peer_and_beats_rtn(name):
     err = relative_output_error(p, ours)
     assert err <= 1.05 * PINNED["relative_output_error"][name]
     assert err <= 0.5 * relative_output_error(p, RTN(4, s["group_size"]).quantize(p.weight))
-    # the default g128 (a narrower last group on 576 columns): coarser groups, measured 1.21-1.34x g64's error
-    assert relative_output_error(p, GPTQ(4).quantize(p.weight, p.hessian)) < 1.5 * err
+    # finer groups cost bytes and buy accuracy: g64's error measured 0.75-0.83x g128's
+    assert relative_output_error(p, GPTQ(4, group_size=64).quantize(p.weight, p.hessian)) < err
 
 
 @pytest.mark.parametrize("name", names())

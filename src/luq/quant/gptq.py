@@ -242,25 +242,29 @@ class GPTQ:
             for g, (s, z) in enumerate(grids):
                 scales[:, g], zeros[:, g] = s, z
 
+        # the working block is held transposed ([columns, rows]) so each column is contiguous
         for b0 in range(0, cols, self.block_size):
             b1 = min(b0 + self.block_size, cols)
-            W1 = W[:, b0:b1].clone()
+            W1t = W[:, b0:b1].T.contiguous()
             U1 = U[b0:b1, b0:b1]
-            Err1 = torch.zeros_like(W1)
+            Err1t = torch.empty_like(W1t)
+            codes1t = torch.empty_like(W1t)
             for i in range(b1 - b0):
                 j = b0 + i
                 g = solve_group_list[j]
                 if not self.static_groups and j % gs == 0:
                     # the group's grid, on the weights as updated so far (in and past this block)
-                    group_w = torch.cat([W1[:, i:i + gs], W[:, b1:j + gs]], dim=1)
+                    group_w = torch.cat([W1t[i:i + gs].T, W[:, b1:j + gs]], dim=1)
                     scales[:, g], zeros[:, g] = fit_grid(group_w, bits, sym)
-                w = W1[:, i]
-                code, q = quantize_to_grid(w, scales[:, g], zeros[:, g], bits)
-                codes[:, j] = code
+                if i == 0 or j % gs == 0 or self.static_groups:
+                    scale_g, zero_g = scales[:, g].contiguous(), zeros[:, g].contiguous()
+                w = W1t[i]
+                codes1t[i], q = quantize_to_grid(w, scale_g, zero_g, bits)
                 err = (w - q) / U1[i, i]
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-                Err1[:, i] = err
-            W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+                W1t[i:].addr_(U1[i, i:], err, alpha=-1)  # OBS update of the block's later columns
+                Err1t[i] = err
+            codes[:, b0:b1] = codes1t.T
+            W[:, b1:].addmm_(Err1t.T, U[b0:b1, b1:], alpha=-1)  # lazy batch update of the rest
 
         if perm is None:
             return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
