@@ -32,11 +32,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
+# the README's solver table (with the llmcompressor peer); ~8 minutes on 2 cores
 bench: $(BSTAMP)
-	$(VPY) bench/solvers.py
+	$(VPY) -m bench.solvers
 
+# Until the model pipeline lands: the solvers on real SmolLM2-135M layers (~2 minutes).
 demo: $(STAMP)
-	$(VPY) -m luq.demo
+	$(VPY) -m bench.solvers --quick --out out/demo-solvers.json
 
 clean:
 	rm -rf $(VENV) .luq-cache
