@@ -430,3 +430,34 @@ def select_k(curve: Sequence[tuple[int, float]], *, sensitivity: float = 1.0) ->
     if knee is not None:
         return int(knee)
     return min(pts, key=lambda p: (p[1], p[0]))[0]
+
+
+def entropy_by_kind(h: torch.Tensor, kinds: torch.Tensor, ks: Sequence[int], *, subsample: int | None = None,
+                    seed: int = 0, **kmeans_kw) -> dict[int, dict[str, float | None]]:
+    """One layer's entropy for each K, over all its tokens and over each kind of token.
+
+    h: [tokens, d] activations; kinds: int [tokens] (luq.capture.TEXT / IMAGE; padding
+    already removed). For each K, K-means is fit once (on a seeded subsample of
+    `subsample` tokens if given), every token is assigned (Eq. 3), and the occupancy
+    entropy (Eq. 4-5) is taken over all tokens, the text tokens and the image tokens
+    (None where a kind has no token), so the kinds share one discretization (paper Fig. 2).
+    """
+    from luq.capture import IMAGE, TEXT
+
+    x = h.reshape(-1, h.shape[-1])
+    n = x.shape[0]
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed))
+    fit_rows = x if subsample is None or int(subsample) >= n else \
+        x[torch.randperm(n, generator=gen, device=x.device)[:int(subsample)]]
+    out = {}
+    for k in ks:
+        if int(k) > fit_rows.shape[0]:
+            raise LuqError(f"K={int(k)} is larger than the {fit_rows.shape[0]} tokens available")
+        labels = nearest_centroid(x, kmeans(fit_rows, int(k), seed=seed, **kmeans_kw).centroids)
+        per_kind = {"all": cluster_entropy(labels, int(k))}
+        for name, kind in (("text", TEXT), ("image", IMAGE)):
+            chosen = labels[kinds.to(labels.device) == kind]
+            per_kind[name] = cluster_entropy(chosen, int(k)) if chosen.numel() else None
+        out[int(k)] = per_kind
+    return out

@@ -1,0 +1,113 @@
+"""The `luq` command: thin, argument parsing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from luq.errors import LuqError
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-text", metavar="SRC", help="local text file/folder or hub dataset (default: offline Wikipedia)")
+    g.add_argument("--calib-images", metavar="SRC", help="local JSONL of {image, question} or hub dataset")
+    g.add_argument("--alpha", type=float, default=0.0, help="fraction of multimodal tokens (default 0)")
+    g.add_argument("--samples", type=int, default=128, help="N calibration sequences (default 128)")
+    g.add_argument("--seq-len", type=int, default=2048, help="L tokens per sequence (default 2048)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def _k_value(text: str):
+    if text == "auto":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes 'auto' or a positive integer, not {text!r}") from None
+    if k < 2:
+        raise argparse.ArgumentTypeError("--k must be at least 2")
+    return k
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="luq", description="Layerwise ultra-low-bit quantization of (multimodal) LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("entropy", help="rank decoder layers by output-activation entropy")
+    p.add_argument("model", nargs="?", default=None, help="hub id, local directory, or built-in name (default: smollm2)")
+    p.add_argument("--out", required=True, type=Path, help="directory for entropy.json and plots")
+    p.add_argument("--k", type=_k_value, default=None, metavar="auto|INT", help="K-means clusters (default: auto)")
+    p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
+    _calibration_options(p)
+
+    p = sub.add_parser("report", help="redraw the plots of a run")
+    p.add_argument("dir", type=Path)
+    return parser
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_entropy(args) -> None:
+    from luq.calibration import CalibrationConfig, text_batches
+    from luq.models.loading import load_model, parse_dtype
+    from luq.pipeline import measure_entropy
+    from luq.report import plot_entropy
+
+    config = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
+                               samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    model, tokenizer, adapter = load_model(args.model, args.device, parse_dtype(args.dtype))
+    if config.n_multimodal or config.images:
+        if not adapter.multimodal:
+            raise LuqError(f"{adapter.family} models take no images: drop --calib-images and use --alpha 0")
+        raise LuqError("multimodal calibration is not implemented yet; use --alpha 0")
+    batches = text_batches(tokenizer, config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = measure_entropy(model, adapter, batches, k=args.k, device=args.device, subsample=args.subsample,
+                             seed=args.seed)
+    result.update(model=args.model or "smollm2", calibration=vars(config) | {"samples": config.samples})
+    _write_json(args.out / "entropy.json", result)
+    plots = plot_entropy(result, args.out)
+    print(f"K = {result['k']}; lowest-entropy layers first: {result['ranking']}")
+    print(f"wrote {args.out / 'entropy.json'} and {', '.join(p.name for p in plots)}")
+
+
+def cmd_report(args) -> None:
+    from luq.report import plot_entropy
+
+    path = args.dir / "entropy.json"
+    if not path.is_file():
+        raise LuqError(f"no entropy.json in {args.dir}")
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LuqError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    plots = plot_entropy(result, args.dir)
+    print(f"wrote {', '.join(str(p) for p in plots)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"entropy": cmd_entropy, "report": cmd_report}[args.command](args)
+    except LuqError as e:
+        print(f"luq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("luq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""MODEL -> (model, tokenizer or processor, adapter): built-in offline names, local dirs, hub ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from luq.errors import LuqError
+from luq.models import Adapter, adapter_for
+
+BUILTIN = ("smollm2",)
+DEFAULT_MODEL = "smollm2"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise LuqError(f"unknown dtype {name!r}; choose from {', '.join(_DTYPES)}") from None
+
+
+def resolve(model: str | None) -> str:
+    """The local directory or hub id behind MODEL (a built-in name maps to its offline copy)."""
+    model = model or DEFAULT_MODEL
+    if model == "smollm2":
+        from luq.assets import smollm2_dir
+        return str(smollm2_dir())
+    return model
+
+
+def load_model(model: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load MODEL for calibration: (model in eval mode on device/dtype, tokenizer or processor, adapter)."""
+    from transformers import AutoConfig
+
+    source = resolve(model)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise LuqError(f"model directory not found: {source}")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise LuqError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+    adapter: Adapter = adapter_for(config.model_type)
+    if adapter.multimodal:
+        from transformers import AutoModelForImageTextToText as auto_model
+        from transformers import AutoProcessor as auto_pre
+    else:
+        from transformers import AutoModelForCausalLM as auto_model
+        from transformers import AutoTokenizer as auto_pre
+    net = auto_model.from_pretrained(source, dtype=dtype).to(device).eval()
+    return net, auto_pre.from_pretrained(source), adapter
