@@ -36,9 +36,11 @@ test: $(STAMP)
 bench: $(BSTAMP)
 	$(VPY) -m bench.solvers
 
-# Until the model pipeline lands: the solvers on real SmolLM2-135M layers (~2 minutes).
+# Until `luq quantize` lands: the entropy ranking of the real SmolLM2-135M's 30 layers
+# (plots in out/demo-entropy/), then the solvers on its real layers. ~4 minutes.
 demo: $(STAMP)
-	$(VPY) -m bench.solvers --quick --out out/demo-solvers.json
+	$(VENV)/bin/luq entropy smollm2 --out out/demo-entropy --samples 16 --seq-len 256
+	$(VPY) -m bench.solvers --quick --out out/demo-entropy/solvers.json
 
 clean:
 	rm -rf $(VENV) .luq-cache
