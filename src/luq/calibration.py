@@ -102,6 +102,7 @@ def text_batches(tokenizer, config: CalibrationConfig, batch_size: int = 8) -> l
     """The text part of the calibration set as (model inputs, token kinds) batches."""
     if config.n_text == 0:
         return []
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor carries one
     ids = torch.tensor(tokenizer(load_text(config.text), add_special_tokens=False).input_ids)
     windows = text_windows(ids, config.n_text, config.seq_len, config.seed)
     return [({"input_ids": w, "attention_mask": torch.ones_like(w)}, torch.full(w.shape, TEXT, dtype=torch.int8))
