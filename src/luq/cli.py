@@ -75,7 +75,7 @@ def cmd_entropy(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure_entropy(model, adapter, batches, k=args.k, device=args.device, subsample=args.subsample,
                              seed=args.seed)
-    result.update(model=args.model or "smollm2", calibration=vars(config) | {"samples": config.samples})
+    result.update(model=args.model or "smollm2", calibration=vars(config))
     _write_json(args.out / "entropy.json", result)
     plots = plot_entropy(result, args.out)
     print(f"K = {result['k']}; lowest-entropy layers first: {result['ranking']}")
