@@ -98,9 +98,8 @@ def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch
     the consumer resumes the iterator. `before_layer(i, layer)` runs before the layer's
     forward and its return value is yielded as `context` (the hook point where, e.g.,
     Hessian accumulators are attached). The outputs yielded become the next layer's
-    inputs; a consumer that changes the layer (quantizes it) and wants the next layer
-    fed by the changed layer's outputs can call `layer_forward` itself and
-    `send` nothing: see `luq.pipeline` for that use.
+    inputs (the full-precision chain); a consumer that quantizes a layer and wants the
+    next layer fed by the quantized outputs recomputes them with `layer_forward`.
     """
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
