@@ -99,7 +99,8 @@ def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch
     forward and its return value is yielded as `context` (the hook point where, e.g.,
     Hessian accumulators are attached). The outputs yielded become the next layer's
     inputs (the full-precision chain); a consumer that quantizes a layer and wants the
-    next layer fed by the quantized outputs recomputes them with `layer_forward`.
+    next layer fed by the quantized outputs recomputes them with `layer_forward` and
+    writes them into the yielded list, which is what the next layer reads.
     """
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
