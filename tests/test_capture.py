@@ -64,3 +64,16 @@ def test_hook_point_sees_every_linear():
 def test_unknown_family_is_one_clear_error():
     with pytest.raises(LuqError, match="unsupported model family 'bert'; supported: .*llama"):
         adapter_for("bert")
+
+
+def test_consumer_can_replace_the_outputs_the_next_layer_reads():
+    model = tiny_llava()
+    adapter = adapter_for(model)
+    first = capture_first_layer_inputs(model, adapter, [llava_inputs(model)])
+    layers = adapter.decoder_layers(model)
+    seen_inputs = []
+    layers[1].register_forward_pre_hook(lambda m, args: seen_inputs.append(args[0].clone()))
+    for i, _, outputs, _ in run_layerwise(layers, first, "cpu"):
+        if i == 0:
+            outputs[0] = outputs[0] * 0 + 1.5  # e.g. the outputs of the quantized layer
+    assert torch.equal(seen_inputs[0], torch.full_like(seen_inputs[0], 1.5))
