@@ -88,7 +88,7 @@ def peer_gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int =
 
 def check(rows: int = 512, cols: int = 1000, n: int = 4096, seed: int = 0) -> None:
     """Sanity check on a random problem: peer error far below RTN, invariant to H's scale."""
-    from luq.quant import GPTQ, RTN
+    from luq.quant import GPTQ, RTN, relative_output_error
 
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 16, generator=g) @ torch.randn(16, cols, generator=g) * 0.5 + torch.randn(n, cols, generator=g)
@@ -97,8 +97,7 @@ def check(rows: int = 512, cols: int = 1000, n: int = 4096, seed: int = 0) -> No
     W = torch.randn(rows, cols, generator=g) * 0.02
 
     def err(Q):
-        D = W - Q
-        return (torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T)).item()
+        return relative_output_error(W, Q, H)
 
     peer = peer_gptq(W, H)
     print(f"RTN-4 g128                      {err(RTN(4, 128).quantize(W).dequantize()):.3e}")

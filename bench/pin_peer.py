@@ -12,19 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.peer import peer_gptq  # noqa: E402
 from luq.assets import smollm2_linear_problems  # noqa: E402
+from luq.quant import relative_output_error  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "peer_gptq_smollm2.json"
 SETTINGS = dict(bits=4, group_size=128, act_order=True, sym=False, block_size=128, damp=0.01)
-
-
-def relative_output_error(W, Q, H):
-    D = W - Q
-    return (torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T)).item()
 
 
 def main():

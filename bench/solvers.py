@@ -29,6 +29,7 @@ import torch
 
 from bench.peer import peer_available, peer_gptq
 from luq.quant import GPTQ, RTN, BiLLM, Sign
+from luq.quant.hessian import reconstruction_error
 
 RESULTS = Path(__file__).parent / "results" / "solvers.json"
 PEER = "GPTQ-4 g128 peer (llmcompressor)"
@@ -115,11 +116,6 @@ def methods(with_peer: bool):
     return m
 
 
-def quad(D: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(D H D^T), a float64 sum of float32 products."""
-    return ((D @ H) * D).sum(dtype=torch.float64).item()
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -131,7 +127,7 @@ def run(quick: bool) -> dict:
     meths = methods(with_peer)
     rows, warmed = [], False
     for group, name, W, H in problems(quick):
-        base = quad(W, H)
+        base = reconstruction_error(W, H)
         tiny = W.numel() < 4_000_000
         if tiny and not warmed:  # first call of each solver pays one-off costs; keep them out of small timings
             log(f"warm-up on {name}")
@@ -148,7 +144,7 @@ def run(quick: bool) -> dict:
             else:
                 Q, bpw, nominal = q.dequantize(), q.bits_per_weight, q.nominal_bits_per_weight
             rows.append({"group": group, "problem": name, "shape": list(W.shape), "method": mname, "time_s": dt,
-                         "rel_error": quad(W - Q, H) / base, "bits_per_weight": bpw, "nominal_bits": nominal})
+                         "rel_error": reconstruction_error(W - Q, H) / base, "bits_per_weight": bpw, "nominal_bits": nominal})
         del W, H
     return {"quick": quick, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "processor": platform.processor(),

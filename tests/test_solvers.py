@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from luq import LuqError
-from luq.quant import GPTQ, RTN, BiLLM, HessianAccumulator, QuantLinear, Sign, weight_from_state_dict
+from luq.quant import (GPTQ, RTN, BiLLM, HessianAccumulator, QuantLinear, Sign, relative_output_error,
+                       weight_from_state_dict)
 from luq.quant.packing import pack_bits, packed_length, unpack_bits
 
 
@@ -19,9 +20,7 @@ def make_problem(rows=96, cols=256, n=2048, seed=0):
 
 
 def output_error(W, q, H):
-    """||(W - Q) X||^2 / ||W X||^2 written through H = 2/n X^T X."""
-    D = W - q.dequantize()
-    return (torch.trace(D @ H @ D.T) / torch.trace(W @ H @ W.T)).item()
+    return relative_output_error(W, q.dequantize(), H)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from luq.errors import LuqError
+from luq.store import atomic_write
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -58,18 +59,6 @@ def cache_root() -> Path:
     root = Path(os.environ.get("LUQ_CACHE") or Path.home() / ".cache" / "luq").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -172,7 +161,7 @@ def wikipedia_text(max_chars: int | None = None) -> str:
         if not dump.is_file():
             raise LuqError(f"{dump} is missing, reinstall it: pip install gensim")
         text = "\n\n".join(t for t in map(clean_wikitext, _articles(dump)) if t)
-        _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     text = path.read_text(encoding="utf-8")
     return text if max_chars is None else text[:max_chars]
 
@@ -307,7 +296,7 @@ def smollm2_linear_problems(
     path = cache_root() / f"smollm2-problems-{key}-{_PROBLEMS_CACHE_VERSION}.pt"
     if not path.is_file():
         problems = _compute_problems(layers, n_seq, seq_len, seed)
-        _atomic_write(path, lambda tmp: torch.save([vars(p) for p in problems], tmp))
+        atomic_write(path, lambda tmp: torch.save([vars(p) for p in problems], tmp))
     return [LinearProblem(**p) for p in torch.load(path, weights_only=True)]
 
 

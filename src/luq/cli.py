@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -51,18 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def cmd_entropy(args) -> None:
     from luq.calibration import CalibrationConfig, text_batches
     from luq.models.loading import load_model, parse_dtype
     from luq.pipeline import measure_entropy
     from luq.report import plot_entropy
+    from luq.store import write_json
 
     config = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
                                samples=args.samples, seq_len=args.seq_len, seed=args.seed)
@@ -76,7 +69,7 @@ def cmd_entropy(args) -> None:
     result = measure_entropy(model, adapter, batches, k=args.k, device=args.device, subsample=args.subsample,
                              seed=args.seed)
     result.update(model=args.model or "smollm2", calibration=vars(config))
-    _write_json(args.out / "entropy.json", result)
+    write_json(args.out / "entropy.json", result)
     plots = plot_entropy(result, args.out)
     print(f"K = {result['k']}; lowest-entropy layers first: {result['ranking']}")
     print(f"wrote {args.out / 'entropy.json'} and {', '.join(p.name for p in plots)}")

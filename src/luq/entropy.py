@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from luq.capture import IMAGE, TEXT
 from luq.errors import LuqError
 
 # Auto chunk size: about this many float32 temporaries per chunk (~256 MiB).
@@ -442,8 +443,6 @@ def entropy_by_kind(h: torch.Tensor, kinds: torch.Tensor, ks: Sequence[int], *, 
     entropy (Eq. 4-5) is taken over all tokens, the text tokens and the image tokens
     (None where a kind has no token), so the kinds share one discretization (paper Fig. 2).
     """
-    from luq.capture import IMAGE, TEXT
-
     x = h.reshape(-1, h.shape[-1])
     n = x.shape[0]
     gen = torch.Generator(device=x.device)

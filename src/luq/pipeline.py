@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from luq.capture import PAD, capture_first_layer_inputs, run_layerwise
+from luq.capture import IMAGE, PAD, TEXT, capture_first_layer_inputs, run_layerwise
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter
 
@@ -46,6 +46,6 @@ def measure_entropy(model, adapter: Adapter, batches, *, k: int | None = None, k
         "ranking": rankings[chosen],
         "kendall": [[K, d] for K, d in curve],
         "entropy_by_k": {str(K): [layer[K]["all"] for layer in per_layer] for K in ks},
-        "tokens": {"text": int((kinds == 1).sum()), "image": int((kinds == 2).sum()), "padding": int((~keep).sum())},
+        "tokens": {"text": int((kinds == TEXT).sum()), "image": int((kinds == IMAGE).sum()), "padding": int((~keep).sum())},
         "subsample": subsample,
     }

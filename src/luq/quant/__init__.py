@@ -4,11 +4,11 @@ from luq.quant.base import QuantizedWeight
 from luq.quant.baselines import Sign, SignWeight
 from luq.quant.billm import BiLLM, BiLLMWeight
 from luq.quant.gptq import GPTQ, RTN, GPTQWeight
-from luq.quant.hessian import HessianAccumulator
+from luq.quant.hessian import HessianAccumulator, relative_output_error
 from luq.quant.linear import QuantLinear
 
 __all__ = ["GPTQ", "RTN", "BiLLM", "Sign", "QuantizedWeight", "GPTQWeight", "BiLLMWeight", "SignWeight",
-           "HessianAccumulator", "QuantLinear", "weight_from_state_dict"]
+           "HessianAccumulator", "relative_output_error", "QuantLinear", "weight_from_state_dict"]
 
 _WEIGHT_TYPES = {cls.method: cls for cls in (GPTQWeight, BiLLMWeight, SignWeight)}
 

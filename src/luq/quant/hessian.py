@@ -35,6 +35,16 @@ class HessianAccumulator:
         return (self._sum * (2.0 / self.n_tokens)).float()
 
 
+def reconstruction_error(D: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) = 2/n ||D X||^2 for a weight difference D (float64 sum, no [out, out] temporary)."""
+    return ((D.float() @ H.float()) * D.float()).sum(dtype=torch.float64).item()
+
+
+def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """||W X - Q X||^2 / ||W X||^2 over the calibration tokens behind H."""
+    return reconstruction_error(W - Q, H) / reconstruction_error(W, H)
+
+
 def check_problem(W: torch.Tensor, H: torch.Tensor, solver: str) -> None:
     """One clear LuqError for any (W, H) a solver cannot take."""
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
