@@ -73,3 +73,20 @@ def qwen_inputs(model, with_image=True, batch=2, text_len=12, seed=0):
     kind[0, :2] = PAD
     inputs.update(input_ids=ids, attention_mask=mask)
     return inputs, kind
+
+
+def tiny_llama_dir(path, seed=0, layers=4, hidden=64):
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as a local model directory."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from luq.assets import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

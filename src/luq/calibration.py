@@ -7,6 +7,8 @@ goes through each model's own processor and chat template.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +100,54 @@ def text_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int) -> to
     return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
 
 
+def validation_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int, n_calibration: int) -> torch.Tensor:
+    """n windows disjoint from the `n_calibration` ones `text_windows` draws with the same
+    seed (the next slots of the same permutation): held-out text for the threshold search."""
+    slots = token_ids.numel() // seq_len
+    if slots < n_calibration + n:
+        raise LuqError(f"the text has {token_ids.numel():,} tokens, fewer than the {n_calibration} calibration + "
+                       f"{n} validation windows of {seq_len} tokens need; give more text or fewer samples")
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(slots, generator=g)[n_calibration:n_calibration + n].sort().values
+    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+
+
+def text_token_ids(tokenizer, source: str | None) -> torch.Tensor:
+    """The whole text source, tokenized without special tokens."""
+    from luq.assets import cache_root
+    from luq.store import atomic_write
+
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor carries one
+    text = load_text(source)
+    # tokenizing a few MB of text takes seconds; the ids are kept per (tokenizer, text)
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    digest = hashlib.sha256(f"{type(tokenizer).__name__}\0{vocab}\0{text}".encode()).hexdigest()[:24]
+    path = cache_root() / "tokens" / f"{digest}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True).long()
+        except Exception:  # unreadable: tokenize again
+            pass
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(ids.int(), tmp))
+    return ids
+
+
 def text_batches(tokenizer, config: CalibrationConfig, batch_size: int = 8) -> list[tuple[dict, torch.Tensor]]:
     """The text part of the calibration set as (model inputs, token kinds) batches."""
     if config.n_text == 0:
         return []
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor carries one
-    ids = torch.tensor(tokenizer(load_text(config.text), add_special_tokens=False).input_ids)
-    windows = text_windows(ids, config.n_text, config.seq_len, config.seed)
+    windows = text_windows(text_token_ids(tokenizer, config.text), config.n_text, config.seq_len, config.seed)
     return [({"input_ids": w, "attention_mask": torch.ones_like(w)}, torch.full(w.shape, TEXT, dtype=torch.int8))
             for w in windows.split(batch_size)]
+
+
+def calibration_batches(processor, adapter, config: CalibrationConfig, batch_size: int = 8) -> list[tuple[dict, torch.Tensor]]:
+    """The whole calibration set for a model: text windows, plus image+question sequences
+    when alpha > 0 (the model must take images)."""
+    if config.n_multimodal or config.images:
+        if not adapter.multimodal:
+            raise LuqError(f"{adapter.family} models take no images: drop --calib-images and use --alpha 0")
+        raise LuqError("multimodal calibration is not implemented yet; use --alpha 0")
+    return text_batches(processor, config, batch_size)

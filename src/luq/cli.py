@@ -10,6 +10,13 @@ from pathlib import Path
 from luq.errors import LuqError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line (and a pointer to --help), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _calibration_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-text", metavar="SRC", help="local text file/folder or hub dataset (default: offline Wikipedia)")
@@ -34,8 +41,19 @@ def _k_value(text: str):
     return k
 
 
+def _order_value(text: str):
+    if text in ("entropy", "reverse-entropy", "depth", "random"):
+        return text
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--order takes entropy, reverse-entropy, depth, random or comma-separated layer indices, not {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="luq", description="Layerwise ultra-low-bit quantization of (multimodal) LLMs.")
+    parser = _Parser(prog="luq", description="Layerwise ultra-low-bit quantization of (multimodal) LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("entropy", help="rank decoder layers by output-activation entropy")
@@ -45,13 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
     _calibration_options(p)
 
+    p = sub.add_parser("quantize", help="quantize a model with LUQ and write the artifact")
+    p.add_argument("model", nargs="?", default=None, help="hub id, local directory, or built-in name (default: smollm2)")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    rule = p.add_argument_group("how many layers go to ~1 bit (exactly one)")
+    rule.add_argument("--budget-gb", type=float, help="smallest k whose artifact fits in this many GB (10^9 bytes)")
+    rule.add_argument("--max-drop", type=float, help="largest k whose --metric stays within this of all-4-bit")
+    rule.add_argument("--layers", type=int, help="exactly this many layers")
+    p.add_argument("--metric", default="perplexity", help="metric of --max-drop (default: perplexity on held-out text)")
+    p.add_argument("--search", default="binary", choices=("binary", "greedy"), help="search of --max-drop")
+    p.add_argument("--order", default="entropy", type=_order_value,
+                   help="entropy (default), reverse-entropy, depth, random, or layer indices like 3,1,2")
+    p.add_argument("--hessians", default="fp", choices=("fp", "sequential"),
+                   help="Hessians from the full-precision chain (default) or the quantized-so-far chain")
+    p.add_argument("--final-pass", action="store_true", help="re-quantize the chosen configuration sequentially")
+    p.add_argument("--k", type=_k_value, default=None, metavar="auto|INT", help="K-means clusters (default: auto)")
+    p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
+    p.add_argument("--storage-dtype", default="float16", help="dtype of the unquantized tensors (default float16)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="variant cache root (default: $LUQ_CACHE/variants)")
+    _calibration_options(p)
+
     p = sub.add_parser("report", help="redraw the plots of a run")
     p.add_argument("dir", type=Path)
     return parser
 
 
 def cmd_entropy(args) -> None:
-    from luq.calibration import CalibrationConfig, text_batches
+    from luq.calibration import CalibrationConfig, calibration_batches
     from luq.models.loading import load_model, parse_dtype
     from luq.pipeline import measure_entropy
     from luq.report import plot_entropy
@@ -60,11 +98,7 @@ def cmd_entropy(args) -> None:
     config = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
                                samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     model, tokenizer, adapter = load_model(args.model, args.device, parse_dtype(args.dtype))
-    if config.n_multimodal or config.images:
-        if not adapter.multimodal:
-            raise LuqError(f"{adapter.family} models take no images: drop --calib-images and use --alpha 0")
-        raise LuqError("multimodal calibration is not implemented yet; use --alpha 0")
-    batches = text_batches(tokenizer, config)
+    batches = calibration_batches(tokenizer, adapter, config)
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure_entropy(model, adapter, batches, k=args.k, device=args.device, subsample=args.subsample,
                              seed=args.seed)
@@ -73,6 +107,24 @@ def cmd_entropy(args) -> None:
     plots = plot_entropy(result, args.out)
     print(f"K = {result['k']}; lowest-entropy layers first: {result['ranking']}")
     print(f"wrote {args.out / 'entropy.json'} and {', '.join(p.name for p in plots)}")
+
+
+def cmd_quantize(args) -> None:
+    from luq.api import quantize
+    from luq.calibration import CalibrationConfig
+    from luq.config import LUQConfig
+    from luq.report import plot_frontier, print_summary
+
+    calibration = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
+                                    samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
+                       layers=args.layers, search=args.search, order=args.order, hessians=args.hessians,
+                       final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
+                       storage_dtype=args.storage_dtype)
+    report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    print_summary(report)
+    plot_frontier(report, args.out)
+    print(f"wrote {args.out}")
 
 
 def cmd_report(args) -> None:
@@ -90,9 +142,12 @@ def cmd_report(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        {"entropy": cmd_entropy, "report": cmd_report}[args.command](args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument already reported in one line
+        return int(e.code or 0)
+    try:
+        {"entropy": cmd_entropy, "quantize": cmd_quantize, "report": cmd_report}[args.command](args)
     except LuqError as e:
         print(f"luq: error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,30 @@
-"""Writing files so that nothing half-written is ever read."""
+"""Writing files so that nothing half-written is ever read; the quantized-model artifact.
+
+An artifact is a directory: `config.json` (the base model's, plus a
+`quantization_config` naming luq, its format version and every quantized module's
+settings), the tensors in safetensors (sharded when large; packed weights as stored,
+everything else at the storage dtype), the processor or tokenizer files,
+`luq_report.json`, and `luq_manifest.json` (format version, size and sha256 of every
+file), written last. The directory is built beside its destination and renamed into
+place, so a reader sees either nothing or all of it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from luq.errors import LuqError
+from luq.quant.linear import QuantLinear
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -25,3 +43,207 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def write_json(path: Path, data: dict) -> None:
     """`data` as indented JSON at `path`, atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+# ---------------------------------------------------------------------------------
+# the quantized-model artifact
+
+FORMAT_VERSION = 1
+MANIFEST = "luq_manifest.json"
+REPORT = "luq_report.json"
+DEFAULT_SHARD_BYTES = 2 * 10**9
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stored_items(model: nn.Module, storage_dtype: torch.dtype):
+    """(name, tensor, dtype it is stored at) for every tensor the artifact holds: packed
+    buffers of QuantLinear modules as they are, every other floating tensor at
+    `storage_dtype`, tensors tied to an earlier one (lm_head and the embedding) once."""
+    packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, QuantLinear)
+              for b, t in m.named_buffers(recurse=False) if b != "bias" and t is not None}
+    seen: set[tuple[int, int]] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen and t.numel():
+            continue
+        seen.add(key)
+        yield name, t, (storage_dtype if name not in packed and t.is_floating_point() else t.dtype)
+
+
+def artifact_tensors(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor the artifact stores, by state-dict name, on the CPU at its stored dtype."""
+    return {name: t.detach().to("cpu", dtype).contiguous() for name, t, dtype in _stored_items(model, storage_dtype)}
+
+
+def stored_bytes(model: nn.Module, storage_dtype: torch.dtype, exclude: set[str] = frozenset()) -> int:
+    """Bytes `artifact_tensors` would hold, without copying anything; `exclude` names are skipped."""
+    return sum(t.numel() * torch.empty((), dtype=dtype).element_size()
+               for name, t, dtype in _stored_items(model, storage_dtype) if name not in exclude)
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        index = {"metadata": {"total_size": tensor_bytes(tensors)},
+                 "weight_map": {t: names[i] for i, shard in enumerate(shards) for t in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), {"format": "pt"})
+    return names
+
+
+def write_artifact(out: Path, model: nn.Module, processor, quantization_config: dict, report: dict,
+                   storage_dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """Write the quantized model to directory `out`, atomically: everything goes to a
+    temporary sibling directory, the checksum manifest last, then one rename puts it in
+    place (an existing `out` is replaced only then). Returns the stored tensor bytes."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tensors = artifact_tensors(model, storage_dtype)
+        stored = tensor_bytes(tensors)
+        config = model.config.to_dict()
+        config["quantization_config"] = dict(quantization_config, quant_method="luq", format_version=FORMAT_VERSION)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        _write_shards(tensors, tmp, max_shard_bytes)
+        del tensors
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        (tmp / REPORT).write_text(json.dumps(dict(report, total_bytes=stored), indent=1) + "\n")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1) + "\n")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return stored
+
+
+def verify_artifact(path: Path) -> dict:
+    """The artifact's manifest after checking every file it lists (size, then sha256);
+    one LuqError naming the first problem: not an artifact, partial, corrupt, newer format."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LuqError(f"no quantized model at {path}")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise LuqError(f"{path} is not a complete luq artifact (no {MANIFEST}; partial write or another format)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        version = int(manifest["format_version"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise LuqError(f"{manifest_path} is corrupt") from None
+    if version > FORMAT_VERSION:
+        raise LuqError(f"{path} was written by a newer luq (format {version}; this luq reads up to "
+                       f"{FORMAT_VERSION}); upgrade luq")
+    for name, expected in files.items():
+        p = path / name
+        if not p.is_file():
+            raise LuqError(f"corrupt or partial artifact {path}: {name} is missing")
+        if p.stat().st_size != expected["bytes"]:
+            raise LuqError(f"corrupt or partial artifact {path}: {name} is {p.stat().st_size:,} bytes, "
+                           f"expected {expected['bytes']:,}")
+        if _sha256(p) != expected["sha256"]:
+            raise LuqError(f"corrupt artifact {path}: {name} does not match its checksum")
+    return manifest
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
+    for name in names:
+        tensors.update(load_file(str(path / name)))
+    return tensors
+
+
+def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+         verify: bool = True):
+    """A quantized model from its artifact directory: (model, processor or tokenizer, adapter).
+
+    Quantized linears come back as QuantLinear modules holding the packed tensors
+    (their stored dtypes kept); every other floating tensor is cast to `dtype`. The
+    artifact is checked against its manifest first (`verify=False` skips the sha256s
+    but not the format checks).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from luq.models import adapter_for
+
+    path = Path(path)
+    if verify:
+        verify_artifact(path)
+    elif not (path / MANIFEST).is_file():
+        raise LuqError(f"{path} is not a complete luq artifact (no {MANIFEST})")
+    config = AutoConfig.from_pretrained(path)
+    qconfig = getattr(config, "quantization_config", None)
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "luq":
+        raise LuqError(f"{path}/config.json has no luq quantization_config")
+    if int(qconfig.get("format_version", 0)) > FORMAT_VERSION:
+        raise LuqError(f"{path} was written by a newer luq (format {qconfig['format_version']}); upgrade luq")
+    del config.quantization_config
+    adapter = adapter_for(config.model_type)
+    if adapter.multimodal:
+        from transformers import AutoModelForImageTextToText as auto_model
+        from transformers import AutoProcessor as auto_pre
+    else:
+        from transformers import AutoModelForCausalLM as auto_model
+        from transformers import AutoTokenizer as auto_pre
+    with init_empty_weights(include_buffers=False):
+        model = auto_model.from_config(config)
+    tensors = _read_tensors(path)
+    from luq.quant import weight_from_state_dict
+
+    modules = qconfig["modules"]
+    for name, wconfig in modules.items():
+        prefix = name + "."
+        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix) and k != prefix + "bias"}
+        bias = tensors.pop(prefix + "bias", None)
+        linear = model.get_submodule(name)
+        if (linear.out_features, linear.in_features) != tuple(wconfig["shape"]):
+            raise LuqError(f"corrupt artifact {path}: {name} is {wconfig['shape']}, the model expects "
+                           f"{[linear.out_features, linear.in_features]}")
+        owner, _, attr = name.rpartition(".")
+        qlinear = QuantLinear(weight_from_state_dict(own, wconfig), None if bias is None else bias.to(dtype))
+        setattr(model.get_submodule(owner), attr, qlinear)
+    tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise LuqError(f"corrupt artifact {path}: unexpected tensors {result.unexpected_keys[:3]}")
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise LuqError(f"corrupt or partial artifact {path}: no stored value for {missing[:3]}")
+    model = model.to(device).eval()
+    return model, auto_pre.from_pretrained(path), adapter

@@ -37,6 +37,17 @@ class QuantLinear(nn.Module):
             raise ValueError(f"quantized weight {qweight.shape} does not fit {linear}")
         return cls(qweight.to(linear.weight.device), linear.bias, dtype=dtype)
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow `.to(device)`, but the packed tensors keep their stored dtypes:
+        `model.to(torch.bfloat16)` must not round fp16 scales to bf16 (the bias follows)."""
+        stored = {n: b for n, b in self._buffers.items() if b is not None and n != "bias"}
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     @property
     def quantized_weight(self) -> QuantizedWeight:
         """The packed weight, as views of this module's buffers."""
@@ -63,3 +74,33 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"method={self.weight_config['method']}, bits_per_weight={self.quantized_weight.bits_per_weight:.3f}")
+
+
+def replace_linears(parent: nn.Module, weights: dict[str, QuantizedWeight],
+                    dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+    """Swap each named nn.Linear under `parent` for a QuantLinear of its packed weight.
+
+    `weights` maps module names relative to `parent` to packed weights; the modules
+    replaced are returned by name, so that `restore_linears` can put them back.
+    """
+    replaced = {}
+    for name, qweight in weights.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = parent.get_submodule(owner_name) if owner_name else parent
+        old = getattr(owner, attr)
+        bias = old.bias if isinstance(old, nn.Linear) else getattr(old, "bias", None)
+        new = QuantLinear(qweight.to(_module_device(old)), bias, dtype=dtype)
+        setattr(owner, attr, new)
+        replaced[name] = old
+    return replaced
+
+
+def restore_linears(parent: nn.Module, replaced: dict[str, nn.Module]) -> None:
+    """Inverse of `replace_linears`."""
+    for name, old in replaced.items():
+        owner_name, _, attr = name.rpartition(".")
+        setattr(parent.get_submodule(owner_name) if owner_name else parent, attr, old)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(iter(list(module.parameters()) + list(module.buffers()))).device

@@ -1,0 +1,198 @@
+"""`quantize`: a whole LUQ run, from MODEL to a written artifact (DESIGN.md's data flow).
+
+calibration -> one layer-by-layer pass (entropy + every layer quantized both ways, into
+the variant cache) -> order -> k by budget, threshold or count -> assemble from the
+cache (or re-quantize the chosen configuration sequentially) -> artifact + report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from luq import __version__
+from luq.calibration import calibration_batches, text_token_ids, validation_windows
+from luq.config import LUQConfig
+from luq.errors import LuqError
+from luq.models import Adapter, quantizable_linears
+from luq.models.loading import load_model, parse_dtype
+from luq.pipeline import DEFAULT_K_GRID, layer_pass
+from luq.plan import HIGH, LOW, SizeModel, assignment, layer_order, smallest_fitting_k, threshold_search
+from luq.quant.linear import replace_linears, restore_linears
+from luq.store import stored_bytes, write_artifact
+from luq.variants import VariantCache, model_fingerprint
+
+METRICS = {"perplexity": False}  # name -> higher is better
+
+
+def quantized_weight_names(model: nn.Module, adapter: Adapter) -> dict[str, str]:
+    """Full state-dict name of every quantized weight -> its module name."""
+    out = {}
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        prefix = adapter.layer_prefix(i)
+        for name in quantizable_linears(layer):
+            out[f"{prefix}{name}.weight"] = f"{prefix}{name}"
+    return out
+
+
+def size_model(model: nn.Module, adapter: Adapter, layers: list[dict], storage_dtype: torch.dtype) -> SizeModel:
+    """Exact artifact bytes for any assignment, from the FP model and the cached variants."""
+    base = stored_bytes(model, storage_dtype, exclude=set(quantized_weight_names(model, adapter)))
+    variants = layers[0]["bytes"].keys()
+    return SizeModel(base_bytes=base,
+                     layer_bytes={v: [layer["bytes"][v] for layer in layers] for v in variants},
+                     n_weights=[layer["n_weights"] for layer in layers],
+                     nominal_bits={v: [layer["nominal_bits"][v] for layer in layers] for v in variants})
+
+
+class Assembly:
+    """Puts a candidate configuration into the model from the variant cache, and takes it out."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, cache: VariantCache, device, dtype=None):
+        self.model, self.adapter, self.cache, self.device, self.dtype = model, adapter, cache, device, dtype
+        self._replaced: dict[int, dict] = {}
+
+    def apply(self, variants: list[str]) -> None:
+        self.undo()
+        for i, layer in enumerate(self.adapter.decoder_layers(self.model)):
+            cached = self.cache.load(i, device=self.device)
+            if cached is None:
+                raise LuqError(f"layer {i} is missing from the variant cache {self.cache.dir}")
+            self._replaced[i] = replace_linears(layer, cached.weights[variants[i]], dtype=self.dtype)
+
+    def undo(self) -> None:
+        layers = self.adapter.decoder_layers(self.model)
+        for i, replaced in self._replaced.items():
+            restore_linears(layers[i], replaced)
+        self._replaced = {}
+
+
+@torch.no_grad()
+def window_perplexity(model: nn.Module, windows: torch.Tensor, device, batch_size: int = 1) -> float:
+    """exp(mean next-token negative log-likelihood) over token windows [n, L]."""
+    nll, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def _evaluator(metric: str, model, processor, config: LUQConfig, assembly: Assembly, order: list[int],
+               n_layers: int, device) -> Callable[[int], float]:
+    if metric != "perplexity":
+        raise LuqError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    cal = config.calibration
+    windows = validation_windows(text_token_ids(processor, cal.text), config.validation_samples, cal.seq_len,
+                                 cal.seed, cal.n_text)
+
+    def evaluate(k: int) -> float:
+        assembly.apply(assignment(order, k, n_layers))
+        return window_perplexity(model, windows, device)
+    return evaluate
+
+
+def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype | str = torch.float32, cache_dir: Path | str | None = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Quantize MODEL with LUQ and write the artifact to `out`; returns the report.
+
+    device/dtype: where and in what precision calibration and the solvers run (the
+    solvers always work in float32). cache_dir: the variant cache root (default
+    $LUQ_CACHE/variants); a rerun after an interruption resumes from it.
+    """
+    from luq.assets import cache_root
+
+    t_start = time.perf_counter()
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    storage_dtype = parse_dtype(config.storage_dtype)
+    net, processor, adapter = load_model(model, device, dtype)
+    batches = calibration_batches(processor, adapter, config.calibration)
+    solvers = config.variants()
+    key = {"model": model_fingerprint(net), "calibration": asdict(config.calibration),
+           "variants": {v: {"solver": type(s).__name__, **asdict(s)} for v, s in solvers.items()},
+           "hessians": config.hessians, "k_means": config.k_means, "k_grid": DEFAULT_K_GRID,
+           "subsample": config.subsample}
+    cache = VariantCache(Path(cache_dir) if cache_dir else cache_root() / "variants", key)
+    log(f"variant cache: {cache.dir}")
+    passed = layer_pass(net, adapter, batches, variants=solvers, cache=cache, hessians=config.hessians,
+                        k=config.k_means, device=device, subsample=config.subsample, seed=config.calibration.seed,
+                        progress=progress, desc="quantize")
+    t_pass = time.perf_counter()
+    n = len(passed["layers"])
+    sizes = size_model(net, adapter, passed["layers"], storage_dtype)
+    order = layer_order(config.order, passed["entropy"], seed=config.calibration.seed)
+    assembly = Assembly(net, adapter, cache, device)
+    steps = []
+    if config.budget_gb is not None:
+        k = smallest_fitting_k(sizes, order, int(config.budget_gb * 1e9))
+    elif config.layers is not None:
+        if config.layers > len(order):
+            raise LuqError(f"--layers {config.layers} asked for, but the order has {len(order)} layers")
+        k = config.layers
+    else:
+        evaluate = _evaluator(config.metric, net, processor, config, assembly, order, n, device)
+        k, search = threshold_search(
+            evaluate, len(order), config.max_drop, higher_is_better=METRICS[config.metric], search=config.search,
+            log=lambda s: log(f"  k = {s.k:3d}: {config.metric} {s.value:.4f} (drop {s.drop:+.4f}) "
+                              f"{'ok' if s.ok else 'too far'}"))
+        steps = [asdict(s) for s in search]
+    chosen = assignment(order, k, n)
+    assembly.undo()
+    if config.final_pass:
+        log(f"final pass: re-quantizing the chosen configuration (k = {k}) sequentially")
+        final_cache = VariantCache(cache.dir.parent, dict(key, final=chosen))
+        layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=final_cache,
+                   hessians="sequential", device=device, progress=progress, desc="final pass", entropy=False)
+        assembly = Assembly(net, adapter, final_cache, device)
+    assembly.apply(chosen)
+    report = build_report(model, net, adapter, config, passed, sizes, order, k, chosen, steps)
+    report["seconds"] = {"layer_pass": round(t_pass - t_start, 1)}
+    qconfig = {"luq_version": __version__, "storage_dtype": config.storage_dtype,
+               "modules": {name: m.weight_config for name, m in net.named_modules() if hasattr(m, "weight_config")},
+               "layers": [{"index": i, "variant": v, "method": report["layers"][i]["method"],
+                           "settings": asdict(solvers[v])} for i, v in enumerate(chosen)]}
+    written = write_artifact(Path(out), net, processor, qconfig, report, storage_dtype)
+    if written != report["total_bytes"]:  # the size model and the writer must agree to the byte
+        raise RuntimeError(f"artifact holds {written} tensor bytes, the size model said {report['total_bytes']}")
+    report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    return report
+
+
+def build_report(model_name, net, adapter, config: LUQConfig, passed: dict, sizes: SizeModel, order: list[int],
+                 k: int, chosen: list[str], steps: list[dict]) -> dict:
+    methods = {HIGH: type(config.high).__name__.lower(), LOW: type(config.low).__name__.lower()}
+    layers = []
+    for i, v in enumerate(chosen):
+        summary = passed["layers"][i]
+        errors = summary["errors"].get(v, {})
+        layers.append({"index": i, "method": methods[v], "variant": v,
+                       "bits_per_weight": 8.0 * summary["bytes"][v] / summary["n_weights"],
+                       "nominal_bits": summary["nominal_bits"][v], "bytes": summary["bytes"][v],
+                       "entropy": passed["entropy"][i],
+                       "mean_relative_error": sum(errors.values()) / len(errors) if errors else None})
+    total = sizes.total_bytes(chosen)
+    return {
+        "model": model_name or "smollm2", "family": adapter.family, "luq_version": __version__,
+        "k": k, "low_bit_layers": sorted(order[:k]), "order": order,
+        "order_rule": config.order if isinstance(config.order, str) else "explicit",
+        "avg_bits": sizes.avg_bits(chosen), "nominal_avg_bits": sizes.nominal_avg_bits(chosen),
+        "total_bytes": total, "total_gb": total / 1e9, "unquantized_bytes": sizes.base_bytes,
+        "budget_gb": config.budget_gb, "max_drop": config.max_drop, "metric": config.metric if steps else None,
+        "search": steps, "entropy": passed["entropy"], "entropy_k": passed["k"], "kendall": passed["kendall"],
+        "text_entropy": passed["text_entropy"], "image_entropy": passed["image_entropy"],
+        "tokens": passed["tokens"], "hessians": config.hessians, "final_pass": config.final_pass,
+        "calibration": asdict(config.calibration), "layers": layers,
+        "frontier": [{"k": kk, "avg_bits": sizes.avg_bits(assignment(order, kk, len(chosen))),
+                      "nominal_avg_bits": sizes.nominal_avg_bits(assignment(order, kk, len(chosen))),
+                      "total_bytes": sizes.total_bytes(assignment(order, kk, len(chosen)))}
+                     for kk in range(len(order) + 1)],
+    }

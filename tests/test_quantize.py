@@ -1,0 +1,206 @@
+"""The LUQ run end to end on a tiny random Llama with SmolLM2's real tokenizer and real text:
+budget / threshold / count rules, the variant cache (resume), the artifact (bytes,
+checksums, atomic write) and loading it back."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import luq
+from luq.api import Assembly
+from luq.calibration import CalibrationConfig
+from luq.cli import main
+from luq.errors import LuqError
+from luq.models.loading import load_model
+from luq.plan import LOW, SizeModel, assignment, layer_order, smallest_fitting_k, threshold_search
+from luq.store import MANIFEST, REPORT
+from luq.variants import VariantCache
+from tiny_models import tiny_llama_dir
+
+N_LAYERS = 6
+CALIBRATION = CalibrationConfig(samples=4, seq_len=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("luq")
+    model_dir = tiny_llama_dir(root / "model", layers=N_LAYERS)
+    return {"model": model_dir, "cache": root / "cache", "root": root}
+
+
+def run(tiny, out, **kw):
+    config = luq.LUQConfig(calibration=CALIBRATION, k_means=8, **kw)
+    return luq.quantize(tiny["model"], tiny["root"] / out, config, cache_dir=tiny["cache"], progress=False,
+                        log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def by_layers(tiny):
+    return run(tiny, "layers2", layers=2)
+
+
+def stored_tensor_bytes(folder: Path) -> int:
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            total += sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())
+    return total
+
+
+def test_layers_rule_takes_the_first_k_of_the_order(tiny, by_layers):
+    assert by_layers["k"] == 2
+    assert by_layers["low_bit_layers"] == sorted(by_layers["order"][:2])
+    assert by_layers["order"] == sorted(range(N_LAYERS), key=lambda i: by_layers["entropy"][i])
+    methods = [layer["method"] for layer in by_layers["layers"]]
+    assert [i for i, m in enumerate(methods) if m == "billm"] == by_layers["low_bit_layers"]
+    explicit = run(tiny, "explicit", layers=3, order=(5, 0, 3, 1))
+    assert explicit["low_bit_layers"] == [0, 3, 5]
+    depth = run(tiny, "depth", layers=2, order="depth")
+    assert depth["low_bit_layers"] == [N_LAYERS - 2, N_LAYERS - 1]
+
+
+def test_budget_picks_the_smallest_fitting_k_and_the_bytes_are_real(tiny, by_layers):
+    totals = {f["k"]: f["total_bytes"] for f in by_layers["frontier"]}
+    assert all(totals[k + 1] < totals[k] for k in range(N_LAYERS))  # each low-bit layer saves bytes here
+    budget = (totals[3] + totals[2]) / 2 / 1e9  # fits k = 3, not k = 2
+    report = run(tiny, "budget", budget_gb=budget)
+    assert report["k"] == 3
+    assert report["total_bytes"] == totals[3] <= budget * 1e9
+    out = tiny["root"] / "budget"
+    assert stored_tensor_bytes(out) == report["total_bytes"]  # every tensor counted, to the byte
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert abs(on_disk - report["total_bytes"]) / report["total_bytes"] < 0.01
+    assert json.loads((out / REPORT).read_text())["total_bytes"] == report["total_bytes"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "luq" and config["format_version"] == 1
+    assert len(config["modules"]) == 7 * N_LAYERS
+    assert {x["method"] for x in config["layers"]} == {"gptq", "billm"}
+
+
+def test_impossible_budget_names_the_smallest_reachable_size(tiny, by_layers, capsys):
+    smallest = by_layers["frontier"][-1]["total_bytes"]
+    with pytest.raises(LuqError, match=f"smallest reachable is {smallest / 1e9:.4g} GB"):
+        run(tiny, "never", budget_gb=smallest / 2 / 1e9)
+    code = main(["quantize", tiny["model"], "--out", str(tiny["root"] / "never"), "--budget-gb", "0.000001",
+                 "--samples", "4", "--seq-len", "64", "--k", "8", "--cache-dir", str(tiny["cache"])])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("luq: error: no configuration fits")
+    assert not (tiny["root"] / "never").exists()
+
+
+def test_bad_rules_are_one_line_errors(tiny, capsys):
+    assert main(["quantize", tiny["model"], "--out", "x", "--layers", "2", "--budget-gb", "1"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["quantize", tiny["model"], "--out", "x", "--order", "depth,1"]) == 2  # argparse usage error
+    with pytest.raises(LuqError, match="layers 0..5"):
+        layer_order((0, 9), [1.0] * N_LAYERS)
+
+
+def test_binary_search_matches_an_exhaustive_scan():
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(1, 40)
+        values = sorted(rng.uniform(0, 10) for _ in range(n + 1))  # metric grows with k (lower is better)
+        max_drop = rng.uniform(0, 12)
+        exhaustive = max(k for k in range(n + 1) if values[k] - values[0] <= max_drop)
+        binary, steps = threshold_search(lambda k: values[k], n, max_drop, higher_is_better=False)
+        greedy, _ = threshold_search(lambda k: values[k], n, max_drop, higher_is_better=False, search="greedy")
+        assert binary == greedy == exhaustive
+        assert len(steps) <= n.bit_length() + 2
+
+
+def test_threshold_search_on_the_model_logs_every_k(tiny):
+    report = run(tiny, "threshold", max_drop=0.0, search="greedy")
+    steps = report["search"]
+    assert steps[0]["k"] == 0 and steps[0]["drop"] == 0.0
+    assert report["k"] == max(s["k"] for s in steps if s["ok"])
+    assert all(s["ok"] for s in steps if s["k"] <= report["k"])
+
+
+def test_load_forward_equals_the_in_memory_quantized_model(tiny, by_layers):
+    out = tiny["root"] / "layers2"
+    loaded, tokenizer, _ = luq.load(out)
+    model, _, adapter = load_model(tiny["model"])
+    for p in model.parameters():  # the artifact stores unquantized tensors in float16
+        p.data = p.data.half().float()
+    cache = VariantCache(tiny["cache"], {})
+    (cache.dir,) = [p.parent for p in tiny["cache"].glob("*/key.json")]  # every run here shares one key
+    Assembly(model, adapter, cache, "cpu").apply(assignment(by_layers["order"], 2, N_LAYERS))
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+    generated = loaded.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 4
+
+
+def test_corrupt_partial_or_newer_artifacts_are_refused(tiny, by_layers, tmp_path):
+    import shutil
+
+    src = tiny["root"] / "layers2"
+    for case in ("truncated", "edited", "no-manifest", "newer"):
+        bad = tmp_path / case
+        shutil.copytree(src, bad)
+        weights = bad / "model.safetensors"
+        if case == "truncated":
+            weights.write_bytes(weights.read_bytes()[:-1000])
+            message = "corrupt or partial artifact.*model.safetensors is"
+        elif case == "edited":
+            data = bytearray(weights.read_bytes())
+            data[-10] ^= 0xFF
+            weights.write_bytes(bytes(data))
+            message = "does not match its checksum"
+        elif case == "no-manifest":
+            (bad / MANIFEST).unlink()
+            message = "not a complete luq artifact"
+        else:
+            manifest = json.loads((bad / MANIFEST).read_text())
+            manifest["format_version"] = 99
+            (bad / MANIFEST).write_text(json.dumps(manifest))
+            message = "newer luq"
+        with pytest.raises(LuqError, match=message):
+            luq.load(bad)
+
+
+def test_a_killed_run_resumes_from_the_cache_and_gives_the_same_artifact(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "luq.cli", "quantize", tiny["model"], "--layers", "2", "--samples", "4",
+            "--seq-len", "64", "--k", "8", "--cache-dir", str(cache)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(cache.glob("*/layer_0001.safetensors")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in cache.glob("*/layer_*.safetensors"))
+    assert 2 <= len(done_before) < N_LAYERS
+    assert not (tmp_path / "killed").exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*/layer_*.safetensors")}
+    config = luq.LUQConfig(calibration=CALIBRATION, k_means=8, layers=2)
+    for out, cache_root in (("resumed", cache), ("fresh", tmp_path / "cache2")):
+        luq.quantize(tiny["model"], tmp_path / out, config, cache_dir=cache_root, progress=False, log=lambda s: None)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # cached layers were not redone
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    luq.load(tmp_path / "resumed")
+
+
+def test_size_model_counts_low_layers():
+    size = SizeModel(base_bytes=100, layer_bytes={"high": [40, 40], "low": [30, 25]}, n_weights=[80, 80],
+                     nominal_bits={"high": [4.0, 4.0], "low": [1.1, 1.1]})
+    assert size.total_bytes(assignment([1, 0], 1, 2)) == 100 + 40 + 25
+    assert assignment([1, 0], 1, 2) == ["high", LOW]
+    assert smallest_fitting_k(size, [1, 0], 166) == 1
+    assert size.avg_bits(["low", "low"]) == pytest.approx(8 * 55 / 160)
