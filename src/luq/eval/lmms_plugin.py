@@ -1,0 +1,115 @@
+"""An lmms-eval model backed by luq: ``lmms-eval --model luq --model_args path=DIR --tasks mme``.
+
+Install the extra (``pip install 'luq[lmms]'``). luq declares the entry point
+``lmms_eval.models: luq = luq.eval.lmms_plugin:lmms_eval_manifest``, through which lmms-eval
+(0.5 and later: the entry-point model registry) finds the model class ``LuqLMM`` without any
+change to lmms-eval.
+
+model_args: ``path`` (a quantized luq directory, a model directory, a hub id or a built-in
+name such as ``tiny-vlm``), ``device`` (default cpu; "cuda" becomes each process's own GPU
+under ``accelerate launch``), ``dtype`` (float32, bfloat16, float16), ``batch_size``
+(default 1), ``max_new_tokens`` (default 32, when a task does not set it).
+
+Generation is luq's own (``luq.eval.runner.AnswerGenerator``): greedy, the model's chat
+template, the images of each request before its text; a task's ``until`` strings cut the
+answer. Log-likelihood requests are not supported (none of the nine VQA tasks uses them).
+
+The class derives from lmms-eval's ``lmms`` when lmms-eval is installed; without it the same
+class exists on a plain base (for luq's own tests), and only lmms-eval can drive it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:  # lmms-eval is an optional extra
+    from lmms_eval.api.model import lmms as _LmmsBase
+except ImportError:  # pragma: no cover - depends on the environment
+    _LmmsBase = object
+
+MODEL_ID = "luq"
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def lmms_eval_manifest():
+    """The entry point lmms-eval's model registry loads: model id ``luq`` -> ``LuqLMM``."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.LuqLMM")
+
+
+def _int_arg(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args {name} must be an integer, got {value!r}") from None
+
+
+class LuqLMM(_LmmsBase):
+    """lmms-eval's "simple" model interface over a model luq can load."""
+
+    is_simple = True
+
+    def __init__(self, path: str | None = None, device: str = "cpu", dtype: str = "float32", batch_size: int = 1,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, model=None, processor=None, **unused: Any) -> None:
+        if _LmmsBase is not object:
+            super().__init__()
+        from luq.eval.distributed import data_parallel_from_env
+        from luq.eval.runner import AnswerGenerator, load_for_eval
+        from luq.models.loading import parse_dtype
+
+        self.task_dict: dict = {}
+        self.parallel = data_parallel_from_env(device)
+        self._rank, self._world_size = self.parallel.rank, self.parallel.world_size
+        if model is None:  # model/processor may be handed in directly (in-process use, tests)
+            model, processor, _ = load_for_eval(path, self.parallel.device(device), parse_dtype(dtype))
+        self.batch_size_per_device = _int_arg(batch_size, "batch_size")
+        self.generator = AnswerGenerator(model, processor, _int_arg(max_new_tokens, "max_new_tokens"))
+        self.ignored_args = sorted(unused)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def _request_parts(self, request) -> tuple[str, dict, list, Any]:
+        """(context, generation kwargs, images, grouping key) of one generate_until request."""
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        images = [v.convert("RGB") for v in (visuals or []) if hasattr(v, "convert")]
+        if len(images) != len(visuals or []):
+            raise NotImplementedError("the luq model answers about images only (no video or audio)")
+        gen_kwargs = dict(gen_kwargs or {})
+        key = (len(images), repr(sorted(gen_kwargs.items(), key=lambda kv: kv[0])))
+        return context, gen_kwargs, images, key
+
+    def generate_until(self, requests) -> list[str]:
+        """Greedy answers, in request order, batched among requests with the same settings."""
+        parts = [self._request_parts(r) for r in requests]
+        answers: list[str | None] = [None] * len(parts)
+        pending: dict[Any, list[int]] = {}
+        for index, (_, _, _, key) in enumerate(parts):
+            pending.setdefault(key, []).append(index)
+        for indices in pending.values():
+            for start in range(0, len(indices), self.batch_size_per_device):
+                chunk = indices[start:start + self.batch_size_per_device]
+                gen_kwargs = parts[chunk[0]][1]
+                until = gen_kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                outputs = self.generator.answer([parts[i][2] for i in chunk], [parts[i][0] for i in chunk],
+                                                max_new_tokens=gen_kwargs.get("max_new_tokens"))
+                for i, text in zip(chunk, outputs):
+                    for stop in until:
+                        if stop:
+                            text = text.split(stop)[0]
+                    answers[i] = text.strip()
+        return answers  # type: ignore[return-value]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("the luq lmms-eval model generates answers only (generate_until tasks)")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("the luq lmms-eval model answers single-round requests only")
