@@ -41,7 +41,7 @@ def test_entropy_on_real_smollm2_is_deterministic(tmp_path):
     assert a["ranking"] == b["ranking"] and a["entropy"] == b["entropy"]
     assert len(a["entropy"]) == 30 and sorted(a["ranking"]) == list(range(30)) and a["k"] == 8
     assert a["image_entropy"] == [None] * 30 and a["text_entropy"] == a["entropy"]
-    assert a["tokens"] == {"text": 256, "image": 0, "padding": 0}
+    assert a["tokens"] == {"text": 256, "image": 0, "padding": 0, "multimodal_fraction": 0.0}
     assert all(0 < e <= 2.08 for e in a["entropy"])  # at most ln 8
     assert [k for k, _ in a["kendall"]] == [16, 32, 50, 75, 100, 150, 200][:len(a["kendall"])]
     for png in ("entropy_vs_depth.png", "entropy_by_modality.png", "k_stability.png"):

@@ -90,3 +90,36 @@ def tiny_llama_dir(path, seed=0, layers=4, hidden=64):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+LLAVA_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}: "
+                  "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+                  "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+                  "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+                  "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def tiny_llava_dir(path, seed=0, layers=3):
+    """A tiny random LLaVA with a real LlavaProcessor (SmolLM2's tokenizer plus an <image>
+    token, a 56px CLIP image processor: 16 image tokens per image), saved as a model dir."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    from luq.assets import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_TEMPLATE, image_token="<image>")
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                                pad_token_id=tokenizer.pad_token_id),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=56, patch_size=14, projection_dim=32),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default")
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

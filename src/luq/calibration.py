@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from luq.capture import TEXT
+from luq.capture import IMAGE, PAD, TEXT
 from luq.errors import LuqError
 
 # hub text sources by short name: (dataset, config, split, column)
@@ -143,11 +145,199 @@ def text_batches(tokenizer, config: CalibrationConfig, batch_size: int = 8) -> l
             for w in windows.split(batch_size)]
 
 
+# ---------------------------------------------------------------------------------
+# the image+question side
+
+# hub image+question sources by short name: (dataset, config, split)
+HUB_IMAGES = {"textvqa": ("lmms-lab/textvqa", None, "train")}
+
+
+@dataclass(frozen=True)
+class ImageQuestion:
+    """One multimodal calibration sample: an image (a path or a PIL image), a question,
+    and, if known, a short answer (it then appears as the assistant's turn)."""
+
+    image: Any
+    question: str
+    answer: str | None = None
+    where: str = ""  # for error messages: 'file:line'
+
+
+def bundled_images_path() -> Path:
+    """The bundled real photos with hand-written questions (examples/make_calibration_photos.py)."""
+    return Path(__file__).parent / "data" / "calibration" / "questions.jsonl"
+
+
+def load_image_questions(source: str | None) -> list[ImageQuestion]:
+    """Image+question samples from None (the bundled photos), a local JSONL of
+    {"image": path relative to the file, "question": str[, "answer" or "answers"]}, or a
+    hub dataset (`textvqa`, or any name with image and question columns)."""
+    path = bundled_images_path() if source is None else Path(source).expanduser()
+    if path.is_file():
+        return _jsonl_image_questions(path)
+    looks_local = source.startswith((".", "/", "~")) or bool(path.suffix) or source.count("/") > 1
+    if looks_local:
+        raise LuqError(f"calibration images not found: {source}")
+    return _hub_image_questions(source)
+
+
+def _jsonl_image_questions(path: Path) -> list[ImageQuestion]:
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LuqError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("question"), str):
+            raise LuqError(f"{where}: each line needs \"image\" (a path) and \"question\" (a string)")
+        answer = row.get("answer")
+        if answer is None and isinstance(row.get("answers"), list) and row["answers"]:
+            answer = Counter(map(str, row["answers"])).most_common(1)[0][0]
+        image = Path(row["image"]).expanduser()
+        samples.append(ImageQuestion(image if image.is_absolute() else path.parent / image, row["question"],
+                                     None if answer is None else str(answer), where))
+    if not samples:
+        raise LuqError(f"{path} has no image+question lines")
+    return samples
+
+
+def _hub_image_questions(name: str) -> list[ImageQuestion]:
+    dataset, config, split = HUB_IMAGES.get(name, (name, None, "train"))
+    try:
+        import datasets
+        rows = datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:
+        raise LuqError(f"could not load calibration images {name!r} from the hub ({type(e).__name__}); "
+                       "give a local JSONL of {image, question} instead") from None
+    missing = {"image", "question"} - set(rows.column_names)
+    if missing:
+        raise LuqError(f"hub dataset {name!r} has no {', '.join(sorted(missing))} column(s)")
+    out = []
+    for i, row in enumerate(rows):
+        answers = row.get("answers") or ([row["answer"]] if row.get("answer") else [])
+        answer = Counter(map(str, answers)).most_common(1)[0][0] if answers else None
+        out.append(ImageQuestion(row["image"], row["question"], answer, f"{name}[{i}]"))
+    return out
+
+
+def open_image(sample: ImageQuestion):
+    """The sample's image as an RGB PIL image; one clear error if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(sample.image, (str, Path)):
+        return sample.image.convert("RGB")
+    path = Path(sample.image)
+    if not path.is_file():
+        raise LuqError(f"{sample.where}: image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise LuqError(f"{sample.where}: cannot read image {path} ({type(e).__name__})") from None
+
+
+def _image_token_id(processor) -> int:
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(token_id)
+
+
+def encode_image_question(processor, sample: ImageQuestion) -> dict[str, torch.Tensor]:
+    """One sample through the model's own chat template and processor (so its image tokens
+    are the vision tower's real outputs): input_ids [1, T] plus the image tensors."""
+    if not getattr(processor, "chat_template", None):
+        raise LuqError("the model's processor has no chat template; multimodal calibration needs one")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    if sample.answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=sample.answer is None, tokenize=False)
+    encoded = processor(text=[prompt], images=[open_image(sample)], return_tensors="pt")
+    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+
+def multimodal_sequences(processor, samples: list[ImageQuestion], n: int, seq_len: int, seed: int,
+                         ) -> list[tuple[dict, torch.Tensor]]:
+    """n sequences of seq_len tokens, each packed with whole image+question samples (seeded
+    order, cycling through the samples if there are too few) and right-padded; returns
+    per sequence (its inputs, its token kinds: IMAGE for image tokens, TEXT, PAD)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(samples), generator=g).tolist()
+    image_token = _image_token_id(processor)
+    pad_id = processor.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    encoded: dict[int, dict] = {}
+    sequences, cursor = [], 0
+    for _ in range(n):
+        parts, length = [], 0
+        while True:
+            index = order[cursor % len(order)]
+            if index not in encoded:
+                encoded[index] = encode_image_question(processor, samples[index])
+            sample = encoded[index]
+            size = sample["input_ids"].shape[1]
+            if size > seq_len:
+                raise LuqError(f"{samples[index].where}: one image+question takes {size} tokens, more than "
+                               f"--seq-len {seq_len}")
+            if length + size > seq_len:
+                break
+            parts.append(sample)
+            length += size
+            cursor += 1
+        sequences.append(_pack(parts, seq_len, pad_id, image_token))
+    return sequences
+
+
+def _pack(parts: list[dict], seq_len: int, pad_id: int, image_token: int) -> tuple[dict, torch.Tensor]:
+    """Concatenate encoded samples into one right-padded sequence of seq_len tokens."""
+    ids = torch.cat([p["input_ids"] for p in parts], 1)
+    pad = seq_len - ids.shape[1]
+    inputs = {"input_ids": torch.nn.functional.pad(ids, (0, pad), value=pad_id),
+              "attention_mask": torch.nn.functional.pad(torch.ones_like(ids), (0, pad), value=0)}
+    for key in parts[0]:
+        if key in inputs:
+            continue
+        values = [p[key] for p in parts]
+        if values[0].dim() >= 2 and values[0].shape[:2] == parts[0]["input_ids"].shape:  # per token
+            inputs[key] = torch.nn.functional.pad(torch.cat(values, 1), (0, pad) if values[0].dim() == 2 else
+                                                  (0, 0, 0, pad), value=0)
+        else:  # per image (pixel values, grid sizes): stacked in order
+            inputs[key] = torch.cat(values, 0)
+    kinds = torch.where(inputs["input_ids"] == image_token, IMAGE, TEXT).to(torch.int8)
+    kinds[inputs["attention_mask"] == 0] = PAD
+    return inputs, kinds
+
+
+def _batch(sequences: list[tuple[dict, torch.Tensor]]) -> tuple[dict, torch.Tensor]:
+    """Sequences of equal length into one batch: every tensor concatenated along dim 0
+    (token tensors [1, L] stack into [B, L]; image tensors keep their order)."""
+    inputs = {key: torch.cat([s[0][key] for s in sequences], 0) for key in sequences[0][0]}
+    return inputs, torch.cat([s[1] for s in sequences], 0)
+
+
+def multimodal_fraction(batches: list[tuple[dict, torch.Tensor]]) -> float:
+    """The realized alpha: non-padding tokens of image+question sequences / all non-padding tokens."""
+    counts = [(int((kinds != PAD).sum()), "pixel_values" in inputs) for inputs, kinds in batches]
+    total = sum(c for c, _ in counts)
+    return sum(c for c, mm in counts if mm) / total if total else 0.0
+
+
 def calibration_batches(processor, adapter, config: CalibrationConfig, batch_size: int = 8) -> list[tuple[dict, torch.Tensor]]:
-    """The whole calibration set for a model: text windows, plus image+question sequences
-    when alpha > 0 (the model must take images)."""
-    if config.n_multimodal or config.images:
-        if not adapter.multimodal:
-            raise LuqError(f"{adapter.family} models take no images: drop --calib-images and use --alpha 0")
-        raise LuqError("multimodal calibration is not implemented yet; use --alpha 0")
-    return text_batches(processor, config, batch_size)
+    """The whole calibration set for a model (paper Eq. 9): (1 - alpha) N text windows and
+    alpha N sequences packed with image+question samples, each L tokens. Alpha counts
+    sequences of L tokens; a packed sequence ends in padding where the next whole sample
+    does not fit, so the realized token fraction (`multimodal_fraction`) is a little lower."""
+    batches = text_batches(processor, config, batch_size) if config.n_text else []
+    if config.n_multimodal == 0:
+        if config.images is not None:
+            raise LuqError("--calib-images given but --alpha is 0: set --alpha to the fraction of multimodal tokens")
+        return batches
+    if not adapter.multimodal:
+        raise LuqError(f"{adapter.family} models take no images: drop --calib-images and use --alpha 0")
+    samples = load_image_questions(config.images)
+    sequences = multimodal_sequences(processor, samples, config.n_multimodal, config.seq_len, config.seed)
+    batches += [_batch(sequences[i:i + batch_size]) for i in range(0, len(sequences), batch_size)]
+    return batches

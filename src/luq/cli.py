@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_entropy(args) -> None:
-    from luq.calibration import CalibrationConfig, calibration_batches
+    from luq.calibration import CalibrationConfig, calibration_batches, multimodal_fraction
     from luq.models.loading import load_model, parse_dtype
     from luq.pipeline import measure_entropy
     from luq.report import plot_entropy
@@ -102,6 +102,7 @@ def cmd_entropy(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure_entropy(model, adapter, batches, k=args.k, device=args.device, subsample=args.subsample,
                              seed=args.seed)
+    result["tokens"]["multimodal_fraction"] = multimodal_fraction(batches)
     result.update(model=args.model or "smollm2", calibration=vars(config))
     write_json(args.out / "entropy.json", result)
     plots = plot_entropy(result, args.out)
