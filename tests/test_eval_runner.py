@@ -13,13 +13,13 @@ from luq.eval.command import add_eval_arguments, run_eval
 from luq.eval.datasets import TASKS, load_samples
 from luq.eval.perplexity import PerplexityConfig, evaluate_perplexity, windows
 from luq.eval.runner import EvalConfig, chat_text, evaluate, load_for_eval, score_predictions
-from test_eval_support import build_tiny_llava_dir
+from test_eval_support import tiny_llava_dir
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir():
     torch.set_num_threads(1)
-    return build_tiny_llava_dir(tmp_path_factory.mktemp("tiny-llava"))
+    return tiny_llava_dir()
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,18 @@ def test_a_quantized_directory_opens_with_luq_load(tmp_path, monkeypatch, tiny):
     run_eval(eval_args(tmp_path, "--task", "gqa", "--limit", "1", "--max-new-tokens", "2",
                        "--out", tmp_path / "gqa.json"))
     assert calls == [(str(tmp_path), "cpu", torch.float32)]
+
+
+def test_luq_eval_on_a_real_quantized_artifact(tiny_dir, tmp_path):
+    import luq
+    from luq.calibration import CalibrationConfig
+
+    config = luq.LUQConfig(calibration=CalibrationConfig(samples=4, seq_len=64), layers=1, validation_samples=2)
+    luq.quantize(str(tiny_dir), tmp_path / "q", config, cache_dir=tmp_path / "cache", progress=False,
+                 log=lambda line: None)
+    out = tmp_path / "pope.json"
+    run_eval(eval_args(tmp_path / "q", "--task", "pope", "--limit", "2", "--max-new-tokens", "2", "--out", out))
+    assert json.loads(out.read_text())["n_samples"] == 2
 
 
 # --------------------------------------------------------------------------- perplexity

@@ -8,9 +8,14 @@ template, image tokens, left padding, batched greedy generation) is the real one
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+
+CACHE_NAME = "test-tiny-llava-smollm2-tokenizer-v1"  # bump when the builder below changes
 
 TINY_VLM_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -56,3 +61,22 @@ def build_tiny_llava_dir(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def tiny_llava_dir() -> Path:
+    """The tiny LLaVA directory, built once into luq's cache (deterministic: seed 0)."""
+    from luq.assets import cache_root
+
+    target = cache_root() / CACHE_NAME
+    if not (target / "config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        try:
+            build_tiny_llava_dir(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():  # a concurrent run may have won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
