@@ -36,11 +36,15 @@ test: $(STAMP)
 bench: $(BSTAMP)
 	$(VPY) -m bench.solvers
 
-# Until `luq quantize` lands: the entropy ranking of the real SmolLM2-135M's 30 layers
-# (plots in out/demo-entropy/), then the solvers on its real layers. ~4 minutes.
+# The whole pipeline on the real SmolLM2-135M: entropy + both quantized variants of each
+# of its 30 layers (cached in ~/.cache/luq, so a rerun resumes), the smallest number of
+# BiLLM layers that fits 0.105 GB, the artifact in out/demo, then load it, generate and
+# print the table. About 10 minutes on 2 free cores the first time, 1 minute after.
+DEMO_MODEL  ?= smollm2
+DEMO_BUDGET ?= 0.105
 demo: $(STAMP)
-	$(VENV)/bin/luq entropy smollm2 --out out/demo-entropy --samples 16 --seq-len 256
-	$(VPY) -m bench.solvers --quick --out out/demo-entropy/solvers.json
+	$(VENV)/bin/luq quantize $(DEMO_MODEL) --out out/demo --budget-gb $(DEMO_BUDGET) --samples 16 --seq-len 256 --k 100
+	$(VPY) examples/demo.py out/demo
 
 clean:
 	rm -rf $(VENV) .luq-cache

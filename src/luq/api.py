@@ -52,19 +52,28 @@ def size_model(model: nn.Module, adapter: Adapter, layers: list[dict], storage_d
 
 
 class Assembly:
-    """Puts a candidate configuration into the model from the variant cache, and takes it out."""
+    """Puts a candidate configuration into the model from variant caches, and takes it out.
 
-    def __init__(self, model: nn.Module, adapter: Adapter, cache: VariantCache, device, dtype=None):
-        self.model, self.adapter, self.cache, self.device, self.dtype = model, adapter, cache, device, dtype
+    `caches`: one cache or several (each variant is read from the first cache holding it).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, caches: VariantCache | list[VariantCache], device,
+                 dtype=None):
+        self.model, self.adapter, self.device, self.dtype = model, adapter, device, dtype
+        self.caches = caches if isinstance(caches, list) else [caches]
         self._replaced: dict[int, dict] = {}
+
+    def _weights(self, index: int, variant: str) -> dict:
+        for cache in self.caches:
+            cached = cache.load(index, device=self.device)
+            if cached is not None and variant in cached.weights:
+                return cached.weights[variant]
+        raise LuqError(f"layer {index} has no {variant!r} variant in {', '.join(str(c.dir) for c in self.caches)}")
 
     def apply(self, variants: list[str]) -> None:
         self.undo()
         for i, layer in enumerate(self.adapter.decoder_layers(self.model)):
-            cached = self.cache.load(i, device=self.device)
-            if cached is None:
-                raise LuqError(f"layer {i} is missing from the variant cache {self.cache.dir}")
-            self._replaced[i] = replace_linears(layer, cached.weights[variants[i]], dtype=self.dtype)
+            self._replaced[i] = replace_linears(layer, self._weights(i, variants[i]), dtype=self.dtype)
 
     def undo(self) -> None:
         layers = self.adapter.decoder_layers(self.model)
@@ -100,6 +109,18 @@ def _evaluator(metric: str, model, processor, config: LUQConfig, assembly: Assem
     return evaluate
 
 
+def variant_cache(net: nn.Module, config: LUQConfig, solvers: dict, cache_dir: Path | str | None = None,
+                  ) -> VariantCache:
+    """The cache directory for this model, calibration, solvers and entropy settings."""
+    from luq.assets import cache_root
+
+    key = {"model": model_fingerprint(net), "calibration": asdict(config.calibration),
+           "variants": {v: {"solver": type(s).__name__, **asdict(s)} for v, s in solvers.items()},
+           "hessians": config.hessians, "k_means": config.k_means, "k_grid": DEFAULT_K_GRID,
+           "subsample": config.subsample}
+    return VariantCache(Path(cache_dir) if cache_dir else cache_root() / "variants", key)
+
+
 def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: str | torch.device = "cpu",
              dtype: torch.dtype | str = torch.float32, cache_dir: Path | str | None = None,
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
@@ -109,19 +130,13 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     solvers always work in float32). cache_dir: the variant cache root (default
     $LUQ_CACHE/variants); a rerun after an interruption resumes from it.
     """
-    from luq.assets import cache_root
-
     t_start = time.perf_counter()
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     storage_dtype = parse_dtype(config.storage_dtype)
     net, processor, adapter = load_model(model, device, dtype)
     batches = calibration_batches(processor, adapter, config.calibration)
     solvers = config.variants()
-    key = {"model": model_fingerprint(net), "calibration": asdict(config.calibration),
-           "variants": {v: {"solver": type(s).__name__, **asdict(s)} for v, s in solvers.items()},
-           "hessians": config.hessians, "k_means": config.k_means, "k_grid": DEFAULT_K_GRID,
-           "subsample": config.subsample}
-    cache = VariantCache(Path(cache_dir) if cache_dir else cache_root() / "variants", key)
+    cache = variant_cache(net, config, solvers, cache_dir)
     log(f"variant cache: {cache.dir}")
     passed = layer_pass(net, adapter, batches, variants=solvers, cache=cache, hessians=config.hessians,
                         k=config.k_means, device=device, subsample=config.subsample, seed=config.calibration.seed,
@@ -149,7 +164,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     assembly.undo()
     if config.final_pass:
         log(f"final pass: re-quantizing the chosen configuration (k = {k}) sequentially")
-        final_cache = VariantCache(cache.dir.parent, dict(key, final=chosen))
+        final_cache = VariantCache(cache.dir.parent, dict(cache.key, final=chosen))
         layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=final_cache,
                    hessians="sequential", device=device, progress=progress, desc="final pass", entropy=False)
         assembly = Assembly(net, adapter, final_cache, device)

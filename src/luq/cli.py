@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="variant cache root (default: $LUQ_CACHE/variants)")
     _calibration_options(p)
 
+    from luq.eval.command import add_eval_arguments
+
+    p = sub.add_parser("eval", help="evaluate a model or a quantized artifact (VQA tasks, perplexity)")
+    add_eval_arguments(p)
+
     p = sub.add_parser("report", help="redraw the plots of a run")
     p.add_argument("dir", type=Path)
     return parser
@@ -114,7 +119,7 @@ def cmd_quantize(args) -> None:
     from luq.api import quantize
     from luq.calibration import CalibrationConfig
     from luq.config import LUQConfig
-    from luq.report import plot_frontier, print_summary
+    from luq.report import plot_run, print_summary
 
     calibration = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
                                     samples=args.samples, seq_len=args.seq_len, seed=args.seed)
@@ -124,16 +129,32 @@ def cmd_quantize(args) -> None:
                        storage_dtype=args.storage_dtype)
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     print_summary(report)
-    plot_frontier(report, args.out)
-    print(f"wrote {args.out}")
+    plots = plot_run(report, args.out)
+    print(f"wrote {args.out} (plots: {', '.join(p.name for p in plots)})")
+
+
+def cmd_eval(args) -> None:
+    from luq.eval.command import run_eval
+
+    code = run_eval(args)
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_report(args) -> None:
     from luq.report import plot_entropy
 
+    from luq.report import plot_run
+
+    report_path = args.dir / "luq_report.json"
+    if report_path.is_file():  # a quantized artifact: its frontier and its entropy plots
+        report = json.loads(report_path.read_text())
+        plots = plot_run(report, args.dir)
+        print(f"wrote {', '.join(str(p) for p in plots)}")
+        return
     path = args.dir / "entropy.json"
     if not path.is_file():
-        raise LuqError(f"no entropy.json in {args.dir}")
+        raise LuqError(f"no entropy.json or luq_report.json in {args.dir}")
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -148,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a bad argument already reported in one line
         return int(e.code or 0)
     try:
-        {"entropy": cmd_entropy, "quantize": cmd_quantize, "report": cmd_report}[args.command](args)
+        {"entropy": cmd_entropy, "quantize": cmd_quantize, "eval": cmd_eval,
+         "report": cmd_report}[args.command](args)
     except LuqError as e:
         print(f"luq: error: {e}", file=sys.stderr)
         return 2

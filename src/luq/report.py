@@ -96,3 +96,11 @@ def plot_frontier(report: dict, out_dir: Path) -> Path:
         ax.set(xlabel="layers at ~1 bit (k)", ylabel="avg bits per decoder weight", title="Bits vs k")
         ax.legend()
     return _save(fig, Path(out_dir) / "frontier.png")
+
+
+def plot_run(report: dict, out_dir: Path) -> list[Path]:
+    """Every plot of a quantization run (luq_report.json): the frontier and the entropy plots."""
+    from luq.entropy import entropy_ranking
+
+    entropy_view = dict(report, k=report["entropy_k"], ranking=entropy_ranking(report["entropy"]))
+    return [plot_frontier(report, out_dir)] + plot_entropy(entropy_view, out_dir)

@@ -1,0 +1,63 @@
+"""Memory of a loaded luq artifact: resident size after load (RSS minus the baseline of a
+process that has imported everything) and on-disk size, each against the report's
+`total_bytes`; the full-precision model loaded the same way for comparison.
+
+    python -m bench.artifact_memory out/demo [--base smollm2]
+
+Each measurement runs in a fresh process; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PROBE = r"""
+import gc, json, sys, torch
+import luq, transformers
+from luq.models.loading import load_model
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+gc.collect(); base = rss()
+what, arg, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if what == "artifact":
+    model = luq.load(arg, dtype=dtype)[0]
+else:
+    model = load_model(arg, "cpu", dtype)[0]
+gc.collect()
+print(json.dumps({"rss_delta": rss() - base}))
+"""
+
+
+def probe(what: str, arg: str, dtype: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, what, arg, dtype], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_delta"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--base", default=None, help="the unquantized model to compare with (default: the report's)")
+    args = p.parse_args(argv)
+    report = json.loads((args.artifact / "luq_report.json").read_text())
+    total = report["total_bytes"]
+    disk = sum(f.stat().st_size for f in args.artifact.glob("*.safetensors"))
+    rows = [("artifact on disk (safetensors files)", disk),
+            ("artifact loaded, float16 unquantized tensors", probe("artifact", str(args.artifact), "float16")),
+            ("artifact loaded, float32 unquantized tensors", probe("artifact", str(args.artifact), "float32"))]
+    base = args.base or report["model"]
+    rows += [(f"{base} unquantized, float16", probe("model", base, "float16")),
+             (f"{base} unquantized, float32", probe("model", base, "float32"))]
+    print(f"report total_bytes = {total:,} ({report['k']} layers at low bit, {report['avg_bits']:.3f} true bits)\n")
+    print("| what | bytes | / total_bytes |\n|---|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value:,} | {value / total:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
