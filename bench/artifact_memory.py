@@ -1,5 +1,5 @@
-"""Memory of a loaded luq artifact: resident size after load (RSS minus the baseline of a
-process that has imported everything) and on-disk size, each against the report's
+"""Memory of a loaded luq artifact: resident size after load and one forward (RSS minus
+the baseline of a process that has imported everything and loaded the tokenizer) and on-disk size, each against the report's
 `total_bytes`; the full-precision model loaded the same way for comparison.
 
     python -m bench.artifact_memory out/demo [--base smollm2]
@@ -16,20 +16,32 @@ import sys
 from pathlib import Path
 
 PROBE = r"""
-import gc, json, sys, torch
-import luq, transformers
-from luq.models.loading import load_model
-def rss():
+import ctypes, gc, json, sys, torch
+import accelerate, safetensors.torch, transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+import luq
+from luq.models.loading import load_model, resolve
+libc = ctypes.CDLL("libc.so.6")
+def rss():  # resident bytes after returning freed heap to the OS
+    gc.collect(); libc.malloc_trim(0)
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-gc.collect(); base = rss()
 what, arg, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+source = arg if what == "artifact" else resolve(arg)
+# the baseline holds everything but the weights: modules imported, model code, tokenizer loaded
+config = AutoConfig.from_pretrained(source)
+transformers.models.auto.modeling_auto  # noqa
+with accelerate.init_empty_weights():
+    AutoModelForCausalLM.from_config(config) if not hasattr(config, "vision_config") else None
+tokenizer = AutoTokenizer.from_pretrained(source)
+base = rss()
 if what == "artifact":
-    model = luq.load(arg, dtype=dtype)[0]
+    model = luq.load(arg, dtype=dtype, verify=False)[0]
 else:
     model = load_model(arg, "cpu", dtype)[0]
-gc.collect()
+with torch.no_grad():  # touch every weight: memory-mapped pages count once they are read
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]))
 print(json.dumps({"rss_delta": rss() - base}))
 """
 
