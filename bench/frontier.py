@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-samples", type=int, default=16, help="held-out windows of --seq-len tokens")
     p.add_argument("--k", type=int, default=100, help="K-means clusters of the entropy ranking")
     p.add_argument("--orders", default="entropy")
+    p.add_argument("--ks", default=None, help="comma-separated k to evaluate (default: every k)")
     p.add_argument("--hessians", default="fp", choices=("fp", "sequential"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
     n = sizes.n_layers
     windows = validation_windows(text_token_ids(tokenizer, None), args.eval_samples, args.seq_len, 0, args.samples)
     fp_ppl = window_perplexity(net, windows, args.device)
-    assembly = Assembly(net, adapter, [main_cache, extra_cache], args.device)
+    assembly = Assembly(net, adapter, [main_cache, extra_cache], args.device, dense=True)
 
     def evaluate(variants: list[str]) -> dict:
         assembly.apply(variants)
@@ -82,12 +83,12 @@ def main(argv=None) -> None:
     for order_name in args.orders.split(","):
         order = layer_order(order_name, passed["entropy"], seed=0)
         curves[order_name] = {"order": order, "points": []}
-        for k in range(n + 1):
+        for k in (range(n + 1) if args.ks is None else [int(x) for x in args.ks.split(",")]):
             point = evaluate(assignment(order, k, n))
             curves[order_name]["points"].append(dict(point, k=k))
             print(f"{order_name:>16} k={k:2d}  bits {point['avg_bits']:.3f}  ppl {point['ppl']:.2f}", flush=True)
 
-    checks = search_checks(curves["entropy"]["points"]) if "entropy" in curves else []
+    checks = search_checks(curves["entropy"]["points"]) if "entropy" in curves and args.ks is None else []
     result = {"model": args.model, "calibration": vars(calibration) if hasattr(calibration, "__dict__") else None,
               "eval_tokens": int(windows.numel()), "fp32_ppl": fp_ppl, "uniform": uniform, "curves": curves,
               "binary_vs_exhaustive": checks, "entropy": passed["entropy"], "entropy_k": passed["k"],

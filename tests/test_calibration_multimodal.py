@@ -95,7 +95,7 @@ def test_bad_image_sources_are_one_line_errors(llava, tmp_path):
     with pytest.raises(LuqError, match=r"q.jsonl:1: cannot read image"):
         calibration_batches(processor, adapter, config(jsonl))
     jsonl.write_text('{"image": "broken.jpg", "question": "What?"}\n{oops\n')
-    with pytest.raises(LuqError, match=r"q.jsonl:2: not valid JSON"):
+    with pytest.raises(LuqError, match=r"q.jsonl:2: malformed JSON"):
         load_image_questions(str(jsonl))
     jsonl.write_text('{"question": "What?"}\n')
     with pytest.raises(LuqError, match=r"q.jsonl:1: each line needs"):

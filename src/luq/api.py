@@ -55,11 +55,14 @@ class Assembly:
     """Puts a candidate configuration into the model from variant caches, and takes it out.
 
     `caches`: one cache or several (each variant is read from the first cache holding it).
+    dense=True puts in plain nn.Linear modules holding the dequantized weights instead of
+    QuantLinear: the same weights, without unpacking them at every forward (for the
+    many evaluations of a search; the artifact always gets QuantLinear).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, caches: VariantCache | list[VariantCache], device,
-                 dtype=None):
-        self.model, self.adapter, self.device, self.dtype = model, adapter, device, dtype
+                 dtype=None, dense: bool = False):
+        self.model, self.adapter, self.device, self.dtype, self.dense = model, adapter, device, dtype, dense
         self.caches = caches if isinstance(caches, list) else [caches]
         self._replaced: dict[int, dict] = {}
 
@@ -73,7 +76,8 @@ class Assembly:
     def apply(self, variants: list[str]) -> None:
         self.undo()
         for i, layer in enumerate(self.adapter.decoder_layers(self.model)):
-            self._replaced[i] = replace_linears(layer, self._weights(i, variants[i]), dtype=self.dtype)
+            self._replaced[i] = replace_linears(layer, self._weights(i, variants[i]), dtype=self.dtype,
+                                                dense=self.dense)
 
     def undo(self) -> None:
         layers = self.adapter.decoder_layers(self.model)
@@ -83,7 +87,7 @@ class Assembly:
 
 
 @torch.no_grad()
-def window_perplexity(model: nn.Module, windows: torch.Tensor, device, batch_size: int = 1) -> float:
+def window_perplexity(model: nn.Module, windows: torch.Tensor, device, batch_size: int = 4) -> float:
     """exp(mean next-token negative log-likelihood) over token windows [n, L]."""
     nll, count = 0.0, 0
     for batch in windows.split(batch_size):
@@ -105,7 +109,9 @@ def _evaluator(metric: str, model, processor, config: LUQConfig, assembly: Assem
 
     def evaluate(k: int) -> float:
         assembly.apply(assignment(order, k, n_layers))
-        return window_perplexity(model, windows, device)
+        value = window_perplexity(model, windows, device)
+        assembly.undo()
+        return value
     return evaluate
 
 
@@ -154,7 +160,8 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
             raise LuqError(f"--layers {config.layers} asked for, but the order has {len(order)} layers")
         k = config.layers
     else:
-        evaluate = _evaluator(config.metric, net, processor, config, assembly, order, n, device)
+        evaluate = _evaluator(config.metric, net, processor, config, Assembly(net, adapter, cache, device, dense=True),
+                              order, n, device)
         k, search = threshold_search(
             evaluate, len(order), config.max_drop, higher_is_better=METRICS[config.metric], search=config.search,
             log=lambda s: log(f"  k = {s.k:3d}: {config.metric} {s.value:.4f} (drop {s.drop:+.4f}) "

@@ -182,15 +182,10 @@ def load_image_questions(source: str | None) -> list[ImageQuestion]:
 
 
 def _jsonl_image_questions(path: Path) -> list[ImageQuestion]:
+    from luq.store import read_jsonl
+
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LuqError(f"{where}: not valid JSON ({e.msg})") from None
+    for _, where, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("question"), str):
             raise LuqError(f"{where}: each line needs \"image\" (a path) and \"question\" (a string)")
         answer = row.get("answer")

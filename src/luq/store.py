@@ -247,3 +247,20 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
         raise LuqError(f"corrupt or partial artifact {path}: no stored value for {missing[:3]}")
     model = model.to(device).eval()
     return model, auto_pre.from_pretrained(path), adapter
+
+
+def read_jsonl(path: Path):
+    """(line number, 'file:line', record) for each non-blank line of a JSONL file;
+    a line that is not a JSON object is one LuqError naming its place."""
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LuqError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise LuqError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield number, where, record

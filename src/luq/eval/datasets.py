@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from luq.errors import LuqError
+from luq.store import read_jsonl
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MMBENCH_OPTIONS_HEADER = "There are several options:"
@@ -311,28 +312,18 @@ def read_local(task: str, directory: str | Path) -> list[EvalSample]:
     base = jsonl.parent
     samples: list[EvalSample] = []
     seen: set[str] = set()
-    with jsonl.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{jsonl}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LuqError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise LuqError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            record.setdefault("id", number)
-            if str(record["id"]) in seen:
-                raise LuqError(f"{where}: duplicate id {record['id']!r}")
-            seen.add(str(record["id"]))
-            if not record.get("image"):
-                raise LuqError(f"{where}: missing 'image'")
-            image = Path(record["image"]).expanduser()
-            image = image if image.is_absolute() else (base / image).resolve()
-            if not image.is_file():
-                raise LuqError(f"{where}: image not found: {image}")
-            samples.extend(_record_to_samples(task, record, image, where))
+    for number, where, record in read_jsonl(jsonl):
+        record.setdefault("id", number)
+        if str(record["id"]) in seen:
+            raise LuqError(f"{where}: duplicate id {record['id']!r}")
+        seen.add(str(record["id"]))
+        if not record.get("image"):
+            raise LuqError(f"{where}: missing 'image'")
+        image = Path(record["image"]).expanduser()
+        image = image if image.is_absolute() else (base / image).resolve()
+        if not image.is_file():
+            raise LuqError(f"{where}: image not found: {image}")
+        samples.extend(_record_to_samples(task, record, image, where))
     if not samples:
         raise LuqError(f"{jsonl} holds no samples")
     return samples

@@ -77,8 +77,9 @@ class QuantLinear(nn.Module):
 
 
 def replace_linears(parent: nn.Module, weights: dict[str, QuantizedWeight],
-                    dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
-    """Swap each named nn.Linear under `parent` for a QuantLinear of its packed weight.
+                    dtype: torch.dtype | None = None, dense: bool = False) -> dict[str, nn.Module]:
+    """Swap each named nn.Linear under `parent` for a QuantLinear of its packed weight
+    (dense=True: for an nn.Linear holding the dequantized weight, for fast evaluation).
 
     `weights` maps module names relative to `parent` to packed weights; the modules
     replaced are returned by name, so that `restore_linears` can put them back.
@@ -89,7 +90,15 @@ def replace_linears(parent: nn.Module, weights: dict[str, QuantizedWeight],
         owner = parent.get_submodule(owner_name) if owner_name else parent
         old = getattr(owner, attr)
         bias = old.bias if isinstance(old, nn.Linear) else getattr(old, "bias", None)
-        new = QuantLinear(qweight.to(_module_device(old)), bias, dtype=dtype)
+        device = _module_device(old)
+        if dense:
+            weight = qweight.to(device).dequantize(dtype or old.weight.dtype)
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=weight.dtype)
+            new.weight.data = weight
+            if bias is not None:
+                new.bias.data = bias.detach().to(weight.dtype)
+        else:
+            new = QuantLinear(qweight.to(device), bias, dtype=dtype)
         setattr(owner, attr, new)
         replaced[name] = old
     return replaced
