@@ -204,3 +204,13 @@ def test_size_model_counts_low_layers():
     assert assignment([1, 0], 1, 2) == ["high", LOW]
     assert smallest_fitting_k(size, [1, 0], 166) == 1
     assert size.avg_bits(["low", "low"]) == pytest.approx(8 * 55 / 160)
+
+
+def test_final_pass_requantizes_sequentially_and_counts_its_own_bytes(tiny, by_layers):
+    report = run(tiny, "final", layers=2, final_pass=True)
+    assert report["final_pass"] and report["low_bit_layers"] == by_layers["low_bit_layers"]
+    out = tiny["root"] / "final"
+    assert stored_tensor_bytes(out) == report["total_bytes"]
+    loaded, tokenizer, _ = luq.load(out)
+    ids = tokenizer("A short sentence.", return_tensors="pt").input_ids
+    assert torch.isfinite(loaded(input_ids=ids).logits).all()

@@ -172,9 +172,17 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     if config.final_pass:
         log(f"final pass: re-quantizing the chosen configuration (k = {k}) sequentially")
         final_cache = VariantCache(cache.dir.parent, dict(cache.key, final=chosen))
-        layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=final_cache,
-                   hessians="sequential", device=device, progress=progress, desc="final pass", entropy=False)
+        final = layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=final_cache,
+                           hessians="sequential", device=device, progress=progress, desc="final pass",
+                           entropy=False)
         assembly = Assembly(net, adapter, final_cache, device)
+        # BiLLM's stored size depends on how many salient columns it picks: count the final bytes
+        passed = dict(passed, layers=[_with_final(layer, f, v) for layer, f, v in zip(passed["layers"], final["layers"],
+                                                                                     chosen)])
+        sizes = size_model(net, adapter, passed["layers"], storage_dtype)
+        if config.budget_gb is not None and sizes.total_bytes(chosen) > config.budget_gb * 1e9:
+            raise LuqError(f"the final pass changed the size to {sizes.total_bytes(chosen) / 1e9:.6g} GB, over the "
+                           f"{config.budget_gb} GB budget; run without --final-pass or with a little more budget")
     assembly.apply(chosen)
     report = build_report(model, net, adapter, config, passed, sizes, order, k, chosen, steps)
     report["seconds"] = {"layer_pass": round(t_pass - t_start, 1)}
@@ -187,6 +195,14 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         raise RuntimeError(f"artifact holds {written} tensor bytes, the size model said {report['total_bytes']}")
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     return report
+
+
+def _with_final(layer: dict, final: dict, variant: str) -> dict:
+    """A layer's summary with its chosen variant's figures taken from the final pass."""
+    out = dict(layer)
+    for key in ("bytes", "nominal_bits", "errors", "seconds"):
+        out[key] = {**layer[key], variant: final[key][variant]}
+    return out
 
 
 def build_report(model_name, net, adapter, config: LUQConfig, passed: dict, sizes: SizeModel, order: list[int],
