@@ -214,3 +214,23 @@ def test_final_pass_requantizes_sequentially_and_counts_its_own_bytes(tiny, by_l
     loaded, tokenizer, _ = luq.load(out)
     ids = tokenizer("A short sentence.", return_tensors="pt").input_ids
     assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
+def test_a_llava_with_image_calibration_and_a_vqa_threshold(tmp_path):
+    from tiny_models import tiny_llava_dir
+
+    model_dir = tiny_llava_dir(tmp_path / "llava")
+    calibration = CalibrationConfig(alpha=0.5, samples=4, seq_len=160)
+    config = luq.LUQConfig(calibration=calibration, k_means=8, max_drop=0.0, metric="pope", search="greedy")
+    report = luq.quantize(model_dir, tmp_path / "q", config, cache_dir=tmp_path / "cache", progress=False,
+                          log=lambda s: None)
+    assert report["family"] == "llava" and report["metric"] == "pope"
+    assert report["tokens"]["image"] > 0 and None not in report["image_entropy"]
+    assert all(0 <= s["value"] <= 1 for s in report["search"])
+    assert stored_tensor_bytes(tmp_path / "q") == report["total_bytes"]  # vision tower and projector included
+    model, processor, adapter = luq.load(tmp_path / "q")
+    assert adapter.family == "llava" and hasattr(model.model, "vision_tower")
+    with pytest.raises(LuqError, match="unknown metric"):
+        luq.quantize(model_dir, tmp_path / "x", luq.LUQConfig(calibration=calibration, k_means=8, max_drop=1.0,
+                                                              metric="bleu"), cache_dir=tmp_path / "cache",
+                     progress=False, log=lambda s: None)

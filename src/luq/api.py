@@ -28,9 +28,6 @@ from luq.quant.linear import replace_linears, restore_linears
 from luq.store import stored_bytes, write_artifact
 from luq.variants import VariantCache, model_fingerprint
 
-METRICS = {"perplexity": False}  # name -> higher is better
-
-
 def quantized_weight_names(model: nn.Module, adapter: Adapter) -> dict[str, str]:
     """Full state-dict name of every quantized weight -> its module name."""
     out = {}
@@ -99,20 +96,49 @@ def window_perplexity(model: nn.Module, windows: torch.Tensor, device, batch_siz
     return math.exp(nll / count)
 
 
+def higher_is_better(metric: str) -> bool:
+    """Perplexity goes down as a model gets better; every VQA task's score goes up."""
+    from luq.eval.datasets import known_tasks
+
+    if metric == "perplexity":
+        return False
+    if metric in known_tasks():
+        return True
+    raise LuqError(f"unknown metric {metric!r}; known: perplexity, {', '.join(known_tasks())}")
+
+
 def _evaluator(metric: str, model, processor, config: LUQConfig, assembly: Assembly, order: list[int],
                n_layers: int, device) -> Callable[[int], float]:
-    if metric != "perplexity":
-        raise LuqError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    cal = config.calibration
-    windows = validation_windows(text_token_ids(processor, cal.text), config.validation_samples, cal.seq_len,
-                                 cal.seed, cal.n_text)
+    """evaluate(k): the metric of the model with the first k layers of `order` at low bit.
 
-    def evaluate(k: int) -> float:
+    perplexity: held-out text windows disjoint from the calibration windows. A VQA task
+    (textvqa, pope, ...): its score on `config.metric_data` (default: the bundled sample).
+    """
+    higher_is_better(metric)
+    if metric == "perplexity":
+        cal = config.calibration
+        windows = validation_windows(text_token_ids(processor, cal.text), config.validation_samples, cal.seq_len,
+                                     cal.seed, cal.n_text)
+
+        def score() -> float:
+            return window_perplexity(model, windows, device)
+    else:
+        from luq.eval.datasets import load_samples
+        from luq.eval.runner import EvalConfig, evaluate
+
+        if not hasattr(processor, "image_processor"):
+            raise LuqError(f"--metric {metric} needs a vision-language model; use --metric perplexity")
+        samples = load_samples(metric, config.metric_data)
+
+        def score() -> float:
+            return evaluate(model, processor, EvalConfig(task=metric), samples).score
+
+    def evaluate_k(k: int) -> float:
         assembly.apply(assignment(order, k, n_layers))
-        value = window_perplexity(model, windows, device)
+        value = score()
         assembly.undo()
         return value
-    return evaluate
+    return evaluate_k
 
 
 def variant_cache(net: nn.Module, config: LUQConfig, solvers: dict, cache_dir: Path | str | None = None,
@@ -137,6 +163,8 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     $LUQ_CACHE/variants); a rerun after an interruption resumes from it.
     """
     t_start = time.perf_counter()
+    if config.max_drop is not None:
+        higher_is_better(config.metric)  # an unknown metric fails now, not after the pass
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     storage_dtype = parse_dtype(config.storage_dtype)
     net, processor, adapter = load_model(model, device, dtype)
@@ -163,7 +191,8 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         evaluate = _evaluator(config.metric, net, processor, config, Assembly(net, adapter, cache, device, dense=True),
                               order, n, device)
         k, search = threshold_search(
-            evaluate, len(order), config.max_drop, higher_is_better=METRICS[config.metric], search=config.search,
+            evaluate, len(order), config.max_drop, higher_is_better=higher_is_better(config.metric),
+            search=config.search,
             log=lambda s: log(f"  k = {s.k:3d}: {config.metric} {s.value:.4f} (drop {s.drop:+.4f}) "
                               f"{'ok' if s.ok else 'too far'}"))
         steps = [asdict(s) for s in search]

@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--budget-gb", type=float, help="smallest k whose artifact fits in this many GB (10^9 bytes)")
     rule.add_argument("--max-drop", type=float, help="largest k whose --metric stays within this of all-4-bit")
     rule.add_argument("--layers", type=int, help="exactly this many layers")
-    p.add_argument("--metric", default="perplexity", help="metric of --max-drop (default: perplexity on held-out text)")
+    p.add_argument("--metric", default="perplexity",
+                   help="metric of --max-drop: perplexity on held-out text (default) or a VQA task (textvqa, pope, ...)")
+    p.add_argument("--metric-data", default=None, metavar="PATH",
+                   help="data of a VQA --metric (default: its bundled offline sample)")
     p.add_argument("--search", default="binary", choices=("binary", "greedy"), help="search of --max-drop")
     p.add_argument("--order", default="entropy", type=_order_value,
                    help="entropy (default), reverse-entropy, depth, random, or layer indices like 3,1,2")
@@ -124,7 +127,8 @@ def cmd_quantize(args) -> None:
     calibration = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
                                     samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
-                       layers=args.layers, search=args.search, order=args.order, hessians=args.hessians,
+                       metric_data=args.metric_data, layers=args.layers, search=args.search, order=args.order,
+                       hessians=args.hessians,
                        final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
                        storage_dtype=args.storage_dtype)
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)

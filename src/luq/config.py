@@ -42,6 +42,7 @@ class LUQConfig:
     budget_gb: float | None = None
     max_drop: float | None = None
     metric: str = "perplexity"
+    metric_data: str | None = None
     layers: int | None = None
     search: str = "binary"
     order: str | tuple[int, ...] = "entropy"
@@ -53,6 +54,9 @@ class LUQConfig:
     subsample: int | None = None
     validation_samples: int = 16
     storage_dtype: str = "float16"
+
+    # metric / metric_data: what --max-drop watches: held-out perplexity, or a VQA task's
+    # score (luq.eval) on metric_data (None: its bundled offline sample).
 
     def __post_init__(self) -> None:
         rules = [r for r, v in (("--budget-gb", self.budget_gb), ("--max-drop", self.max_drop),
