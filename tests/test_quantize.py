@@ -234,3 +234,21 @@ def test_a_llava_with_image_calibration_and_a_vqa_threshold(tmp_path):
         luq.quantize(model_dir, tmp_path / "x", luq.LUQConfig(calibration=calibration, k_means=8, max_drop=1.0,
                                                               metric="bleu"), cache_dir=tmp_path / "cache",
                      progress=False, log=lambda s: None)
+
+
+def test_a_large_artifact_is_sharded_and_loads_the_same(tiny, by_layers, tmp_path):
+    from luq.store import write_artifact
+
+    src = tiny["root"] / "layers2"
+    model, tokenizer, _ = luq.load(src)
+    qconfig = json.loads((src / "config.json").read_text())["quantization_config"]
+    report = json.loads((src / REPORT).read_text())
+    written = write_artifact(tmp_path / "sharded", model, tokenizer, qconfig, report, torch.float16,
+                             max_shard_bytes=1_000_000)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) >= 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert written == report["total_bytes"] == stored_tensor_bytes(tmp_path / "sharded")
+    again, _, _ = luq.load(tmp_path / "sharded")
+    ids = tokenizer("Sharded weights load the same.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
