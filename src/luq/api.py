@@ -198,22 +198,25 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         steps = [asdict(s) for s in search]
     chosen = assignment(order, k, n)
     assembly.undo()
+    final_pass_used = False
     if config.final_pass:
         log(f"final pass: re-quantizing the chosen configuration (k = {k}) sequentially")
         final_cache = VariantCache(cache.dir.parent, dict(cache.key, final=chosen))
         final = layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=final_cache,
                            hessians="sequential", device=device, progress=progress, desc="final pass",
                            entropy=False)
-        assembly = Assembly(net, adapter, final_cache, device)
         # BiLLM's stored size depends on how many salient columns it picks: count the final bytes
-        passed = dict(passed, layers=[_with_final(layer, f, v) for layer, f, v in zip(passed["layers"], final["layers"],
-                                                                                     chosen)])
-        sizes = size_model(net, adapter, passed["layers"], storage_dtype)
-        if config.budget_gb is not None and sizes.total_bytes(chosen) > config.budget_gb * 1e9:
-            raise LuqError(f"the final pass changed the size to {sizes.total_bytes(chosen) / 1e9:.6g} GB, over the "
-                           f"{config.budget_gb} GB budget; run without --final-pass or with a little more budget")
+        final_layers = [_with_final(layer, f, v) for layer, f, v in zip(passed["layers"], final["layers"], chosen)]
+        final_sizes = size_model(net, adapter, final_layers, storage_dtype)
+        if config.budget_gb is not None and final_sizes.total_bytes(chosen) > config.budget_gb * 1e9:
+            log(f"the final pass would make the model {final_sizes.total_bytes(chosen):,} bytes, over the budget; "
+                "keeping the cached configuration, which fits")
+        else:
+            passed, sizes, final_pass_used = dict(passed, layers=final_layers), final_sizes, True
+            assembly = Assembly(net, adapter, final_cache, device)
     assembly.apply(chosen)
     report = build_report(model, net, adapter, config, passed, sizes, order, k, chosen, steps)
+    report["final_pass"] = final_pass_used
     report["seconds"] = {"layer_pass": round(t_pass - t_start, 1)}
     qconfig = {"luq_version": __version__, "storage_dtype": config.storage_dtype,
                "modules": {name: m.weight_config for name, m in net.named_modules() if hasattr(m, "weight_config")},
