@@ -74,6 +74,10 @@ def test_cli_entropy_with_images(llava, tmp_path):
                  "--k", "8"]) == 0
     result = json.loads((tmp_path / "entropy.json").read_text())
     assert None not in result["image_entropy"] and 0.25 < result["tokens"]["multimodal_fraction"] <= 0.5
+    assert main(["entropy", path, "--out", str(tmp_path / "disk"), "--alpha", "0.5", "--samples", "4",
+                 "--seq-len", "160", "--k", "8", "--offload-dir", str(tmp_path / "activations")]) == 0
+    on_disk = json.loads((tmp_path / "disk" / "entropy.json").read_text())
+    assert on_disk["entropy"] == result["entropy"] and on_disk["image_entropy"] == result["image_entropy"]
 
 
 def test_bundled_photos_are_real_and_answered():

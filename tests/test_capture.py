@@ -77,3 +77,19 @@ def test_consumer_can_replace_the_outputs_the_next_layer_reads():
         if i == 0:
             outputs[0] = outputs[0] * 0 + 1.5  # e.g. the outputs of the quantized layer
     assert torch.equal(seen_inputs[0], torch.full_like(seen_inputs[0], 1.5))
+
+
+def test_activations_on_disk_give_the_same_outputs(tmp_path):
+    from luq.capture import DiskActivations
+
+    model = tiny_llava()
+    adapter = adapter_for(model)
+    batches = [llava_inputs(model, seed=s) for s in (0, 1)]
+    in_memory = capture_first_layer_inputs(model, adapter, batches)
+    disk = DiskActivations(tmp_path)
+    on_disk = capture_first_layer_inputs(model, adapter, batches, disk=disk)
+    layers = adapter.decoder_layers(model)
+    for (i, _, expected, _), (j, _, got, _) in zip(run_layerwise(layers, in_memory, "cpu"),
+                                                   run_layerwise(layers, on_disk, "cpu", disk=disk)):
+        assert i == j and all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert list(tmp_path.iterdir()) == []  # files are unlinked once mapped: nothing left behind

@@ -174,7 +174,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     log(f"variant cache: {cache.dir}")
     passed = layer_pass(net, adapter, batches, variants=solvers, cache=cache, hessians=config.hessians,
                         k=config.k_means, device=device, subsample=config.subsample, seed=config.calibration.seed,
-                        progress=progress, desc="quantize")
+                        progress=progress, desc="quantize", offload_dir=config.offload_dir)
     t_pass = time.perf_counter()
     n = len(passed["layers"])
     sizes = size_model(net, adapter, passed["layers"], storage_dtype)
@@ -204,7 +204,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         final_cache = VariantCache(cache.dir.parent, dict(cache.key, final=chosen))
         final = layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=final_cache,
                            hessians="sequential", device=device, progress=progress, desc="final pass",
-                           entropy=False)
+                           entropy=False, offload_dir=config.offload_dir)
         # BiLLM's stored size depends on how many salient columns it picks: count the final bytes
         final_layers = [_with_final(layer, f, v) for layer, f, v in zip(passed["layers"], final["layers"], chosen)]
         final_sizes = size_model(net, adapter, final_layers, storage_dtype)

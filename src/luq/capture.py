@@ -10,8 +10,10 @@ one's inputs, so peak memory is one layer plus the activations. Activations wait
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,31 @@ class LayerInput:
     token_kind: torch.Tensor      # int8 [batch, tokens]: PAD, TEXT or IMAGE
 
 
+class DiskActivations:
+    """Keeps activations in memory-mapped files under `folder` instead of RAM (for
+    calibration sets larger than memory): the OS pages them in as a layer reads them.
+    Each file is unlinked as soon as it is mapped, so nothing is left behind, even
+    after a crash, and its disk space returns when the tensor is freed."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        path = self.folder / f".luq-activations-{os.getpid()}-{self._count}.bin"
+        self._count += 1
+        stored = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        os.unlink(path)
+        stored.copy_(t)
+        return stored
+
+
+def offload(t: torch.Tensor, offload_device: torch.device | str, disk: DiskActivations | None) -> torch.Tensor:
+    """Where activations wait between layers: on `offload_device`, or in files when `disk`."""
+    return disk.keep(t.to("cpu")) if disk is not None else t.to(offload_device)
+
+
 class _ReachedFirstLayer(Exception):
     """Stops the model's forward once layer 0's inputs are captured."""
 
@@ -49,7 +76,8 @@ def move(obj: Any, device: torch.device | str) -> Any:
 
 @torch.no_grad()
 def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iterable[tuple[dict, torch.Tensor]],
-                               offload_device: torch.device | str = "cpu") -> list[LayerInput]:
+                               offload_device: torch.device | str = "cpu",
+                               disk: DiskActivations | None = None) -> list[LayerInput]:
     """Run `model` on each (model inputs, token kinds) batch up to decoder layer 0 and keep
     that layer's inputs. The model's own embedding, vision tower, projector, masks and
     rotary embeddings produce them, so nothing family-specific is recomputed here."""
@@ -73,7 +101,7 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iter
                 pass
             else:  # pragma: no cover - a family whose forward never reaches layer 0
                 raise RuntimeError("the model's forward did not reach decoder layer 0")
-            captured.append(LayerInput(hidden=seen["hidden"].to(offload_device),
+            captured.append(LayerInput(hidden=offload(seen["hidden"], offload_device, disk),
                                        kwargs=move(seen["kwargs"], offload_device),
                                        token_kind=token_kind.to(torch.int8)))
     finally:
@@ -91,6 +119,7 @@ def layer_forward(layer: nn.Module, inp: LayerInput, device: torch.device | str)
 def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch.device | str,
                   offload_device: torch.device | str = "cpu",
                   before_layer: Callable[[int, nn.Module], Any] | None = None,
+                  disk: DiskActivations | None = None,
                   ) -> Iterator[tuple[int, nn.Module, list[torch.Tensor], Any]]:
     """Yield (index, layer, outputs per batch, context) for each decoder layer in turn.
 
@@ -100,13 +129,14 @@ def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch
     Hessian accumulators are attached). The outputs yielded become the next layer's
     inputs (the full-precision chain); a consumer that quantizes a layer and wants the
     next layer fed by the quantized outputs recomputes them with `layer_forward` and
-    writes them into the yielded list, which is what the next layer reads.
+    writes them into the yielded list, which is what the next layer reads. With `disk`,
+    the outputs wait in memory-mapped files instead of RAM.
     """
     for i, layer in enumerate(layers):
         home = next(layer.parameters()).device
         layer.to(device)
         context = before_layer(i, layer) if before_layer is not None else None
-        outputs = [layer_forward(layer, inp, device).to(offload_device) for inp in inputs]
+        outputs = [offload(layer_forward(layer, inp, device), offload_device, disk) for inp in inputs]
         yield i, layer, outputs, context
         layer.to(home)
         inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]

@@ -27,6 +27,8 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    g.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="keep activations between layers in memory-mapped files here instead of RAM")
 
 
 def _k_value(text: str):
@@ -110,7 +112,7 @@ def cmd_entropy(args) -> None:
     batches = calibration_batches(tokenizer, adapter, config)
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure_entropy(model, adapter, batches, k=args.k, device=args.device, subsample=args.subsample,
-                             seed=args.seed)
+                             seed=args.seed, offload_dir=args.offload_dir)
     result["tokens"]["multimodal_fraction"] = multimodal_fraction(batches)
     result.update(model=args.model or "smollm2", calibration=vars(config))
     write_json(args.out / "entropy.json", result)
@@ -131,7 +133,7 @@ def cmd_quantize(args) -> None:
                        metric_data=args.metric_data, layers=args.layers, search=args.search, order=args.order,
                        hessians=args.hessians,
                        final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
-                       storage_dtype=args.storage_dtype)
+                       storage_dtype=args.storage_dtype, offload_dir=args.offload_dir)
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     print_summary(report)
     plots = plot_run(report, args.out)

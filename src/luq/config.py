@@ -56,6 +56,7 @@ class LUQConfig:
     subsample: int | None = None
     validation_samples: int = 16
     storage_dtype: str = "float16"
+    offload_dir: str | None = None  # activations between layers in memory-mapped files there, not RAM
 
     # metric / metric_data: what --max-drop watches: held-out perplexity, or a VQA task's
     # score (luq.eval) on metric_data (None: its bundled offline sample).

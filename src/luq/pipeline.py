@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from luq.capture import IMAGE, PAD, TEXT, capture_first_layer_inputs, layer_forward, run_layerwise
+from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_inputs, layer_forward, offload,
+                         run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter, quantizable_linears
 from luq.quant import HessianAccumulator, relative_output_error
@@ -101,7 +102,7 @@ def layer_pass(model, adapter: Adapter, batches, *, variants: Mapping[str, objec
                cache: VariantCache | None = None, hessians: str = "fp", k: int | None = None,
                k_grid=DEFAULT_K_GRID, device: str | torch.device = "cpu", subsample: int | None = None,
                seed: int = 0, progress: bool = True, desc: str = "layers", assignment: list[str] | None = None,
-               entropy: bool = True) -> dict:
+               entropy: bool = True, offload_dir: str | None = None) -> dict:
     """The one pass of DESIGN.md over the decoder layers: entropy of each layer's output
     (paper Eq. 2-5) and, if `variants` are given, each layer quantized every way into
     `cache` (layers already in the cache are read, not recomputed).
@@ -112,10 +113,12 @@ def layer_pass(model, adapter: Adapter, batches, *, variants: Mapping[str, objec
     final pass of a chosen configuration). In "sequential" mode the entropy is that of each layer's full-precision forward on
     the quantized chain's inputs. Returns the entropy summary (see `measure_entropy`)
     plus `layers`: per layer, its variants' bytes, nominal bits, errors and seconds.
-    entropy=False skips the clustering (and returns only `layers`).
+    entropy=False skips the clustering (and returns only `layers`). offload_dir: keep the
+    activations between layers in memory-mapped files there instead of RAM.
     """
     variants = dict(variants or {})
-    first = capture_first_layer_inputs(model, adapter, batches)
+    disk = DiskActivations(offload_dir) if offload_dir else None
+    first = capture_first_layer_inputs(model, adapter, batches, disk=disk)
     kinds = torch.cat([inp.token_kind.reshape(-1) for inp in first])
     keep = kinds != PAD
     keep_masks = [(inp.token_kind != PAD) for inp in first]
@@ -136,7 +139,7 @@ def layer_pass(model, adapter: Adapter, batches, *, variants: Mapping[str, objec
 
     per_layer, summaries = [], []
     inputs = first  # layer i's inputs, for recomputing its outputs in sequential mode
-    bar = tqdm(run_layerwise(layers, first, device, before_layer=before), total=len(layers), desc=desc,
+    bar = tqdm(run_layerwise(layers, first, device, before_layer=before, disk=disk), total=len(layers), desc=desc,
                unit="layer", disable=not progress)
     for i, layer, outputs, (digest, cached, hooks) in bar:
         if hooks is not None:
@@ -161,7 +164,7 @@ def layer_pass(model, adapter: Adapter, batches, *, variants: Mapping[str, objec
             summaries.append(result.summary())
         if variants and hessians == "sequential":  # the next layer sees this one quantized
             swapped = replace_linears(layer, result.weights[next(iter(variants_of(i)))])
-            outputs[:] = [layer_forward(layer, inp, device).to(out.device) for inp, out in zip(inputs, outputs)]
+            outputs[:] = [offload(layer_forward(layer, inp, device), "cpu", disk) for inp in inputs]
             restore_linears(layer, swapped)
         inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]
     out = {}
@@ -175,7 +178,7 @@ def layer_pass(model, adapter: Adapter, batches, *, variants: Mapping[str, objec
 
 def measure_entropy(model, adapter: Adapter, batches, *, k: int | None = None, k_grid=DEFAULT_K_GRID,
                     device: str | torch.device = "cpu", subsample: int | None = None, seed: int = 0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, offload_dir: str | None = None) -> dict:
     """Per-layer output-activation entropy (paper Eq. 2-5), its ranking (Eq. 6) and K.
 
     The layers run one at a time on the calibration batches; for every K of the grid
@@ -184,4 +187,4 @@ def measure_entropy(model, adapter: Adapter, batches, *, k: int | None = None, k
     of the Kendall-distance curve between consecutive rankings (`k="auto"` upstream).
     """
     return layer_pass(model, adapter, batches, k=k, k_grid=k_grid, device=device, subsample=subsample, seed=seed,
-                      progress=progress, desc="entropy")
+                      progress=progress, desc="entropy", offload_dir=offload_dir)
