@@ -35,7 +35,7 @@ from luq.errors import LuqError
 from luq.store import atomic_write
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,20 @@ def load_smollm2(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def tiny_vlm(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The small real vision-language model (DINOv2-small + trained projector + SmolLM2-135M),
+    as a transformers ``LlavaForConditionalGeneration`` in eval mode and its ``LlavaProcessor``.
+
+    Offline: assembled once from the installed parts and the shipped trained weights, then
+    cached under :func:`cache_root` (see :mod:`luq.tinyvlm`).
+    """
+    from luq.tinyvlm import load_tiny_vlm
+
+    return load_tiny_vlm(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- Wikipedia

@@ -9,7 +9,7 @@ import torch
 from luq.errors import LuqError
 from luq.models import Adapter, adapter_for
 
-BUILTIN = ("smollm2",)
+BUILTIN = ("smollm2", "tiny-vlm")
 DEFAULT_MODEL = "smollm2"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -29,6 +29,9 @@ def resolve(model: str | None) -> str:
     if model == "smollm2":
         from luq.assets import smollm2_dir
         return str(smollm2_dir())
+    if model == "tiny-vlm":
+        from luq.tinyvlm import trained_dir
+        return str(trained_dir())
     return model
 
 

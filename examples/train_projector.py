@@ -1,0 +1,450 @@
+"""Train tiny-vlm's projector (and LoRA on a few SmolLM2 linears) on generated VQA data.
+
+    OMP_WAIT_POLICY=PASSIVE python examples/train_projector.py            # the shipped run
+    OMP_WAIT_POLICY=PASSIVE python examples/train_projector.py --steps 20 --out /tmp/tv   # smoke
+
+Both pretrained parts stay frozen: DINOv2-small's features of every generated image are
+computed once and cached; SmolLM2 runs in fp32 (bfloat16 is ~20x slower on this AVX2 CPU)
+with its output layer computed on the answer positions only. A training image is asked
+all its questions in one multi-turn chat (a one-shape scene: colour, shape, position and
+a yes/no question), so its 64 image tokens are paid once for several answers; batches
+hold chats with the same number of turns (little padding). Held-out images are asked one
+question each, as at inference. The projector learns on
+standardised features; the standardisation is folded into its first linear when saved,
+so the shipped projector is a stock LLaVA one. A projector alone leaves yes/no presence
+questions at chance (measured before this script), so low-rank deltas (LoRA) on the
+attention projections of SmolLM2 train with it. They are hand-written (a dozen lines:
+peft is not a luq dependency, and the deltas are merged into the weights at load).
+
+Writes to --out: weights.safetensors (the projector + the LoRA factors, refreshed at
+every evaluation), train_log.jsonl (loss and held-out accuracy while training) and
+accuracy.json (the final held-out accuracy per question kind, next to chance, measured
+with the assembled transformers model through its processor and ``generate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+from luq import tinyvlm  # noqa: E402
+from luq.errors import LuqError  # noqa: E402
+from luq.store import atomic_write, write_json  # noqa: E402
+
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "src" / "luq" / "data" / "tiny_vlm"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path = PACKAGE_DATA
+    seed: int = 0
+    train_per_kind: int = 800       # generated training images per scene kind (~1 epoch)
+    heldout_per_kind: int = 100     # held-out samples per kind (a different random stream)
+    steps: int = 400                # ~6 s a step at 1 thread: ~40 minutes
+    batch_size: int = 8
+    lr: float = 1.5e-3              # projector
+    lora_lr: float = 1e-3
+    warmup_steps: int = 30
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    eval_every: int = 100
+    eval_per_kind: int = 15         # held-out samples per kind in the evaluations while training
+    log_every: int = 10
+    threads: int = 1
+    device: str = "cpu"
+    lm_dtype: str = "float32"     # bfloat16 is ~20x slower on this CPU (no native bf16)
+    feature_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if min(self.train_per_kind, self.heldout_per_kind, self.steps, self.batch_size, self.lora_rank) < 1:
+            raise LuqError("sample counts, steps, batch size and LoRA rank must be >= 1")
+        if self.eval_per_kind > self.heldout_per_kind:
+            raise LuqError("eval_per_kind cannot exceed heldout_per_kind")
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear plus a trainable low-rank delta: y = base(x) + scale * x A^T B^T."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))  # the delta starts at zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = (x.float() @ self.lora_A.T) @ self.lora_B.T
+        return self.base(x) + (self.scale * delta).to(x.dtype)
+
+
+def add_lora(language_model: nn.Module, config: TrainConfig, generator: torch.Generator) -> dict[str, LoraLinear]:
+    """Wrap the target linears of every decoder layer; returns them by their weight's full name."""
+    wrapped = {}
+    for layer_index, layer in enumerate(language_model.layers):
+        for parent_name, parent in layer.named_modules():
+            for child_name, child in list(parent.named_children()):
+                if child_name in config.lora_targets and isinstance(child, nn.Linear):
+                    lora = LoraLinear(child, config.lora_rank, config.lora_alpha / config.lora_rank, generator)
+                    setattr(parent, child_name, lora)
+                    path = f"model.language_model.layers.{layer_index}.{parent_name}.{child_name}.weight"
+                    wrapped[path] = lora
+    return wrapped
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Answer:
+    """Where one answer sits in an encoded sequence: tokens [start, end) (the answer + end token)."""
+
+    start: int
+    end: int
+    kind: str
+
+
+@dataclass
+class Encoded:
+    """Generated scenes ready for training: image features and multi-turn token ids."""
+
+    features: torch.Tensor          # float16 [n, 64, 384]: what the projector reads
+    token_ids: list[list[int]]      # chat with the image token expanded: question, answer, question, ...
+    answers: list[list[Answer]]     # the supervised spans of each sequence
+    chats: list[list[tuple[str, str, str]]]  # (kind, question, answer) in the encoded order
+
+
+def image_features(model, processor, images, batch: int) -> torch.Tensor:
+    """The projector's inputs for each image, exactly as the LLaVA forward selects them."""
+    captured = []
+    hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            for first in range(0, len(images), batch):
+                pixels = processor.image_processor(images[first:first + batch], return_tensors="pt")["pixel_values"]
+                model.model.get_image_features(pixel_values=pixels.to(model.device, model.dtype),
+                                               vision_feature_layer=model.config.vision_feature_layer,
+                                               vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    finally:
+        hook.remove()
+    return torch.cat(captured).to(torch.float16)
+
+
+def encode(model, processor, scenes: list[tinyvlm.Scene], config: TrainConfig, cache_key: str) -> Encoded:
+    """Tokenize every scene as one chat (its questions in a seeded order, each answered) and
+    compute (or reload) the image features."""
+    from luq.assets import cache_root
+
+    path = cache_root() / f"tiny-vlm-features-{tinyvlm.VERSION}-{cache_key}.pt"
+    if path.is_file():
+        features = torch.load(path, weights_only=True)
+    else:
+        features = image_features(model, processor, [s.image for s in scenes], config.feature_batch)
+        atomic_write(path, lambda tmp: torch.save(features, tmp))
+    tokenizer = processor.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    expanded = tinyvlm.IMAGE_TOKEN * tinyvlm.num_image_tokens()
+    generator = torch.Generator().manual_seed(config.seed)
+    all_ids, all_answers, chats = [], [], []
+    for scene in scenes:
+        order = torch.randperm(len(scene.questions), generator=generator).tolist()
+        questions = [scene.questions[i] for i in order]
+        tokens = ids(tinyvlm.chat_prompt(processor, questions[0][1]).replace(tinyvlm.IMAGE_TOKEN, expanded))
+        spans = []
+        for turn, (kind, _, answer) in enumerate(questions):
+            answer_ids = ids(answer + tokenizer.eos_token)
+            spans.append(Answer(len(tokens), len(tokens) + len(answer_ids), kind))
+            tokens += answer_ids
+            if turn + 1 < len(questions):  # the chat template's next user turn
+                tokens += ids(f"\n<|im_start|>user\n{questions[turn + 1][1]}<|im_end|>\n<|im_start|>assistant\n")
+        all_ids.append(tokens)
+        all_answers.append(spans)
+        chats.append(questions)
+    return Encoded(features=features, token_ids=all_ids, answers=all_answers, chats=chats)
+
+
+def check_tokenization(processor, scene: tinyvlm.Scene, data: Encoded, index: int) -> None:
+    """The training chat must be what the processor makes of the same chat and image."""
+    chat = data.chats[index]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": chat[0][1]}]}]
+    for turn, (_, _, answer) in enumerate(chat):
+        if turn:
+            messages.append({"role": "user", "content": [{"type": "text", "text": chat[turn][1]}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    text = processor.apply_chat_template(messages)
+    reference = processor(text=text, images=scene.image, return_tensors="pt")["input_ids"][0].tolist()
+    if reference[:len(data.token_ids[index])] != data.token_ids[index]:
+        raise LuqError("training tokenization differs from the processor's; fix encode()")
+
+
+# --------------------------------------------------------------------------- the model pieces in training
+
+
+class Trainee:
+    """The frozen LM (in lm_dtype), the trainable projector and the LoRA factors."""
+
+    def __init__(self, model, config: TrainConfig, feature_mean: torch.Tensor, feature_std: torch.Tensor) -> None:
+        lm_dtype = getattr(torch, config.lm_dtype)
+        self.language_model = model.model.language_model.to(config.device, lm_dtype)
+        self.projector = model.model.multi_modal_projector.to(config.device, torch.float32)
+        self.output_weight = model.lm_head.weight.detach().to(config.device, torch.float32)
+        self.image_token_id = model.config.image_token_id
+        self.eos_id = model.generation_config.eos_token_id
+        self.pad_id = model.generation_config.pad_token_id
+        self.device = torch.device(config.device)
+        self.feature_mean = feature_mean.to(self.device)
+        self.feature_std = feature_std.to(self.device)
+        for p in self.language_model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(config.seed)
+        self.loras = add_lora(self.language_model, config, generator)
+        self.language_model.to(config.device)
+
+    def parameter_groups(self, config: TrainConfig) -> list[dict]:
+        lora_params = [p for lora in self.loras.values() for p in (lora.lora_A, lora.lora_B)]
+        return [{"params": list(self.projector.parameters()), "lr": config.lr},
+                {"params": lora_params, "lr": config.lora_lr}]
+
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the LM with the projected image features at the image tokens."""
+        embeds = self.language_model.embed_tokens(ids)
+        standardized = (features.float() - self.feature_mean) / self.feature_std
+        image_embeds = self.projector(standardized).to(embeds.dtype)
+        image_positions = ids == self.image_token_id
+        embeds = embeds.masked_scatter(image_positions[..., None], image_embeds.reshape(-1, embeds.shape[-1]))
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.float() @ self.output_weight.T  # fp32: in bf16 "yes"/"no" often tie
+
+    def loss(self, data: Encoded, indices: list[int]) -> torch.Tensor:
+        """Cross-entropy of every answer token (and its end token) given the chat before it."""
+        seqs = [data.token_ids[i] for i in indices]
+        ids, mask = self._right_padded(seqs)
+        targets = torch.full(ids.shape, -100, dtype=torch.long)
+        for row, i in enumerate(indices):
+            for span in data.answers[i]:
+                targets[row, span.start:span.end] = torch.tensor(seqs[row][span.start:span.end])
+        targets = targets.to(self.device)
+        hidden = self.hidden_states(ids, mask, data.features[indices].to(self.device))
+        predicting = targets[:, 1:] != -100  # hidden state t predicts token t + 1
+        logits = self.logits(hidden[:, :-1][predicting])
+        return nn.functional.cross_entropy(logits, targets[:, 1:][predicting])
+
+    @torch.no_grad()
+    def exact_match(self, data: Encoded, indices: list[int]) -> list[tuple[str, bool]]:
+        """(kind, hit) per answer: whether greedy decoding would give exactly the answer and its end token.
+
+        One teacher-forced forward: greedy decoding reproduces the reference tokens if and
+        only if each of them is the argmax given the ones before it.
+        """
+        seqs = [data.token_ids[i] for i in indices]
+        ids, mask = self._right_padded(seqs)
+        predicted = self.logits(self.hidden_states(ids, mask, data.features[indices].to(self.device))).argmax(-1)
+        hits = []
+        for row, i in enumerate(indices):
+            for span in data.answers[i]:
+                hit = predicted[row, span.start - 1:span.end - 1].tolist() == seqs[row][span.start:span.end]
+                hits.append((span.kind, hit))
+        return hits
+
+    def _right_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The shipped tensors: the projector with the standardisation folded in, the LoRA factors."""
+        weight_1 = self.projector.linear_1.weight.detach().float() / self.feature_std[None, :]
+        bias_1 = self.projector.linear_1.bias.detach().float() - weight_1 @ self.feature_mean
+        tensors = {
+            "model.multi_modal_projector.linear_1.weight": weight_1,
+            "model.multi_modal_projector.linear_1.bias": bias_1,
+            "model.multi_modal_projector.linear_2.weight": self.projector.linear_2.weight.detach().float(),
+            "model.multi_modal_projector.linear_2.bias": self.projector.linear_2.bias.detach().float(),
+        }
+        for name, lora in self.loras.items():
+            tensors[tinyvlm.lora_key(name, "A")] = lora.lora_A.detach().float()
+            tensors[tinyvlm.lora_key(name, "B")] = lora.lora_B.detach().float()
+        return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
+def accuracy_by_kind(kinds: list[str], predictions: list[str], answers: list[str]) -> dict[str, float]:
+    by_kind: dict[str, list[bool]] = {}
+    for kind, pred, ans in zip(kinds, predictions, answers):
+        by_kind.setdefault(kind, []).append(tinyvlm.is_correct(pred, ans))
+    return {kind: round(sum(hits) / len(hits), 4) for kind, hits in by_kind.items()}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def same_length_batches(data: Encoded, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch of batches in a random order, each of sequences with the same number of
+    answers (so of about the same length: little padding)."""
+    by_answers: dict[int, list[int]] = {}
+    for i, answers in enumerate(data.answers):
+        by_answers.setdefault(len(answers), []).append(i)
+    batches = []
+    for indices in by_answers.values():
+        shuffled = [indices[j] for j in torch.randperm(len(indices), generator=generator).tolist()]
+        batches += [shuffled[k:k + batch_size] for k in range(0, len(shuffled), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def learning_rate_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_weights(trainee: Trainee, config: TrainConfig, step: int) -> Path:
+    path = config.out / tinyvlm.WEIGHTS_FILE
+    metadata = {"version": tinyvlm.VERSION, "lora_scale": str(config.lora_alpha / config.lora_rank),
+                "step": str(step), "train_config": json.dumps(asdict(config), default=str)}
+    atomic_write(path, lambda tmp: save_file(trainee.export(), str(tmp), metadata=metadata))
+    return path
+
+
+def train(config: TrainConfig) -> dict:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    config.out.mkdir(parents=True, exist_ok=True)
+    log_path = config.out / "train_log.jsonl"
+    log_path.write_text("")
+    started = time.time()
+
+    def log(record: dict) -> None:
+        record = {"elapsed_s": round(time.time() - started, 1), **record}
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    base = tinyvlm.base_dir()
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(base)
+
+    # training: scenes asked all their questions in one chat; held out: one question per image,
+    # as at inference, from a different random stream
+    train_scenes = tinyvlm.make_scenes(config.train_per_kind, seed=config.seed)
+    heldout_samples = tinyvlm.make_samples(config.heldout_per_kind, seed=config.seed + 1_000_003)
+    heldout_scenes = [tinyvlm.Scene(s.image, [(s.kind, s.question, s.answer)]) for s in heldout_samples]
+    log({"event": "generated", "train_images": len(train_scenes),
+         "train_questions": sum(len(s.questions) for s in train_scenes), "heldout": len(heldout_samples)})
+    key = hashlib.sha256(json.dumps([tinyvlm.VERSION, config.seed, config.train_per_kind, config.heldout_per_kind])
+                         .encode()).hexdigest()[:10]
+    train_data = encode(model, processor, train_scenes, config, f"train-{key}")
+    heldout_data = encode(model, processor, heldout_scenes, config, f"heldout-{key}")
+    check_tokenization(processor, train_scenes[0], train_data, 0)
+    log({"event": "features", "shape": list(train_data.features.shape)})
+
+    flat = train_data.features.float().reshape(-1, train_data.features.shape[-1])
+    trainee = Trainee(model, config, flat.mean(0), flat.std(0).clamp_min(1e-3))
+    del flat
+    optimizer = torch.optim.AdamW(trainee.parameter_groups(config), weight_decay=0.0)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    generator = torch.Generator().manual_seed(config.seed)
+    batches: list[list[int]] = []
+    heldout_kinds = [s.kind for s in heldout_samples]
+    eval_indices = [i for kind in tinyvlm.QUESTION_KINDS
+                    for i in [j for j, k in enumerate(heldout_kinds) if k == kind][:config.eval_per_kind]]
+
+    def evaluate(step: int) -> None:
+        hits: dict[str, list[bool]] = {}
+        for first in range(0, len(eval_indices), config.batch_size):
+            for kind, hit in trainee.exact_match(heldout_data, eval_indices[first:first + config.batch_size]):
+                hits.setdefault(kind, []).append(hit)
+        accuracy = {kind: round(sum(h) / len(h), 4) for kind, h in hits.items()}
+        log({"event": "eval", "step": step, "heldout_accuracy": accuracy})
+        save_weights(trainee, config, step)
+
+    running = 0.0
+    for step in range(config.steps):
+        if not batches:
+            batches = same_length_batches(train_data, config.batch_size, generator)
+        batch = batches.pop()
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * learning_rate_factor(step, config)
+        loss = trainee.loss(train_data, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+        if (step + 1) % config.log_every == 0:
+            log({"event": "train", "step": step + 1, "loss": round(running / config.log_every, 4),
+                 "lr": round(optimizer.param_groups[0]["lr"], 6)})
+            running = 0.0
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            evaluate(step + 1)
+    train_seconds = time.time() - started
+
+    # the final word: the assembled transformers model, through its processor and generate()
+    final, final_processor = tinyvlm.load_tiny_vlm(device=config.device, weights=config.out / tinyvlm.WEIGHTS_FILE)
+    predictions = tinyvlm.answer_questions(final, final_processor, [s.image for s in heldout_samples],
+                                           [s.question for s in heldout_samples])
+    references = [s.answer for s in heldout_samples]
+    accuracy = accuracy_by_kind(heldout_kinds, predictions, references)
+    result = {
+        "heldout_per_kind": config.heldout_per_kind,
+        "accuracy": accuracy,
+        "chance": {kind: round(tinyvlm.chance_level(kind), 4) for kind in accuracy},
+        "overall": round(sum(tinyvlm.is_correct(p, a) for p, a in zip(predictions, references))
+                         / len(predictions), 4),
+        "train_seconds": round(train_seconds, 1),  # data, features and training, before this evaluation
+        "eval_seconds": round(time.time() - started - train_seconds, 1),
+        "threads": config.threads,
+        "examples": [{"kind": s.kind, "question": s.question, "answer": s.answer, "prediction": p}
+                     for s, p in list(zip(heldout_samples, predictions))[:14]],
+        "config": json.loads(json.dumps(asdict(config), default=str)),
+    }
+    write_json(config.out / "accuracy.json", result)
+    log({"event": "final", "heldout_accuracy": accuracy, "train_seconds": round(train_seconds, 1)})
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = TrainConfig()
+    parser.add_argument("--out", type=Path, default=defaults.out)
+    for name in ("seed", "train_per_kind", "heldout_per_kind", "steps", "batch_size", "eval_every",
+                 "eval_per_kind", "log_every", "threads", "lora_rank"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "lora_lr"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--lm-dtype", default=defaults.lm_dtype, choices=("float32", "bfloat16"))
+    args = parser.parse_args(argv)
+    try:
+        train(TrainConfig(**vars(args)))
+    except LuqError as e:
+        raise SystemExit(f"train_projector: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
