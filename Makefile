@@ -39,7 +39,8 @@ bench: $(BSTAMP)
 # The whole pipeline on the real SmolLM2-135M: entropy + both quantized variants of each
 # of its 30 layers (cached in ~/.cache/luq, so a rerun resumes), the smallest number of
 # BiLLM layers that fits 0.112 GB, the artifact in out/demo, then load it, generate and
-# print the table. About 10 minutes on 2 free cores the first time, 1 minute after.
+# print the table. 13.7 minutes measured cold on this 2-core machine (another job running),
+# about 3 minutes with the cache warm.
 DEMO_MODEL  ?= smollm2
 DEMO_BUDGET ?= 0.112
 demo: $(STAMP)

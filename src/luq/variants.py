@@ -45,7 +45,9 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def model_fingerprint(model: nn.Module) -> str:
     """Identifies a model's weights cheaply: its config, every parameter's name/shape/dtype,
     and the bytes of its input embedding (each layer file checks its own layer's bytes)."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)  # where the model was loaded from does not change its weights
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
     h.update(tensor_digest({"embed": model.get_input_embeddings().weight}).encode())
