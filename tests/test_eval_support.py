@@ -8,9 +8,6 @@ template, image tokens, left padding, batched greedy generation) is the real one
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -67,16 +64,8 @@ def tiny_llava_dir() -> Path:
     """The tiny LLaVA directory, built once into luq's cache (deterministic: seed 0)."""
     from luq.assets import cache_root
 
+    from luq.store import build_dir_once
+
     target = cache_root() / CACHE_NAME
-    if not (target / "config.json").is_file():
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-        try:
-            build_tiny_llava_dir(tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not (target / "config.json").is_file():  # a concurrent run may have won the race
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_dir_once(target, build_tiny_llava_dir)
     return target

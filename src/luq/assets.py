@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from luq.errors import LuqError
-from luq.store import atomic_write
+from luq.store import atomic_write, build_dir_once
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
@@ -89,18 +88,8 @@ def smollm2_dir() -> Path:
         return target
     gguf = smollm2_gguf_path()
     _remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        log.info("converting %s to %s (once, ~30 s)", gguf.name, target)
-        _convert_gguf(gguf, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # a concurrent run may have won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    log.info("converting %s to %s (once, ~30 s)", gguf.name, target)
+    return build_dir_once(target, lambda tmp: _convert_gguf(gguf, tmp))
 
 
 def _remove_stale_temps(target: Path, max_age_s: float = 3600) -> None:

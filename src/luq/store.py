@@ -40,6 +40,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def build_dir_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target` if it exists, else `build(tmp)` into a temporary sibling directory that is
+    then renamed into place (a concurrent builder that wins the race is fine)."""
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def write_json(path: Path, data: dict) -> None:
     """`data` as indented JSON at `path`, atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))

@@ -33,9 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -358,21 +355,12 @@ def _save_assembled(out: Path) -> None:
 
 
 def _cached_dir(target: Path, build) -> Path:
-    """``target`` if it exists, else ``build(tmp)`` into a temporary dir renamed into place."""
-    if target.is_dir():
-        return target
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    """``target`` if it exists, else built once (``luq.store.build_dir_once``)."""
+    from luq.store import build_dir_once
+
+    if not target.is_dir():
         log.info("building %s (once)", target)
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # a concurrent run may have won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_dir_once(target, build)
 
 
 # --------------------------------------------------------------------------- trained weights
