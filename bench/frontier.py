@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from luq.api import Assembly, size_model, variant_cache, window_perplexity
+from luq.api import Assembly, size_model, variant_cache
+from luq.eval.perplexity import token_window_perplexity
 from luq.calibration import CalibrationConfig, calibration_batches, text_token_ids, validation_windows
 from luq.config import LUQConfig
 from luq.models.loading import load_model, parse_dtype
@@ -67,12 +67,12 @@ def main(argv=None) -> None:
     sizes = size_model(net, adapter, layers, parse_dtype(config.storage_dtype))
     n = sizes.n_layers
     windows = validation_windows(text_token_ids(tokenizer, None), args.eval_samples, args.seq_len, 0, args.samples)
-    fp_ppl = window_perplexity(net, windows, args.device)
+    fp_ppl = token_window_perplexity(net, windows)
     assembly = Assembly(net, adapter, [main_cache, extra_cache], args.device, dense=True)
 
     def evaluate(variants: list[str]) -> dict:
         assembly.apply(variants)
-        ppl = window_perplexity(net, windows, args.device)
+        ppl = token_window_perplexity(net, windows)
         assembly.undo()
         return {"ppl": ppl, "avg_bits": sizes.avg_bits(variants), "nominal_avg_bits": sizes.nominal_avg_bits(variants),
                 "total_bytes": sizes.total_bytes(variants)}

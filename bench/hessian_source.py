@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import luq
-from luq.api import window_perplexity
+from luq.eval.perplexity import token_window_perplexity
 from luq.calibration import CalibrationConfig, text_token_ids, validation_windows
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
                 model, tokenizer, _ = luq.load(out)
                 windows = validation_windows(text_token_ids(tokenizer, None), args.eval_samples, args.seq_len, 0,
                                              args.samples)
-                ppl = window_perplexity(model, windows, "cpu")
+                ppl = token_window_perplexity(model, windows)
                 rows.append({"k": k, "final_pass": final_pass, "ppl": ppl, "avg_bits": report["avg_bits"],
                              "seconds": round(time.perf_counter() - t0, 1)})
                 print(f"k={k} final_pass={final_pass}: ppl {ppl:.2f} ({rows[-1]['seconds']} s)", flush=True)

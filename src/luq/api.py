@@ -7,7 +7,6 @@ cache (or re-quantize the chosen configuration sequentially) -> artifact + repor
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -83,19 +82,6 @@ class Assembly:
         self._replaced = {}
 
 
-@torch.no_grad()
-def window_perplexity(model: nn.Module, windows: torch.Tensor, device, batch_size: int = 4) -> float:
-    """exp(mean next-token negative log-likelihood) over token windows [n, L]."""
-    nll, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(nll / count)
-
-
 def higher_is_better(metric: str) -> bool:
     """Perplexity goes down as a model gets better; every VQA task's score goes up."""
     from luq.eval.datasets import known_tasks
@@ -116,12 +102,14 @@ def _evaluator(metric: str, model, processor, config: LUQConfig, assembly: Assem
     """
     higher_is_better(metric)
     if metric == "perplexity":
+        from luq.eval.perplexity import token_window_perplexity
+
         cal = config.calibration
         windows = validation_windows(text_token_ids(processor, cal.text), config.validation_samples, cal.seq_len,
                                      cal.seed, cal.n_text)
 
         def score() -> float:
-            return window_perplexity(model, windows, device)
+            return token_window_perplexity(model, windows)
     else:
         from luq.eval.datasets import load_samples
         from luq.eval.runner import EvalConfig, evaluate
@@ -179,7 +167,6 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     n = len(passed["layers"])
     sizes = size_model(net, adapter, passed["layers"], storage_dtype)
     order = layer_order(config.order, passed["entropy"], seed=config.calibration.seed)
-    assembly = Assembly(net, adapter, cache, device)
     steps = []
     if config.budget_gb is not None:
         k = smallest_fitting_k(sizes, order, int(config.budget_gb * 1e9))
@@ -197,8 +184,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
                               f"{'ok' if s.ok else 'too far'}"))
         steps = [asdict(s) for s in search]
     chosen = assignment(order, k, n)
-    assembly.undo()
-    final_pass_used = False
+    source, final_pass_used = cache, False
     if config.final_pass:
         log(f"final pass: re-quantizing the chosen configuration (k = {k}) sequentially")
         final_cache = VariantCache(cache.dir.parent, dict(cache.key, final=chosen))
@@ -212,9 +198,8 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
             log(f"the final pass would make the model {final_sizes.total_bytes(chosen):,} bytes, over the budget; "
                 "keeping the cached configuration, which fits")
         else:
-            passed, sizes, final_pass_used = dict(passed, layers=final_layers), final_sizes, True
-            assembly = Assembly(net, adapter, final_cache, device)
-    assembly.apply(chosen)
+            passed, sizes, source, final_pass_used = dict(passed, layers=final_layers), final_sizes, final_cache, True
+    Assembly(net, adapter, source, device).apply(chosen)
     report = build_report(model, net, adapter, config, passed, sizes, order, k, chosen, steps)
     report["final_pass"] = final_pass_used
     report["seconds"] = {"layer_pass": round(t_pass - t_start, 1)}

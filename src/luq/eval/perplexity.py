@@ -112,6 +112,16 @@ def _window_nlls(model: torch.nn.Module, token_ids: torch.Tensor, batch: Sequenc
     return out
 
 
+def token_window_perplexity(model: torch.nn.Module, token_windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity over ready-made windows of token ids [n, L], each window's first token
+    context only (the same scoring as disjoint corpus windows)."""
+    n, seq_len = token_windows.shape
+    flat = token_windows.reshape(-1)
+    spans = [Window(i * seq_len, (i + 1) * seq_len, i * seq_len + 1) for i in range(n)]
+    nlls = [r for i in range(0, n, batch_size) for r in _window_nlls(model, flat, spans[i:i + batch_size])]
+    return perplexity(math.fsum(nll for nll, _ in nlls), sum(count for _, count in nlls))
+
+
 def evaluate_perplexity(model: torch.nn.Module, tokenizer, config: PerplexityConfig, text: str | None = None,
                         parallel: DataParallel | None = None,
                         progress: Callable[[int, int], None] | None = None) -> dict:
