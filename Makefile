@@ -7,7 +7,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.luq-installed
 BSTAMP  := $(VENV)/.luq-bench-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench results venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,8 @@ $(BSTAMP): $(STAMP)
 	$(VPY) -m pip install -e ".[dev,bench]"
 	# the peer GPTQ; --no-deps keeps our transformers (see pyproject)
 	$(VPY) -m pip install --no-deps "llmcompressor==0.14.0.1" "compressed-tensors==0.19.0"
+	# HQQ, the data-free peer of bench.frontier (--no-deps: it would pull another torch)
+	$(VPY) -m pip install --no-deps "hqq==0.2.8.post1"
 	touch $(BSTAMP)
 
 venv: $(STAMP)
@@ -35,6 +37,16 @@ test: $(STAMP)
 # the README's solver table (with the llmcompressor peer); ~8 minutes on 2 cores
 bench: $(BSTAMP)
 	$(VPY) -m bench.solvers
+
+# docs/results.md: the paper's findings on the real models that run here, and luq against
+# its peers (entropy, layer orders, frontier, calibration mix, cost); see docs/results.md
+# for the time of each (about 80 minutes in all on 2 cores, caches cold)
+results: $(BSTAMP)
+	$(VPY) -m bench.entropy
+	$(VPY) -m bench.frontier --model smollm2
+	$(VPY) -m bench.frontier --model tiny-vlm
+	$(VPY) -m bench.calibration_mix
+	$(VPY) -m bench.cost
 
 # The whole pipeline on the real SmolLM2-135M: entropy + both quantized variants of each
 # of its 30 layers (cached in ~/.cache/luq, so a rerun resumes), the smallest number of

@@ -1,17 +1,25 @@
-"""Perplexity vs TRUE bits on real SmolLM2-135M: LUQ at every k, beside uniform baselines.
+"""Quality vs TRUE bits, and the layer-order comparison, on a real model (paper Figs. 1, 4-6a, Table 2).
 
-For k = 0..30 layers at BiLLM in the chosen order(s) (the rest GPTQ-4 g128), and for
-uniform GPTQ-4, GPTQ-3, GPTQ-2 (g128) and BiLLM on every layer, the perplexity on
-held-out Wikipedia windows (disjoint from the calibration windows) against the average
-bits per decoder weight counted from stored bytes, with the paper's nominal bits beside.
-Every configuration is assembled from the variant cache (the same one `luq quantize`
-fills with the same calibration), so nothing is quantized twice. Also checks that the
-binary search of `--max-drop` lands where an exhaustive scan of the curve does.
+For each order (entropy, reverse-entropy, depth, three seeded random orders) and each k,
+the first k layers of the order at BiLLM and the rest at GPTQ-4 g128; beside them uniform
+configurations: GPTQ 4/3/2 (luq's, and llmcompressor's as the peer), round-to-nearest
+4/3/2, BiLLM on every layer and HQQ at 2 and 1 bit (group 64) as data-free peers. Each
+point is scored on held-out data and placed at the average bits per decoder weight
+counted from stored bytes, with the paper's nominal bits beside.
 
-    python -m bench.frontier                 # entropy order (about 20 min on 2 CPU cores, cold cache)
-    python -m bench.frontier --orders entropy,reverse-entropy,depth,random
+- `--model smollm2`: perplexity on held-out Wikipedia windows (disjoint from calibration).
+- `--model tiny-vlm`: exact-match accuracy on held-out generated VQA (luq.tinyvlm), per
+  question kind and overall; calibration is image+text (`--alpha`, default 0.5).
 
-Writes bench/results/frontier.json and frontier.png, and prints a table.
+Every configuration is assembled from the per-layer variant caches (the same ones
+`luq quantize` fills for the same calibration), so nothing is quantized twice; peers
+whose package is missing (llmcompressor: `make bench`; hqq) are left out and said so.
+
+    python -m bench.frontier                        # SmolLM2, ~25 min on 2 cores (cold cache)
+    python -m bench.frontier --model tiny-vlm       # ~30 min on 2 cores (cold cache)
+
+Writes bench/results/frontier-<model>.json, frontier-<model>.png (metric vs true and
+nominal bits) and orders-<model>.png (metric vs k per order), and prints the tables.
 """
 
 from __future__ import annotations
@@ -24,133 +32,277 @@ from pathlib import Path
 import torch
 
 from luq.api import Assembly, size_model, variant_cache
-from luq.eval.perplexity import token_window_perplexity
 from luq.calibration import CalibrationConfig, calibration_batches, text_token_ids, validation_windows
 from luq.config import LUQConfig
+from luq.eval.perplexity import token_window_perplexity
 from luq.models.loading import load_model, parse_dtype
 from luq.pipeline import layer_pass
 from luq.plan import HIGH, LOW, assignment, layer_order, threshold_search
-from luq.quant import GPTQ
+from luq.quant import GPTQ, RTN
 
 RESULTS = Path(__file__).parent / "results"
-UNIFORM = {"gptq3": GPTQ(bits=3), "gptq2": GPTQ(bits=2)}
+ORDERS = "entropy,reverse-entropy,depth,random0,random1,random2"
+VQA_SEED = 2_000_029  # held-out generated questions: a stream neither training nor its monitoring used
+
+
+def baselines(peers: bool) -> tuple[dict, dict, list[str]]:
+    """(variant name -> solver, label -> variant name, notes about peers left out)."""
+    from bench.peer import peer_available
+    from bench.peers import HQQ, PeerGPTQ, hqq_available
+
+    solvers = {"gptq3": GPTQ(bits=3), "gptq2": GPTQ(bits=2), "rtn4": RTN(bits=4), "rtn3": RTN(bits=3),
+               "rtn2": RTN(bits=2)}
+    labels = {"GPTQ-4 g128 (luq)": HIGH, "GPTQ-3 g128 (luq)": "gptq3", "GPTQ-2 g128 (luq)": "gptq2",
+              "RTN-4 g128": "rtn4", "RTN-3 g128": "rtn3", "RTN-2 g128": "rtn2", "BiLLM (every layer)": LOW}
+    notes = []
+    if peers and peer_available():
+        for bits in (4, 3, 2):
+            solvers[f"peer{bits}"] = PeerGPTQ(bits=bits)
+            labels[f"GPTQ-{bits} g128 (llmcompressor)"] = f"peer{bits}"
+    elif peers:
+        notes.append("llmcompressor not installed (`make bench` installs it): its GPTQ is left out")
+    if peers and hqq_available():
+        for bits in (2, 1):
+            solvers[f"hqq{bits}"] = HQQ(bits=bits, group_size=64)
+            labels[f"HQQ-{bits} g64"] = f"hqq{bits}"
+    elif peers:
+        notes.append("hqq not installed (`pip install hqq termcolor`): HQQ is left out")
+    return solvers, labels, notes
+
+
+def order_of(name: str, entropy: list[float]) -> list[int]:
+    """An order by name; `randomN` is the random order of seed N."""
+    if name.startswith("random") and name[6:].isdigit():
+        return layer_order("random", entropy, seed=int(name[6:]))
+    return layer_order(name, entropy)
+
+
+class Metric:
+    """The score of the model as it stands: held-out perplexity (text) or VQA accuracy (VLM)."""
+
+    def __init__(self, model_name: str, net, processor, args, calibration: CalibrationConfig) -> None:
+        self.net, self.processor = net, processor
+        self.vqa = model_name == "tiny-vlm"
+        if self.vqa:
+            from luq import tinyvlm
+
+            self.name, self.higher_is_better = "VQA accuracy", True
+            self.samples = tinyvlm.make_samples(args.vqa_per_kind, seed=VQA_SEED)
+            self.n = len(self.samples)
+        else:
+            self.name, self.higher_is_better = "perplexity", False
+            self.windows = validation_windows(text_token_ids(processor, None), args.eval_samples, calibration.seq_len,
+                                              0, calibration.samples)
+            self.n = int(self.windows.numel())
+
+    def __call__(self) -> dict:
+        if not self.vqa:
+            return {"value": token_window_perplexity(self.net, self.windows)}
+        from luq import tinyvlm
+
+        predictions = tinyvlm.answer_questions(self.net, self.processor, [s.image for s in self.samples],
+                                               [s.question for s in self.samples])
+        hits: dict[str, list[bool]] = {}
+        for s, p in zip(self.samples, predictions):
+            hits.setdefault(s.kind, []).append(tinyvlm.is_correct(p, s.answer))
+        every = [h for kind in hits.values() for h in kind]
+        return {"value": sum(every) / len(every), "by_kind": {k: sum(v) / len(v) for k, v in hits.items()}}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-vlm"))
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-samples", type=int, default=16, help="held-out windows of --seq-len tokens")
+    p.add_argument("--alpha", type=float, default=None, help="multimodal fraction (default 0 text, 0.5 tiny-vlm)")
+    p.add_argument("--eval-samples", type=int, default=16, help="held-out windows of --seq-len tokens (text)")
+    p.add_argument("--vqa-per-kind", type=int, default=15, help="held-out generated questions per kind (tiny-vlm)")
     p.add_argument("--k", type=int, default=100, help="K-means clusters of the entropy ranking")
-    p.add_argument("--orders", default="entropy")
-    p.add_argument("--ks", default=None, help="comma-separated k to evaluate (default: every k)")
+    p.add_argument("--orders", default=ORDERS)
+    p.add_argument("--ks", default=None,
+                   help="comma-separated k of the entropy order (default: every k for smollm2; 0,3,6,10,15,30 "
+                        "for tiny-vlm)")
+    p.add_argument("--order-ks", default=None,
+                   help="comma-separated k of the other orders (default: 0,1,2,3,5,8,10,15,20,25,30 for smollm2; "
+                        "as --ks for tiny-vlm)")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="leave out llmcompressor and HQQ")
     p.add_argument("--hessians", default="fp", choices=("fp", "sequential"))
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=RESULTS / "frontier.json")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or RESULTS / f"frontier-{args.model}.json"
+    alpha = args.alpha if args.alpha is not None else (0.5 if args.model == "tiny-vlm" else 0.0)
 
     t0 = time.perf_counter()
-    calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, seed=0)
+    calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, alpha=alpha, seed=0)
     config = LUQConfig(calibration=calibration, layers=0, k_means=args.k, hessians=args.hessians)
-    net, tokenizer, adapter = load_model(args.model, args.device, torch.float32)
-    batches = calibration_batches(tokenizer, adapter, calibration)
+    net, processor, adapter = load_model(args.model, args.device, torch.float32)
+    batches = calibration_batches(processor, adapter, calibration)
     main_cache = variant_cache(net, config, config.variants())
-    extra_cache = variant_cache(net, config, UNIFORM)
+    solvers, labels, notes = baselines(args.peers)
+    extra_cache = variant_cache(net, config, solvers)
     passed = layer_pass(net, adapter, batches, variants=config.variants(), cache=main_cache, hessians=args.hessians,
                         k=args.k, device=args.device, seed=0, desc="LUQ variants")
-    extra = layer_pass(net, adapter, batches, variants=UNIFORM, cache=extra_cache, hessians=args.hessians, k=args.k,
-                       device=args.device, seed=0, desc="GPTQ-3/2", entropy=False)
+    extra = layer_pass(net, adapter, batches, variants=solvers, cache=extra_cache, hessians=args.hessians, k=args.k,
+                       device=args.device, seed=0, desc="baselines", entropy=False)
     t_quant = time.perf_counter() - t0
     layers = [dict(a, bytes={**a["bytes"], **b["bytes"]}, nominal_bits={**a["nominal_bits"], **b["nominal_bits"]})
               for a, b in zip(passed["layers"], extra["layers"])]
     sizes = size_model(net, adapter, layers, parse_dtype(config.storage_dtype))
     n = sizes.n_layers
-    windows = validation_windows(text_token_ids(tokenizer, None), args.eval_samples, args.seq_len, 0, args.samples)
-    fp_ppl = token_window_perplexity(net, windows)
+    metric = Metric(args.model, net, processor, args, calibration)
+    full_precision = metric()
     assembly = Assembly(net, adapter, [main_cache, extra_cache], args.device, dense=True)
 
     def evaluate(variants: list[str]) -> dict:
         assembly.apply(variants)
-        ppl = token_window_perplexity(net, windows)
+        score = metric()
         assembly.undo()
-        return {"ppl": ppl, "avg_bits": sizes.avg_bits(variants), "nominal_avg_bits": sizes.nominal_avg_bits(variants),
+        return {**score, "avg_bits": sizes.avg_bits(variants), "nominal_avg_bits": sizes.nominal_avg_bits(variants),
                 "total_bytes": sizes.total_bytes(variants)}
 
-    uniform = {"GPTQ-4 g128": evaluate([HIGH] * n), "GPTQ-3 g128": evaluate(["gptq3"] * n),
-               "GPTQ-2 g128": evaluate(["gptq2"] * n), "BiLLM (all layers)": evaluate([LOW] * n)}
+    uniform = {}
+    for label, variant in labels.items():
+        uniform[label] = evaluate([variant] * n)
+        print(f"{label:>30}  bits {uniform[label]['avg_bits']:.3f}  {metric.name} {uniform[label]['value']:.4g}",
+              flush=True)
+    vqa_ks = "0,3,6,10,15,30"
+    entropy_ks = list(range(n + 1)) if args.ks is None and not metric.vqa else \
+        [int(x) for x in (args.ks or vqa_ks).split(",")]
+    other_ks = [int(x) for x in (args.order_ks or args.ks or (vqa_ks if metric.vqa else "0,1,2,3,5,8,10,15,20,25,30"))
+                .split(",")]
+    seen: dict[tuple[str, ...], dict] = {}  # k = 0 and k = n are the same model in every order
     curves = {}
     for order_name in args.orders.split(","):
-        order = layer_order(order_name, passed["entropy"], seed=0)
+        order = order_of(order_name, passed["entropy"])
         curves[order_name] = {"order": order, "points": []}
-        for k in (range(n + 1) if args.ks is None else [int(x) for x in args.ks.split(",")]):
-            point = evaluate(assignment(order, k, n))
-            curves[order_name]["points"].append(dict(point, k=k))
-            print(f"{order_name:>16} k={k:2d}  bits {point['avg_bits']:.3f}  ppl {point['ppl']:.2f}", flush=True)
+        for k in (entropy_ks if order_name == "entropy" else other_ks):
+            variants = assignment(order, k, n)
+            if tuple(variants) not in seen:
+                seen[tuple(variants)] = evaluate(variants)
+            point = dict(seen[tuple(variants)], k=k)
+            curves[order_name]["points"].append(point)
+            print(f"{order_name:>16} k={k:2d}  bits {point['avg_bits']:.3f}  {metric.name} {point['value']:.4g}",
+                  flush=True)
 
-    checks = search_checks(curves["entropy"]["points"]) if "entropy" in curves and args.ks is None else []
-    result = {"model": args.model, "calibration": vars(calibration) if hasattr(calibration, "__dict__") else None,
-              "eval_tokens": int(windows.numel()), "fp32_ppl": fp_ppl, "uniform": uniform, "curves": curves,
+    checks = search_checks(curves["entropy"]["points"], metric.higher_is_better) \
+        if "entropy" in curves and entropy_ks == list(range(n + 1)) else []
+    result = {"model": args.model, "metric": metric.name, "higher_is_better": metric.higher_is_better,
+              "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": alpha, "seed": 0},
+              "eval_size": metric.n, "eval_unit": "questions" if metric.vqa else "tokens",
+              "full_precision": full_precision, "uniform": uniform, "curves": curves, "notes": notes,
               "binary_vs_exhaustive": checks, "entropy": passed["entropy"], "entropy_k": passed["k"],
-              "hessians": args.hessians, "seconds": {"quantize": round(t_quant, 1),
-                                                     "total": round(time.perf_counter() - t0, 1)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+              "hessians": args.hessians, "threads": torch.get_num_threads(),
+              "seconds": {"quantize": round(t_quant, 1), "total": round(time.perf_counter() - t0, 1)}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot_frontier(result, out.with_suffix(".png"))
+    plot_orders(result, out.with_name(out.name.replace("frontier", "orders")).with_suffix(".png"))
     print(table(result))
 
 
-def search_checks(points: list[dict]) -> list[dict]:
+def search_checks(points: list[dict], higher_is_better: bool) -> list[dict]:
     """For several thresholds, the k of the binary search (paper) and of an exhaustive scan
     (the largest k whose every smaller k also passes) on the measured curve."""
-    ppl = [p["ppl"] for p in points]
-    n = len(ppl) - 1
+    values = [p["value"] for p in points]
+    n = len(values) - 1
+    drops = (0.01, 0.02, 0.05, 0.1, 0.2) if higher_is_better else (0.5, 1, 2, 5, 10, 20, 50)
+
+    def drop(k: int) -> float:
+        return values[0] - values[k] if higher_is_better else values[k] - values[0]
+
     out = []
-    for max_drop in (0.5, 1, 2, 5, 10, 20, 50):
+    for max_drop in drops:
         exhaustive = 0
-        while exhaustive < n and ppl[exhaustive + 1] - ppl[0] <= max_drop:
+        while exhaustive < n and drop(exhaustive + 1) <= max_drop:
             exhaustive += 1
-        binary, steps = threshold_search(lambda k: ppl[k], n, max_drop, higher_is_better=False)
+        binary, steps = threshold_search(lambda k: values[k], n, max_drop, higher_is_better=higher_is_better)
         out.append({"max_drop": max_drop, "binary": binary, "exhaustive": exhaustive, "evaluations": len(steps)})
     return out
 
 
+def _fmt(result: dict, value: float) -> str:
+    return f"{value:.3f}" if result["higher_is_better"] else f"{value:.2f}"
+
+
 def table(result: dict) -> str:
-    lines = [f"FP32 perplexity {result['fp32_ppl']:.2f} on {result['eval_tokens']} held-out tokens", "",
-             "| configuration | true avg bits | nominal bits | total MB | perplexity |", "|---|---|---|---|---|"]
-    for name, r in result["uniform"].items():
+    fp = result["full_precision"]["value"]
+    lines = [f"{result['model']}: full precision {result['metric']} {_fmt(result, fp)} on {result['eval_size']} "
+             f"held-out {result['eval_unit']}", *[f"note: {n}" for n in result["notes"]], "",
+             f"| configuration | true avg bits | nominal bits | total MB | {result['metric']} |", "|---|---|---|---|---|"]
+    rows = list(result["uniform"].items())
+    entropy = result["curves"].get("entropy")
+    if entropy:
+        rows += [(f"LUQ entropy order, k={p['k']}", p) for p in entropy["points"]
+                 if p["k"] % 5 == 0 or p["k"] in (1, 2, 3) or len(entropy["points"]) < 12]
+    for name, r in sorted(rows, key=lambda item: -item[1]["avg_bits"]):
         lines.append(f"| {name} | {r['avg_bits']:.3f} | {r['nominal_avg_bits']:.3f} | {r['total_bytes'] / 1e6:.1f} | "
-                     f"{r['ppl']:.2f} |")
-    for order, curve in result["curves"].items():
-        for p in curve["points"]:
-            if p["k"] % 5 == 0 or p["k"] in (1, 2, 3):
-                lines.append(f"| LUQ {order}, k={p['k']} | {p['avg_bits']:.3f} | {p['nominal_avg_bits']:.3f} | "
-                             f"{p['total_bytes'] / 1e6:.1f} | {p['ppl']:.2f} |")
+                     f"{_fmt(result, r['value'])} |")
+    orders = list(result["curves"])
+    lines += ["", f"{result['metric']} by number of BiLLM layers k, per order", "",
+              "| k | " + " | ".join(orders) + " |", "|---" * (len(orders) + 1) + "|"]
+    by_k = {o: {p["k"]: p["value"] for p in result["curves"][o]["points"]} for o in orders}
+    for k in sorted(set().union(*[set(v) for v in by_k.values()])):
+        if all(k in by_k[o] for o in orders) or len(orders) == 1:
+            lines.append(f"| {k} | " + " | ".join(_fmt(result, by_k[o][k]) for o in orders) + " |")
     if result["binary_vs_exhaustive"]:
-        lines += ["", "| max ppl increase | binary search k | exhaustive k | evaluations |", "|---|---|---|---|"]
+        lines += ["", f"| max {result['metric']} drop | binary search k | exhaustive k | evaluations |",
+                  "|---|---|---|---|"]
         lines += [f"| {c['max_drop']} | {c['binary']} | {c['exhaustive']} | {c['evaluations']} |"
                   for c in result["binary_vs_exhaustive"]]
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_frontier(result: dict, path: Path) -> None:
+    """Metric vs true bits (left) and vs the paper's nominal bits (right)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in zip(axes, ("avg_bits", "nominal_avg_bits"),
+                              ("true bits (stored bytes)", "nominal bits (as the paper counts)")):
+        entropy = result["curves"].get("entropy")
+        if entropy:
+            pts = entropy["points"]
+            ax.plot([p[key] for p in pts], [p["value"] for p in pts], marker=".", label="LUQ (entropy order), k=0..")
+        markers = iter("sD^v<>pP*XhH8d")
+        for name, r in result["uniform"].items():
+            ax.scatter([r[key]], [r["value"]], marker=next(markers), s=45, label=name, zorder=3)
+        ax.axhline(result["full_precision"]["value"], color="gray", linestyle=":", label="full precision")
+        ax.set(xlabel=f"average bits per decoder weight: {title}")
+        if not result["higher_is_better"]:
+            ax.set_yscale("log")
+    axes[0].set(ylabel=result["metric"] + ("" if result["higher_is_better"] else " (log)"))
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{result['model']}: {result['metric']} vs bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_orders(result: dict, path: Path) -> None:
+    """Metric vs the number of BiLLM layers, one line per order (paper Fig. 6a)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for order, curve in result["curves"].items():
-        pts = curve["points"]
-        ax.plot([p["avg_bits"] for p in pts], [p["ppl"] for p in pts], marker=".", label=f"LUQ ({order} order), k=0..")
-    markers = iter("sD^v")
-    for name, r in result["uniform"].items():
-        ax.scatter([r["avg_bits"]], [r["ppl"]], marker=next(markers), s=50, label=name, zorder=3)
-    ax.axhline(result["fp32_ppl"], color="gray", linestyle=":", label="FP32")
-    ax.set_yscale("log")
-    ax.set(xlabel="true average bits per decoder weight (stored bytes)", ylabel="held-out perplexity (log)",
-           title=f"{result['model']}: quality vs true bits")
-    ax.legend(fontsize=7)
+        style = ":" if order.startswith("random") else "-"
+        ax.plot([p["k"] for p in curve["points"]], [p["value"] for p in curve["points"]], style, marker=".",
+                label=order)
+    ax.axhline(result["full_precision"]["value"], color="gray", linestyle=":", label="full precision")
+    if not result["higher_is_better"]:
+        ax.set_yscale("log")
+    ax.set(xlabel="layers at BiLLM (k)", ylabel=result["metric"], title=f"{result['model']}: layer orders")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -86,6 +86,21 @@ def peer_gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int =
     return Q[0, :, :cols]
 
 
+def peer_qparams(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grids `peer_gptq` quantizes onto: (scale, zero) [out, n_groups], float32."""
+    QuantizationArgs, Observer, _ = _peer()
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size,
+                            dynamic=False)
+    W = W.detach().float()
+    pad = -W.shape[1] % group_size
+    if pad:
+        W = torch.nn.functional.pad(W, (0, pad))
+    with torch.no_grad():
+        qparams = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)(W).get_qparams()
+    return qparams["scale"].float(), qparams["zero_point"].float()
+
+
 def check(rows: int = 512, cols: int = 1000, n: int = 4096, seed: int = 0) -> None:
     """Sanity check on a random problem: peer error far below RTN, invariant to H's scale."""
     from luq.quant import GPTQ, RTN, relative_output_error

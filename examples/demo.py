@@ -16,16 +16,21 @@ from luq.report import format_summary
 
 
 def prompts(processor):
-    """Questions for a text model, or image questions for a vision-language model."""
+    """(question, image or None, expected answer or None): questions for a text model; for a
+    vision-language model, generated held-out questions (tiny-vlm's kind, answer known) and
+    two real photos."""
     if not hasattr(processor, "image_processor"):
-        return [("What is the capital of France?", None), ("Name three primary colours.", None)]
+        return [("What is the capital of France?", None, None), ("Name three primary colours.", None, None)]
+    from luq import tinyvlm
+
+    generated = [(s.question, s.image, s.answer) for s in tinyvlm.make_samples(1, seed=123)]
     photos = Path(luq.__file__).parent / "data" / "calibration" / "images"
-    return [("What vehicle is in the picture?", photos / "stereo_motorcycle.jpg"),
-            ("What is shown in this image?", photos / "hubble_deep_field.jpg")]
+    return generated + [("What vehicle is in the picture?", photos / "stereo_motorcycle.jpg", None),
+                        ("What is shown in this image?", photos / "hubble_deep_field.jpg", None)]
 
 
 @torch.no_grad()
-def answer(model, processor, question: str, image: Path | None, max_new_tokens: int = 24) -> str:
+def answer(model, processor, question: str, image, max_new_tokens: int = 24) -> str:
     from PIL import Image
 
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -36,7 +41,8 @@ def answer(model, processor, question: str, image: Path | None, max_new_tokens: 
     else:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[prompt], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+        picture = image if isinstance(image, Image.Image) else Image.open(image)
+        inputs = processor(text=[prompt], images=[picture.convert("RGB")], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
@@ -50,9 +56,10 @@ def main(path: str) -> None:
     on_disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"safetensors on disk: {on_disk:,} bytes; report total_bytes: {report['total_bytes']:,}")
 
-    for question, image in prompts(processor):
-        print(f"\nQ: {question}" + (f"  [image: {image.name}]" if image else ""))
-        print(f"A: {answer(model, processor, question, image)}")
+    for question, image, expected in prompts(processor):
+        where = "" if image is None else f"  [image: {image.name}]" if isinstance(image, Path) else "  [generated image]"
+        print(f"\nQ: {question}{where}")
+        print(f"A: {answer(model, processor, question, image)}" + (f"   (expected: {expected})" if expected else ""))
     print()
     print(format_summary(report))
 

@@ -5,15 +5,16 @@
 
 Both pretrained parts stay frozen: DINOv2-small's features of every generated image are
 computed once and cached; SmolLM2 runs in fp32 (bfloat16 is ~20x slower on this AVX2 CPU)
-with its output layer computed on the answer positions only. A training image is asked
-all its questions in one multi-turn chat (a one-shape scene: colour, shape, position and
-a yes/no question), so its 64 image tokens are paid once for several answers; batches
-hold chats with the same number of turns (little padding). Held-out images are asked one
-question each, as at inference. The projector learns on
+with its output layer computed on the answer positions only. Each question about a
+training image is a chat of its own (a one-shape scene gives four: colour, shape, position
+and a yes/no question); ``--multi-turn`` asks them all in one chat instead, which pays the
+64 image tokens once but learned far slower (the v2 run: colour at chance after 400 steps).
+Held-out images are asked one question each, as at inference. The projector learns on
 standardised features; the standardisation is folded into its first linear when saved,
 so the shipped projector is a stock LLaVA one. A projector alone leaves yes/no presence
 questions at chance (measured before this script), so low-rank deltas (LoRA) on the
-attention projections of SmolLM2 train with it. They are hand-written (a dozen lines:
+attention projections of SmolLM2 train with it, from step ``lora_start`` on (once the
+projector has started to carry the image). They are hand-written (a dozen lines:
 peft is not a luq dependency, and the deltas are merged into the weights at load).
 
 Writes to --out: weights.safetensors (the projector + the LoRA factors, refreshed at
@@ -52,18 +53,20 @@ class TrainConfig:
     seed: int = 0
     train_per_kind: int = 800       # generated training images per scene kind (~1 epoch)
     heldout_per_kind: int = 100     # held-out samples per kind (a different random stream)
-    steps: int = 400                # ~6 s a step at 1 thread: ~40 minutes
+    steps: int = 1000               # ~4 s a step at 2 threads: ~70 minutes
     batch_size: int = 8
+    single_turn: bool = True        # one question per sequence (multi-turn chats learned far slower)
     lr: float = 1.5e-3              # projector
     lora_lr: float = 1e-3
     warmup_steps: int = 30
+    lora_start: int = 150           # the LoRA deltas start learning once the projector has begun to
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     eval_every: int = 100
     eval_per_kind: int = 15         # held-out samples per kind in the evaluations while training
     log_every: int = 10
-    threads: int = 1
+    threads: int = 2
     device: str = "cpu"
     lm_dtype: str = "float32"     # bfloat16 is ~20x slower on this CPU (no native bf16)
     feature_batch: int = 32
@@ -123,7 +126,8 @@ class Answer:
 class Encoded:
     """Generated scenes ready for training: image features and multi-turn token ids."""
 
-    features: torch.Tensor          # float16 [n, 64, 384]: what the projector reads
+    features: torch.Tensor          # float16 [n images, 64, 384]: what the projector reads
+    image_index: list[int]          # the image (row of features) of each sequence
     token_ids: list[list[int]]      # chat with the image token expanded: question, answer, question, ...
     answers: list[list[Answer]]     # the supervised spans of each sequence
     chats: list[list[tuple[str, str, str]]]  # (kind, question, answer) in the encoded order
@@ -146,8 +150,9 @@ def image_features(model, processor, images, batch: int) -> torch.Tensor:
 
 
 def encode(model, processor, scenes: list[tinyvlm.Scene], config: TrainConfig, cache_key: str) -> Encoded:
-    """Tokenize every scene as one chat (its questions in a seeded order, each answered) and
-    compute (or reload) the image features."""
+    """Tokenize every scene as one chat (its questions in a seeded order, each answered), or
+    with ``config.single_turn`` each of its questions as a chat of its own, and compute (or
+    reload) the image features."""
     from luq.assets import cache_root
 
     path = cache_root() / f"tiny-vlm-features-{tinyvlm.VERSION}-{cache_key}.pt"
@@ -156,29 +161,38 @@ def encode(model, processor, scenes: list[tinyvlm.Scene], config: TrainConfig, c
     else:
         features = image_features(model, processor, [s.image for s in scenes], config.feature_batch)
         atomic_write(path, lambda tmp: torch.save(features, tmp))
-    tokenizer = processor.tokenizer
 
     def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    expanded = tinyvlm.IMAGE_TOKEN * tinyvlm.num_image_tokens()
     generator = torch.Generator().manual_seed(config.seed)
-    all_ids, all_answers, chats = [], [], []
-    for scene in scenes:
+    all_ids, all_answers, chats, image_index = [], [], [], []
+    for index, scene in enumerate(scenes):
         order = torch.randperm(len(scene.questions), generator=generator).tolist()
-        questions = [scene.questions[i] for i in order]
-        tokens = ids(tinyvlm.chat_prompt(processor, questions[0][1]).replace(tinyvlm.IMAGE_TOKEN, expanded))
-        spans = []
-        for turn, (kind, _, answer) in enumerate(questions):
-            answer_ids = ids(answer + tokenizer.eos_token)
-            spans.append(Answer(len(tokens), len(tokens) + len(answer_ids), kind))
-            tokens += answer_ids
-            if turn + 1 < len(questions):  # the chat template's next user turn
-                tokens += ids(f"\n<|im_start|>user\n{questions[turn + 1][1]}<|im_end|>\n<|im_start|>assistant\n")
-        all_ids.append(tokens)
-        all_answers.append(spans)
-        chats.append(questions)
-    return Encoded(features=features, token_ids=all_ids, answers=all_answers, chats=chats)
+        chats_of_scene = [[scene.questions[i]] for i in order] if config.single_turn else \
+            [[scene.questions[i] for i in order]]
+        for questions in chats_of_scene:
+            tokens, spans = _encode_chat(processor, questions, ids)
+            all_ids.append(tokens)
+            all_answers.append(spans)
+            chats.append(questions)
+            image_index.append(index)
+    return Encoded(features=features, image_index=image_index, token_ids=all_ids, answers=all_answers, chats=chats)
+
+
+def _encode_chat(processor, questions: list[tuple[str, str, str]], ids) -> tuple[list[int], list[Answer]]:
+    """Token ids of one chat about an image (the image token expanded) and its answer spans."""
+    tokenizer = processor.tokenizer
+    expanded = tinyvlm.IMAGE_TOKEN * tinyvlm.num_image_tokens()
+    tokens = ids(tinyvlm.chat_prompt(processor, questions[0][1]).replace(tinyvlm.IMAGE_TOKEN, expanded))
+    spans = []
+    for turn, (kind, _, answer) in enumerate(questions):
+        answer_ids = ids(answer + tokenizer.eos_token)
+        spans.append(Answer(len(tokens), len(tokens) + len(answer_ids), kind))
+        tokens += answer_ids
+        if turn + 1 < len(questions):  # the chat template's next user turn
+            tokens += ids(f"\n<|im_start|>user\n{questions[turn + 1][1]}<|im_end|>\n<|im_start|>assistant\n")
+    return tokens, spans
 
 
 def check_tokenization(processor, scene: tinyvlm.Scene, data: Encoded, index: int) -> None:
@@ -244,7 +258,7 @@ class Trainee:
             for span in data.answers[i]:
                 targets[row, span.start:span.end] = torch.tensor(seqs[row][span.start:span.end])
         targets = targets.to(self.device)
-        hidden = self.hidden_states(ids, mask, data.features[indices].to(self.device))
+        hidden = self.hidden_states(ids, mask, data.features[[data.image_index[i] for i in indices]].to(self.device))
         predicting = targets[:, 1:] != -100  # hidden state t predicts token t + 1
         logits = self.logits(hidden[:, :-1][predicting])
         return nn.functional.cross_entropy(logits, targets[:, 1:][predicting])
@@ -258,7 +272,7 @@ class Trainee:
         """
         seqs = [data.token_ids[i] for i in indices]
         ids, mask = self._right_padded(seqs)
-        predicted = self.logits(self.hidden_states(ids, mask, data.features[indices].to(self.device))).argmax(-1)
+        predicted = self.logits(self.hidden_states(ids, mask, data.features[[data.image_index[i] for i in indices]].to(self.device))).argmax(-1)
         hits = []
         for row, i in enumerate(indices):
             for span in data.answers[i]:
@@ -314,11 +328,13 @@ def same_length_batches(data: Encoded, batch_size: int, generator: torch.Generat
     return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def learning_rate_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+def learning_rate_factor(step: int, config: TrainConfig, start: int = 0) -> float:
+    """Zero before ``start``, then a linear warm-up, then cosine decay to 10%."""
+    if step < start:
+        return 0.0
+    if step < start + config.warmup_steps:
+        return (step - start + 1) / config.warmup_steps
+    progress = (step - start - config.warmup_steps) / max(1, config.steps - start - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -389,8 +405,8 @@ def train(config: TrainConfig) -> dict:
         if not batches:
             batches = same_length_batches(train_data, config.batch_size, generator)
         batch = batches.pop()
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base_lr * learning_rate_factor(step, config)
+        for group, base_lr, start in zip(optimizer.param_groups, base_lrs, (0, config.lora_start)):
+            group["lr"] = base_lr * learning_rate_factor(step, config, start)
         loss = trainee.loss(train_data, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -437,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "lora_lr"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--multi-turn", dest="single_turn", action="store_false",
+                        help="ask all the questions of an image in one chat")
+    parser.add_argument("--lora-start", type=int, default=defaults.lora_start)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--lm-dtype", default=defaults.lm_dtype, choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)

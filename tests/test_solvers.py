@@ -161,3 +161,44 @@ def test_bad_problems_raise_one_clear_error(bad, message, solver):
 def test_bad_settings_raise(make):
     with pytest.raises(LuqError):
         make()
+
+
+def test_register_weight_type_reads_back_another_format():
+    """A peer's stored format (bench/peers.py) plugs into the cache's reader; a taken name is refused."""
+    from dataclasses import dataclass
+
+    from luq.quant import QuantizedWeight, register_weight_type, weight_from_state_dict
+
+    @dataclass(eq=False, repr=False)
+    class HalfWeight(QuantizedWeight):
+        method = "test-half"
+        values: torch.Tensor
+        shape: tuple
+
+        def state_dict(self):
+            return {"values": self.values}
+
+        def config(self):
+            return {"method": self.method, "shape": list(self.shape)}
+
+        @classmethod
+        def from_state_dict(cls, tensors, config):
+            return cls(values=tensors["values"], shape=tuple(config["shape"]))
+
+        @property
+        def nominal_bits_per_weight(self):
+            return 16.0
+
+        def dequantize_rows(self, start, stop, dtype=torch.float32):
+            return self.values[start:stop].to(dtype)
+
+    register_weight_type(HalfWeight)
+    w = HalfWeight(torch.randn(3, 4).half(), (3, 4))
+    back = weight_from_state_dict(w.state_dict(), w.config())
+    assert torch.equal(back.dequantize(), w.dequantize()) and back.bits_per_weight == 16.0
+
+    class Clash(HalfWeight):
+        method = "gptq"
+
+    with pytest.raises(ValueError, match="already taken"):
+        register_weight_type(Clash)

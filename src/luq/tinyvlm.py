@@ -104,7 +104,7 @@ QUESTION_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "position": (POSITIONS, ("Where is the shape?", "On which side of the image is the shape?")),
     "digit": (DIGITS, ("What number is written?", "Which digit is shown?")),
     "word": (WORDS, ("What word is written?", "What does the text say?")),
-    "presence": (YES_NO, ("Is there a {} in the image?", "Is there a {}?")),
+    "presence": (YES_NO, ("Is there {} in the image?", "Is there {}?")),
 }
 CANVAS = 224  # images are drawn at 224 px; the processor resizes them like any photo
 
@@ -223,7 +223,9 @@ def _presence_question(rng: np.random.Generator, objects: list[tuple[str, str]])
     if answer == "no" and not absent:  # every shape is there: ask about an absent colour instead
         by_colour, absent = True, sorted(set(COLOURS) - {c for _, c in objects})
     target = _pick(rng, sorted(present) if answer == "yes" else absent)
-    question = _pick(rng, QUESTION_KINDS["presence"][1]).format(f"{target} shape" if by_colour else target)
+    thing = f"{target} shape" if by_colour else target
+    article = "an" if thing[0] in "aeiou" else "a"
+    question = _pick(rng, QUESTION_KINDS["presence"][1]).format(f"{article} {thing}")
     return question, answer
 
 

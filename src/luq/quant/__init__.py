@@ -8,9 +8,19 @@ from luq.quant.hessian import HessianAccumulator, relative_output_error
 from luq.quant.linear import QuantLinear
 
 __all__ = ["GPTQ", "RTN", "BiLLM", "Sign", "QuantizedWeight", "GPTQWeight", "BiLLMWeight", "SignWeight",
-           "HessianAccumulator", "relative_output_error", "QuantLinear", "weight_from_state_dict"]
+           "HessianAccumulator", "relative_output_error", "QuantLinear", "weight_from_state_dict",
+           "register_weight_type"]
 
 _WEIGHT_TYPES = {cls.method: cls for cls in (GPTQWeight, BiLLMWeight, SignWeight)}
+
+
+def register_weight_type(cls: type[QuantizedWeight]) -> type[QuantizedWeight]:
+    """Let stored weights of another format (``cls.method``) be read back, e.g. a peer's in bench/."""
+    known = _WEIGHT_TYPES.get(cls.method)
+    if known is not None and known is not cls:
+        raise ValueError(f"weight method {cls.method!r} is already taken by {known.__name__}")
+    _WEIGHT_TYPES[cls.method] = cls
+    return cls
 
 
 def weight_from_state_dict(tensors, config) -> QuantizedWeight:
