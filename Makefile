@@ -48,15 +48,18 @@ results: $(BSTAMP)
 	$(VPY) -m bench.calibration_mix
 	$(VPY) -m bench.cost
 
-# The whole pipeline on the real SmolLM2-135M: entropy + both quantized variants of each
-# of its 30 layers (cached in ~/.cache/luq, so a rerun resumes), the smallest number of
-# BiLLM layers that fits 0.112 GB, the artifact in out/demo, then load it, generate and
-# print the table. 13.7 minutes measured cold on this 2-core machine (another job running),
-# about 3 minutes with the cache warm.
-DEMO_MODEL  ?= smollm2
-DEMO_BUDGET ?= 0.112
+# The whole pipeline on the real tiny-vlm (DINOv2-small + trained projector + SmolLM2-135M,
+# all offline): image+text calibration (alpha 0.5), entropy + both quantized variants of
+# each of its 30 decoder layers (cached in ~/.cache/luq, so a rerun resumes), the smallest
+# number of BiLLM layers that fits 0.1565 GB, the artifact in out/demo, then load it, answer
+# generated and real-photo questions and print the table. DEMO_MODEL=smollm2
+# DEMO_BUDGET=0.112 runs the text-only demo instead.
+DEMO_MODEL  ?= tiny-vlm
+DEMO_BUDGET ?= 0.1565
+DEMO_ALPHA  ?= $(if $(filter tiny-vlm,$(DEMO_MODEL)),0.5,0)
 demo: $(STAMP)
-	$(VENV)/bin/luq quantize $(DEMO_MODEL) --out out/demo --budget-gb $(DEMO_BUDGET) --samples 16 --seq-len 256 --k 100
+	$(VENV)/bin/luq quantize $(DEMO_MODEL) --out out/demo --budget-gb $(DEMO_BUDGET) --alpha $(DEMO_ALPHA) \
+		--samples 16 --seq-len 256 --k 100
 	$(VPY) examples/demo.py out/demo
 
 clean:

@@ -44,7 +44,7 @@ RESULTS = Path(__file__).parent / "results"
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
-    p.add_argument("--layers", type=int, default=6, help="k: layers at BiLLM in the LUQ model")
+    p.add_argument("--layers", type=int, default=3, help="k: layers at BiLLM in the LUQ model")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--k", type=int, default=16, help="K-means clusters of the entropy ranking")
