@@ -47,6 +47,18 @@ def answer(model, processor, question: str, image, max_new_tokens: int = 24) -> 
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def full_precision_answers(model_name: str | None, questions) -> list[str | None]:
+    """The unquantized model's answers, beside the artifact's (None where it cannot be loaded)."""
+    from luq.errors import LuqError
+    from luq.models.loading import load_model
+
+    try:
+        model, processor, _ = load_model(model_name)
+    except (LuqError, OSError, TypeError):
+        return [None] * len(questions)
+    return [answer(model, processor, q, image) for q, image, _ in questions]
+
+
 def main(path: str) -> None:
     path = Path(path)
     report = json.loads((path / "luq_report.json").read_text())
@@ -56,10 +68,15 @@ def main(path: str) -> None:
     on_disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"safetensors on disk: {on_disk:,} bytes; report total_bytes: {report['total_bytes']:,}")
 
-    for question, image, expected in prompts(processor):
+    questions = prompts(processor)
+    quantized = [answer(model, processor, q, image) for q, image, _ in questions]
+    original = full_precision_answers(report.get("model"), questions)
+    for (question, image, expected), mine, theirs in zip(questions, quantized, original):
         where = "" if image is None else f"  [image: {image.name}]" if isinstance(image, Path) else "  [generated image]"
         print(f"\nQ: {question}{where}")
-        print(f"A: {answer(model, processor, question, image)}" + (f"   (expected: {expected})" if expected else ""))
+        print(f"A (luq, {report['avg_bits']:.2f} bits): {mine}" + (f"   (expected: {expected})" if expected else ""))
+        if theirs is not None:
+            print(f"A (full precision):   {theirs}")
     print()
     print(format_summary(report))
 
