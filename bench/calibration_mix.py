@@ -23,20 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from bench.frontier import Metric
-from luq.api import Assembly, size_model
-from luq.assets import cache_root
+from luq.api import Assembly, size_model, variant_cache
 from luq.calibration import CalibrationConfig, calibration_batches, multimodal_fraction
 from luq.config import LUQConfig
 from luq.models.loading import load_model, parse_dtype
 from luq.pipeline import layer_pass
 from luq.plan import HIGH, assignment, layer_order
-from luq.variants import VariantCache, model_fingerprint
+from luq.variants import VariantCache
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,7 +60,6 @@ def main(argv=None) -> None:
     vqa = Metric("tiny-vlm", net, processor, args, CalibrationConfig(samples=args.samples, seq_len=args.seq_len))
     text = Metric("smollm2", net, processor.tokenizer, args,
                   CalibrationConfig(samples=args.samples, seq_len=args.seq_len))
-    fingerprint = model_fingerprint(net)
 
     def score() -> dict:
         return {"vqa": vqa(), "perplexity": text()["value"]}
@@ -79,10 +76,8 @@ def main(argv=None) -> None:
         n = len(order)
         solvers = config.variants()
         for name, chosen in (("LUQ", assignment(order, args.layers, n)), ("GPTQ-4", [HIGH] * n)):
-            key = {"model": fingerprint, "calibration": vars(calibration), "k_means": args.k, "final": chosen,
-                   "variants": {v: {"solver": type(s).__name__, **asdict(s)} for v, s in solvers.items()},
-                   "hessians": "sequential", "bench": "calibration_mix"}
-            cache = VariantCache(cache_root() / "variants", key)
+            base = variant_cache(net, config, solvers)  # the key `luq quantize` gives its final pass
+            cache = VariantCache(base.dir.parent, dict(base.key, final=chosen))
             t = time.perf_counter()
             passed = layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=cache,
                                 hessians="sequential", device=args.device, desc=f"{name} alpha={alpha}", entropy=False)
@@ -126,10 +121,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from luq.report import plt, save_figure  # the Agg backend, luq's figure style
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     fp = result["rows"][0]
@@ -144,9 +136,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set(xlabel="alpha", ylabel="held-out Wikipedia perplexity", title="text quality")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -505,10 +505,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from luq.report import plt, save_figure  # the Agg backend, luq's figure style
 
     gs = result["settings"]["group_size"]
     names = [n for n in result["workers"]]
@@ -541,9 +538,7 @@ def plot(result: dict, path: Path) -> None:
     s = result["settings"]
     fig.suptitle(f"SmolLM2-135M on {s['device']}, {s['samples']}x{s['seq_len']} tokens, {s['threads']} threads",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

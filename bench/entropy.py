@@ -80,10 +80,7 @@ def table(results: dict[str, dict]) -> str:
 
 def plot_depth(results: dict[str, dict], path: Path) -> None:
     """Entropy vs relative depth for every model; tiny-vlm's text and image tokens dashed (Figs. 2, 8)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from luq.report import plt, save_figure  # the Agg backend, luq's figure style
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for model, r in results.items():
@@ -103,9 +100,7 @@ def plot_depth(results: dict[str, dict], path: Path) -> None:
                 title="Ranking stability vs K (dashed: chosen K)")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -256,18 +256,10 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_frontier(result: dict, path: Path) -> None:
     """Metric vs true bits (left) and vs the paper's nominal bits (right)."""
-    plt = _pyplot()
+    from luq.report import plt, save_figure  # the Agg backend, luq's figure style
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key, title in zip(axes, ("avg_bits", "nominal_avg_bits"),
                               ("true bits (stored bytes)", "nominal bits (as the paper counts)")):
@@ -285,14 +277,13 @@ def plot_frontier(result: dict, path: Path) -> None:
     axes[0].set(ylabel=result["metric"] + ("" if result["higher_is_better"] else " (log)"))
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{result['model']}: {result['metric']} vs bits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_orders(result: dict, path: Path) -> None:
     """Metric vs the number of BiLLM layers, one line per order (paper Fig. 6a)."""
-    plt = _pyplot()
+    from luq.report import plt, save_figure  # the Agg backend, luq's figure style
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for order, curve in result["curves"].items():
         style = ":" if order.startswith("random") else "-"
@@ -303,9 +294,7 @@ def plot_orders(result: dict, path: Path) -> None:
         ax.set_yscale("log")
     ax.set(xlabel="layers at BiLLM (k)", ylabel=result["metric"], title=f"{result['model']}: layer orders")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

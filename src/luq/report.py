@@ -23,7 +23,7 @@ def plot_entropy(result: dict, out_dir: Path, title: str = "") -> list[Path]:
                     ha="center", fontsize=8, color="tab:red")
     ax.set(xlabel="decoder layer", ylabel=f"entropy (nats, K={result['k']})",
            title=title or "Output-activation entropy per layer (red: lowest-entropy ranks)")
-    paths.append(_save(fig, out_dir / "entropy_vs_depth.png"))
+    paths.append(save_figure(fig, out_dir / "entropy_vs_depth.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for key, label in (("text_entropy", "text tokens"), ("image_entropy", "image tokens")):
@@ -32,7 +32,7 @@ def plot_entropy(result: dict, out_dir: Path, title: str = "") -> list[Path]:
             ax.plot(layers, [float("nan") if v is None else v for v in values], marker="o", label=label)
     ax.set(xlabel="decoder layer", ylabel="entropy (nats)", title="Entropy by token kind (same clusters)")
     ax.legend()
-    paths.append(_save(fig, out_dir / "entropy_by_modality.png"))
+    paths.append(save_figure(fig, out_dir / "entropy_by_modality.png"))
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ks = [k for k, _ in result["kendall"]]
@@ -40,11 +40,11 @@ def plot_entropy(result: dict, out_dir: Path, title: str = "") -> list[Path]:
     ax.axvline(result["k"], color="tab:red", linestyle="--", label=f"chosen K = {result['k']}")
     ax.set(xlabel="K (clusters)", ylabel="Kendall distance to previous K", title="Ranking stability vs K")
     ax.legend()
-    paths.append(_save(fig, out_dir / "k_stability.png"))
+    paths.append(save_figure(fig, out_dir / "k_stability.png"))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -95,7 +95,7 @@ def plot_frontier(report: dict, out_dir: Path) -> Path:
         ax.axvline(report["k"], color="tab:red", linestyle="--", label=f"chosen k = {report['k']}")
         ax.set(xlabel="layers at ~1 bit (k)", ylabel="avg bits per decoder weight", title="Bits vs k")
         ax.legend()
-    return _save(fig, Path(out_dir) / "frontier.png")
+    return save_figure(fig, Path(out_dir) / "frontier.png")
 
 
 def plot_run(report: dict, out_dir: Path) -> list[Path]:
