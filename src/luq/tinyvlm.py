@@ -17,7 +17,8 @@ and low-rank (LoRA) deltas of a few SmolLM2 linears, merged into the weights at 
 (``W += scale * B @ A``). Training data is generated here (:func:`make_scene`,
 :func:`make_sample`): shapes, colours, counts, positions, rendered digits and words, and
 yes/no presence questions with both answers equally often. ``examples/train_projector.py``
-trains it.
+trains it; a scene records the (shape, colour) objects it drew, for that script's
+alignment of image tokens with colour and shape words.
 
 The chat format is SmolLM2's ChatML with a default system turn ("Answer with one word."),
 and an image part written as ``<image>\n`` before the question text.
@@ -203,6 +204,7 @@ class Scene:
 
     image: Image.Image
     questions: list[tuple[str, str, str]]
+    objects: tuple[tuple[str, str], ...] = ()  # the (shape, colour) drawn, for shape scenes
 
 
 # what each kind of scene is asked; a kind of question comes from the first scene kind listing it
@@ -214,7 +216,7 @@ SCENE_QUESTIONS = {
 }
 
 
-def _presence_question(rng: np.random.Generator, objects: list[tuple[str, str]]) -> tuple[str, str]:
+def presence_question(rng: np.random.Generator, objects: list[tuple[str, str]]) -> tuple[str, str]:
     """'Is there a red shape?' or 'Is there a circle?' about ``objects``, yes and no equally often."""
     answer = _pick(rng, YES_NO)
     by_colour = rng.random() < 0.5
@@ -247,19 +249,22 @@ def make_scene(scene_kind: str, rng: np.random.Generator) -> Scene:
         _draw_shape(ImageDraw.Draw(image), shape, centre, size, _jittered(COLOURS[colour], rng), rng)
         questions = [("colour", ask("colour"), colour), ("shape", ask("shape"), shape),
                      ("position", ask("position"), side),
-                     ("presence", *_presence_question(rng, [(shape, colour)]))]
+                     ("presence", *presence_question(rng, [(shape, colour)]))]
+        objects = [(shape, colour)]
     elif scene_kind == "shapes":
         n = int(rng.integers(1, len(COUNT_WORDS) + 1))
         objects = [(_pick(rng, SHAPES), _pick(rng, tuple(COLOURS))) for _ in range(n)]
         image = _scene(rng, objects, (26, 52))
-        questions = [("count", ask("count"), COUNT_WORDS[n - 1]), ("presence", *_presence_question(rng, objects))]
+        questions = [("count", ask("count"), COUNT_WORDS[n - 1]), ("presence", *presence_question(rng, objects))]
     elif scene_kind == "digit":
+        objects = []
         digit = _pick(rng, DIGITS)
         image, questions = _text_image(rng, digit, (80, 150)), [("digit", ask("digit"), digit)]
     else:
+        objects = []
         word = _pick(rng, WORDS)
         image, questions = _text_image(rng, word, (50, 80)), [("word", ask("word"), word)]
-    return Scene(image=image, questions=questions)
+    return Scene(image=image, questions=questions, objects=tuple(objects))
 
 
 def make_scenes(n_per_kind: int, seed: int) -> list[Scene]:
