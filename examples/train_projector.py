@@ -79,6 +79,7 @@ class TrainConfig:
     alignment_threshold: float = 0.7  # cosine a drawn word's best image token should pass
     alignment_steps: int = 400      # steps of the alignment loss alone before the LM sees images (~1 min)
     text_presence_batch: int = 4    # per step: presence questions about a description in words
+    text_presence_per_scene: int = 2  # of those, drawn per shape scene (the pool they are picked from)
     extra_presence: int = 1         # more presence questions per shape scene (drawn apart from the scene)
     eval_every: int = 100
     eval_per_kind: int = 15         # held-out samples per kind in the evaluations while training
@@ -276,7 +277,7 @@ class Trainee:
         self.language_model = model.model.language_model.to(config.device, lm_dtype)
         self.projector = model.model.multi_modal_projector.to(config.device, torch.float32)
         self.output_weight = model.lm_head.weight.detach().to(config.device, torch.float32)
-        self.word_embeddings = self.output_weight[word_token_ids(model, processor)]  # tied: = input embeddings
+        self.word_embeddings = self.output_weight[word_token_ids(processor)]  # tied: = input embeddings
         self.alignment_threshold = config.alignment_threshold
         self.image_token_id = model.config.image_token_id
         self.eos_id = model.generation_config.eos_token_id
@@ -313,14 +314,8 @@ class Trainee:
 
     def text_presence_loss(self, examples: list[tuple[list[int], int]]) -> torch.Tensor:
         """Cross-entropy of the yes/no answer to presence questions about a description in words."""
-        width = max(len(ids) for ids, _ in examples)
-        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (seq, _) in enumerate(examples):  # left-padded: the answer follows the last position
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        hidden = self.language_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                     use_cache=False).last_hidden_state[:, -1]
+        ids, mask = self._padded([seq for seq, _ in examples], left=True)  # the answer follows the last position
+        hidden = self.language_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, -1]
         answers = torch.tensor([answer for _, answer in examples], device=self.device)
         return nn.functional.cross_entropy(self.logits(hidden), answers)
 
@@ -338,7 +333,7 @@ class Trainee:
     def loss(self, data: Encoded, indices: list[int]) -> torch.Tensor:
         """Cross-entropy of every answer token (and its end token) given the chat before it."""
         seqs = [data.token_ids[i] for i in indices]
-        ids, mask = self._right_padded(seqs)
+        ids, mask = self._padded(seqs)
         targets = torch.full(ids.shape, -100, dtype=torch.long)
         for row, i in enumerate(indices):
             for span in data.answers[i]:
@@ -357,7 +352,7 @@ class Trainee:
         only if each of them is the argmax given the ones before it.
         """
         seqs = [data.token_ids[i] for i in indices]
-        ids, mask = self._right_padded(seqs)
+        ids, mask = self._padded(seqs)
         predicted = self.logits(self.hidden_states(ids, mask, data.features[[data.image_index[i] for i in indices]].to(self.device))).argmax(-1)
         hits = []
         for row, i in enumerate(indices):
@@ -366,13 +361,14 @@ class Trainee:
                 hits.append((span.kind, hit))
         return hits
 
-    def _right_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _padded(self, seqs: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+            where = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, where] = torch.tensor(seq)
+            mask[row, where] = 1
         return ids.to(self.device), mask.to(self.device)
 
     def export(self) -> dict[str, torch.Tensor]:
@@ -391,7 +387,7 @@ class Trainee:
         return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
-def word_token_ids(model, processor) -> list[int]:
+def word_token_ids(processor) -> list[int]:
     """The token of each aligned word as it appears mid-sentence (' red'): one token each."""
     ids = [processor.tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in ALIGNED_WORDS]
     if any(len(i) != 1 for i in ids):
@@ -511,7 +507,8 @@ def train(config: TrainConfig) -> dict:
             log({"event": "align", "step": step + 1, "alignment_loss": round(loss.item(), 4)})
     del projector_optimizer
 
-    text_pool = text_presence(processor, train_scenes, 2, config.seed + 11) if config.text_presence_batch else []
+    text_pool = (text_presence(processor, train_scenes, config.text_presence_per_scene, config.seed + 11)
+                 if config.text_presence_batch else [])
     running = {"loss": 0.0, "alignment": 0.0, "text_presence": 0.0}
     for step in range(config.steps):
         if not batches:
