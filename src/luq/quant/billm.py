@@ -35,7 +35,7 @@ import torch
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
-from luq.quant.packing import pack_bool, unpack_bool
+from luq.quant.packing import pack_bool, packed_length, unpack_bool
 
 # slots of the per-(row, block) parameters
 SALIENT_1, SALIENT_2, CONCENTRATED, SPARSE = range(4)
@@ -191,6 +191,14 @@ class BiLLM:
             raise LuqError(f"BiLLM: damp must be in [0, 1), got {self.damp}")
         if not self.split_quantiles or not all(0 < q < 1 for q in self.split_quantiles):
             raise LuqError("BiLLM: split_quantiles must be a non-empty list of numbers in (0, 1)")
+
+    def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Signs, second-order signs and the group bitmap together take one bit per weight
+        each, whatever the salient columns (up to byte padding of the two split rows)."""
+        rows, cols = shape
+        n_blocks = -(-cols // self.block_size)
+        least = 2 * rows * packed_length(cols, 1) + packed_length(cols, 1) + rows * n_blocks * 4 * 2 * 2
+        return least, least + rows
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor) -> BiLLMWeight:
         check_problem(W, H, "BiLLM")

@@ -23,7 +23,7 @@ import torch
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
-from luq.quant.packing import pack_bits, unpack_bits
+from luq.quant.packing import pack_bits, packed_length, unpack_bits
 
 GPTQ_BITS = (1, 2, 3, 4, 8)
 _FP16_MAX = 65504.0
@@ -141,6 +141,18 @@ def pack_gptq_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     )
 
 
+def gptq_nbytes(shape: tuple[int, int], bits: int, group_size: int | None, sym: bool, with_g_idx: bool) -> int:
+    """Exact stored bytes of a `GPTQWeight` of `shape` (codes, fp16 scales, packed zeros, g_idx)."""
+    rows, cols = shape
+    n_groups = -(-cols // _group_width(group_size, cols))
+    total = rows * packed_length(cols, bits) + rows * n_groups * 2
+    if not sym:
+        total += rows * packed_length(n_groups, bits)
+    if with_g_idx:
+        total += cols * torch.empty((), dtype=_index_dtype(n_groups)).element_size()
+    return total
+
+
 def _check_settings(solver: str, bits: int, group_size: int | None) -> None:
     if bits not in GPTQ_BITS:
         raise LuqError(f"{solver}: bits must be one of {GPTQ_BITS}, got {bits}")
@@ -163,6 +175,10 @@ class RTN:
 
     def __post_init__(self) -> None:
         _check_settings("RTN", self.bits, self.group_size)
+
+    def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int]:
+        n = gptq_nbytes(shape, self.bits, self.group_size, self.sym, with_g_idx=False)
+        return n, n
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor | None = None) -> GPTQWeight:
         if H is None:
@@ -213,6 +229,12 @@ class GPTQ:
             raise LuqError(f"GPTQ: damp must be in [0, 1), got {self.damp}")
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise LuqError(f"GPTQ: block_size must be a positive integer, got {self.block_size}")
+
+    def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Exact: GPTQ's stored size depends only on the shape and the settings."""
+        n = gptq_nbytes(shape, self.bits, self.group_size, self.sym,
+                        with_g_idx=self.act_order and not self.static_groups)
+        return n, n
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor) -> GPTQWeight:
         check_problem(W, H, "GPTQ")

@@ -1,0 +1,121 @@
+"""The menu of formats: one registry entry per way of storing a linear's weight.
+
+A format is a name, a solver (a frozen dataclass whose `quantize(W, H)` returns a
+`QuantizedWeight`) and a line of description. Adding a format is one
+`register_format(Format(...))`; the planner, the variant cache, the report and the
+artifact only ever see format names.
+
+Built in: `gptq<b>-g<g>` (b in 2, 3, 4, 8; g in 32, 64, 128: GPTQ, act-order, static
+asymmetric groups), `rtn<b>-g<g>` (the same grid, round-to-nearest, no Hessian) and
+`billm` (BiLLM as the paper stores it, every byte counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
+
+import torch
+
+from luq.errors import LuqError
+from luq.quant.base import QuantizedWeight
+from luq.quant.billm import BiLLM
+from luq.quant.gptq import GPTQ, RTN
+
+# the shape `luq formats` quotes true bits on (a 7B model's attention projection)
+REFERENCE_SHAPE = (4096, 4096)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One entry of the menu: `name` -> `solver` (+ what it is, for `luq formats`)."""
+
+    name: str
+    solver: Any
+    description: str = ""
+
+    def quantize(self, W: torch.Tensor, H: torch.Tensor) -> QuantizedWeight:
+        return self.solver.quantize(W, H)
+
+    def settings(self) -> dict[str, Any]:
+        """The solver and its settings: what a cached result of this format depends on."""
+        fields = asdict(self.solver) if is_dataclass(self.solver) else {}
+        return {"solver": type(self.solver).__name__, **fields}
+
+    @property
+    def digest(self) -> str:
+        """Short hash of `settings()`: a cached weight is reused only under the same settings."""
+        blob = json.dumps(self.settings(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int] | None:
+        """(least, most) stored bytes of a weight of `shape`, known before quantizing; None if
+        the solver cannot say (its size depends on the data in ways it does not bound)."""
+        bounds = getattr(self.solver, "nbytes_bounds", None)
+        return None if bounds is None else bounds(tuple(shape))
+
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register_format(fmt: Format, *, replace: bool = False) -> Format:
+    """Add `fmt` to the menu; a name already taken is refused unless `replace`."""
+    if not fmt.name or any(c in fmt.name for c in " ,/"):
+        raise LuqError(f"format names are one word without ',' or '/', got {fmt.name!r}")
+    if fmt.name in _REGISTRY and not replace:
+        raise LuqError(f"format {fmt.name!r} is already registered")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    """The format called `name`; one clear error naming the known ones if none is."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise LuqError(f"unknown format {name!r}; known: {', '.join(_REGISTRY)} (see `luq formats`)") from None
+
+
+def list_formats() -> list[Format]:
+    return list(_REGISTRY.values())
+
+
+def parse_formats(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """'a,b,c' (or a list) -> the format names, each checked; duplicates refused."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    if not names:
+        raise LuqError("--formats needs at least one format name (see `luq formats`)")
+    if len(set(names)) != len(names):
+        raise LuqError(f"--formats names a format twice: {','.join(names)}")
+    for n in names:
+        get_format(n)
+    return tuple(names)
+
+
+def reference_bits(fmt: Format, shape: tuple[int, int] = REFERENCE_SHAPE) -> tuple[float, float] | None:
+    """True bits per weight of `fmt` on a `shape` layer: (least, most), from its byte bounds."""
+    bounds = fmt.nbytes_bounds(shape)
+    if bounds is None:
+        return None
+    n = shape[0] * shape[1]
+    return 8.0 * bounds[0] / n, 8.0 * bounds[1] / n
+
+
+GPTQ_MENU_BITS = (2, 3, 4, 8)
+GPTQ_MENU_GROUPS = (32, 64, 128)
+
+for _bits in GPTQ_MENU_BITS:
+    for _group in GPTQ_MENU_GROUPS:
+        register_format(Format(f"gptq{_bits}-g{_group}", GPTQ(bits=_bits, group_size=_group),
+                               f"GPTQ {_bits}-bit, asymmetric groups of {_group}, act-order (static groups)"))
+        register_format(Format(f"rtn{_bits}-g{_group}", RTN(bits=_bits, group_size=_group),
+                               f"round-to-nearest {_bits}-bit, groups of {_group} (data-free baseline)"))
+register_format(Format("billm", BiLLM(), "BiLLM ~1-bit: salient columns at order 2, split non-salient "
+                                          "weights; fp16 scales and means per 128-column block"))
+
+# the default menu of the measured allocation: every GPTQ grid (BiLLM stores 3 true bits
+# per weight and loses to GPTQ-3 there, so it is offered only when asked for)
+DEFAULT_MENU = tuple(f"gptq{b}-g{g}" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_GROUPS)
