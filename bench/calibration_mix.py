@@ -2,8 +2,8 @@
 
 On tiny-vlm, for each alpha: round(alpha * N) of the N calibration sequences are
 image+question samples (the bundled photos), the rest Wikipedia text. With that
-calibration, luq measures the entropy ranking, then quantizes sequentially (each layer's
-Hessian from the quantized layers before it, as `luq quantize`'s final pass does):
+calibration, `luq.quantize` measures the entropy ranking and quantizes (its final pass:
+each layer's Hessian from the quantized layers before it):
 
 - LUQ: the k lowest-entropy layers of *this* calibration at BiLLM, the rest GPTQ-4 g128;
 - GPTQ-4 g128 on every layer (the ranking does not matter; only the Hessians do).
@@ -28,13 +28,10 @@ from pathlib import Path
 import torch
 
 from bench.frontier import Metric
-from luq.api import Assembly, size_model, variant_cache
+import luq
 from luq.calibration import CalibrationConfig, calibration_batches, multimodal_fraction
-from luq.config import LUQConfig
-from luq.models.loading import load_model, parse_dtype
-from luq.pipeline import layer_pass
-from luq.plan import HIGH, assignment, layer_order
-from luq.variants import VariantCache
+from luq.models.loading import load_model
+from luq.quant.linear import dequantize_modules
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,6 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "calibration_mix.json")
+    p.add_argument("--work", type=Path, default=Path("out/bench-calibration-mix"), help="artifacts go here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,31 +66,21 @@ def main(argv=None) -> None:
     print(f"full precision: VQA {rows[0]['vqa']['value']:.3f}, perplexity {rows[0]['perplexity']:.2f}", flush=True)
     for alpha in [float(a) for a in args.alphas.split(",")]:
         calibration = CalibrationConfig(alpha=alpha, samples=args.samples, seq_len=args.seq_len, seed=0)
-        config = LUQConfig(calibration=calibration, layers=args.layers, k_means=args.k, hessians="sequential")
-        batches = calibration_batches(processor, adapter, calibration)
-        entropy = layer_pass(net, adapter, batches, k=args.k, k_grid=(), device=args.device, seed=0,
-                             desc=f"entropy alpha={alpha}")
-        order = layer_order("entropy", entropy["entropy"])
-        n = len(order)
-        solvers = config.variants()
-        for name, chosen in (("LUQ", assignment(order, args.layers, n)), ("GPTQ-4", [HIGH] * n)):
-            base = variant_cache(net, config, solvers)  # the key `luq quantize` gives its final pass
-            cache = VariantCache(base.dir.parent, dict(base.key, final=chosen))
+        fraction = multimodal_fraction(calibration_batches(processor, adapter, calibration))
+        for name, kw in (("LUQ", {"allocate": "entropy", "layers": args.layers}),
+                         ("GPTQ-4", {"formats": ("gptq4-g128",)})):
             t = time.perf_counter()
-            passed = layer_pass(net, adapter, batches, variants=solvers, assignment=chosen, cache=cache,
-                                hessians="sequential", device=args.device, desc=f"{name} alpha={alpha}", entropy=False)
-            # each layer holds only its chosen variant: let the size model read that one under every name
-            layers = [dict(layer, bytes={v: layer["bytes"][c] for v in solvers},
-                           nominal_bits={v: layer["nominal_bits"][c] for v in solvers})
-                      for layer, c in zip(passed["layers"], chosen)]
-            sizes = size_model(net, adapter, layers, parse_dtype(config.storage_dtype))
-            assembly = Assembly(net, adapter, cache, args.device, dense=True)
-            assembly.apply(chosen)
-            row = {"alpha": alpha, "model": name, **score(), "avg_bits": sizes.avg_bits(chosen),
-                   "low_bit_layers": sorted(order[:args.layers]) if name == "LUQ" else [],
-                   "multimodal_fraction": multimodal_fraction(batches), "entropy_k": args.k,
+            # `luq quantize` with this calibration: variant pass (fp Hessians), the plan, the sequential final pass
+            out = args.work / f"alpha{alpha}-{name}"
+            report = luq.quantize("tiny-vlm", out, luq.LUQConfig(calibration=calibration, k_means=args.k, **kw),
+                                  device=args.device, log=lambda s: None)
+            model, _, _ = luq.load(out, device=args.device)
+            dequantize_modules(model)  # scoring speed only: the same weights as plain linears
+            vqa.net = text.net = model
+            row = {"alpha": alpha, "model": name, **score(), "avg_bits": report["avg_bits"],
+                   "low_bit_layers": report["low_bit_layers"] if name == "LUQ" else [],
+                   "multimodal_fraction": fraction, "entropy_k": args.k,
                    "quantize_seconds": round(time.perf_counter() - t, 1)}
-            assembly.undo()
             rows.append(row)
             print(f"alpha={alpha:.2f} {name:>6}: VQA {row['vqa']['value']:.3f}, perplexity {row['perplexity']:.2f}, "
                   f"bits {row['avg_bits']:.3f}, low-bit layers {row['low_bit_layers']}", flush=True)

@@ -18,7 +18,7 @@ SmolLM2 directory and the tokenized calibration text are cached, so no tool pays
 * luq, like for like: import, load (`load_model("smollm2")`, float32), calibration
   (`calibration_batches`: N text windows of L tokens, seed 0), the layer pass with only the
   GPTQ-4 variant, Hessians from the chain of already quantized layers and no entropy
-  (`layer_pass(variants={"high": GPTQ(4, G)}, hessians="sequential", entropy=False)`: what
+  (`layer_pass(formats=[gptq4-gG], hessians="sequential", entropy=False)`: what
   llmcompressor's sequential pipeline does), and writing the artifact (the layers assembled
   from the pass, `write_artifact`, unquantized tensors in float16, luq's default). The pass
   keeps its variants in a fresh variant cache in a temporary folder (as `luq quantize` always
@@ -31,7 +31,7 @@ SmolLM2 directory and the tokenized calibration text are cached, so no tool pays
   pipeline, no shuffling, the same batch size of 8), and `save_pretrained(save_compressed=True)`
   plus the tokenizer. It picks its own device, the accelerator if it sees one; with
   --device cpu no worker sees any (CUDA_VISIBLE_DEVICES="").
-* --full: `luq.quantize("smollm2", LUQConfig(layers=0, high=GPTQ(4, G)))` timed as a whole
+* --full: `luq.quantize("smollm2", LUQConfig(formats=("gptq4-gG",)))` timed as a whole
   with luq's defaults otherwise (variant pass with full-precision Hessians, GPTQ-4 + BiLLM on
   every layer, entropy with K chosen on the grid; then the sequential final pass; a cold
   variant cache in a temporary folder), its stages told apart by wrapping the functions
@@ -276,31 +276,30 @@ def worker_luq(args, meter: Meter) -> dict:
 
         from luq import __version__
         import luq.pipeline
-        from luq.api import Assembly
+        from luq.assembly import Assembly, linear_names
         from luq.models.loading import load_model
         from luq.pipeline import layer_pass
-        from luq.quant import GPTQ
+        from luq.plan import uniform_plan
+        from luq.quant import get_format
         from luq.store import write_artifact
         from luq.variants import VariantCache
     with meter.stage("load model"):
         net, tokenizer, adapter = load_model(MODEL, args.device, torch.float32)
     with meter.stage("calibration windows"):
         batches, ids, out["windows_sha256"] = _windows(tokenizer, adapter, args.samples, args.seq_len)
-    meter.time_calls(luq.pipeline, "quantize_layer")  # one layer's linears through the solver (+ their errors)
-    solver = GPTQ(bits=4, group_size=args.group_size)
-    variants = {"high": solver}
+    meter.time_calls(luq.pipeline, "quantize_linears")  # one layer's linears through the solver (+ their errors)
+    fmt = get_format(f"gptq4-g{args.group_size}")
     # a fresh cache: nothing is read from it, the pass writes each layer's variant to it (as `luq quantize` does)
     cache = VariantCache(Path(args.work_dir) / "luq-variants", {"bench": "cost", "pid": os.getpid()})
     with meter.stage("layer pass (capture + Hessians + GPTQ-4, sequential)"):
-        passed = layer_pass(net, adapter, batches, variants=variants, cache=cache, hessians="sequential",
-                            entropy=False, device=args.device, seed=SEED, desc="luq GPTQ-4")
+        layer_pass(net, adapter, batches, formats=[fmt], cache=cache, hessians="sequential",
+                   entropy=False, device=args.device, seed=SEED, desc="luq GPTQ-4")
     with meter.stage("write artifact"):
-        n = len(passed["layers"])
-        Assembly(net, adapter, cache, args.device).apply(["high"] * n)
-        qconfig = {"luq_version": __version__, "storage_dtype": "float16",
+        plan = uniform_plan([n for layer in linear_names(net, adapter) for n in layer], fmt.name)
+        Assembly(net, adapter, cache, args.device).apply(plan)
+        qconfig = {"luq_version": __version__, "storage_dtype": "float16", "allocate": "measured",
                    "modules": {name: m.weight_config for name, m in net.named_modules() if hasattr(m, "weight_config")},
-                   "layers": [{"index": i, "variant": "high", "method": "gptq", "settings": asdict(solver)}
-                              for i in range(n)]}
+                   "plan": plan, "formats": {fmt.name: fmt.settings()}}
         artifact = Path(args.work_dir) / "luq-artifact"
         write_artifact(artifact, net, tokenizer, qconfig, {"model": MODEL, "k": 0, "bench": "cost"}, torch.float16)
     out["artifact_mb"] = _dir_mb(artifact)
@@ -381,11 +380,11 @@ def worker_e2e(args, meter: Meter) -> dict:
     luq.api.write_artifact = timed(luq.api.write_artifact, lambda kw: "write artifact")
     import luq.pipeline
 
-    meter.time_calls(luq.pipeline, "quantize_layer")
+    meter.time_calls(luq.pipeline, "quantize_linears")
     meter.last = (E2E_BETWEEN,)
 
     config = luq.LUQConfig(calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, seed=SEED),
-                           layers=0, high=GPTQ(bits=4, group_size=args.group_size))
+                           formats=(f"gptq4-g{args.group_size}",))
     artifact = Path(args.work_dir) / "e2e-artifact"
     meter.switch(E2E_BETWEEN)
     report = luq.quantize(MODEL, artifact, config, device=args.device, dtype=torch.float32,

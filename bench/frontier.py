@@ -1,18 +1,24 @@
 """Quality vs TRUE bits, and the layer-order comparison, on a real model (paper Figs. 1, 4-6a, Table 2).
 
-For each order (entropy, reverse-entropy, depth, three seeded random orders) and each k,
-the first k layers of the order at BiLLM and the rest at GPTQ-4 g128; beside them uniform
-configurations: GPTQ 4/3/2 (luq's, and llmcompressor's as the peer), round-to-nearest
-4/3/2, BiLLM on every layer and HQQ at 2 and 1 bit (group 64) as data-free peers. Each
-point is scored on held-out data and placed at the average bits per decoder weight
-counted from stored bytes, with the paper's nominal bits beside.
+The measured allocation (luq's default budget mode): at budgets from uniform GPTQ-2's
+size to GPTQ-4's (plus GPTQ-3's exact size and the size of entropy-LUQ at k = 3), the
+knapsack plan over the format menu on measured sensitivity. For each order (entropy,
+reverse-entropy, depth, three seeded random orders) and each k, the first k layers of the
+order at BiLLM and the rest at GPTQ-4 g128; beside them uniform configurations: GPTQ
+4/3/2 (luq's, and llmcompressor's as the peer), round-to-nearest 4/3/2, BiLLM on every
+layer and HQQ at 2 and 1 bit (group 64) as data-free peers. Each point is scored on
+held-out data (disjoint from the calibration and sensitivity windows) and placed at the
+average bits per decoder weight counted from stored bytes, with the paper's nominal bits
+beside.
 
 - `--model smollm2`: perplexity on held-out Wikipedia windows (disjoint from calibration).
 - `--model tiny-vlm`: exact-match accuracy on held-out generated VQA (luq.tinyvlm), per
   question kind and overall; calibration is image+text (`--alpha`, default 0.5).
 
-Every configuration is assembled from the per-layer variant caches (the same ones
-`luq quantize` fills for the same calibration), so nothing is quantized twice; peers
+Every configuration is assembled from the variant cache (the same one `luq quantize`
+fills for the same calibration), without the sequential final pass, so nothing is
+quantized twice (bench/budget.py measures the must-show points through `luq.quantize`,
+final pass included); peers
 whose package is missing (llmcompressor: `make bench`; hqq) are left out and said so.
 
     python -m bench.frontier                        # SmolLM2, ~25 min on 2 cores (cold cache)
@@ -31,43 +37,45 @@ from pathlib import Path
 
 import torch
 
-from luq.api import Assembly, size_model, variant_cache
-from luq.calibration import CalibrationConfig, calibration_batches, text_token_ids, validation_windows
+from luq.api import variant_cache
+from luq.assembly import Assembly, linear_names, size_table
+from luq.calibration import (CalibrationConfig, calibration_batches, sensitivity_batches, text_token_ids,
+                             validation_windows)
 from luq.config import LUQConfig
 from luq.eval.perplexity import token_window_perplexity
 from luq.models.loading import load_model, parse_dtype
 from luq.pipeline import layer_pass
-from luq.plan import HIGH, LOW, assignment, layer_order, threshold_search
-from luq.quant import GPTQ, RTN
+from luq.plan import entropy_plan, knapsack, layer_order, threshold_search, uniform_plan
+from luq.quant import DEFAULT_MENU, Format, get_format, parse_formats, register_format
+from luq.sensitivity import measure_sensitivity
 
 RESULTS = Path(__file__).parent / "results"
 ORDERS = "entropy,reverse-entropy,depth,random0,random1,random2"
 VQA_SEED = 2_000_029  # held-out generated questions: a stream neither training nor its monitoring used
 
 
-def baselines(peers: bool) -> tuple[dict, dict, list[str]]:
-    """(variant name -> solver, label -> variant name, notes about peers left out)."""
+def baselines(peers: bool) -> tuple[dict, list[str]]:
+    """(label -> format name, notes about peers left out); peers are registered as formats."""
     from bench.peer import peer_available
     from bench.peers import HQQ, PeerGPTQ, hqq_available
 
-    solvers = {"gptq3": GPTQ(bits=3), "gptq2": GPTQ(bits=2), "rtn4": RTN(bits=4), "rtn3": RTN(bits=3),
-               "rtn2": RTN(bits=2)}
-    labels = {"GPTQ-4 g128 (luq)": HIGH, "GPTQ-3 g128 (luq)": "gptq3", "GPTQ-2 g128 (luq)": "gptq2",
-              "RTN-4 g128": "rtn4", "RTN-3 g128": "rtn3", "RTN-2 g128": "rtn2", "BiLLM (every layer)": LOW}
+    labels = {"GPTQ-4 g128 (luq)": "gptq4-g128", "GPTQ-3 g128 (luq)": "gptq3-g128", "GPTQ-2 g128 (luq)": "gptq2-g128",
+              "RTN-4 g128": "rtn4-g128", "RTN-3 g128": "rtn3-g128", "RTN-2 g128": "rtn2-g128",
+              "BiLLM (every layer)": "billm"}
     notes = []
     if peers and peer_available():
         for bits in (4, 3, 2):
-            solvers[f"peer{bits}"] = PeerGPTQ(bits=bits)
-            labels[f"GPTQ-{bits} g128 (llmcompressor)"] = f"peer{bits}"
+            register_format(Format(f"peer-gptq{bits}-g128", PeerGPTQ(bits=bits), "llmcompressor's GPTQ"), replace=True)
+            labels[f"GPTQ-{bits} g128 (llmcompressor)"] = f"peer-gptq{bits}-g128"
     elif peers:
         notes.append("llmcompressor not installed (`make bench` installs it): its GPTQ is left out")
     if peers and hqq_available():
         for bits in (2, 1):
-            solvers[f"hqq{bits}"] = HQQ(bits=bits, group_size=64)
-            labels[f"HQQ-{bits} g64"] = f"hqq{bits}"
+            register_format(Format(f"hqq{bits}-g64", HQQ(bits=bits, group_size=64), "HQQ, data-free"), replace=True)
+            labels[f"HQQ-{bits} g64"] = f"hqq{bits}-g64"
     elif peers:
         notes.append("hqq not installed (`pip install hqq termcolor`): HQQ is left out")
-    return solvers, labels, notes
+    return labels, notes
 
 
 def order_of(name: str, entropy: list[float]) -> list[int]:
@@ -126,6 +134,9 @@ def main(argv=None) -> None:
                    help="comma-separated k of the other orders (default: 0,1,2,3,5,8,10,15,20,25,30 for smollm2; "
                         "as --ks for tiny-vlm)")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="leave out llmcompressor and HQQ")
+    p.add_argument("--menu", default=",".join(DEFAULT_MENU), help="formats of the measured allocation")
+    p.add_argument("--budgets", type=int, default=7, help="evenly spaced budgets from GPTQ-2's size to GPTQ-4's")
+    p.add_argument("--sensitivity-samples", type=int, default=8)
     p.add_argument("--hessians", default="fp", choices=("fp", "sequential"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -138,35 +149,39 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, alpha=alpha, seed=0)
-    config = LUQConfig(calibration=calibration, layers=0, k_means=args.k, hessians=args.hessians)
+    menu = parse_formats(args.menu)
+    config = LUQConfig(calibration=calibration, budget_gb=1.0, k_means=args.k, hessians=args.hessians, formats=menu,
+                       validation_samples=args.eval_samples, sensitivity_samples=args.sensitivity_samples)
     net, processor, adapter = load_model(args.model, args.device, torch.float32)
     batches = calibration_batches(processor, adapter, calibration)
-    main_cache = variant_cache(net, config, config.variants())
-    solvers, labels, notes = baselines(args.peers)
-    extra_cache = variant_cache(net, config, solvers)
-    passed = layer_pass(net, adapter, batches, variants=config.variants(), cache=main_cache, hessians=args.hessians,
-                        k=args.k, device=args.device, seed=0, desc="LUQ variants")
-    extra = layer_pass(net, adapter, batches, variants=solvers, cache=extra_cache, hessians=args.hessians, k=args.k,
-                       device=args.device, seed=0, desc="baselines", entropy=False)
+    labels, notes = baselines(args.peers)
+    every = list(dict.fromkeys([*menu, *labels.values()]))
+    cache = variant_cache(net, config, chain_format=every[0])
+    passed = layer_pass(net, adapter, batches, formats=[get_format(f) for f in every], cache=cache,
+                        hessians=args.hessians, k=args.k, device=args.device, seed=0, desc="variants")
     t_quant = time.perf_counter() - t0
-    layers = [dict(a, bytes={**a["bytes"], **b["bytes"]}, nominal_bits={**a["nominal_bits"], **b["nominal_bits"]})
-              for a, b in zip(passed["layers"], extra["layers"])]
-    sizes = size_model(net, adapter, layers, parse_dtype(config.storage_dtype))
-    n = sizes.n_layers
+    sens = sensitivity_batches(processor, adapter, calibration, args.sensitivity_samples, args.eval_samples)
+    per_layer = measure_sensitivity(net, adapter, sens, cache, [get_format(f) for f in menu], device=args.device)
+    costs = {adapter.layer_prefix(i) + n: c for i, layer in enumerate(per_layer) for n, c in layer.items()}
+    t_sens = time.perf_counter() - t0 - t_quant
+    names = linear_names(net, adapter)
+    every_linear = [n for layer in names for n in layer]
+    sizes = size_table(net, adapter, passed["layers"], parse_dtype(config.storage_dtype))
+    n = len(names)
     metric = Metric(args.model, net, processor, args, calibration)
     full_precision = metric()
-    assembly = Assembly(net, adapter, [main_cache, extra_cache], args.device, dense=True)
+    assembly = Assembly(net, adapter, cache, args.device, dense=True)
 
-    def evaluate(variants: list[str]) -> dict:
-        assembly.apply(variants)
+    def evaluate(plan: dict) -> dict:
+        assembly.apply(plan)
         score = metric()
         assembly.undo()
-        return {**score, "avg_bits": sizes.avg_bits(variants), "nominal_avg_bits": sizes.nominal_avg_bits(variants),
-                "total_bytes": sizes.total_bytes(variants)}
+        return {**score, "avg_bits": sizes.avg_bits(plan), "nominal_avg_bits": sizes.nominal_avg_bits(plan),
+                "total_bytes": sizes.total_bytes(plan)}
 
     uniform = {}
-    for label, variant in labels.items():
-        uniform[label] = evaluate([variant] * n)
+    for label, fmt in labels.items():
+        uniform[label] = evaluate(uniform_plan(every_linear, fmt))
         print(f"{label:>30}  bits {uniform[label]['avg_bits']:.3f}  {metric.name} {uniform[label]['value']:.4g}",
               flush=True)
     vqa_ks = "0,3,6,10,15,30"
@@ -174,19 +189,40 @@ def main(argv=None) -> None:
         [int(x) for x in (args.ks or vqa_ks).split(",")]
     other_ks = [int(x) for x in (args.order_ks or args.ks or (vqa_ks if metric.vqa else "0,1,2,3,5,8,10,15,20,25,30"))
                 .split(",")]
-    seen: dict[tuple[str, ...], dict] = {}  # k = 0 and k = n are the same model in every order
+    seen: dict[tuple, dict] = {}  # k = 0 and k = n are the same model in every order
     curves = {}
-    for order_name in args.orders.split(","):
+    for order_name in [o for o in args.orders.split(",") if o]:
         order = order_of(order_name, passed["entropy"])
         curves[order_name] = {"order": order, "points": []}
         for k in (entropy_ks if order_name == "entropy" else other_ks):
-            variants = assignment(order, k, n)
-            if tuple(variants) not in seen:
-                seen[tuple(variants)] = evaluate(variants)
-            point = dict(seen[tuple(variants)], k=k)
+            plan = entropy_plan(order, k, names, "gptq4-g128", "billm")
+            key = tuple(sorted(plan.items()))
+            if key not in seen:
+                seen[key] = evaluate(plan)
+            point = dict(seen[key], k=k)
             curves[order_name]["points"].append(point)
             print(f"{order_name:>16} k={k:2d}  bits {point['avg_bits']:.3f}  {metric.name} {point['value']:.4g}",
                   flush=True)
+
+    low = sizes.total_bytes(uniform_plan(every_linear, "gptq2-g128"))
+    high = sizes.total_bytes(uniform_plan(every_linear, "gptq4-g128"))
+    budgets = {f"{i}/{args.budgets - 1} of GPTQ-2..GPTQ-4": int(low + (high - low) * i / (args.budgets - 1))
+               for i in range(args.budgets)}
+    budgets["GPTQ-3 g128's bytes"] = sizes.total_bytes(uniform_plan(every_linear, "gptq3-g128"))
+    budgets["entropy-LUQ k=3's bytes"] = sizes.total_bytes(entropy_plan(layer_order("entropy", passed["entropy"]), 3,
+                                                                        names, "gptq4-g128", "billm"))
+    measured = []
+    for label, budget in sorted(budgets.items(), key=lambda kv: kv[1]):
+        result = knapsack(sizes, costs, menu, budget)
+        point = dict(evaluate(result.plan), budget=label, budget_bytes=budget, predicted_cost=result.cost,
+                     formats={f: sum(1 for v in result.plan.values() if v == f) for f in sorted(set(result.plan.values()))})
+        fits = {name: u["value"] for name, u in uniform.items() if u["total_bytes"] <= budget}
+        better = [name for name, v in fits.items()
+                  if (v > point["value"] if metric.higher_is_better else v < point["value"])]
+        point["uniform_better"] = better
+        measured.append(point)
+        print(f"{'measured':>16} {label:>26}  bits {point['avg_bits']:.3f}  {metric.name} {point['value']:.4g}"
+              f"  (uniform that fit and beat it: {better or 'none'})", flush=True)
 
     checks = search_checks(curves["entropy"]["points"], metric.higher_is_better) \
         if "entropy" in curves and entropy_ks == list(range(n + 1)) else []
@@ -194,9 +230,11 @@ def main(argv=None) -> None:
               "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": alpha, "seed": 0},
               "eval_size": metric.n, "eval_unit": "questions" if metric.vqa else "tokens",
               "full_precision": full_precision, "uniform": uniform, "curves": curves, "notes": notes,
+              "measured": measured, "menu": list(menu),
               "binary_vs_exhaustive": checks, "entropy": passed["entropy"], "entropy_k": passed["k"],
               "hessians": args.hessians, "threads": torch.get_num_threads(),
-              "seconds": {"quantize": round(t_quant, 1), "total": round(time.perf_counter() - t0, 1)}}
+              "seconds": {"variant_pass": round(t_quant, 1), "sensitivity": round(t_sens, 1),
+                          "total": round(time.perf_counter() - t0, 1)}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot_frontier(result, out.with_suffix(".png"))
@@ -241,6 +279,12 @@ def table(result: dict) -> str:
     for name, r in sorted(rows, key=lambda item: -item[1]["avg_bits"]):
         lines.append(f"| {name} | {r['avg_bits']:.3f} | {r['nominal_avg_bits']:.3f} | {r['total_bytes'] / 1e6:.1f} | "
                      f"{_fmt(result, r['value'])} |")
+    if result.get("measured"):
+        lines += ["", f"Measured allocation (menu: {', '.join(result['menu'])}), without the final pass", "",
+                  f"| budget | total MB | true avg bits | {result['metric']} | predicted KL | uniform that fit and beat it |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {m['budget']} | {m['total_bytes'] / 1e6:.2f} | {m['avg_bits']:.3f} | {_fmt(result, m['value'])} | "
+                  f"{m['predicted_cost']:.4f} | {', '.join(m['uniform_better']) or 'none'} |" for m in result["measured"]]
     orders = list(result["curves"])
     lines += ["", f"{result['metric']} by number of BiLLM layers k, per order", "",
               "| k | " + " | ".join(orders) + " |", "|---" * (len(orders) + 1) + "|"]
@@ -267,6 +311,10 @@ def plot_frontier(result: dict, path: Path) -> None:
         if entropy:
             pts = entropy["points"]
             ax.plot([p[key] for p in pts], [p["value"] for p in pts], marker=".", label="LUQ (entropy order), k=0..")
+        if result.get("measured"):
+            pts = sorted(result["measured"], key=lambda m: m[key])
+            ax.plot([p[key] for p in pts], [p["value"] for p in pts], marker="o", color="black",
+                    label="measured allocation (luq default)")
         markers = iter("sD^v<>pP*XhH8d")
         for name, r in result["uniform"].items():
             ax.scatter([r[key]], [r["value"]], marker=next(markers), s=45, label=name, zorder=3)

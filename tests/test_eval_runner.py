@@ -145,7 +145,8 @@ def test_luq_eval_on_a_real_quantized_artifact(tiny_dir, tmp_path):
     import luq
     from luq.calibration import CalibrationConfig
 
-    config = luq.LUQConfig(calibration=CalibrationConfig(samples=4, seq_len=64), layers=1, validation_samples=2)
+    config = luq.LUQConfig(calibration=CalibrationConfig(samples=4, seq_len=64), layers=1, validation_samples=2,
+                           allocate="entropy")
     luq.quantize(str(tiny_dir), tmp_path / "q", config, cache_dir=tmp_path / "cache", progress=False,
                  log=lambda line: None)
     out = tmp_path / "pope.json"

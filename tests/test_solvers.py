@@ -94,12 +94,18 @@ def test_gptq_group_size_not_dividing_columns_leaves_narrow_last_group():
 
 
 def test_dead_columns_are_zeroed():
+    """A column whose input is always zero (H_jj = 0) is zeroed before solving: its weights
+    cannot change the output, so whatever they were, the stored weight is the same."""
     W, H, _ = make_problem()
     H[5, :] = 0
     H[:, 5] = 0
+    other = W.clone()
+    other[:, 5] = torch.randn(W.shape[0]) * 10
     for solver in (GPTQ(4), BiLLM()):
         Q = solver.quantize(W, H).dequantize()
         assert torch.isfinite(Q).all()
+        assert torch.equal(Q, solver.quantize(other, H).dequantize())
+    assert torch.equal(GPTQ(4).quantize(W, H).dequantize()[:, 5], torch.zeros(W.shape[0]))  # integer zero point
 
 
 def test_billm_layout_and_nominal_bits():

@@ -123,3 +123,21 @@ def tiny_llava_dir(path, seed=0, layers=3):
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
+
+
+def smollm2_head_dir(path, layers=4):
+    """Real SmolLM2-135M weights cut to their first `layers` decoder layers (embeddings, final
+    norm and tied head kept): a small model with real weight and activation statistics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from luq.assets import smollm2_dir
+
+    source = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if hasattr(model.config, "layer_types") and model.config.layer_types is not None:
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return str(path)

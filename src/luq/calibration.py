@@ -114,6 +114,19 @@ def validation_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int,
     return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
 
 
+def sensitivity_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int, reserved: int) -> torch.Tensor:
+    """n windows from the far end of the permutation `text_windows` and `validation_windows`
+    draw from with the same seed: disjoint from the calibration and validation windows as
+    long as those take at most `reserved` slots (checked)."""
+    slots = token_ids.numel() // seq_len
+    if slots < reserved + n:
+        raise LuqError(f"the text has {token_ids.numel():,} tokens, fewer than the {reserved} calibration/validation + "
+                       f"{n} sensitivity windows of {seq_len} tokens need; give more text or fewer samples")
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(slots, generator=g)[slots - n:].sort().values
+    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+
+
 def text_token_ids(tokenizer, source: str | None) -> torch.Tensor:
     """The whole text source, tokenized without special tokens."""
     from luq.assets import cache_root
@@ -335,4 +348,24 @@ def calibration_batches(processor, adapter, config: CalibrationConfig, batch_siz
     samples = load_image_questions(config.images)
     sequences = multimodal_sequences(processor, samples, config.n_multimodal, config.seq_len, config.seed)
     batches += [_batch(sequences[i:i + batch_size]) for i in range(0, len(sequences), batch_size)]
+    return batches
+
+
+def sensitivity_batches(processor, adapter, config: CalibrationConfig, n: int, n_validation: int,
+                        batch_size: int = 8) -> list[tuple[dict, torch.Tensor]]:
+    """The windows the sensitivity of each (linear, format) is measured on: n sequences of L
+    tokens in the calibration mix (alpha), held out from the calibration text windows and
+    from the `n_validation` validation windows; the image+question part is drawn with
+    another seed (the image pool is small, so images may repeat those of calibration)."""
+    n_multimodal = round(config.alpha * n)
+    batches = []
+    if n - n_multimodal:
+        windows = sensitivity_windows(text_token_ids(processor, config.text), n - n_multimodal, config.seq_len,
+                                      config.seed, config.n_text + n_validation)
+        batches += [({"input_ids": w, "attention_mask": torch.ones_like(w)},
+                     torch.full(w.shape, TEXT, dtype=torch.int8)) for w in windows.split(batch_size)]
+    if n_multimodal:
+        samples = load_image_questions(config.images)
+        sequences = multimodal_sequences(processor, samples, n_multimodal, config.seq_len, config.seed + 1)
+        batches += [_batch(sequences[i:i + batch_size]) for i in range(0, len(sequences), batch_size)]
     return batches

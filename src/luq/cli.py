@@ -65,13 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
     _calibration_options(p)
 
-    p = sub.add_parser("quantize", help="quantize a model with LUQ and write the artifact")
+    p = sub.add_parser("quantize", help="quantize a model and write the artifact",
+                       description="Quantize MODEL: by default the best plan (one format per linear, from the "
+                                   "--formats menu) under --budget-gb, chosen on measured costs; "
+                                   "--allocate entropy is the LUQ paper's method.")
     p.add_argument("model", nargs="?", default=None, help="hub id, local directory, or built-in name (default: smollm2)")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    rule = p.add_argument_group("how many layers go to ~1 bit (exactly one)")
-    rule.add_argument("--budget-gb", type=float, help="smallest k whose artifact fits in this many GB (10^9 bytes)")
-    rule.add_argument("--max-drop", type=float, help="largest k whose --metric stays within this of all-4-bit")
-    rule.add_argument("--layers", type=int, help="exactly this many layers")
+    rule = p.add_argument_group("stopping rule (exactly one; none for a one-format menu)")
+    rule.add_argument("--budget-gb", type=float, help="the artifact fits in this many GB (10^9 bytes)")
+    rule.add_argument("--max-drop", type=float,
+                      help="smallest model whose --metric stays within this of full precision (measured) "
+                           "or of the all-high model (entropy)")
+    rule.add_argument("--layers", type=int, help="--allocate entropy: exactly this many layers at the low format")
+    p.add_argument("--allocate", default="measured", choices=("measured", "entropy"),
+                   help="measured (default): knapsack over the format menu on measured costs; "
+                        "entropy: the paper's entropy-ordered layers at --low, the rest at --high")
+    p.add_argument("--formats", default=None, metavar="A,B,...",
+                   help="the menu of --allocate measured (default: every gptq<b>-g<g>; see `luq formats`); "
+                        "one name makes the uniform model")
+    p.add_argument("--high", default="gptq4-g128", metavar="FORMAT", help="--allocate entropy: the high format")
+    p.add_argument("--low", default="billm", metavar="FORMAT", help="--allocate entropy: the low format")
+    p.add_argument("--sensitivity-samples", type=int, default=8, metavar="N",
+                   help="held-out sequences the costs are measured on (default 8)")
     p.add_argument("--metric", default="perplexity",
                    help="metric of --max-drop: perplexity on held-out text (default) or a VQA task (textvqa, pope, ...)")
     p.add_argument("--metric-data", default=None, metavar="PATH",
@@ -93,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model or a quantized artifact (VQA tasks, perplexity)")
     add_eval_arguments(p)
+
+    p = sub.add_parser("formats", help="list the format names with their true bits per weight")
+    p.add_argument("--shape", default="4096x4096", metavar="OUTxIN", help="layer shape the bits are counted on")
 
     p = sub.add_parser("report", help="redraw the plots of a run")
     p.add_argument("dir", type=Path)
@@ -131,13 +149,31 @@ def cmd_quantize(args) -> None:
                                     samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
                        metric_data=args.metric_data, layers=args.layers, search=args.search, order=args.order,
-                       hessians=args.hessians,
+                       hessians=args.hessians, allocate=args.allocate, formats=args.formats, high=args.high,
+                       low=args.low, sensitivity_samples=args.sensitivity_samples,
                        final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
                        storage_dtype=args.storage_dtype, offload_dir=args.offload_dir)
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     print_summary(report)
     plots = plot_run(report, args.out)
     print(f"wrote {args.out} (plots: {', '.join(p.name for p in plots)})")
+
+
+def cmd_formats(args) -> None:
+    from luq.quant.formats import DEFAULT_MENU, list_formats, reference_bits
+
+    try:
+        shape = tuple(int(v) for v in args.shape.lower().split("x"))
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError
+    except ValueError:
+        raise LuqError(f"--shape takes OUTxIN like 4096x4096, not {args.shape!r}") from None
+    print(f"{'format':<14} {'true bits':>12}  {'menu':<5} description (true bits on a {shape[0]}x{shape[1]} layer)")
+    for fmt in list_formats():
+        bits = reference_bits(fmt, shape)
+        text = "?" if bits is None else (f"{bits[0]:.3f}" if abs(bits[1] - bits[0]) < 5e-4
+                                          else f"{bits[0]:.3f}-{bits[1]:.3f}")
+        print(f"{fmt.name:<14} {text:>12}  {'yes' if fmt.name in DEFAULT_MENU else '':<5} {fmt.description}")
 
 
 def cmd_eval(args) -> None:
@@ -176,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a bad argument already reported in one line
         return int(e.code or 0)
     try:
-        {"entropy": cmd_entropy, "quantize": cmd_quantize, "eval": cmd_eval,
+        {"entropy": cmd_entropy, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats,
          "report": cmd_report}[args.command](args)
     except LuqError as e:
         print(f"luq: error: {e}", file=sys.stderr)

@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from luq.calibration import CalibrationConfig
 from luq.errors import LuqError
-from luq.quant import GPTQ, BiLLM
+from luq.quant.formats import DEFAULT_MENU, get_format, parse_formats
 
+ALLOCATIONS = ("measured", "entropy")
 ORDERS = ("entropy", "reverse-entropy", "depth", "random")
 SEARCHES = ("binary", "greedy")
 HESSIAN_SOURCES = ("fp", "sequential")
@@ -18,24 +19,31 @@ STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 class LUQConfig:
     """What `luq.quantize` does, and how.
 
-    Exactly one stopping rule: `budget_gb` (smallest number k of 1-bit layers whose
-    artifact fits in budget_gb * 1e9 bytes), `max_drop` with `metric` (largest k whose
-    metric stays within max_drop of the all-4-bit model, found by `search`), or
-    `layers` (exactly k = layers).
+    allocate: how the plan (linear -> format) is chosen. "measured" (default): every linear
+    is quantized in every format of the menu `formats` (default `luq.quant.DEFAULT_MENU`),
+    each (linear, format)'s cost on the model's output is measured (luq.sensitivity), and a
+    knapsack picks the least-cost plan under the budget (luq.plan.measured). One format
+    alone makes the uniform model (no stopping rule needed). "entropy": the paper's method,
+    exactly: layers in `order`, the first k at the `low` format and the rest at `high`.
+
+    Stopping rules (exactly one, except for a one-format menu): `budget_gb` (the artifact
+    fits in budget_gb * 1e9 bytes: the best plan (measured) or the smallest k (entropy)),
+    `max_drop` with `metric` (the smallest budget (measured) or largest k (entropy, with
+    `search`) whose real metric stays within max_drop: of the full-precision model for
+    measured, of the all-high model for entropy), or `layers` (entropy only: exactly k).
 
     order: "entropy" (ascending, the method), "reverse-entropy", "depth" (deepest
     first), "random" (seeded), or an explicit list of decoder-layer indices.
-    high / low: the two solvers (GPTQ-4 g128 and BiLLM by default).
     hessians: where layer i's Hessians come from: "fp", the full-precision model's
-    activations (every variant of every layer is computed once and any k assembles from
-    the cache), or "sequential", the chain of already quantized layers (each at its
-    high-precision variant while the cache is filled). final_pass (default) re-quantizes
-    the chosen configuration once more sequentially, each layer fed by the chosen quantized
-    layers before it (GPTQ's sequential mode, exactly): on SmolLM2-135M it lowered held-out
-    perplexity from 31.01 to 30.46 at k=0 and from 102.97 to 74.26 at k=4
-    (bench/hessian_source.py), for one more pass over the layers.
+    activations (every format of every layer is computed once and any plan assembles from
+    the cache), or "sequential", the chain of already quantized layers (in the menu's first
+    format while the cache is filled). final_pass (default) re-quantizes the chosen plan once
+    more sequentially, each layer fed by the chosen quantized layers before it (GPTQ's
+    sequential mode, exactly): on SmolLM2-135M it lowered held-out perplexity from 31.01 to
+    30.46 at k=0 and from 102.97 to 74.26 at k=4 (bench/hessian_source.py).
     k_means: K for the entropy (None: chosen by the Kendall/Kneedle rule);
     subsample: tokens per layer K-means is fitted on (None: all).
+    sensitivity_samples: sequences of L tokens the costs are measured on (held out).
     storage_dtype: dtype of every unquantized tensor in the artifact (embeddings, norms,
     vision tower, projector, lm_head).
     """
@@ -46,15 +54,18 @@ class LUQConfig:
     metric: str = "perplexity"
     metric_data: str | None = None
     layers: int | None = None
+    allocate: str = "measured"
+    formats: tuple[str, ...] | None = None
+    high: str = "gptq4-g128"
+    low: str = "billm"
     search: str = "binary"
     order: str | tuple[int, ...] = "entropy"
-    high: GPTQ = field(default_factory=GPTQ)
-    low: BiLLM = field(default_factory=BiLLM)
     hessians: str = "fp"
     final_pass: bool = True
     k_means: int | None = None
     subsample: int | None = None
     validation_samples: int = 16
+    sensitivity_samples: int = 8
     storage_dtype: str = "float16"
     offload_dir: str | None = None  # activations between layers in memory-mapped files there, not RAM
 
@@ -62,11 +73,21 @@ class LUQConfig:
     # score (luq.eval) on metric_data (None: its bundled offline sample).
 
     def __post_init__(self) -> None:
+        if self.allocate not in ALLOCATIONS:
+            raise LuqError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {self.allocate!r}")
+        if self.formats is not None:
+            if self.allocate == "entropy":
+                raise LuqError("--formats is the menu of --allocate measured; --allocate entropy takes --high and --low")
+            object.__setattr__(self, "formats", parse_formats(self.formats))
+        get_format(self.high), get_format(self.low)
         rules = [r for r, v in (("--budget-gb", self.budget_gb), ("--max-drop", self.max_drop),
                                 ("--layers", self.layers)) if v is not None]
-        if len(rules) != 1:
+        uniform = self.allocate == "measured" and len(self.menu()) == 1
+        if len(rules) > 1 or (not rules and not uniform):
             raise LuqError("give exactly one of --budget-gb, --max-drop (with --metric) or --layers"
                            + (f"; got {' and '.join(rules)}" if rules else ""))
+        if self.layers is not None and self.allocate != "entropy":
+            raise LuqError("--layers K is the paper's rule (K layers at the low format): use it with --allocate entropy")
         if self.budget_gb is not None and not self.budget_gb > 0:
             raise LuqError(f"--budget-gb must be positive, got {self.budget_gb}")
         if self.max_drop is not None and not self.max_drop >= 0:
@@ -89,12 +110,17 @@ class LUQConfig:
             raise LuqError(f"--k must be at least 2, got {self.k_means}")
         if self.validation_samples <= 0:
             raise LuqError(f"--validation-samples must be positive, got {self.validation_samples}")
+        if self.sensitivity_samples <= 0:
+            raise LuqError(f"--sensitivity-samples must be positive, got {self.sensitivity_samples}")
 
-    def variants(self) -> dict[str, GPTQ | BiLLM]:
-        """The per-layer variants every layer is quantized to: {'high': ..., 'low': ...}."""
-        return {"high": self.high, "low": self.low}
+    def menu(self) -> tuple[str, ...]:
+        """The format names every linear is quantized to in the variant pass."""
+        if self.allocate == "entropy":
+            return (self.high, self.low) if self.high != self.low else (self.high,)
+        return self.formats or DEFAULT_MENU
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["order"] = self.order if isinstance(self.order, str) else list(self.order)
+        out["menu"] = list(self.menu())
         return out

@@ -2,14 +2,14 @@
 
 One pass over the decoder: for each layer, its full-precision forward on the
 calibration batches gives the output activations (-> entropy) and, through hooks on
-its linears, their Hessians (-> every quantized variant, into the variant cache). The
-outputs feed the next layer.
+its linears, their Hessians (-> every linear in every format of the menu, into the
+variant cache). The outputs feed the next layer.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,9 +20,11 @@ from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_
                          run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter, quantizable_linears
+from luq.errors import LuqError
 from luq.quant import HessianAccumulator, relative_output_error
+from luq.quant.formats import Format, get_format
 from luq.quant.linear import replace_linears, restore_linears
-from luq.variants import LayerVariants, VariantCache, tensor_digest
+from luq.variants import FormatResult, VariantCache, tensor_digest
 
 # the K grid of the stability analysis (the paper settles on K = 100)
 DEFAULT_K_GRID = (8, 16, 32, 50, 75, 100, 150, 200)
@@ -56,22 +58,23 @@ class _LayerHooks:
             h.remove()
 
 
-def quantize_layer(layer: nn.Module, hessians: Mapping[str, torch.Tensor], variants: Mapping[str, object],
-                   device: torch.device | str) -> tuple[dict, dict, dict]:
-    """Every linear of one layer through every variant's solver: (weights, errors, seconds)."""
-    weights: dict = {v: {} for v in variants}
-    errors: dict = {v: {} for v in variants}
-    seconds = {v: 0.0 for v in variants}
-    for name, linear in quantizable_linears(layer).items():
-        W = linear.weight.detach().to(device, torch.float32)
+def quantize_linears(layer: nn.Module, hessians: Mapping[str, torch.Tensor], needs: Mapping[str, Sequence[Format]],
+                     device: torch.device | str) -> dict[str, FormatResult]:
+    """Each linear of one layer (by relative name) through each format it needs: format name ->
+    its FormatResult (packed weights on the CPU, per-linear records, solver seconds)."""
+    linears = quantizable_linears(layer)
+    results: dict[str, FormatResult] = {}
+    for name, formats in needs.items():
+        W = linears[name].weight.detach().to(device, torch.float32)
         H = hessians[name].to(device)
-        for variant, solver in variants.items():
+        for fmt in formats:
             t0 = time.perf_counter()
-            q = solver.quantize(W, H)
-            seconds[variant] += time.perf_counter() - t0
-            errors[variant][name] = relative_output_error(W, q.dequantize().to(device), H)
-            weights[variant][name] = q.to("cpu")
-    return weights, errors, seconds
+            q = fmt.quantize(W, H)
+            result = results.setdefault(fmt.name, FormatResult(fmt.name))
+            result.seconds += time.perf_counter() - t0
+            result.records[name] = FormatResult.record_of(q, relative_output_error(W, q.dequantize().to(device), H))
+            result.weights[name] = q.to("cpu")
+    return results
 
 
 def _entropy_summary(per_layer: list[dict], ks: list[int], k: int | None, kinds: torch.Tensor) -> dict:
@@ -97,73 +100,107 @@ def entropy_grid(k: int | None, k_grid, n_tokens: int) -> list[int]:
     return [K for K in ks if K <= n_tokens or K == k]
 
 
+def _layer_needs(layer: nn.Module, index: int, formats: Sequence[Format], plan_of_layer) -> dict[str, list[Format]]:
+    """Per linear of the layer, the formats the pass must produce for it."""
+    names = list(quantizable_linears(layer))
+    if plan_of_layer is None:
+        return {name: list(formats) for name in names}
+    chosen = plan_of_layer(index)
+    missing = [n for n in names if n not in chosen]
+    if missing:
+        raise LuqError(f"the plan gives no format to layer {index}'s {', '.join(missing)}")
+    return {name: [get_format(chosen[name])] for name in names}
+
+
 @torch.no_grad()
-def layer_pass(model, adapter: Adapter, batches, *, variants: Mapping[str, object] | None = None,
-               cache: VariantCache | None = None, hessians: str = "fp", k: int | None = None,
+def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = (),
+               plan_of_layer: Callable[[int], Mapping[str, str]] | None = None, cache: VariantCache | None = None,
+               hessians: str = "fp", chain_format: Format | None = None, k: int | None = None,
                k_grid=DEFAULT_K_GRID, device: str | torch.device = "cpu", subsample: int | None = None,
-               seed: int = 0, progress: bool = True, desc: str = "layers", assignment: list[str] | None = None,
-               entropy: bool = True, offload_dir: str | None = None) -> dict:
-    """The one pass of DESIGN.md over the decoder layers: entropy of each layer's output
-    (paper Eq. 2-5) and, if `variants` are given, each layer quantized every way into
-    `cache` (layers already in the cache are read, not recomputed).
+               seed: int = 0, progress: bool = True, desc: str = "layers", entropy: bool = True,
+               offload_dir: str | None = None) -> dict:
+    """The one pass of DESIGN.md over the decoder layers: the entropy of each layer's output
+    (paper Eq. 2-5) and every linear quantized in every format of `formats` (or, with
+    `plan_of_layer`, each linear in the one format its layer's plan gives it: the final
+    pass), into `cache`; (layer, format) pairs already cached are read, not recomputed.
 
     hessians: "fp" feeds each layer the full-precision chain; "sequential" feeds it the
-    outputs of the layers before it quantized with the first variant (the high one),
-    or with its variant in `assignment` (per layer, the one variant it gets: the
-    final pass of a chosen configuration). In "sequential" mode the entropy is that of each layer's full-precision forward on
-    the quantized chain's inputs. Returns the entropy summary (see `measure_entropy`)
-    plus `layers`: per layer, its variants' bytes, nominal bits, errors and seconds.
-    entropy=False skips the clustering (and returns only `layers`). offload_dir: keep the
-    activations between layers in memory-mapped files there instead of RAM.
+    outputs of the layers before it quantized (each linear in its planned format, or in
+    `chain_format` when filling the menu). In "sequential" mode the entropy is that of each
+    layer's full-precision forward on the quantized chain's inputs. Returns the entropy
+    summary (see `measure_entropy`, when `entropy`) plus `layers`: per layer, per linear,
+    its shape and per format its bytes, nominal bits and error, and each format's seconds.
+    offload_dir: keep the activations between layers in memory-mapped files there.
     """
-    variants = dict(variants or {})
+    formats = list(formats)
+    quantizing = bool(formats) or plan_of_layer is not None
+    if hessians == "sequential" and quantizing and plan_of_layer is None and chain_format is None:
+        chain_format = formats[0]
     disk = DiskActivations(offload_dir) if offload_dir else None
     first = capture_first_layer_inputs(model, adapter, batches, disk=disk)
     kinds = torch.cat([inp.token_kind.reshape(-1) for inp in first])
     keep = kinds != PAD
     keep_masks = [(inp.token_kind != PAD) for inp in first]
     ks = entropy_grid(k, k_grid, int(keep.sum()))
+    entropy_settings = {"ks": ks, "k": k, "subsample": subsample, "seed": seed}
     layers = adapter.decoder_layers(model)
 
-    def variants_of(i: int) -> dict:
-        return {assignment[i]: variants[assignment[i]]} if assignment is not None else variants
-
     def before(i: int, layer: nn.Module):
-        digest = tensor_digest(dict(layer.state_dict())) if variants else None
-        cached = cache.load(i, digest) if cache is not None and variants else None
+        digest = tensor_digest(dict(layer.state_dict())) if cache is not None else None
+        needs = _layer_needs(layer, i, formats, plan_of_layer) if quantizing else {}
+        cached, missing = {}, {}
+        for name, fmts in needs.items():
+            for fmt in fmts:
+                if fmt.name not in cached and fmt.name not in missing:
+                    record = cache.record(i, fmt, digest) if cache is not None else None
+                    if record is not None and set(record.records) >= {n for n, f in needs.items() if fmt in f}:
+                        cached[fmt.name] = record
+                    else:
+                        missing[fmt.name] = fmt
+        layer_entropy = cache.load_json(i, "entropy", entropy_settings, digest) if entropy and cache else None
         hooks = None
-        if variants and cached is None:
+        if missing:
             hooks = _LayerHooks(keep_masks)
             hooks.attach(layer)
-        return digest, cached, hooks
+        return digest, needs, cached, missing, layer_entropy, hooks
 
     per_layer, summaries = [], []
     inputs = first  # layer i's inputs, for recomputing its outputs in sequential mode
     bar = tqdm(run_layerwise(layers, first, device, before_layer=before, disk=disk), total=len(layers), desc=desc,
                unit="layer", disable=not progress)
-    for i, layer, outputs, (digest, cached, hooks) in bar:
+    for i, layer, outputs, (digest, needs, cached, missing, layer_entropy, hooks) in bar:
         if hooks is not None:
             hooks.remove()
-        if cached is not None:
-            result = cached
-        else:
-            layer_entropy = {}
-            if entropy:
-                h = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])[keep]
-                layer_entropy = entropy_by_kind(h.to(device), kinds[keep], ks, subsample=subsample, seed=seed)
-            result = LayerVariants(index=i, weights={}, entropy=layer_entropy)
-            if variants:
-                bar.set_postfix_str(f"quantizing layer {i}")
-                hess = {name: acc.hessian for name, acc in hooks.accumulators.items()}
-                result.weights, result.errors, result.seconds = quantize_layer(layer, hess, variants_of(i), device)
-                del hess
+        if entropy and layer_entropy is None:
+            h = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])[keep]
+            layer_entropy = entropy_by_kind(h.to(device), kinds[keep], ks, subsample=subsample, seed=seed)
+            if cache is not None:
+                cache.save_json(i, "entropy", entropy_settings, {str(K): v for K, v in layer_entropy.items()},
+                                digest)
+        if entropy:
+            per_layer.append({int(K): v for K, v in layer_entropy.items()})
+        results = dict(cached)
+        if missing:
+            bar.set_postfix_str(f"quantizing layer {i}")
+            hess = {name: acc.hessian for name, acc in hooks.accumulators.items()}
+            todo = {name: [f for f in fmts if f.name in missing] for name, fmts in needs.items()}
+            fresh = quantize_linears(layer, hess, {n: f for n, f in todo.items() if f}, device)
+            del hess
+            for name, result in fresh.items():
                 if cache is not None:
-                    cache.save(result, digest)
-        per_layer.append(result.entropy)
-        if variants:
-            summaries.append(result.summary())
-        if variants and hessians == "sequential":  # the next layer sees this one quantized
-            swapped = replace_linears(layer, result.weights[next(iter(variants_of(i)))])
+                    cache.save(i, missing[name], result, digest)
+                results[name] = result
+        if quantizing:
+            summaries.append(_layer_summary(i, needs, results))
+        if quantizing and hessians == "sequential":  # the next layer sees this one quantized
+            chain = {name: (fmts[0] if plan_of_layer is not None else chain_format) for name, fmts in needs.items()}
+            weights = {}
+            for name, fmt in chain.items():
+                result = results[fmt.name]
+                if name not in result.weights:  # read from the cache: load the tensors now
+                    results[fmt.name] = result = cache.load(i, fmt, digest)
+                weights[name] = result.weights[name]
+            swapped = replace_linears(layer, weights)
             outputs[:] = [offload(layer_forward(layer, inp, device), "cpu", disk) for inp in inputs]
             restore_linears(layer, swapped)
         inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]
@@ -171,9 +208,20 @@ def layer_pass(model, adapter: Adapter, batches, *, variants: Mapping[str, objec
     if entropy:
         out = _entropy_summary(per_layer, [K for K in ks if all(K in e for e in per_layer)], k, kinds)
         out["subsample"] = subsample
-    if variants:
+    if quantizing:
         out["layers"] = summaries
     return out
+
+
+def _layer_summary(index: int, needs: Mapping[str, Sequence[Format]], results: Mapping[str, FormatResult]) -> dict:
+    """Numbers only: per linear its shape and, per format, bytes / nominal bits / error; per format seconds."""
+    linears = {}
+    for name, fmts in needs.items():
+        some = results[fmts[0].name].records[name]
+        linears[name] = {"shape": some["shape"],
+                         "formats": {f.name: {k: results[f.name].records[name][k]
+                                              for k in ("bytes", "nominal_bits", "error")} for f in fmts}}
+    return {"index": index, "linears": linears, "seconds": {name: r.seconds for name, r in results.items()}}
 
 
 def measure_entropy(model, adapter: Adapter, batches, *, k: int | None = None, k_grid=DEFAULT_K_GRID,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -51,24 +52,113 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def _method(fmt_names) -> str:
+    """The solver family of a set of formats ('gptq', 'billm', ...), or 'mixed'."""
+    from luq.quant.formats import get_format
+
+    methods = {get_format(f).settings()["solver"].lower() for f in fmt_names}
+    return methods.pop() if len(methods) == 1 else "mixed"
+
+
+def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: dict, decision: dict,
+                 costs: dict | None) -> dict:
+    """luq_report.json: the plan, what it weighs to the byte, what it was predicted and measured
+    to cost, and how it was chosen (the stopping rule's search, the frontier of plans)."""
+    from luq import __version__
+    from luq.plan import layer_plan, plan_cost
+
+    records = {adapter.layer_prefix(r["index"]) + name: info
+               for r in passed.get("final_layers") or passed["layers"] for name, info in r["linears"].items()}
+    linears = {}
+    for name, fmt in plan.items():
+        s = sizes.linears[name]
+        linears[name] = {"format": fmt, "layer": s.layer, "bytes": s.bytes[fmt],
+                         "bits_per_weight": 8.0 * s.bytes[fmt] / s.n_weights, "nominal_bits": s.nominal_bits[fmt],
+                         "relative_error": records[name]["formats"][fmt]["error"],
+                         "predicted_cost": None if costs is None else costs[name][fmt]}
+    entropy = passed["entropy"]
+    layers = []
+    for i in range(len(adapter.decoder_layers(net))):
+        own = layer_plan(plan, adapter.layer_prefix(i))
+        names = [adapter.layer_prefix(i) + n for n in own]
+        n_weights = sizes.layer_weights(i)
+        errors = [linears[n]["relative_error"] for n in names]
+        layers.append({"index": i, "method": _method(own.values()), "formats": own,
+                       "bits_per_weight": 8.0 * sizes.layer_bytes(plan, i) / n_weights,
+                       "nominal_bits": sum(linears[n]["nominal_bits"] * sizes.linears[n].n_weights for n in names)
+                       / n_weights,
+                       "bytes": sizes.layer_bytes(plan, i), "entropy": entropy[i],
+                       "mean_relative_error": sum(errors) / len(errors) if errors else None})
+    if config.allocate == "entropy":
+        order, k = decision["order"], decision["k"]
+        low = sorted(order[:k])
+    else:
+        order = passed["ranking"]
+        low = [layer["index"] for layer in layers if layer["nominal_bits"] < 2]
+        k = len(low)
+    frontier = []
+    for point in decision["frontier"]:
+        row = {key: v for key, v in point.items() if key != "plan"}
+        row.update(avg_bits=sizes.avg_bits(point["plan"]), nominal_avg_bits=sizes.nominal_avg_bits(point["plan"]),
+                   total_bytes=sizes.total_bytes(point["plan"]),
+                   predicted_cost=None if costs is None else plan_cost(point["plan"], costs))
+        frontier.append(row)
+    total = sizes.total_bytes(plan)
+    return {
+        "model": model_name or "smollm2", "family": adapter.family, "luq_version": __version__,
+        "allocate": config.allocate, "menu": list(config.menu()),
+        "k": k, "low_bit_layers": low, "order": order,
+        "order_rule": (config.order if isinstance(config.order, str) else "explicit")
+        if config.allocate == "entropy" else None,
+        "avg_bits": sizes.avg_bits(plan), "nominal_avg_bits": sizes.nominal_avg_bits(plan),
+        "total_bytes": total, "total_gb": total / 1e9, "unquantized_bytes": sizes.base_bytes,
+        "budget_gb": config.budget_gb, "max_drop": config.max_drop,
+        "metric": config.metric if decision["search"] else None, "search": decision["search"],
+        "predicted_cost": None if costs is None else plan_cost(plan, costs),
+        "measured_cost": decision.get("measured_cost"), "cost_unit": "KL from full precision, nats per token",
+        "knapsack": decision.get("knapsack"),
+        "entropy": entropy, "entropy_k": passed["k"], "kendall": passed["kendall"],
+        "text_entropy": passed["text_entropy"], "image_entropy": passed["image_entropy"],
+        "tokens": passed["tokens"], "hessians": config.hessians, "final_pass": config.final_pass,
+        "calibration": asdict(config.calibration), "layers": layers, "linears": linears, "frontier": frontier,
+    }
+
+
 def summary_rows(report: dict) -> list[dict]:
-    """One row per k the run looked at (each searched k, else the chosen one)."""
-    by_k = {f["k"]: f for f in report["frontier"]}
-    steps = report.get("search") or [{"k": report["k"], "value": None}]
-    return [{"k": s["k"], "avg_bits": by_k[s["k"]]["avg_bits"], "nominal_avg_bits": by_k[s["k"]]["nominal_avg_bits"],
-             "total_gb": by_k[s["k"]]["total_bytes"] / 1e9, "metric": s["value"], "chosen": s["k"] == report["k"]}
-            for s in sorted(steps, key=lambda s: s["k"])]
+    """One row per configuration the run evaluated (each searched k or budget), else the chosen one."""
+    chosen = {"avg_bits": report["avg_bits"], "nominal_avg_bits": report["nominal_avg_bits"],
+              "total_gb": report["total_bytes"] / 1e9, "metric": None, "chosen": True, "label": "chosen"}
+    if report.get("allocate", "entropy") == "entropy":
+        by_k = {f["k"]: f for f in report["frontier"]}
+        steps = report.get("search") or [{"k": report["k"], "value": None}]
+        return [{"label": f"k={s['k']}", "avg_bits": by_k[s["k"]]["avg_bits"],
+                 "nominal_avg_bits": by_k[s["k"]]["nominal_avg_bits"], "total_gb": by_k[s["k"]]["total_bytes"] / 1e9,
+                 "metric": s["value"], "chosen": s["k"] == report["k"]} for s in sorted(steps, key=lambda s: s["k"])]
+    rows = [{"label": f"{s['budget_bytes'] / 1e9:.4f} GB", "avg_bits": None, "nominal_avg_bits": None,
+             "total_gb": s["total_bytes"] / 1e9, "metric": s["value"], "chosen": False}
+            for s in sorted(report.get("search") or [], key=lambda s: s["budget_bytes"])]
+    return rows + [chosen]
 
 
 def format_summary(report: dict) -> str:
     metric = report.get("metric") or "metric"
-    lines = [f"{'k':>4} {'true bits':>10} {'nominal':>8} {'total GB':>10} {metric:>12}",
-             "-" * 48]
+    lines = [f"{'':>12} {'true bits':>10} {'nominal':>8} {'total GB':>10} {metric:>12}", "-" * 56]
     for r in summary_rows(report):
         value = "" if r["metric"] is None else f"{r['metric']:.4f}"
-        lines.append(f"{r['k']:>4} {r['avg_bits']:>10.3f} {r['nominal_avg_bits']:>8.3f} {r['total_gb']:>10.4f} "
+        bits = "" if r["avg_bits"] is None else f"{r['avg_bits']:.3f}"
+        nominal = "" if r["nominal_avg_bits"] is None else f"{r['nominal_avg_bits']:.3f}"
+        lines.append(f"{r['label']:>12} {bits:>10} {nominal:>8} {r['total_gb']:>10.4f} "
                      f"{value:>12}{'  <- chosen' if r['chosen'] else ''}")
-    lines.append(f"low-bit layers ({report['k']}): {report['low_bit_layers']}")
+    if report.get("allocate", "entropy") == "entropy":
+        lines.append(f"low-bit layers ({report['k']}): {report['low_bit_layers']}")
+    else:
+        counts: dict[str, int] = {}
+        for info in report["linears"].values():
+            counts[info["format"]] = counts.get(info["format"], 0) + 1
+        lines.append("plan: " + ", ".join(f"{n} x {f}" for f, n in sorted(counts.items(), key=lambda x: -x[1])))
+        if report.get("predicted_cost") is not None:
+            lines.append(f"cost (KL from full precision, nats/token): predicted {report['predicted_cost']:.4f}, "
+                         f"measured {report['measured_cost']:.4f}")
     return "\n".join(lines)
 
 
@@ -77,23 +167,33 @@ def print_summary(report: dict) -> None:
 
 
 def plot_frontier(report: dict, out_dir: Path) -> Path:
-    """frontier.png: the metric of every evaluated k against true avg bits, or, when no
-    metric was evaluated, the artifact size against k (true and nominal bits)."""
+    """frontier.png: the metric of every evaluated configuration against true avg bits; else,
+    for the entropy rule, bits against k, and for the measured allocation, the predicted cost
+    of the best plan at each budget against its true bits."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    if report.get("search"):
+    f = report["frontier"]
+    if report.get("search") and report.get("allocate", "entropy") == "entropy":
         rows = summary_rows(report)
         ax.plot([r["avg_bits"] for r in rows], [r["metric"] for r in rows], marker="o")
         for r in rows:
-            ax.annotate(f"k={r['k']}", (r["avg_bits"], r["metric"]), textcoords="offset points", xytext=(3, 4),
+            ax.annotate(r["label"], (r["avg_bits"], r["metric"]), textcoords="offset points", xytext=(3, 4),
                         fontsize=7, color="tab:red" if r["chosen"] else "black")
         ax.set(xlabel="true avg bits per decoder weight (from bytes)", ylabel=report["metric"],
                title="Quality vs bits for each k evaluated")
-    else:
-        f = report["frontier"]
+    elif report.get("allocate", "entropy") == "entropy":
         ax.plot([x["k"] for x in f], [x["avg_bits"] for x in f], marker=".", label="true bits (bytes)")
         ax.plot([x["k"] for x in f], [x["nominal_avg_bits"] for x in f], marker=".", label="nominal (paper)")
         ax.axvline(report["k"], color="tab:red", linestyle="--", label=f"chosen k = {report['k']}")
         ax.set(xlabel="layers at ~1 bit (k)", ylabel="avg bits per decoder weight", title="Bits vs k")
+        ax.legend()
+    else:
+        points = [x for x in f if x.get("predicted_cost") is not None]
+        ax.plot([x["avg_bits"] for x in points], [x["predicted_cost"] for x in points], marker="o",
+                label="best plan per budget")
+        if report.get("predicted_cost") is not None:
+            ax.plot([report["avg_bits"]], [report["predicted_cost"]], "r*", markersize=12, label="chosen")
+        ax.set(xlabel="true avg bits per decoder weight (from bytes)", yscale="log",
+               ylabel="predicted KL (nats/token)", title="Measured allocation: predicted cost vs true bits")
         ax.legend()
     return save_figure(fig, Path(out_dir) / "frontier.png")
 

@@ -1,15 +1,16 @@
-"""The per-layer variant cache: every decoder layer quantized each way, kept on disk.
+"""The variant cache: every decoder linear quantized in every format of the menu, on disk.
 
-During the layer-by-layer pass each layer's linears are quantized with every variant
-(GPTQ-4 and BiLLM by default) and stored in one safetensors file per layer, with what
-the layer's entropy was and what produced it. A candidate with any number of 1-bit
-layers is then assembled from these files without quantizing again, and a rerun of an
-interrupted pass finds the layers already done.
+During the layer-by-layer pass each layer's linears are quantized with each format and
+stored in one safetensors file per (layer, format), named by the format and the hash
+of its solver settings. A plan (linear -> format) is then assembled from these files
+without quantizing again; a rerun of an interrupted pass finds the (layer, format)
+pairs already done; adding a format to a run computes only that format.
 
-A cache directory is named by the hash of everything that determines its contents
-(model fingerprint, calibration, solver settings, entropy settings, Hessian source);
-each layer file also records the hash of the layer's own weights, and a layer whose
-file is missing, unreadable or made from other weights is simply recomputed.
+A cache directory is named by the hash of what every file in it depends on (model
+fingerprint, calibration, Hessian source); each file also records the hash of its
+layer's own weights, and a file that is missing, unreadable or made from other weights
+is simply recomputed. Small JSON records beside the weights hold what the pass measured
+per layer (entropy, per-format sensitivity costs), each keyed by its own settings.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from luq.quant import QuantizedWeight, weight_from_state_dict
+from luq.quant.formats import Format
 from luq.store import atomic_write
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -40,6 +42,11 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def settings_digest(settings: Any) -> str:
+    """Short hash of JSON-able settings (names cache files and records)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -55,91 +62,109 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 @dataclass
-class LayerVariants:
-    """One decoder layer quantized every way, plus what the pass measured on it.
+class FormatResult:
+    """One decoder layer's linears in one format, and what quantizing them measured.
 
-    weights: variant name -> linear name (relative to the layer) -> packed weight.
-    entropy: K -> {"all", "text", "image"} entropy of the layer's output (nats).
-    errors: variant -> linear -> relative output error ||WX - QX||^2 / ||WX||^2.
-    seconds: variant -> solver wall time for the whole layer.
+    weights: linear name (relative to the layer) -> packed weight (empty when only the
+    record was read). records: linear name -> {"shape", "bytes", "nominal_bits",
+    "error" (relative output error ||WX - QX||^2 / ||WX||^2 on the calibration Hessian)}.
+    seconds: solver wall time for the whole layer.
     """
 
-    index: int
-    weights: dict[str, dict[str, QuantizedWeight]]
-    entropy: dict[int, dict[str, float | None]]
-    errors: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
+    format: str
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
 
-    def nbytes(self, variant: str) -> int:
-        """Stored bytes of the layer's quantized linears in `variant`."""
-        return sum(w.nbytes for w in self.weights[variant].values())
-
-    def n_weights(self) -> int:
-        some = next(iter(self.weights.values()))
-        return sum(w.shape[0] * w.shape[1] for w in some.values())
-
-    def nominal_bits(self, variant: str) -> float:
-        """The paper's bits per weight of the layer in `variant` (weighted over its linears)."""
-        ws = self.weights[variant].values()
-        return sum(w.nominal_bits_per_weight * w.shape[0] * w.shape[1] for w in ws) / self.n_weights()
-
-    def summary(self) -> dict[str, Any]:
-        """What the planner needs, without the tensors."""
-        return {"index": self.index, "n_weights": self.n_weights(),
-                "bytes": {v: self.nbytes(v) for v in self.weights},
-                "nominal_bits": {v: self.nominal_bits(v) for v in self.weights},
-                "entropy": self.entropy, "errors": self.errors, "seconds": self.seconds}
+    @staticmethod
+    def record_of(weight: QuantizedWeight, error: float) -> dict[str, Any]:
+        return {"shape": list(weight.shape), "bytes": weight.nbytes,
+                "nominal_bits": weight.nominal_bits_per_weight, "error": error}
 
 
 class VariantCache:
-    """A directory of per-layer variant files for one (model, settings) key."""
+    """A directory of per-(layer, format) files for one (model, calibration, Hessians) key."""
 
     def __init__(self, root: Path | str, key: dict[str, Any]):
         self.key = dict(key, cache_format=CACHE_FORMAT)
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()
-        self.dir = Path(root) / digest[:20]
+        self.dir = Path(root) / settings_digest(self.key)
 
-    def path(self, index: int) -> Path:
-        return self.dir / f"layer_{index:04d}.safetensors"
+    def _layer_dir(self, index: int) -> Path:
+        return self.dir / f"layer_{index:04d}"
 
-    def save(self, layer: LayerVariants, layer_digest: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def path(self, index: int, fmt: Format) -> Path:
+        return self._layer_dir(index) / f"{fmt.name}-{fmt.digest}.safetensors"
+
+    def _ensure_dir(self, index: int) -> None:
+        self._layer_dir(index).mkdir(parents=True, exist_ok=True)
         if not (self.dir / "key.json").exists():
-            atomic_write(self.dir / "key.json",
-                         lambda tmp: tmp.write_text(json.dumps(self.key, indent=1, default=str)))
-        tensors, configs = {}, {}
-        for variant, linears in layer.weights.items():
-            for name, weight in linears.items():
-                configs.setdefault(variant, {})[name] = weight.config()
-                for tname, t in weight.state_dict().items():
-                    tensors[f"{variant}/{name}/{tname}"] = t.detach().to("cpu").contiguous()
-        meta = {"index": layer.index, "layer_digest": layer_digest, "configs": configs,
-                "entropy": {str(k): v for k, v in layer.entropy.items()},
-                "errors": layer.errors, "seconds": layer.seconds}
-        atomic_write(self.path(layer.index), lambda tmp: save_file(tensors, str(tmp), {"luq": json.dumps(meta)}))
+            atomic_write(self.dir / "key.json", lambda tmp: tmp.write_text(json.dumps(self.key, indent=1, default=str)))
 
-    def load(self, index: int, layer_digest: str | None = None,
-             device: torch.device | str = "cpu") -> LayerVariants | None:
-        """The cached layer, or None if absent, unreadable, or made from other weights."""
-        path = self.path(index)
-        if not path.exists():
-            return None
+    def save(self, index: int, fmt: Format, result: FormatResult, layer_digest: str) -> None:
+        self._ensure_dir(index)
+        tensors = {f"{name}/{tname}": t.detach().to("cpu").contiguous()
+                   for name, weight in result.weights.items() for tname, t in weight.state_dict().items()}
+        meta = {"index": index, "format": fmt.name, "settings": fmt.settings(), "layer_digest": layer_digest,
+                "configs": {name: w.config() for name, w in result.weights.items()},
+                "records": result.records, "seconds": result.seconds}
+        atomic_write(self.path(index, fmt), lambda tmp: save_file(tensors, str(tmp), {"luq": json.dumps(meta)}))
+
+    def _meta(self, path: Path, layer_digest: str | None) -> dict | None:
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt") as f:
                 meta = json.loads(f.metadata()["luq"])
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:  # a torn or foreign file: recompute the layer
-            warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}); recomputing layer {index}",
-                          stacklevel=2)
+        except Exception as e:  # a torn or foreign file: recompute
+            warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}); recomputing it", stacklevel=3)
             return None
         if layer_digest is not None and meta["layer_digest"] != layer_digest:
             return None
-        weights: dict[str, dict[str, QuantizedWeight]] = {}
-        for variant, linears in meta["configs"].items():
-            for name, config in linears.items():
-                prefix = f"{variant}/{name}/"
-                own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                weights.setdefault(variant, {})[name] = weight_from_state_dict(own, config)
-        return LayerVariants(index=meta["index"], weights=weights,
-                             entropy={int(k): v for k, v in meta["entropy"].items()},
-                             errors=meta["errors"], seconds=meta["seconds"])
+        return meta
+
+    def record(self, index: int, fmt: Format, layer_digest: str | None = None) -> FormatResult | None:
+        """What the file measured (bytes, errors, seconds), without reading its tensors; None if absent."""
+        path = self.path(index, fmt)
+        meta = self._meta(path, layer_digest) if path.exists() else None
+        if meta is None:
+            return None
+        return FormatResult(fmt.name, {}, meta["records"], meta["seconds"])
+
+    def load(self, index: int, fmt: Format, layer_digest: str | None = None,
+             device: torch.device | str = "cpu") -> FormatResult | None:
+        """The layer's linears in `fmt`, or None if absent, unreadable, or made from other weights."""
+        path = self.path(index, fmt)
+        if not path.exists():
+            return None
+        meta = self._meta(path, layer_digest)
+        if meta is None:
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:
+            warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}); recomputing it", stacklevel=2)
+            return None
+        weights = {}
+        for name, config in meta["configs"].items():
+            prefix = f"{name}/"
+            weights[name] = weight_from_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                                    if k.startswith(prefix)}, config)
+        return FormatResult(fmt.name, weights, meta["records"], meta["seconds"])
+
+    # small JSON records per layer (entropy, sensitivity costs), keyed by their own settings
+    def _json_path(self, index: int, kind: str, settings: Any) -> Path:
+        return self._layer_dir(index) / f"{kind}-{settings_digest(settings)}.json"
+
+    def save_json(self, index: int, kind: str, settings: Any, data: Any, layer_digest: str) -> None:
+        self._ensure_dir(index)
+        blob = json.dumps({"layer_digest": layer_digest, "settings": settings, "data": data}, default=str)
+        atomic_write(self._json_path(index, kind, settings), lambda tmp: tmp.write_text(blob))
+
+    def load_json(self, index: int, kind: str, settings: Any, layer_digest: str | None = None) -> Any | None:
+        path = self._json_path(index, kind, settings)
+        try:
+            blob = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if layer_digest is not None and blob.get("layer_digest") != layer_digest:
+            return None
+        return blob["data"]

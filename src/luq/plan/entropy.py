@@ -1,8 +1,10 @@
-"""Which layers go to ~1 bit: the order (paper Eq. 6), memory accounting, the choice of k
-(memory budget, paper Eq. 7; performance threshold by binary search, paper Eq. 8).
+"""The paper's allocation (`--allocate entropy`): which layers go to the low format.
 
-Pure functions of numbers: per-layer byte counts from the variant cache, entropies,
-and an evaluator callback for the threshold search.
+Layers ranked by output entropy (paper Eq. 6), the first k of the order take the low
+format (BiLLM) and the rest the high one (GPTQ-4 g128); k is the smallest that fits a
+memory budget (Eq. 7), the largest whose metric stays within a threshold (Eq. 8, a
+binary search), or given. Pure functions of numbers: sizes, entropies, and an
+evaluator callback for the threshold search.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from luq.entropy import entropy_ranking
 from luq.errors import LuqError
+from luq.plan.sizes import Plan, SizeTable
 
 HIGH, LOW = "high", "low"
 
@@ -51,48 +54,24 @@ def assignment(order: Sequence[int], k: int, n_layers: int) -> list[str]:
     return [LOW if i in low else HIGH for i in range(n_layers)]
 
 
-@dataclass(frozen=True)
-class SizeModel:
-    """Exact bytes of an artifact: the unquantized tensors plus each layer's packed linears.
+def entropy_plan(order: Sequence[int], k: int, layer_linears: Sequence[Sequence[str]], high: str, low: str) -> Plan:
+    """The per-linear plan of k low layers: every linear of a low layer in `low`, the rest in `high`.
 
-    base_bytes: everything but the quantized decoder linears (embeddings, norms, lm_head,
-    vision tower, projector, biases), at the storage dtype. layer_bytes[v][i]: stored
-    bytes of layer i's linears in variant v. n_weights[i]: weights of layer i's linears.
-    nominal_bits[v][i]: the paper's bits per weight of layer i in variant v.
-    """
-
-    base_bytes: int
-    layer_bytes: dict[str, list[int]]
-    n_weights: list[int]
-    nominal_bits: dict[str, list[float]]
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.n_weights)
-
-    def total_bytes(self, variants: Sequence[str]) -> int:
-        return self.base_bytes + sum(self.layer_bytes[v][i] for i, v in enumerate(variants))
-
-    def avg_bits(self, variants: Sequence[str]) -> float:
-        """True bits per quantized decoder weight, from stored bytes."""
-        return 8.0 * sum(self.layer_bytes[v][i] for i, v in enumerate(variants)) / sum(self.n_weights)
-
-    def nominal_avg_bits(self, variants: Sequence[str]) -> float:
-        """The paper's per-layer average of nominal bits, weighted by each layer's weights."""
-        return sum(self.nominal_bits[v][i] * self.n_weights[i] for i, v in enumerate(variants)) / sum(self.n_weights)
+    layer_linears[i]: the full names of decoder layer i's quantized linears."""
+    return {name: (low if variant == LOW else high)
+            for names, variant in zip(layer_linears, assignment(order, k, len(layer_linears))) for name in names}
 
 
-def smallest_fitting_k(size: SizeModel, order: Sequence[int], budget_bytes: int) -> int:
+def smallest_fitting_k(sizes: SizeTable, plan_for_k: Callable[[int], Plan], n_order: int, budget_bytes: int) -> int:
     """Eq. 7: the smallest k whose artifact fits in `budget_bytes`; one clear error if none does."""
-    n = size.n_layers
-    totals = [size.total_bytes(assignment(order, k, n)) for k in range(len(order) + 1)]
+    totals = [sizes.total_bytes(plan_for_k(k)) for k in range(n_order + 1)]
     for k, total in enumerate(totals):
         if total <= budget_bytes:
             return k
     smallest = min(totals)
     raise LuqError(f"no configuration fits {budget_bytes / 1e9:.4g} GB: the smallest reachable is "
                    f"{smallest / 1e9:.4g} GB ({smallest:,} bytes, k = {totals.index(smallest)} of "
-                   f"{len(order)} layers at low bit)")
+                   f"{n_order} layers at low bit)")
 
 
 @dataclass

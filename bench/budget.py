@@ -1,0 +1,100 @@
+"""The budget mode's must-show points, each made by `luq.quantize` exactly as a user runs it
+(sequential final pass included) and scored from the written artifact on held-out data.
+
+For the model, in one run and one shared variant cache:
+- uniform GPTQ-4 g128, GPTQ-3 g128 and GPTQ-2 g128 (`--formats gptqB-g128`);
+- the paper's method at k = 3 (`--allocate entropy --layers 3`);
+- the measured allocation (the default) at the bytes of uniform GPTQ-3 and at the bytes of
+  entropy-LUQ k = 3 (`--budget-gb` = those sizes).
+Scores: SmolLM2: perplexity on held-out Wikipedia windows (disjoint from the calibration,
+sensitivity and threshold windows); tiny-vlm: accuracy on held-out generated VQA questions.
+Prints a table and the ratios the issue asks for; writes bench/results/budget-<model>.json.
+
+    python -m bench.budget                      # SmolLM2, 16 x 256 calibration
+    python -m bench.budget --model tiny-vlm     # alpha 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import luq
+from luq.calibration import CalibrationConfig
+from luq.quant.linear import dequantize_modules
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv=None) -> None:
+    from bench.frontier import Metric
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-vlm"))
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--vqa-per-kind", type=int, default=15)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--work", type=Path, default=Path("out/bench-budget"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    alpha = args.alpha if args.alpha is not None else (0.5 if args.model == "tiny-vlm" else 0.0)
+    calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, alpha=alpha, seed=0)
+    common = dict(calibration=calibration, k_means=args.k, validation_samples=args.eval_samples)
+
+    def run(name: str, **kw) -> dict:
+        t0 = time.perf_counter()
+        report = luq.quantize(args.model, args.work / name, luq.LUQConfig(**common, **kw), log=lambda s: None)
+        model, processor, _ = luq.load(args.work / name)
+        dequantize_modules(model)  # the same weights as plain linears: scoring speed only
+        metric = Metric(args.model, model, processor, args, calibration)
+        row = {"name": name, "total_bytes": report["total_bytes"], "avg_bits": report["avg_bits"],
+               **metric(), "predicted_cost": report.get("predicted_cost"), "measured_cost": report.get("measured_cost"),
+               "plan_formats": sorted({i["format"] for i in report["linears"].values()}),
+               "low_bit_layers": report["low_bit_layers"], "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name:>28}  {row['total_bytes'] / 1e6:8.2f} MB  {row['avg_bits']:.3f} bits  {metric.name} "
+              f"{row['value']:.4g}  ({row['seconds']} s)", flush=True)
+        return row
+
+    rows = {}
+    for bits in (4, 3, 2):
+        rows[f"uniform GPTQ-{bits} g128"] = run(f"uniform-gptq{bits}", formats=(f"gptq{bits}-g128",))
+    rows["entropy-LUQ k=3"] = run("entropy-k3", allocate="entropy", layers=3)
+    for label, ref in (("GPTQ-3", "uniform GPTQ-3 g128"), ("entropy-LUQ k=3", "entropy-LUQ k=3")):
+        rows[f"measured at {label}'s bytes"] = run(f"measured-at-{ref.split()[0]}-{ref.split()[-1]}",
+                                                    budget_gb=rows[ref]["total_bytes"] / 1e9)
+    vqa = args.model == "tiny-vlm"
+
+    def ratio(a: str, b: str) -> float:
+        return rows[a]["value"] / rows[b]["value"]
+
+    checks = {"measured / GPTQ-3 at GPTQ-3's bytes": ratio("measured at GPTQ-3's bytes", "uniform GPTQ-3 g128"),
+              "measured / entropy-LUQ at k=3's bytes": ratio("measured at entropy-LUQ k=3's bytes", "entropy-LUQ k=3")}
+    if vqa:
+        checks = {"measured - GPTQ-3 at GPTQ-3's bytes": rows["measured at GPTQ-3's bytes"]["value"]
+                  - rows["uniform GPTQ-3 g128"]["value"],
+                  "measured - entropy-LUQ at k=3's bytes": rows["measured at entropy-LUQ k=3's bytes"]["value"]
+                  - rows["entropy-LUQ k=3"]["value"]}
+    result = {"model": args.model, "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": alpha},
+              "metric": "VQA accuracy" if vqa else "perplexity", "rows": rows, "checks": checks,
+              "threads": torch.get_num_threads()}
+    out = args.out or RESULTS / f"budget-{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n| configuration | total MB | true avg bits | {result['metric']} | KL from fp (nats/token) |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        kl = "" if r["measured_cost"] is None else f"{r['measured_cost']:.4f}"
+        print(f"| {name} | {r['total_bytes'] / 1e6:.2f} | {r['avg_bits']:.3f} | {r['value']:.4g} | {kl} |")
+    for name, value in checks.items():
+        print(f"{name}: {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
