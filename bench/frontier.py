@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-peers", dest="peers", action="store_false", help="leave out llmcompressor and HQQ")
     p.add_argument("--menu", default=",".join(DEFAULT_MENU), help="formats of the measured allocation")
     p.add_argument("--budgets", type=int, default=7, help="evenly spaced budgets from GPTQ-2's size to GPTQ-4's")
-    p.add_argument("--sensitivity-samples", type=int, default=8)
+    p.add_argument("--sensitivity-samples", type=int, default=16)
     p.add_argument("--hessians", default="fp", choices=("fp", "sequential"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")

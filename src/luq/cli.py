@@ -83,17 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default=None, metavar="A,B,...",
                    help="the menu of --allocate measured (default: every gptq<b>-g<g>; see `luq formats`); "
                         "one name makes the uniform model")
-    p.add_argument("--high", default="gptq4-g128", metavar="FORMAT", help="--allocate entropy: the high format")
-    p.add_argument("--low", default="billm", metavar="FORMAT", help="--allocate entropy: the low format")
-    p.add_argument("--sensitivity-samples", type=int, default=8, metavar="N",
-                   help="held-out sequences the costs are measured on (default 8)")
+    p.add_argument("--high", default=None, metavar="FORMAT",
+                   help="--allocate entropy: the high format (default gptq4-g128)")
+    p.add_argument("--low", default=None, metavar="FORMAT", help="--allocate entropy: the low format (default billm)")
+    p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
+                   help="held-out sequences the costs are measured on (default 16)")
     p.add_argument("--metric", default="perplexity",
                    help="metric of --max-drop: perplexity on held-out text (default) or a VQA task (textvqa, pope, ...)")
     p.add_argument("--metric-data", default=None, metavar="PATH",
                    help="data of a VQA --metric (default: its bundled offline sample)")
     p.add_argument("--search", default="binary", choices=("binary", "greedy"), help="search of --max-drop")
-    p.add_argument("--order", default="entropy", type=_order_value,
-                   help="entropy (default), reverse-entropy, depth, random, or layer indices like 3,1,2")
+    p.add_argument("--order", default=None, type=_order_value,
+                   help="--allocate entropy: entropy (default), reverse-entropy, depth, random, or layer indices "
+                        "like 3,1,2")
     p.add_argument("--hessians", default="fp", choices=("fp", "sequential"),
                    help="Hessians from the full-precision chain (default) or the quantized-so-far chain")
     p.add_argument("--final-pass", action=argparse.BooleanOptionalAction, default=True,
@@ -147,10 +149,16 @@ def cmd_quantize(args) -> None:
 
     calibration = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
                                     samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    paper_only = [flag for flag, value in (("--order", args.order), ("--high", args.high), ("--low", args.low))
+                  if value is not None]
+    if paper_only and args.allocate != "entropy":
+        raise LuqError(f"{', '.join(paper_only)} {'is an option' if len(paper_only) == 1 else 'are options'} of the "
+                       "paper's method: add --allocate entropy")
+    paper = {k: v for k, v in (("order", args.order), ("high", args.high), ("low", args.low)) if v is not None}
     config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
-                       metric_data=args.metric_data, layers=args.layers, search=args.search, order=args.order,
-                       hessians=args.hessians, allocate=args.allocate, formats=args.formats, high=args.high,
-                       low=args.low, sensitivity_samples=args.sensitivity_samples,
+                       metric_data=args.metric_data, layers=args.layers, search=args.search, **paper,
+                       hessians=args.hessians, allocate=args.allocate, formats=args.formats,
+                       sensitivity_samples=args.sensitivity_samples,
                        final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
                        storage_dtype=args.storage_dtype, offload_dir=args.offload_dir)
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)

@@ -65,7 +65,7 @@ class LUQConfig:
     k_means: int | None = None
     subsample: int | None = None
     validation_samples: int = 16
-    sensitivity_samples: int = 8
+    sensitivity_samples: int = 16
     storage_dtype: str = "float16"
     offload_dir: str | None = None  # activations between layers in memory-mapped files there, not RAM
 
