@@ -81,10 +81,12 @@ def order2_error(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, below: Bel
 
 def split_errors(plain: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
     """Order-1 error of the concentrated (|w| < t) plus the sparse (|w| >= t) group, per row
-    binarized separately, summed over rows, for each break point t of `splits` [K]."""
-    total = torch.zeros(len(splits), dtype=torch.float64, device=plain.device)
-    t = splits.to(DT)
+    binarized separately, summed over rows, for each break point t of `splits`: [K] (one
+    per candidate) or [rows, K] (one per row and candidate; inf: no sparse group)."""
+    total = torch.zeros(splits.shape[-1], dtype=torch.float64, device=plain.device)
+    t_all = splits.to(DT)
     for r0 in range(0, plain.shape[0], ROW_CHUNK):
+        t = t_all if t_all.dim() == 1 else t_all[r0:r0 + ROW_CHUNK]
         s, pre = sorted_prefix(plain[r0:r0 + ROW_CHUNK])
         sq = torch.nn.functional.pad((s * s).cumsum(-1), (1, 0))
         rows, cols = s.shape
