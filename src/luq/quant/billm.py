@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from luq.errors import LuqError
@@ -153,6 +154,13 @@ class BiLLMWeight(QuantizedWeight):
         return out.to(dtype)
 
 
+def order_statistics(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """x.sort().values[ranks] for a 1-D x, by selection instead of a full sort (on the CPU)."""
+    if x.device.type != "cpu":
+        return x.sort().values[ranks]
+    return torch.from_numpy(np.partition(x.numpy(), sorted(set(ranks)))[ranks])
+
+
 @dataclass(frozen=True)
 class BiLLM:
     """BiLLM settings; `quantize(W, H)` is the solver.
@@ -266,7 +274,7 @@ class BiLLM:
         plain = Wb[:, ~salient]
         if plain.numel() == 0:
             return float("inf")
-        sorted_mag = plain.abs().flatten().sort().values
-        n = sorted_mag.numel()
-        splits = sorted_mag[[min(int(q * (n - 1)), n - 1) for q in self.split_quantiles]]
+        magnitude = plain.abs().flatten()
+        n = magnitude.numel()
+        splits = order_statistics(magnitude, [min(int(q * (n - 1)), n - 1) for q in self.split_quantiles])
         return splits[split_errors(plain, splits).argmin()].item()
