@@ -43,7 +43,7 @@ def test_hessian_accumulator_matches_reference_convention():
 @pytest.mark.parametrize("solver", [
     GPTQ(4), GPTQ(4, static_groups=False), GPTQ(4, act_order=False), GPTQ(3, sym=True), GPTQ(2, static_groups=False), GPTQ(4, group_size=-1),
     GPTQ(8), RTN(4), BiLLM(), BiLLM(salient_metric="magnitude", compensation="reference"), Sign(),
-    CompactBiLLM(), CompactBiLLM(col_scale=True, means=True, scale_bits=6, block_size=96),
+    CompactBiLLM(), CompactBiLLM(col_scale=False, means=True, scale_bits=6, block_size=96, lam=0),
     CompactBiLLM(sparse_runs=((64, 8), (32, 2), (2, 0)), lam=0.3, col_scale=True), CompactBiLLM(max_salient_cols=1),
 ])
 def test_stored_form_is_exact_and_counted(solver):
@@ -155,7 +155,7 @@ def test_billm_beats_sign_and_one_bit_rtn():
     assert e_billm < output_error(W, RTN(1, group_size=-1).quantize(W), H)
 
 
-@pytest.mark.parametrize("solver", [GPTQ(4), BiLLM(), Sign(), CompactBiLLM(col_scale=True)])
+@pytest.mark.parametrize("solver", [GPTQ(4), BiLLM(), Sign(), CompactBiLLM()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_matches_dequantized_matmul(solver, dtype):
     W, H, X = make_problem(rows=300)
@@ -238,3 +238,15 @@ def test_register_weight_type_reads_back_another_format():
 
     with pytest.raises(ValueError, match="already taken"):
         register_weight_type(Clash)
+
+
+def test_compact_billm_with_a_dead_first_block():
+    """Every input of the first 128 columns always zero: those columns are zeroed, and the
+    scale grid of each row must still reach the later blocks' weights."""
+    W, H, _ = make_problem(rows=32, cols=256)
+    H[:128, :] = 0
+    H[:, :128] = 0
+    q = CompactBiLLM().quantize(W, H)
+    assert torch.isfinite(q.dequantize()).all()
+    # measured 1.30x BiLLM's error here (1.20x with no dead block)
+    assert output_error(W, q, H) < 1.5 * output_error(W, BiLLM().quantize(W, H), H)

@@ -15,13 +15,15 @@ columns, error propagation as in GPTQ) and changes what it stores:
                    of the weights are sparse for log2 C(G_b, k_b) / G_b bits per weight
                    (64 columns, 8 sparse: 32 bits, 0.5 bit/weight; a bitmap costs 1)
   sparse_runs      uint8 [n_blocks, 2]: log2(G_b), k_b (k_b = 0: no sparse group)
-  col_scale        (only with `col_scale`) fp16 [in]: each column's rms in its block,
-                   over the block's mean; every value of the column is multiplied by it
+  col_scale        (only with `col_scale`) fp16 [in]: each column's rms in its block (after
+                   the errors of the blocks before it), over the block's mean; every value of
+                   the column is multiplied by it
   scale_codes      `scale_bits` per (row, block, group): a = ref_r * 2^(-code / steps),
                    a log grid of 2^scale_bits values spanning ~8 octaves below ref_r
   mean_codes       (only with `means`) `mean_bits` per (row, block, group):
                    m = a * (code - h) / h, h = 2^(mean_bits - 1); without, m = 0
-  row_ref          fp16 [out]: max |w| of the row, the top of its scale grid
+  row_ref          fp16 [out]: 4 x the row's max |w| (over its column scales), the top
+                   of its scale grid
 
 Groups per (row, block): salient order 1, salient order 2, concentrated, sparse. The
 solver binarizes with the decoded (stored) scales and means, so its error is the error
@@ -211,10 +213,10 @@ class CompactBiLLM:
     scale_bits: int = 5
     means: bool = False
     mean_bits: int = 4
-    sparse_runs: tuple[tuple[int, int], ...] = ((8, 1),)
-    col_scale: bool = False
+    sparse_runs: tuple[tuple[int, int], ...] = ((64, 8),)
+    col_scale: bool = True
     max_salient_cols: int = 50
-    lam: float = 0.0
+    lam: float = 0.2
     salient_metric: str = "hessian"
     damp: float = 0.01
 
@@ -267,17 +269,14 @@ class CompactBiLLM:
         mean_codes = torch.zeros_like(scale_codes)
         col_scale = torch.ones(cols, device=W.device)
         sparse_codes, runs = [], []
-        row_ref = None
+        row_ref = self._row_reference(W)
 
         for b, c0 in enumerate(range(0, cols, self.block_size)):
             c1 = min(c0 + self.block_size, cols)
             Wb = W[:, c0:c1]
             if self.col_scale:
-                rms = Wb.pow(2).mean(0).sqrt()
-                col_scale[c0:c1] = (rms / rms.mean().clamp_min(1e-30)).clamp_min(1e-4).half().float()
+                col_scale[c0:c1] = column_scales(Wb).half().float()
             Wn = Wb / col_scale[None, c0:c1]
-            if row_ref is None:  # the top of each row's scale grid, from the first block
-                row_ref = (Wn.abs().amax(1) * 4).clamp_min(1e-8).half()
             d = torch.diagonal(U)[c0:c1]
             salience = Wb ** 2 / d[None, :] ** 2 if self.salient_metric == "hessian" else Wb.abs()
             energy = float((Wn.double() ** 2).sum())
@@ -313,6 +312,14 @@ class CompactBiLLM:
             mean_codes=flat(mean_codes, self.mean_bits) if self.means else None,
             row_ref=row_ref, col_scale=col_scale.half() if self.col_scale else None,
             shape=(rows, cols), block_size=self.block_size, scale_bits=self.scale_bits, mean_bits=self.mean_bits)
+
+    def _row_reference(self, W: torch.Tensor) -> torch.Tensor:
+        """fp16 [rows]: the top of each row's scale grid, 4x the row's largest |w| (over the
+        column scales the original W would get), before any error is propagated."""
+        if self.col_scale:
+            W = torch.cat([W[:, c0:c0 + self.block_size] / column_scales(W[:, c0:c0 + self.block_size])[None, :]
+                           for c0 in range(0, W.shape[1], self.block_size)], 1)
+        return (W.abs().amax(1) * 4).clamp_min(1e-8).half()
 
     def _binarize(self, w: torch.Tensor, mask: torch.Tensor, order: int, row_ref: torch.Tensor):
         """Residual binarization of the masked entries of w per row with stored (decoded)
@@ -385,6 +392,12 @@ class CompactBiLLM:
                          else codes_to_bits(encode_combinations(idx, g), code_bits(g, k)))
                 best = (score, (log2g, k), codes, sparse)
         return best[1:]
+
+
+def column_scales(Wb: torch.Tensor) -> torch.Tensor:
+    """Each column's rms over the block's mean rms (floored at 1e-4), float32 [cols]."""
+    rms = Wb.pow(2).mean(0).sqrt()
+    return (rms / rms.mean().clamp_min(1e-30)).clamp_min(1e-4)
 
 
 def _sparse_bits(width: int, g: int, k: int) -> int:
