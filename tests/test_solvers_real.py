@@ -9,7 +9,7 @@ Tolerances come from measurement (bench/solvers.py prints the same figures):
 - BiLLM vs the sign baseline and 1-bit RTN: BiLLM's error is 8x-50x below both; we ask for 2x.
 - BiLLM vs the loop searches it replaced: bench/pin_billm.py pinned their stored bytes.
 - Compact BiLLM formats, mean over the 21 linears (true bits, error / BiLLM's mean error),
-  measured: billm-k16g64 2.06 bits, 0.85x; billm-k8g64 1.81, 1.14x; billm-k4g64 1.60, 1.56x.
+  measured: billm-k16g64 2.06 bits, 0.85x; billm-k8g64 1.81, 1.14x; billm-k4g64 1.60, 1.55x.
   The bounds below leave 0.05 bit and ~5% of error.
 """
 

@@ -120,7 +120,7 @@ for _bits in GPTQ_MENU_BITS:
 register_format(Format("billm", BiLLM(), "BiLLM ~1-bit: salient columns at order 2, split non-salient "
                                           "weights; fp16 scales and means per 128-column block"))
 # compact BiLLM: (k, lam) measured on the 21 SmolLM2 linears (bench/solvers.py): true bits 2.06 / 1.81 / 1.60
-# at 0.85x / 1.14x / 1.56x BiLLM's mean output error (BiLLM: 3.11 true bits)
+# at 0.85x / 1.14x / 1.55x BiLLM's mean output error (BiLLM: 3.11 true bits); bench/billm_compact_sweep.py
 for _k, _lam in ((16, 0.2), (8, 0.2), (4, 0.3)):
     register_format(Format(f"billm-k{_k}g64", CompactBiLLM(sparse_runs=((64, _k),), col_scale=True, lam=_lam),
                            f"compact BiLLM: {_k} sparse weights per 64 columns (one k-of-64 code), 5-bit log "
