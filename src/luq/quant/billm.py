@@ -30,10 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
+from luq.quant.binsearch import leading_split_errors, split_errors
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
 from luq.quant.packing import pack_bool, packed_length, unpack_bool
 
@@ -71,13 +73,6 @@ def binarize(w: torch.Tensor, mask: torch.Tensor | None, order: int, fp16_params
         scales.append(scale)
         means.append(mean)
     return approx, torch.stack(signs), torch.stack(scales), torch.stack(means)
-
-
-def _squared_error(w: torch.Tensor, mask: torch.Tensor | None, order: int) -> float:
-    """Squared error of binarizing the masked entries of w (the searches' objective)."""
-    approx = binarize(w, mask, order)[0]
-    diff = w - approx if mask is None else (w - approx) * mask
-    return float((diff ** 2).sum())
 
 
 def binary_value(positive: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -157,6 +152,13 @@ class BiLLMWeight(QuantizedWeight):
             out[:, c0:c1] = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse[:, c0:c1], salient[c0:c1],
                                          scales[:, b], means[:, b])
         return out.to(dtype)
+
+
+def order_statistics(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """x.sort().values[ranks] for a 1-D x, by selection instead of a full sort (on the CPU)."""
+    if x.device.type != "cpu":
+        return x.sort().values[ranks]
+    return torch.from_numpy(np.partition(x.numpy(), sorted(set(ranks)))[ranks])
 
 
 @dataclass(frozen=True)
@@ -256,16 +258,13 @@ class BiLLM:
         """Structural search: the number of top-salience columns whose order-2 binarization,
         beside an order-2 binarization of the rest, gives the least squared error."""
         n_cols = Wb.shape[1]
-        candidates = range(1, min(self.max_salient_cols, n_cols))
         chosen = torch.zeros(n_cols, dtype=torch.bool, device=Wb.device)
-        if len(candidates) == 0:
+        if min(self.max_salient_cols, n_cols) <= 1:
             return chosen
+        candidates = torch.arange(1, min(self.max_salient_cols, n_cols), device=Wb.device)
         ranked = torch.argsort(salience.sum(0), descending=True)
-        by_salience = Wb[:, ranked]  # salient candidates are leading column slices
-        errors = [_squared_error(by_salience[:, :n], None, 2) + _squared_error(by_salience[:, n:], None, 2)
-                  for n in candidates]
-        best_n = candidates[min(range(len(errors)), key=errors.__getitem__)]
-        chosen[ranked[:best_n]] = True
+        errors = leading_split_errors(Wb[:, ranked], candidates)  # salient candidates lead
+        chosen[ranked[:int(candidates[errors.argmin()])]] = True
         return chosen
 
     def _search_break_point(self, Wb: torch.Tensor, salient: torch.Tensor) -> float:
@@ -275,14 +274,7 @@ class BiLLM:
         plain = Wb[:, ~salient]
         if plain.numel() == 0:
             return float("inf")
-        magnitude = plain.abs()
-        sorted_mag = magnitude.flatten().sort().values
-        n = sorted_mag.numel()
-        best_err, best_split = float("inf"), float("inf")
-        for q in self.split_quantiles:
-            split = sorted_mag[min(int(q * (n - 1)), n - 1)].item()
-            sparse = magnitude >= split
-            err = _squared_error(plain, ~sparse, 1) + _squared_error(plain, sparse, 1)
-            if err < best_err:
-                best_err, best_split = err, split
-        return best_split
+        magnitude = plain.abs().flatten()
+        n = magnitude.numel()
+        splits = order_statistics(magnitude, [min(int(q * (n - 1)), n - 1) for q in self.split_quantiles])
+        return splits[split_errors(plain, splits).argmin()].item()

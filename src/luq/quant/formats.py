@@ -7,7 +7,10 @@ artifact only ever see format names.
 
 Built in: `gptq<b>-g<g>` (b in 2, 3, 4, 8; g in 32, 64, 128: GPTQ, act-order, static
 asymmetric groups), `rtn<b>-g<g>` (the same grid, round-to-nearest, no Hessian) and
-`billm` (BiLLM as the paper stores it, every byte counted).
+`billm` (BiLLM as the paper stores it, every byte counted) and the compact BiLLM
+formats `billm-k<k>g<G>` (BiLLM's solver, side information in few bits: k sparse
+weights per run of G columns coded as one k-of-G number, 5-bit log scales; see
+luq.quant.billm_compact).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
 from luq.quant.billm import BiLLM
+from luq.quant.billm_compact import CompactBiLLM
 from luq.quant.gptq import GPTQ, RTN
 
 # the shape `luq formats` quotes true bits on (a 7B model's attention projection)
@@ -115,6 +119,12 @@ for _bits in GPTQ_MENU_BITS:
                                f"round-to-nearest {_bits}-bit, groups of {_group} (data-free baseline)"))
 register_format(Format("billm", BiLLM(), "BiLLM ~1-bit: salient columns at order 2, split non-salient "
                                           "weights; fp16 scales and means per 128-column block"))
+# compact BiLLM: (k, lam) measured on the 21 SmolLM2 linears (bench/solvers.py): true bits 2.06 / 1.81 / 1.60
+# at 0.85x / 1.14x / 1.55x BiLLM's mean output error (BiLLM: 3.11 true bits); bench/billm_compact_sweep.py
+for _k, _lam in ((16, 0.2), (8, 0.2), (4, 0.3)):
+    register_format(Format(f"billm-k{_k}g64", CompactBiLLM(sparse_runs=((64, _k),), col_scale=True, lam=_lam),
+                           f"compact BiLLM: {_k} sparse weights per 64 columns (one k-of-64 code), 5-bit log "
+                           f"scales, fp16 column scales, salient columns priced at lam={_lam}"))
 
 # the default menu of the measured allocation: every GPTQ grid (BiLLM stores 3 true bits
 # per weight and loses to GPTQ-3 there, so it is offered only when asked for)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_BITS = (1, 2, 3, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def packed_length(n: int, bits: int) -> int:

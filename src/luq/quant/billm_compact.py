@@ -1,0 +1,451 @@
+"""Compact BiLLM: BiLLM's binarization with its side information stored in few bits.
+
+BiLLM stores ~3 true bits per weight: 1 sign bit, a 1-bit concentrated/sparse bitmap
+over every non-salient weight, and 8 fp16 numbers per row per 128-column block (1 bit
+per weight). This format keeps BiLLM's solver (Hessian salience, order-2 salient
+columns, error propagation as in GPTQ) and changes what it stores:
+
+  signs            1 bit per weight (first-order sign)
+  residual_signs   1 bit per salient weight (second-order sign)
+  salient_cols     1 bit per input column
+  sparse_codes     the sparse group, structured: in each run of G_b columns of a row, the
+                   k_b non-salient weights of largest |w| ((G_b, k_b) searched per block
+                   among `sparse_runs`); which k_b of the G_b, as one number of the
+                   combinatorial number system, ceil(log2 C(G_b, k_b)) bits per run: k_b/G_b
+                   of the weights are sparse for log2 C(G_b, k_b) / G_b bits per weight
+                   (64 columns, 8 sparse: 32 bits, 0.5 bit/weight; a bitmap costs 1)
+  sparse_runs      uint8 [n_blocks, 2]: log2(G_b), k_b (k_b = 0: no sparse group)
+  col_scale        (only with `col_scale`) fp16 [in]: each column's rms in its block (after
+                   the errors of the blocks before it), over the block's mean; every value of
+                   the column is multiplied by it
+  scale_codes      `scale_bits` per (row, block, group): a = ref_r * 2^(-code / steps),
+                   a log grid of 2^scale_bits values spanning ~8 octaves below ref_r
+  mean_codes       (only with `means`) `mean_bits` per (row, block, group):
+                   m = a * (code - h) / h, h = 2^(mean_bits - 1); without, m = 0
+  row_ref          fp16 [out]: 4 x the row's max |w| (over its column scales), the top
+                   of its scale grid
+
+Groups per (row, block): salient order 1, salient order 2, concentrated, sparse. The
+solver binarizes with the decoded (stored) scales and means, so its error is the error
+of what is stored, and `dequantize` reproduces its weights bit for bit.
+
+The searches can pay for bytes: the number of salient columns n and the sparse runs of
+each block minimise  err + lam * E * bits / weights  (E: the block's sum of w^2, bits:
+what that choice stores), so lam = 0 is BiLLM's error-only search and lam > 0 a smaller
+format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from luq.errors import LuqError
+from luq.quant.base import QuantizedWeight
+from luq.quant.billm import SALIENT_METRICS, block_values
+from luq.quant.binsearch import leading_split_errors, split_errors
+from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
+from luq.quant.packing import pack_bits, pack_bool, packed_length, unpack_bits, unpack_bool
+
+N_GROUPS = 4  # salient order 1, salient order 2, concentrated, sparse (billm's slots)
+OCTAVES = 8   # the scale grid spans about this many octaves below the row's max |w|
+
+
+def steps_per_octave(scale_bits: int) -> int:
+    return max(1, 2 ** scale_bits // OCTAVES)
+
+
+def decode_scales(row_ref: torch.Tensor, codes: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Scales from their codes: row_ref [rows] (fp16), codes [rows, ...] ints -> float32."""
+    ref = row_ref.float().reshape(-1, *([1] * (codes.dim() - 1)))
+    return ref * torch.exp2(-codes.float() / steps_per_octave(scale_bits))
+
+
+def encode_scales(row_ref: torch.Tensor, a: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Nearest code (in log scale) of scales a [rows, ...] under row_ref [rows]."""
+    ref = row_ref.float().reshape(-1, *([1] * (a.dim() - 1)))
+    ratio = (a / ref.clamp_min(1e-30)).clamp_min(1e-30)
+    code = torch.round(-torch.log2(ratio) * steps_per_octave(scale_bits))
+    return code.clamp(0, 2 ** scale_bits - 1).to(torch.int64)
+
+
+def decode_means(a: torch.Tensor, codes: torch.Tensor, mean_bits: int) -> torch.Tensor:
+    h = 2 ** (mean_bits - 1)
+    return a * ((codes.float() - h) / h)
+
+
+def encode_means(a: torch.Tensor, m: torch.Tensor, mean_bits: int) -> torch.Tensor:
+    h = 2 ** (mean_bits - 1)
+    code = torch.round(m / a.clamp_min(1e-30) * h) + h
+    return code.clamp(0, 2 * h - 1).to(torch.int64)
+
+
+@dataclass(eq=False, repr=False)
+class CompactBiLLMWeight(QuantizedWeight):
+    """A compact-BiLLM weight in packed form (layout in the module docstring)."""
+
+    method = "billm-compact"
+
+    signs: torch.Tensor            # uint8 [out, packed(in)]
+    residual_signs: torch.Tensor   # uint8 [out, packed(n_salient_cols)]
+    salient_cols: torch.Tensor     # uint8 [packed(in)]
+    sparse_codes: torch.Tensor     # uint8 [out, packed(sum over blocks of runs_b * code_bits(G_b, k_b))]
+    sparse_runs: torch.Tensor      # uint8 [n_blocks, 2]: log2 G_b, k_b
+    scale_codes: torch.Tensor      # uint8 [out, packed(n_blocks * 4, scale_bits)]
+    mean_codes: torch.Tensor | None  # uint8 [out, packed(n_blocks * 4, mean_bits)], or None
+    row_ref: torch.Tensor          # fp16 [out]
+    col_scale: torch.Tensor | None  # fp16 [in], or None
+    shape: tuple[int, int]
+    block_size: int
+    scale_bits: int
+    mean_bits: int
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {"signs": self.signs, "residual_signs": self.residual_signs, "salient_cols": self.salient_cols,
+              "sparse_codes": self.sparse_codes, "sparse_runs": self.sparse_runs,
+              "scale_codes": self.scale_codes, "row_ref": self.row_ref}
+        for name in ("mean_codes", "col_scale"):
+            if getattr(self, name) is not None:
+                sd[name] = getattr(self, name)
+        return sd
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.method, "shape": list(self.shape), "block_size": self.block_size,
+                "scale_bits": self.scale_bits, "mean_bits": self.mean_bits}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "CompactBiLLMWeight":
+        return cls(**{k: tensors[k] for k in ("signs", "residual_signs", "salient_cols", "sparse_codes",
+                                              "sparse_runs", "scale_codes", "row_ref")},
+                   mean_codes=tensors.get("mean_codes"), col_scale=tensors.get("col_scale"), shape=tuple(config["shape"]),
+                   block_size=int(config["block_size"]), scale_bits=int(config["scale_bits"]),
+                   mean_bits=int(config["mean_bits"]))
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.shape[1] // self.block_size)
+
+    def salient_mask(self) -> torch.Tensor:
+        return unpack_bool(self.salient_cols, self.shape[1])
+
+    @property
+    def nominal_bits_per_weight(self) -> float:
+        """BiLLM's paper accounting (as `BiLLMWeight`): 1 sign bit, a second one per salient
+        weight and the column mask; the side information is left out."""
+        rows, cols = self.shape
+        n_salient = int(self.salient_mask().sum())
+        return (rows * cols + rows * n_salient + cols) / (rows * cols)
+
+    def parameters_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded scales and means [rows, n_blocks, 4] (float32) of rows [start, stop)."""
+        n = self.n_blocks * N_GROUPS
+        codes = unpack_bits(self.scale_codes[start:stop], self.scale_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
+        a = decode_scales(self.row_ref[start:stop], codes, self.scale_bits)
+        if self.mean_codes is None:
+            return a, torch.zeros_like(a)
+        mcodes = unpack_bits(self.mean_codes[start:stop], self.mean_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
+        return a, decode_means(a, mcodes, self.mean_bits)
+
+    def _sparse_code_bits(self, runs_bk: list[list[int]]) -> int:
+        """Bits per row of all blocks' sparse codes."""
+        return sum(_sparse_bits(min(self.block_size, self.shape[1] - b * self.block_size), 1 << log2g, k)
+                   for b, (log2g, k) in enumerate(runs_bk))
+
+    def sparse_rows(self, start: int, stop: int) -> torch.Tensor:
+        """bool [rows, in]: the sparse group of rows [start, stop) (salient columns excluded)."""
+        rows, cols = stop - start, self.shape[1]
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=self.signs.device)
+        runs_bk = self.sparse_runs.tolist()
+        bits = unpack_bool(self.sparse_codes[start:stop], self._sparse_code_bits(runs_bk))
+        offset = 0
+        for b, (log2g, k) in enumerate(runs_bk):
+            c0 = b * self.block_size
+            width = min(self.block_size, cols - c0)
+            if k == 0:
+                continue
+            g = 1 << log2g
+            runs, n_bits = -(-width // g), _sparse_bits(width, g, k)
+            codes = bits_to_codes(bits[:, offset:offset + n_bits], code_bits(g, k), runs)
+            offset += n_bits
+            idx = decode_combinations(codes, g, k)  # [rows, runs, k]
+            col = (idx + torch.arange(runs, device=idx.device)[None, :, None] * g).reshape(rows, -1)
+            sub = torch.zeros(rows, runs << log2g, dtype=torch.bool, device=mask.device)
+            mask[:, c0:c0 + width] = sub.scatter_(1, col, True)[:, :width]
+        return mask & ~self.salient_mask()[None, :]
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows, cols = stop - start, self.shape[1]
+        salient = self.salient_mask()
+        n_salient = int(salient.sum())
+        sign1 = unpack_bool(self.signs[start:stop], cols)
+        sign2 = torch.zeros(rows, cols, dtype=torch.bool, device=sign1.device)
+        sign2[:, salient] = unpack_bool(self.residual_signs[start:stop], n_salient)
+        sparse = self.sparse_rows(start, stop)
+        scales, means = self.parameters_rows(start, stop)
+        out = torch.empty(rows, cols, dtype=torch.float32, device=sign1.device)
+        for b, c0 in enumerate(range(0, cols, self.block_size)):
+            c1 = min(c0 + self.block_size, cols)
+            out[:, c0:c1] = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse[:, c0:c1], salient[c0:c1],
+                                         scales[:, b], means[:, b])
+        if self.col_scale is not None:
+            out *= self.col_scale.float()[None, :]
+        return out.to(dtype)
+
+
+@dataclass(frozen=True)
+class CompactBiLLM:
+    """Compact-BiLLM settings; `quantize(W, H)` is the solver (see the module docstring).
+
+    block_size: columns per block. scale_bits: bits of each scale code (3..8). means:
+    store a mean per group (mean_bits each) or binarize around 0. sparse_runs: the (G, k)
+    a block may choose from: k sparse weights per run of G columns (G a power of 2 in
+    2..128, 0 <= k < G; k = 0: no sparse group).
+    col_scale: a stored fp16 scale per input column. max_salient_cols: salient columns
+    per block searched in 1..max_salient_cols-1 (none when 1). lam: price of a stored bit
+    in the searches, as a fraction of the block's energy per bit per weight (0: error only).
+    """
+
+    block_size: int = 128
+    scale_bits: int = 5
+    means: bool = False
+    mean_bits: int = 4
+    sparse_runs: tuple[tuple[int, int], ...] = ((64, 8),)
+    col_scale: bool = True
+    max_salient_cols: int = 50
+    lam: float = 0.2
+    salient_metric: str = "hessian"
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise LuqError(f"CompactBiLLM: block_size must be a positive integer, got {self.block_size}")
+        if not 3 <= self.scale_bits <= 8:
+            raise LuqError(f"CompactBiLLM: scale_bits must be in 3..8, got {self.scale_bits}")
+        if not 2 <= self.mean_bits <= 8:
+            raise LuqError(f"CompactBiLLM: mean_bits must be in 2..8, got {self.mean_bits}")
+        if not self.sparse_runs or not all(len(r) == 2 and 2 <= r[0] <= 128 and r[0] & (r[0] - 1) == 0
+                                           and 0 <= r[1] < r[0] and code_bits(*r) <= 62 for r in self.sparse_runs):
+            raise LuqError(f"CompactBiLLM: sparse_runs must be (G, k) pairs, G a power of 2 in 2..128, "
+                           f"0 <= k < G, C(G, k) < 2^62; got {self.sparse_runs}")
+        if self.max_salient_cols < 1:
+            raise LuqError(f"CompactBiLLM: max_salient_cols must be >= 1, got {self.max_salient_cols}")
+        if self.lam < 0:
+            raise LuqError(f"CompactBiLLM: lam must be >= 0, got {self.lam}")
+        if self.salient_metric not in SALIENT_METRICS:
+            raise LuqError(f"CompactBiLLM: salient_metric must be one of {SALIENT_METRICS}, "
+                           f"got {self.salient_metric!r}")
+        if not (0 <= self.damp < 1):
+            raise LuqError(f"CompactBiLLM: damp must be in [0, 1), got {self.damp}")
+
+    def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Least: no salient column, the cheapest sparse runs; most: the searches' largest choices."""
+        rows, cols = shape
+        widths = [min(self.block_size, cols - c0) for c0 in range(0, cols, self.block_size)]
+        n_blocks = len(widths)
+        fixed = (rows * packed_length(cols, 1) + packed_length(cols, 1) + 2 * n_blocks + 2 * rows
+                 + rows * packed_length(n_blocks * N_GROUPS, self.scale_bits)
+                 + (rows * packed_length(n_blocks * N_GROUPS, self.mean_bits) if self.means else 0)
+                 + (2 * cols if self.col_scale else 0))
+        sparse = [[_sparse_bits(w, g, k) for g, k in self.sparse_runs] for w in widths]
+        most_salient = sum(min(self.max_salient_cols, w) - 1 for w in widths)
+        return (fixed + rows * packed_length(sum(map(min, sparse)), 1),
+                fixed + rows * (packed_length(sum(map(max, sparse)), 1) + packed_length(most_salient, 1)))
+
+    def quantize(self, W: torch.Tensor, H: torch.Tensor) -> CompactBiLLMWeight:
+        check_problem(W, H, "CompactBiLLM")
+        W, H, _ = prepare_hessian(W, H, self.damp)
+        U = inverse_hessian_cholesky(H, self.damp, "CompactBiLLM")
+        del H
+        rows, cols = W.shape
+        n_blocks = -(-cols // self.block_size)
+        salient = torch.zeros(cols, dtype=torch.bool, device=W.device)
+        sign1 = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+        sign2 = torch.zeros_like(sign1)
+        scale_codes = torch.zeros(rows, n_blocks, N_GROUPS, dtype=torch.int64, device=W.device)
+        mean_codes = torch.zeros_like(scale_codes)
+        col_scale = torch.ones(cols, device=W.device)
+        sparse_codes, runs = [], []
+        row_ref = self._row_reference(W)
+
+        for b, c0 in enumerate(range(0, cols, self.block_size)):
+            c1 = min(c0 + self.block_size, cols)
+            Wb = W[:, c0:c1]
+            if self.col_scale:
+                col_scale[c0:c1] = column_scales(Wb).half().float()
+            Wn = Wb / col_scale[None, c0:c1]
+            d = torch.diagonal(U)[c0:c1]
+            salience = Wb ** 2 / d[None, :] ** 2 if self.salient_metric == "hessian" else Wb.abs()
+            energy = float((Wn.double() ** 2).sum())
+            sal_b = self._search_salient_cols(Wn, salience, energy)
+            run_b, codes_b, sparse_b = self._search_sparse(Wn, sal_b, energy, row_ref)
+            sal_mask = sal_b[None, :].expand_as(Wn)
+            (s_sal, sc_sal, mc_sal), (s_con, sc_con, mc_con), (s_spa, sc_spa, mc_spa) = (
+                self._binarize(Wn, sal_mask, 2, row_ref), self._binarize(Wn, ~sal_mask & ~sparse_b, 1, row_ref),
+                self._binarize(Wn, sparse_b, 1, row_ref))
+            salient[c0:c1] = sal_b
+            sign1[:, c0:c1] = s_sal[0] | s_con[0] | s_spa[0]
+            sign2[:, c0:c1] = s_sal[1]
+            scale_codes[:, b] = torch.stack([sc_sal[0], sc_sal[1], sc_con[0], sc_spa[0]], 1)
+            mean_codes[:, b] = torch.stack([mc_sal[0], mc_sal[1], mc_con[0], mc_spa[0]], 1)
+            sparse_codes.append(codes_b)
+            runs.append(run_b)
+
+            a = decode_scales(row_ref, scale_codes[:, b], self.scale_bits)
+            m = decode_means(a, mean_codes[:, b], self.mean_bits) if self.means else torch.zeros_like(a)
+            Qb = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse_b, sal_b, a, m)
+            if self.col_scale:
+                Qb = Qb * col_scale[None, c0:c1]
+            E = Wb - Qb
+            Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], E, upper=True, left=False)
+            W[:, c1:] -= Err @ U[c0:c1, c1:]
+
+        flat = lambda c, bits: pack_bits(c.reshape(rows, -1), bits)  # noqa: E731
+        return CompactBiLLMWeight(
+            signs=pack_bool(sign1), residual_signs=pack_bool(sign2[:, salient]), salient_cols=pack_bool(salient),
+            sparse_codes=pack_bool(torch.cat(sparse_codes, 1)),
+            sparse_runs=torch.tensor(runs, dtype=torch.uint8, device=W.device).reshape(-1, 2),
+            scale_codes=flat(scale_codes, self.scale_bits),
+            mean_codes=flat(mean_codes, self.mean_bits) if self.means else None,
+            row_ref=row_ref, col_scale=col_scale.half() if self.col_scale else None,
+            shape=(rows, cols), block_size=self.block_size, scale_bits=self.scale_bits, mean_bits=self.mean_bits)
+
+    def _row_reference(self, W: torch.Tensor) -> torch.Tensor:
+        """fp16 [rows]: the top of each row's scale grid, 4x the row's largest |w| (over the
+        column scales the original W would get), before any error is propagated."""
+        if self.col_scale:
+            W = torch.cat([W[:, c0:c0 + self.block_size] / column_scales(W[:, c0:c0 + self.block_size])[None, :]
+                           for c0 in range(0, W.shape[1], self.block_size)], 1)
+        return (W.abs().amax(1) * 4).clamp_min(1e-8).half()
+
+    def _binarize(self, w: torch.Tensor, mask: torch.Tensor, order: int, row_ref: torch.Tensor):
+        """Residual binarization of the masked entries of w per row with stored (decoded)
+        scales and means. Returns (signs [order, rows, cols] bool (False off the mask),
+        scale codes [order, rows], mean codes [order, rows])."""
+        maskf = mask.to(w.dtype)
+        count = maskf.sum(1).clamp_min(1)
+        approx = torch.zeros_like(w)
+        signs, scodes, mcodes = [], [], []
+        for _ in range(order):
+            residual = (w - approx) * maskf
+            mean = residual.sum(1) / count if self.means else torch.zeros_like(count)
+            scale = ((residual - mean[:, None]).abs() * maskf).sum(1) / count
+            sc = encode_scales(row_ref, scale, self.scale_bits)
+            scale = decode_scales(row_ref, sc, self.scale_bits)
+            if self.means:
+                mc = encode_means(scale, mean, self.mean_bits)
+                mean = decode_means(scale, mc, self.mean_bits)
+            else:
+                mc = torch.zeros_like(sc)
+            positive = residual - mean[:, None] >= 0
+            approx = approx + (torch.where(positive, scale[:, None], -scale[:, None]) + mean[:, None]) * maskf
+            signs.append(positive & mask)
+            scodes.append(sc)
+            mcodes.append(mc)
+        return torch.stack(signs), torch.stack(scodes), torch.stack(mcodes)
+
+    def _search_salient_cols(self, Wb: torch.Tensor, salience: torch.Tensor, energy: float) -> torch.Tensor:
+        """BiLLM's structural search, each extra salient column priced at one bit per row."""
+        rows, n_cols = Wb.shape
+        chosen = torch.zeros(n_cols, dtype=torch.bool, device=Wb.device)
+        if min(self.max_salient_cols, n_cols) <= 1:
+            return chosen
+        candidates = torch.arange(1, min(self.max_salient_cols, n_cols), device=Wb.device)
+        ranked = torch.argsort(salience.sum(0), descending=True)
+        score = leading_split_errors(Wb[:, ranked], candidates)
+        score = score + self.lam * energy * (rows * candidates.double()) / Wb.numel()
+        chosen[ranked[:int(candidates[score.argmin()])]] = True
+        return chosen
+
+    def _search_sparse(self, Wb: torch.Tensor, salient: torch.Tensor, energy: float, row_ref: torch.Tensor):
+        """The sparse runs (G, k) of the block: per row, in each run of G columns, the k
+        non-salient weights of largest |w| are sparse. (G, k) minimises the error of
+        binarizing the concentrated and sparse groups (with stored scales) plus lam * its
+        code bits. Returns ((log2 G, k), packed codes [rows, bytes], sparse mask [rows, width])."""
+        rows, width = Wb.shape
+        magnitude = Wb.abs().masked_fill(salient[None, :], -1.0)
+        plain = ~salient[None, :].expand_as(Wb)
+        best = None
+        for g, k in self.sparse_runs:
+            log2g, runs = g.bit_length() - 1, -(-width // g)
+            if k == 0:
+                idx, sparse = None, torch.zeros_like(plain)
+            else:
+                padded = torch.nn.functional.pad(magnitude, (0, runs * g - width), value=-2.0)
+                idx = padded.reshape(rows, runs, g).topk(k, -1).indices.sort(-1).values  # [rows, runs, k]
+                col = (idx + torch.arange(runs, device=Wb.device)[None, :, None] * g).reshape(rows, -1)
+                sparse = torch.zeros(rows, runs * g, dtype=torch.bool, device=Wb.device)
+                sparse = sparse.scatter_(1, col, True)[:, :width] & plain
+            err = 0.0
+            for group in (plain & ~sparse, sparse):
+                signs, sc, mc = self._binarize(Wb, group, 1, row_ref)
+                a = decode_scales(row_ref, sc[0], self.scale_bits)
+                m = decode_means(a, mc[0], self.mean_bits) if self.means else torch.zeros_like(a)
+                approx = torch.where(signs[0], a[:, None], -a[:, None]) + m[:, None]
+                err += float(((Wb - approx) ** 2 * group).sum())
+            score = err + self.lam * energy * rows * _sparse_bits(width, g, k) / Wb.numel()
+            if best is None or score < best[0]:
+                codes = (torch.zeros(rows, 0, dtype=torch.bool, device=Wb.device) if k == 0
+                         else codes_to_bits(encode_combinations(idx, g), code_bits(g, k)))
+                best = (score, (log2g, k), codes, sparse)
+        return best[1:]
+
+
+def column_scales(Wb: torch.Tensor) -> torch.Tensor:
+    """Each column's rms over the block's mean rms (floored at 1e-4), float32 [cols]."""
+    rms = Wb.pow(2).mean(0).sqrt()
+    return (rms / rms.mean().clamp_min(1e-30)).clamp_min(1e-4)
+
+
+def _sparse_bits(width: int, g: int, k: int) -> int:
+    """Bits per row of the sparse codes of a block `width` columns wide, k per run of g."""
+    return -(-width // g) * code_bits(g, k)
+
+
+# --------------------------------------------------------------------------- k-of-G codes
+
+
+def code_bits(g: int, k: int) -> int:
+    """Bits of one k-of-g code: ceil(log2 C(g, k)) (0 when there is one choice)."""
+    return (math.comb(g, k) - 1).bit_length()
+
+
+@lru_cache(maxsize=None)
+def _binomials(g: int, k: int) -> torch.Tensor:
+    """int64 [k + 1, g]: entry [i, c] = C(c, i)."""
+    return torch.tensor([[math.comb(c, i) for c in range(g)] for i in range(k + 1)], dtype=torch.int64)
+
+
+def encode_combinations(idx: torch.Tensor, g: int) -> torch.Tensor:
+    """Sorted positions idx [..., k] (distinct, in 0..g-1) -> their rank among the C(g, k)
+    k-subsets, sum_i C(idx_i, i + 1) (the combinatorial number system), int64 [...]."""
+    k = idx.shape[-1]
+    table = _binomials(g, k).to(idx.device)
+    return sum(table[i + 1][idx[..., i]] for i in range(k))
+
+
+def decode_combinations(codes: torch.Tensor, g: int, k: int) -> torch.Tensor:
+    """Inverse of `encode_combinations`: int64 codes [...] -> sorted positions [..., k]."""
+    table = _binomials(g, k).to(codes.device)
+    rest, out = codes.clone(), []
+    for i in range(k, 0, -1):  # the largest position c with C(c, i) <= rest, then the next
+        c = torch.searchsorted(table[i], rest.contiguous(), right=True) - 1
+        rest -= table[i][c]
+        out.append(c)
+    return torch.stack(out[::-1], -1)
+
+
+def codes_to_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 codes [rows, runs] of `bits` bits each -> bool [rows, runs * bits], low bit first
+    (the blocks' bits are concatenated along the row and packed once: no padding per block)."""
+    planes = (codes[..., None] >> torch.arange(bits, device=codes.device)) & 1
+    return planes.reshape(codes.shape[0], -1).bool()
+
+
+def bits_to_codes(bits_: torch.Tensor, bits: int, runs: int) -> torch.Tensor:
+    """Inverse of `codes_to_bits`."""
+    planes = bits_.reshape(bits_.shape[0], runs, bits).to(torch.int64)
+    return (planes << torch.arange(bits, device=bits_.device)).sum(-1)
