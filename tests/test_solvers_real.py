@@ -127,7 +127,7 @@ def stored_digest(q):
 
 
 def test_billm_stores_what_the_loop_searches_stored():
-    """The vectorised searches pick what the loop searches of commit 587b3f0 picked
+    """The vectorised searches pick what the loop searches of commit 18a96d5 picked
     (bench/pin_billm.py pinned their stored bytes): the same bytes on every layer, or, where
     a near-tie of the candidates' errors orders differently in float64 than in the loop's
     float32, the same error within 0.1% (the issue's bound)."""
