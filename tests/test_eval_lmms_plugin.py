@@ -251,6 +251,7 @@ def test_lmms_eval_runs_the_real_tiny_vlm_like_luqs_runner(lmms_eval):
     assert 0 <= pope["pope_accuracy,none"] <= 1 and result["results"][lmms_task("mme")]["mme_perception_score,none"] >= 0
 
 
+@pytest.mark.slow
 def test_lmms_eval_command_on_a_quantized_artifact_offline(lmms_eval, tmp_path):
     """``lmms-eval --model luq --model_args path=DIR`` (the console script, hub access switched
     off) on a luq artifact of the tiny LLaVA, three tasks, answers compared with the runner's."""
