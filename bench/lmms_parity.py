@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         theirs = logged_samples(out, task)
         same = sum(r["prediction"] == lmms_answer(t) for r, t in zip(ours.samples, theirs))
         scored = [(r["score"], lmms_sample_score(task, t)) for r, t in zip(ours.samples, theirs)]
-        agree = "n/a" if scored[0][1] is None else f"{sum(a == b for a, b in scored)}/{len(scored)}"
+        # to 1e-9: lmms-eval averages VQA answers with statistics.mean, luq with sum / n
+        agree = "n/a" if scored[0][1] is None else f"{sum(abs(a - b) <= 1e-9 for a, b in scored)}/{len(scored)}"
         key = HEADLINES[task][0]
         rows.append((task, len(theirs), f"{same}/{len(ours.samples)}", agree, key, ours.scores[key],
                      lmms_headline(task, results[lmms_task(task)]), "yes" if task in SCORER_DIFFERENCES else ""))
