@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from luq.errors import LuqError
 from luq.eval.datasets import CIRCULAR_STEP, EvalSample, _record_to_samples, bundled_dir
 
 LUQ_ID = "luq_id"
@@ -46,8 +47,6 @@ def _samples(task: str, dataset) -> list[EvalSample]:
         image = Path(str(record.get("image", ""))).expanduser()
         image = image if image.is_absolute() else (base / image).resolve()
         if not image.is_file():
-            from luq.errors import LuqError
-
             raise LuqError(f"{where}: image not found: {image}")
         samples.extend(_record_to_samples(task, record, image, where))
     return samples
