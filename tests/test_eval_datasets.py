@@ -38,7 +38,7 @@ def test_prompts_follow_lmms_eval_defaults():
         assert sample.prompt == sample.question + SHORT
     flower = [s for s in load_samples("mmbench") if s.id == "6"][0]
     assert flower.prompt == ("The photo was taken in a garden. What is in the center of the image? "
-                             "There are several options:\nA. A flower\nB. A bird\nC. A car\n"
+                             "There are several options:\nA. A flower\nB. A bird\nC. A car\n\n"
                              "Answer with the option's letter from the given choices directly.")
     slope, shape = load_samples("mathvista")[2], load_samples("mathvista")[4]
     assert slope.prompt == ("What is the slope of the line?\nAnswer the question using a single floating-point "

@@ -64,7 +64,8 @@ from luq.store import read_jsonl
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MMBENCH_OPTIONS_HEADER = "There are several options:"
-MMBENCH_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+# lmms-eval joins the options and its post_prompt ("\nAnswer ...") with a newline: a blank line between
+MMBENCH_SUFFIX = "\n\nAnswer with the option's letter from the given choices directly."
 MME_YES_NO = " Please answer yes or no."  # lmms-eval drops it when it adds its own suffix
 CIRCULAR_STEP = 1_000_000  # MMBench numbers the rotations of question i as i + k * 1e6
 SAMPLES_FILE = "samples.jsonl"

@@ -1,6 +1,8 @@
 """An lmms-eval model backed by luq: ``lmms-eval --model luq --model_args path=DIR --tasks mme``.
 
-Install the extra (``pip install 'luq[lmms]'``). luq declares the entry point
+Install lmms-eval and the packages it imports (``pip install 'luq[lmms]'`` then
+``pip install --no-deps lmms-eval==0.7.3``: its own requirements would move torch; ``make test``
+does both). luq declares the entry point
 ``lmms_eval.models: luq = luq.eval.lmms_plugin:lmms_eval_manifest``, through which lmms-eval
 (0.5 and later: the entry-point model registry) finds the model class ``LuqLMM`` without any
 change to lmms-eval.
@@ -11,8 +13,13 @@ under ``accelerate launch``), ``dtype`` (float32, bfloat16, float16), ``batch_si
 (default 1), ``max_new_tokens`` (default 32, when a task does not set it).
 
 Generation is luq's own (``luq.eval.runner.AnswerGenerator``): greedy, the model's chat
-template, the images of each request before its text; a task's ``until`` strings cut the
-answer. Log-likelihood requests are not supported (none of the nine VQA tasks uses them).
+template, the images of each request before its text; a task's ``max_new_tokens`` caps the
+answer and its ``until`` strings cut it. A task (or ``--gen_kwargs``) asking for sampling or
+beam search is refused. Log-likelihood requests are not supported (none of the nine VQA tasks
+uses them).
+
+luq's nine benchmarks as lmms-eval tasks on its bundled offline samples are in
+``luq.eval.lmms_tasks`` (``--include_path "$(python -m luq.eval.lmms_tasks)" --tasks luq_mme``).
 
 The class derives from lmms-eval's ``lmms`` when lmms-eval is installed; without it the same
 class exists on a plain base (for luq's own tests), and only lmms-eval can drive it.
@@ -36,6 +43,15 @@ def lmms_eval_manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.LuqLMM")
+
+
+def _check_greedy(gen_kwargs: dict) -> None:
+    """Refuse generation settings other than greedy decoding (lmms-eval's HF models sample when
+    ``temperature`` > 0)."""
+    sampling = gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0
+    if sampling or int(gen_kwargs.get("num_beams") or 1) > 1:
+        settings = {k: gen_kwargs.get(k) for k in ("do_sample", "temperature", "num_beams") if k in gen_kwargs}
+        raise NotImplementedError(f"the luq lmms-eval model decodes greedily only; this task asks for {settings}")
 
 
 def _int_arg(value: Any, name: str) -> int:
@@ -75,37 +91,48 @@ class LuqLMM(_LmmsBase):
     def world_size(self) -> int:
         return self._world_size
 
-    def _request_parts(self, request) -> tuple[str, dict, list, Any]:
-        """(context, generation kwargs, images, grouping key) of one generate_until request."""
-        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+    def _images(self, request) -> list:
+        """The request's images, as RGB PIL images."""
+        _, _, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
         images = [v.convert("RGB") for v in (visuals or []) if hasattr(v, "convert")]
         if len(images) != len(visuals or []):
             raise NotImplementedError("the luq model answers about images only (no video or audio)")
-        gen_kwargs = dict(gen_kwargs or {})
-        key = (len(images), repr(sorted(gen_kwargs.items(), key=lambda kv: kv[0])))
-        return context, gen_kwargs, images, key
+        return images
+
+    def _batch_key(self, request) -> tuple:
+        """Requests that may share a batch: one task's, with the same settings and image count. In
+        request order these are the batches luq's runner makes of the same samples at the same
+        batch size (same padding, so the same answers)."""
+        _, gen_kwargs, _, _, task, _ = request.args
+        _check_greedy(dict(gen_kwargs or {}))
+        return task, len(self._images(request)), repr(sorted((gen_kwargs or {}).items(), key=lambda kv: kv[0]))
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy answers, in request order, batched among requests with the same settings."""
-        parts = [self._request_parts(r) for r in requests]
-        answers: list[str | None] = [None] * len(parts)
-        pending: dict[Any, list[int]] = {}
-        for index, (_, _, _, key) in enumerate(parts):
-            pending.setdefault(key, []).append(index)
-        for indices in pending.values():
-            for start in range(0, len(indices), self.batch_size_per_device):
-                chunk = indices[start:start + self.batch_size_per_device]
-                gen_kwargs = parts[chunk[0]][1]
-                until = gen_kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                outputs = self.generator.answer([parts[i][2] for i in chunk], [parts[i][0] for i in chunk],
-                                                max_new_tokens=gen_kwargs.get("max_new_tokens"))
-                for i, text in zip(chunk, outputs):
-                    for stop in until:
-                        if stop:
-                            text = text.split(stop)[0]
-                    answers[i] = text.strip()
+        """Greedy answers, in request order, batched among one task's requests with the same settings
+        (images are decoded one batch at a time)."""
+        from tqdm import tqdm
+
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(self._batch_key(request), []).append(index)
+        chunks = [indices[start:start + self.batch_size_per_device]
+                  for indices in groups.values() for start in range(0, len(indices), self.batch_size_per_device)]
+        for chunk in tqdm(chunks, desc="luq generate", unit="batch", disable=self.rank != 0):
+            gen_kwargs = dict(requests[chunk[0]].args[1] or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new_tokens = gen_kwargs.get("max_new_tokens")
+            outputs = self.generator.answer([self._images(requests[i]) for i in chunk],
+                                            [requests[i].args[0] for i in chunk],
+                                            max_new_tokens=None if max_new_tokens is None
+                                            else _int_arg(max_new_tokens, "max_new_tokens"))
+            for i, text in zip(chunk, outputs):
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                answers[i] = text.strip()
         return answers  # type: ignore[return-value]
 
     def loglikelihood(self, requests):
