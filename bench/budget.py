@@ -5,7 +5,11 @@ For the model, in one run and one shared variant cache:
 - uniform GPTQ-4 g128, GPTQ-3 g128 and GPTQ-2 g128 (`--formats gptqB-g128`);
 - the paper's method at k = 3 (`--allocate entropy --layers 3`);
 - the measured allocation (the default) at the bytes of uniform GPTQ-3 and at the bytes of
-  entropy-LUQ k = 3 (`--budget-gb` = those sizes).
+  entropy-LUQ k = 3 (`--budget-gb` = those sizes), over the decoder alone (`--keep-fp16
+  embed,head,vision`, the budget mode's own gain) and over the whole model (the default: the
+  embedding, head and vision tower join the budget);
+- the whole model below every decoder-only size: SmolLM2 at 75 MB, tiny-vlm at 75% of uniform
+  GPTQ-4's bytes.
 Scores: SmolLM2: perplexity on held-out Wikipedia windows (disjoint from the calibration,
 sensitivity and threshold windows); tiny-vlm: accuracy on held-out generated VQA questions.
 Prints a table and the ratios the issue asks for; writes bench/results/budget-<model>.json.
@@ -55,6 +59,7 @@ def main(argv=None) -> None:
         dequantize_modules(model)  # the same weights as plain linears: scoring speed only
         metric = Metric(args.model, model, processor, args, calibration)
         row = {"name": name, "total_bytes": report["total_bytes"], "avg_bits": report["avg_bits"],
+               "bytes_by_kind": report["bytes_by_kind"],
                **metric(), "predicted_cost": report.get("predicted_cost"), "measured_cost": report.get("measured_cost"),
                "plan_formats": sorted({i["format"] for i in report["linears"].values()}),
                "low_bit_layers": report["low_bit_layers"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -66,32 +71,45 @@ def main(argv=None) -> None:
     for bits in (4, 3, 2):
         rows[f"uniform GPTQ-{bits} g128"] = run(f"uniform-gptq{bits}", formats=(f"gptq{bits}-g128",))
     rows["entropy-LUQ k=3"] = run("entropy-k3", allocate="entropy", layers=3)
+    decoder_only = ("embed", "head", "vision")
     for label, ref in (("GPTQ-3", "uniform GPTQ-3 g128"), ("entropy-LUQ k=3", "entropy-LUQ k=3")):
-        rows[f"measured at {label}'s bytes"] = run(f"measured-at-{ref.split()[0]}-{ref.split()[-1]}",
-                                                    budget_gb=rows[ref]["total_bytes"] / 1e9)
+        slug = f"{ref.split()[0]}-{ref.split()[-1]}"
+        rows[f"measured (decoder only) at {label}'s bytes"] = run(
+            f"measured-decoder-at-{slug}", budget_gb=rows[ref]["total_bytes"] / 1e9, keep_fp16=decoder_only)
+        rows[f"measured (whole model) at {label}'s bytes"] = run(
+            f"measured-whole-at-{slug}", budget_gb=rows[ref]["total_bytes"] / 1e9)
     vqa = args.model == "tiny-vlm"
+    small = 0.75 * rows["uniform GPTQ-4 g128"]["total_bytes"] if vqa else 75e6
+    small_label = "75% of GPTQ-4's bytes" if vqa else "75 MB"
+    rows[f"measured (whole model) at {small_label}"] = run("measured-whole-small", budget_gb=small / 1e9)
 
-    def ratio(a: str, b: str) -> float:
-        return rows[a]["value"] / rows[b]["value"]
+    def compare(a: str, b: str) -> float:  # VQA: difference in accuracy; perplexity: ratio
+        return rows[a]["value"] - rows[b]["value"] if vqa else rows[a]["value"] / rows[b]["value"]
 
-    checks = {"measured / GPTQ-3 at GPTQ-3's bytes": ratio("measured at GPTQ-3's bytes", "uniform GPTQ-3 g128"),
-              "measured / entropy-LUQ at k=3's bytes": ratio("measured at entropy-LUQ k=3's bytes", "entropy-LUQ k=3")}
-    if vqa:
-        checks = {"measured - GPTQ-3 at GPTQ-3's bytes": rows["measured at GPTQ-3's bytes"]["value"]
-                  - rows["uniform GPTQ-3 g128"]["value"],
-                  "measured - entropy-LUQ at k=3's bytes": rows["measured at entropy-LUQ k=3's bytes"]["value"]
-                  - rows["entropy-LUQ k=3"]["value"]}
+    op = "-" if vqa else "/"
+    checks = {}
+    for scope in ("decoder only", "whole model"):
+        checks[f"measured ({scope}) {op} GPTQ-3 at GPTQ-3's bytes"] = compare(
+            f"measured ({scope}) at GPTQ-3's bytes", "uniform GPTQ-3 g128")
+        checks[f"measured ({scope}) {op} entropy-LUQ at k=3's bytes"] = compare(
+            f"measured ({scope}) at entropy-LUQ k=3's bytes", "entropy-LUQ k=3")
+    checks[f"whole model at {small_label} {op} uniform GPTQ-4"] = compare(
+        f"measured (whole model) at {small_label}", "uniform GPTQ-4 g128")
+    checks[f"whole model at {small_label}: MB"] = rows[f"measured (whole model) at {small_label}"]["total_bytes"] / 1e6
     result = {"model": args.model, "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": alpha},
               "metric": "VQA accuracy" if vqa else "perplexity", "rows": rows, "checks": checks,
               "threads": torch.get_num_threads()}
     out = args.out or RESULTS / f"budget-{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n| configuration | total MB | true avg bits | {result['metric']} | KL from fp (nats/token) |")
-    print("|---|---|---|---|---|")
+    print(f"\n| configuration | total MB | true avg bits | {result['metric']} | KL from fp (nats/token) | "
+          "outside the decoder |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         kl = "" if r["measured_cost"] is None else f"{r['measured_cost']:.4f}"
-        print(f"| {name} | {r['total_bytes'] / 1e6:.2f} | {r['avg_bits']:.3f} | {r['value']:.4g} | {kl} |")
+        outside = "; ".join(f"{kind} {info['bytes'] / 1e6:.1f} MB ({', '.join(sorted(info['formats']))})"
+                            for kind, info in r["bytes_by_kind"].items() if kind != "decoder") or "kept fp16"
+        print(f"| {name} | {r['total_bytes'] / 1e6:.2f} | {r['avg_bits']:.3f} | {r['value']:.4g} | {kl} | {outside} |")
     for name, value in checks.items():
         print(f"{name}: {value:.3f}")
 

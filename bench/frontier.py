@@ -44,8 +44,9 @@ from luq.calibration import (CalibrationConfig, calibration_batches, sensitivity
 from luq.config import LUQConfig
 from luq.eval.perplexity import token_window_perplexity
 from luq.models.loading import load_model, parse_dtype
-from luq.pipeline import layer_pass
-from luq.plan import entropy_plan, knapsack, layer_order, threshold_search, uniform_plan
+from luq.models import outside_units
+from luq.pipeline import layer_pass, outside_pass
+from luq.plan import KEEP, entropy_plan, knapsack, layer_order, threshold_search, uniform_plan
 from luq.quant import DEFAULT_MENU, Format, get_format, parse_formats, register_format
 from luq.sensitivity import measure_sensitivity
 
@@ -137,6 +138,9 @@ def main(argv=None) -> None:
     p.add_argument("--menu", default=",".join(DEFAULT_MENU), help="formats of the measured allocation")
     p.add_argument("--budgets", type=int, default=7, help="evenly spaced budgets from GPTQ-2's size to GPTQ-4's")
     p.add_argument("--sensitivity-samples", type=int, default=16)
+    p.add_argument("--whole-model", action="store_true",
+                   help="also the measured allocation with the embedding, head and vision tower in the budget, "
+                        "from the smallest reachable size up to GPTQ-4's")
     p.add_argument("--hessians", default="fp", choices=("fp", "sequential"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -161,23 +165,30 @@ def main(argv=None) -> None:
                         hessians=args.hessians, k=args.k, device=args.device, seed=0, desc="variants")
     t_quant = time.perf_counter() - t0
     sens = sensitivity_batches(processor, adapter, calibration, args.sensitivity_samples, args.eval_samples)
-    per_layer = measure_sensitivity(net, adapter, sens, cache, [get_format(f) for f in menu], device=args.device)
-    costs = {adapter.layer_prefix(i) + n: c for i, layer in enumerate(per_layer) for n, c in layer.items()}
+    units = outside_units(net, adapter) if args.whole_model else {}
+    unit_menu = [get_format(f) for f in LUQConfig(calibration=calibration, budget_gb=1.0).unit_menu()] if units else []
+    outside = outside_pass(net, adapter, batches, units, unit_menu, cache, args.device) if units else None
+    costs = measure_sensitivity(net, adapter, sens, cache, [get_format(f) for f in menu], units=units,
+                                unit_formats=unit_menu, device=args.device)
+    costs.update({name: {**c, KEEP: 0.0} for name, c in costs.items() if name in units})
     t_sens = time.perf_counter() - t0 - t_quant
     names = linear_names(net, adapter)
     every_linear = [n for layer in names for n in layer]
-    sizes = size_table(net, adapter, passed["layers"], parse_dtype(config.storage_dtype))
+    storage = parse_dtype(config.storage_dtype)
+    sizes = size_table(net, adapter, passed["layers"], storage)
+    whole = size_table(net, adapter, passed["layers"], storage, outside, units) if units else None
     n = len(names)
     metric = Metric(args.model, net, processor, args, calibration)
     full_precision = metric()
-    assembly = Assembly(net, adapter, cache, args.device, dense=True)
+    assembly = Assembly(net, adapter, cache, args.device, dense=True, units=units)
 
     def evaluate(plan: dict) -> dict:
+        table = whole if set(plan) & set(units) else sizes
         assembly.apply(plan)
         score = metric()
         assembly.undo()
-        return {**score, "avg_bits": sizes.avg_bits(plan), "nominal_avg_bits": sizes.nominal_avg_bits(plan),
-                "total_bytes": sizes.total_bytes(plan)}
+        return {**score, "avg_bits": table.avg_bits(plan), "nominal_avg_bits": table.nominal_avg_bits(plan),
+                "total_bytes": table.total_bytes(plan)}
 
     uniform = {}
     for label, fmt in labels.items():
@@ -224,13 +235,27 @@ def main(argv=None) -> None:
         print(f"{'measured':>16} {label:>26}  bits {point['avg_bits']:.3f}  {metric.name} {point['value']:.4g}"
               f"  (uniform that fit and beat it: {better or 'none'})", flush=True)
 
+    whole_model = []
+    if whole is not None:  # the embedding, head and vision tower in the budget too, down to the smallest reachable
+        smallest = whole.total_bytes(whole.extreme_plan(menu))
+        for i in range(args.budgets):
+            budget = int(smallest + (high - smallest) * i / (args.budgets - 1))
+            result = knapsack(whole, costs, menu, budget)
+            point = dict(evaluate(result.plan), budget_bytes=budget, predicted_cost=result.cost,
+                         outside={name: result.plan[name] for name in units if units[name].kind != "vision"},
+                         vision_formats={f: sum(1 for n in units if units[n].kind == "vision" and result.plan[n] == f)
+                                         for f in sorted({result.plan[n] for n in units if units[n].kind == "vision"})})
+            whole_model.append(point)
+            print(f"{'whole model':>16} {budget / 1e6:8.2f} MB  {metric.name} {point['value']:.4g}  outside: "
+                  f"{point['outside']} vision {point['vision_formats']}", flush=True)
+
     checks = search_checks(curves["entropy"]["points"], metric.higher_is_better) \
         if "entropy" in curves and entropy_ks == list(range(n + 1)) else []
     result = {"model": args.model, "metric": metric.name, "higher_is_better": metric.higher_is_better,
               "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": alpha, "seed": 0},
               "eval_size": metric.n, "eval_unit": "questions" if metric.vqa else "tokens",
               "full_precision": full_precision, "uniform": uniform, "curves": curves, "notes": notes,
-              "measured": measured, "menu": list(menu),
+              "measured": measured, "whole_model": whole_model, "menu": list(menu),
               "binary_vs_exhaustive": checks, "entropy": passed["entropy"], "entropy_k": passed["k"],
               "hessians": args.hessians, "threads": torch.get_num_threads(),
               "seconds": {"variant_pass": round(t_quant, 1), "sensitivity": round(t_sens, 1),
@@ -238,6 +263,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot_frontier(result, out.with_suffix(".png"))
+    plot_bytes(result, out.with_name(out.stem + "-bytes.png"))
     plot_orders(result, out.with_name(out.name.replace("frontier", "orders")).with_suffix(".png"))
     print(table(result))
 
@@ -285,6 +311,14 @@ def table(result: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {m['budget']} | {m['total_bytes'] / 1e6:.2f} | {m['avg_bits']:.3f} | {_fmt(result, m['value'])} | "
                   f"{m['predicted_cost']:.4f} | {', '.join(m['uniform_better']) or 'none'} |" for m in result["measured"]]
+    if result.get("whole_model"):
+        lines += ["", "Measured allocation over the whole model (embedding, head, vision tower in the budget too)", "",
+                  f"| total MB | {result['metric']} | predicted KL | embedding / head | vision linears |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {m['total_bytes'] / 1e6:.2f} | {_fmt(result, m['value'])} | {m['predicted_cost']:.4f} | "
+                  f"{', '.join(m['outside'].values())} | "
+                  f"{', '.join(f'{n} {f}' for f, n in m['vision_formats'].items()) or '-'} |"
+                  for m in result["whole_model"]]
     orders = list(result["curves"])
     lines += ["", f"{result['metric']} by number of BiLLM layers k, per order", "",
               "| k | " + " | ".join(orders) + " |", "|---" * (len(orders) + 1) + "|"]
@@ -325,6 +359,30 @@ def plot_frontier(result: dict, path: Path) -> None:
     axes[0].set(ylabel=result["metric"] + ("" if result["higher_is_better"] else " (log)"))
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{result['model']}: {result['metric']} vs bits")
+    save_figure(fig, path)
+
+
+def plot_bytes(result: dict, path: Path) -> None:
+    """Metric vs the artifact's total bytes: the decoder-only and whole-model measured curves
+    beside every uniform configuration (the question a user with X MB of device memory asks)."""
+    from luq.report import plt, save_figure  # the Agg backend, luq's figure style
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for key, label, color in (("measured", "measured, decoder only", "black"),
+                              ("whole_model", "measured, whole model (embedding, head, vision too)", "tab:red")):
+        pts = sorted(result.get(key) or [], key=lambda m: m["total_bytes"])
+        if pts:
+            ax.plot([p["total_bytes"] / 1e6 for p in pts], [p["value"] for p in pts], marker="o", color=color,
+                    label=label)
+    markers = iter("sD^v<>pP*XhH8d")
+    for name, r in result["uniform"].items():
+        ax.scatter([r["total_bytes"] / 1e6], [r["value"]], marker=next(markers), s=45, label=name, zorder=3)
+    ax.axhline(result["full_precision"]["value"], color="gray", linestyle=":", label="full precision")
+    if not result["higher_is_better"]:
+        ax.set_yscale("log")
+    ax.set(xlabel="artifact size (MB, every stored byte)", ylabel=result["metric"],
+           title=f"{result['model']}: {result['metric']} vs true bytes")
+    ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
 
 

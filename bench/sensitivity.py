@@ -66,9 +66,8 @@ def main(argv=None) -> None:
     batches = sensitivity_batches(processor, adapter, calibration, args.sensitivity_samples,
                                   config.validation_samples)
     t0 = time.perf_counter()
-    per_layer = measure_sensitivity(net, adapter, batches, cache, formats)
+    costs = measure_sensitivity(net, adapter, batches, cache, formats)
     t_estimate = time.perf_counter() - t0
-    costs = {adapter.layer_prefix(i) + n: c for i, layer in enumerate(per_layer) for n, c in layer.items()}
     reference = reference_log_probs(net, batches)
     assembly = Assembly(net, adapter, cache, "cpu", dense=True)
 

@@ -15,8 +15,9 @@ from luq.assembly import Assembly, linear_names
 from luq.calibration import CalibrationConfig, sensitivity_batches
 from luq.cli import main
 from luq.errors import LuqError
+from luq.models import outside_units
 from luq.models.loading import load_model
-from luq.plan import LinearSizes, SizeTable, knapsack, lagrangian_bound, plan_cost, uniform_plan
+from luq.plan import KEEP, LinearSizes, SizeTable, knapsack, lagrangian_bound, plan_cost, uniform_plan
 from luq.sensitivity import measure_sensitivity, output_kl, reference_log_probs
 from tiny_models import smollm2_head_dir, tiny_llama_dir
 
@@ -114,23 +115,30 @@ def test_sensitivity_predicts_the_measured_kl_of_each_linear(real, uniform3):
     luq.quantize(real["model"], real["root"] / "fill", luq.LUQConfig(calibration=CALIBRATION, k_means=8,
                  formats=MENU, budget_gb=1.0, final_pass=False, sensitivity_samples=2), cache_dir=real["cache"],
                  progress=False, log=lambda s: None)
-    predicted = measure_sensitivity(net, adapter, batches, cache, formats, progress=False)
+    units = outside_units(net, adapter)  # the tied embedding (and head), in the same cache
+    predicted = measure_sensitivity(net, adapter, batches, cache, formats, units=units, unit_formats=formats,
+                                    progress=False)
     reference = reference_log_probs(net, batches, dtype=torch.float32)
-    assembly = Assembly(net, adapter, cache, "cpu", dense=True)
-    pairs = []
-    for i, names in enumerate(linear_names(net, adapter)):
-        for name in names[::2]:  # every other linear: q, v, gate, down of each layer
-            for fmt in formats:
-                assembly.apply({name: fmt.name})
-                measured = output_kl(net, batches, reference)
-                assembly.undo()
-                pairs.append((predicted[i][name[len(adapter.layer_prefix(i)):]][fmt.name], measured))
-    rho = spearmanr([p for p, _ in pairs], [m for _, m in pairs]).statistic
-    print(f"spearman {rho:.3f} over {len(pairs)} (linear, format) pairs; median predicted/measured "
-          f"{sorted(p / m for p, m in pairs)[len(pairs) // 2]:.3f}")
+    assembly = Assembly(net, adapter, cache, "cpu", dense=True, units=units)
+    names = [n for layer in linear_names(net, adapter) for n in layer[::2]]  # q, v, gate, down of each layer
+    pairs = {}
+    for name in names + list(units):
+        for fmt in formats:
+            assembly.apply({name: fmt.name})
+            pairs[name, fmt.name] = (predicted[name][fmt.name], output_kl(net, batches, reference))
+            assembly.undo()
+    values = list(pairs.values())
+    rho = spearmanr([p for p, _ in values], [m for _, m in values]).statistic
+    print(f"spearman {rho:.3f} over {len(values)} (unit, format) pairs; median predicted/measured "
+          f"{sorted(p / m for p, m in values)[len(values) // 2]:.3f}; tied embedding: "
+          + ", ".join(f"{f} {pairs['model.embed_tokens', f][0]:.4g}/{pairs['model.embed_tokens', f][1]:.4g}"
+                      for f in (fmt.name for fmt in formats)))
     assert rho > 0.9, rho
-    ratios = [p / m for p, m in pairs if m > 1e-6]
+    ratios = [p / m for p, m in values if m > 1e-6]
     assert 0.2 < sorted(ratios)[len(ratios) // 2] < 5  # the estimate is on the KL's scale
+    for fmt in formats:  # the tied embedding's logit-Fisher + lookup estimate too
+        p, m = pairs["model.embed_tokens", fmt.name]
+        assert 0.2 < p / m < 5, (fmt.name, p, m)
 
 
 def test_budget_mode_fits_beats_uniform_and_counts_every_byte(real, uniform3):
@@ -138,7 +146,7 @@ def test_budget_mode_fits_beats_uniform_and_counts_every_byte(real, uniform3):
     assert report["total_bytes"] <= uniform3["total_bytes"]
     out = real["root"] / "budget"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["allocate"] == "measured" and set(config["plan"].values()) <= set(MENU)
+    assert config["allocate"] == "measured" and set(config["plan"].values()) <= set(MENU) | {KEEP}
     assert len(set(config["plan"].values())) > 1
     assert {n: i["format"] for n, i in report["linears"].items()} == config["plan"]
     assert report["knapsack"]["gap"] >= 0

@@ -189,7 +189,7 @@ def test_bad_problems_raise_one_clear_error(bad, message, solver):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: GPTQ(bits=5), lambda: GPTQ(bits=4, group_size=0), lambda: GPTQ(damp=-1), lambda: RTN(bits=6),
+    lambda: GPTQ(bits=5), lambda: GPTQ(bits=4, group_size=0), lambda: GPTQ(damp=-1), lambda: RTN(bits=7),
     lambda: BiLLM(block_size=0), lambda: BiLLM(salient_metric="bogus"), lambda: BiLLM(compensation="x"),
     lambda: CompactBiLLM(scale_bits=2), lambda: CompactBiLLM(sparse_runs=((12, 1),)), lambda: CompactBiLLM(sparse_runs=()),
     lambda: CompactBiLLM(sparse_runs=((8, 8),)), lambda: CompactBiLLM(lam=-1), lambda: CompactBiLLM(block_size=0),

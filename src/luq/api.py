@@ -22,11 +22,13 @@ from luq.assembly import Assembly, linear_names, size_bounds, size_table
 from luq.calibration import calibration_batches, sensitivity_batches, text_token_ids, validation_windows
 from luq.config import LUQConfig
 from luq.errors import LuqError
-from luq.models import Adapter
+from luq.models import Adapter, Unit, outside_units
 from luq.models.loading import load_model, parse_dtype
-from luq.pipeline import DEFAULT_K_GRID, layer_pass
-from luq.plan import (Plan, SizeTable, entropy_plan, knapsack, lagrangian_bound, layer_order, layer_plan,
+from luq.pipeline import DEFAULT_K_GRID, layer_pass, outside_pass
+from luq.plan import (KEEP, Plan, SizeTable, entropy_plan, knapsack, lagrangian_bound, layer_order, layer_plan,
                       smallest_budget_within, smallest_fitting_k, threshold_search, uniform_plan)
+from luq.quant.embedding import QuantEmbedding, TiedQuantHead
+from luq.quant.linear import QuantLinear
 from luq.quant.formats import get_format
 from luq.report import build_report
 from luq.sensitivity import measure_sensitivity, output_kl, reference_log_probs
@@ -101,13 +103,18 @@ def check_out_path(out: Path) -> None:
             break
 
 
-def check_reachable(net, adapter, config: LUQConfig, storage_dtype: torch.dtype) -> tuple[int, int] | None:
+def check_reachable(net, adapter, config: LUQConfig, storage_dtype: torch.dtype,
+                    units: dict[str, Unit] | None = None) -> tuple[int, int] | None:
     """The least and most bytes any plan of this menu can reach, known before quantizing; a budget
     below the least is refused now, with the smallest reachable size."""
-    bounds = size_bounds(net, adapter, list(config.menu()), storage_dtype)
+    units = units or {}
+    bounds = size_bounds(net, adapter, list(config.menu()), storage_dtype, units,
+                         list(config.unit_menu()) if units else [])
     if bounds is not None and config.budget_gb is not None and bounds[0] > config.budget_gb * 1e9:
+        kept = [k for k in ("embed", "head", "vision") if k not in config.outside_kinds()]
         raise LuqError(f"no configuration fits {config.budget_gb:.4g} GB: the smallest reachable with formats "
-                       f"{','.join(config.menu())} is {bounds[0] / 1e9:.4g} GB ({bounds[0]:,} bytes)")
+                       f"{','.join(config.menu())} is {bounds[0] / 1e9:.4g} GB ({bounds[0]:,} bytes)"
+                       + (f", with {','.join(kept)} kept unquantized" if kept else ""))
     return bounds
 
 
@@ -129,9 +136,11 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     net, processor, adapter = load_model(model, device, dtype)
     menu = list(config.menu())
     formats = [get_format(name) for name in menu]
-    check_reachable(net, adapter, config, storage_dtype)
+    units = outside_units(net, adapter, config.outside_kinds())
+    unit_formats = [get_format(name) for name in config.unit_menu()] if units else []
+    check_reachable(net, adapter, config, storage_dtype, units)
     batches = calibration_batches(processor, adapter, config.calibration)
-    measured = config.allocate == "measured" and len(menu) > 1
+    measured = config.allocate == "measured" and (len(menu) > 1 or bool(units))
     sens_batches = (sensitivity_batches(processor, adapter, config.calibration, config.sensitivity_samples,
                                         config.validation_samples) if config.allocate == "measured" else None)
     cache = variant_cache(net, config, cache_dir, chain_format=menu[0])
@@ -140,18 +149,25 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
                         k=config.k_means, device=device, subsample=config.subsample, seed=config.calibration.seed,
                         progress=progress, desc="quantize", offload_dir=config.offload_dir)
     seconds = {"layer_pass": round(time.perf_counter() - t_start, 1)}
+    if units:
+        t0 = time.perf_counter()
+        log(f"quantizing {len(units)} units outside the decoder ({', '.join(sorted({u.kind for u in units.values()}))})"
+            f" in {len(unit_formats)} formats")
+        passed["outside"] = outside_pass(net, adapter, batches, units, unit_formats, cache, device)
+        seconds["outside_pass"] = round(time.perf_counter() - t0, 1)
     names = linear_names(net, adapter)
-    sizes = size_table(net, adapter, passed["layers"], storage_dtype)
+    sizes = size_table(net, adapter, passed["layers"], storage_dtype, passed.get("outside"), units)
     costs = None
     if measured:
         t0 = time.perf_counter()
-        per_layer = measure_sensitivity(net, adapter, sens_batches, cache, formats, device=device,
-                                        seed=config.calibration.seed, progress=progress)
-        costs = {adapter.layer_prefix(i) + name: c for i, layer in enumerate(per_layer) for name, c in layer.items()}
+        costs = measure_sensitivity(net, adapter, sens_batches, cache, formats, units=units,
+                                    unit_formats=unit_formats, device=device, seed=config.calibration.seed,
+                                    progress=progress)
+        costs.update({name: {**c, KEEP: 0.0} for name, c in costs.items() if name in units})
         seconds["sensitivity"] = round(time.perf_counter() - t0, 1)
     reference = reference_log_probs(net, sens_batches) if sens_batches is not None else None
 
-    decision = choose_plan(net, processor, adapter, config, cache, passed, sizes, costs, names, device, log)
+    decision = choose_plan(net, processor, adapter, config, cache, passed, sizes, costs, names, device, log, units)
     plan = decision["plan"]
 
     source, final_pass_used = cache, False
@@ -169,15 +185,19 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         else:
             sizes, source, final_pass_used = final_sizes, final_cache, True
             passed = dict(passed, final_layers=final["layers"])
-    Assembly(net, adapter, source, device).apply(plan)
+    Assembly(net, adapter, [source, cache], device, units=units).apply(plan)
     if reference is not None:
         decision["measured_cost"] = output_kl(net, sens_batches, reference)
     report = build_report(model, net, adapter, config, passed, sizes, plan, decision, costs)
     report["final_pass"] = final_pass_used
     report["seconds"] = seconds
+    modules = dict(net.named_modules())
     qconfig = {"luq_version": __version__, "storage_dtype": config.storage_dtype, "allocate": config.allocate,
-               "modules": {name: m.weight_config for name, m in net.named_modules() if hasattr(m, "weight_config")},
-               "plan": plan, "formats": {f: get_format(f).settings() for f in sorted(set(plan.values()))}}
+               "modules": {name: m.weight_config for name, m in modules.items() if isinstance(m, QuantLinear)},
+               "embeddings": {name: m.weight_config for name, m in modules.items() if isinstance(m, QuantEmbedding)},
+               "tied_heads": {name: next(n for n, e in modules.items() if e is m.embedding)
+                              for name, m in modules.items() if isinstance(m, TiedQuantHead)},
+               "plan": plan, "formats": {f: get_format(f).settings() for f in sorted(set(plan.values()) - {KEEP})}}
     written = write_artifact(Path(out), net, processor, qconfig, report, storage_dtype)
     if written != report["total_bytes"]:  # the size table and the writer must agree to the byte
         raise RuntimeError(f"artifact holds {written} tensor bytes, the size table said {report['total_bytes']}")
@@ -186,24 +206,30 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
 
 
 def _with_final(sizes: SizeTable, final: SizeTable) -> SizeTable:
-    """The size table with each linear's planned format's bytes taken from the final pass."""
+    """The size table with each decoder linear's planned format's bytes taken from the final pass
+    (the units outside the decoder are not re-quantized by it)."""
     linears = {}
     for name, s in sizes.linears.items():
-        f = final.linears[name]
+        f = final.linears.get(name)
+        if f is None:
+            linears[name] = s
+            continue
         linears[name] = type(s)(s.layer, s.n_weights, {**s.bytes, **f.bytes}, {**s.nominal_bits, **f.nominal_bits})
     return SizeTable(sizes.base_bytes, linears)
 
 
 def choose_plan(net, processor, adapter: Adapter, config: LUQConfig, cache: VariantCache, passed: dict,
-                sizes: SizeTable, costs: dict | None, names: list[list[str]], device, log) -> dict:
+                sizes: SizeTable, costs: dict | None, names: list[list[str]], device, log,
+                units: dict[str, Unit] | None = None) -> dict:
     """The plan under the config's stopping rule, and how it was found (for the report)."""
     menu = list(config.menu())
+    units = units or {}
     budget = int(config.budget_gb * 1e9) if config.budget_gb is not None else None
     if config.allocate == "entropy":
         order = layer_order(config.order, passed["entropy"], seed=config.calibration.seed)
 
         def plan_for_k(k: int) -> Plan:
-            return entropy_plan(order, k, names, config.high, config.low)
+            return {**entropy_plan(order, k, names, config.high, config.low), **{u: config.high for u in units}}
 
         steps = []
         if budget is not None:
@@ -214,7 +240,7 @@ def choose_plan(net, processor, adapter: Adapter, config: LUQConfig, cache: Vari
             k = config.layers
         else:
             evaluate = plan_evaluator(metric_scorer(config.metric, net, processor, config),
-                                      Assembly(net, adapter, cache, device, dense=True))
+                                      Assembly(net, adapter, cache, device, dense=True, units=units))
             k, search = threshold_search(
                 lambda kk: evaluate(plan_for_k(kk)), len(order), config.max_drop,
                 higher_is_better=higher_is_better(config.metric), search=config.search,
@@ -225,7 +251,7 @@ def choose_plan(net, processor, adapter: Adapter, config: LUQConfig, cache: Vari
         return {"plan": plan_for_k(k), "k": k, "order": order, "search": steps, "frontier": frontier}
 
     all_names = [n for layer in names for n in layer]
-    if len(menu) == 1:
+    if len(menu) == 1 and not units:
         plan = uniform_plan(all_names, menu[0])
         if budget is not None and sizes.total_bytes(plan) > budget:
             raise LuqError(f"the uniform {menu[0]} model is {sizes.total_bytes(plan) / 1e9:.4g} GB, over the budget")
@@ -245,7 +271,7 @@ def choose_plan(net, processor, adapter: Adapter, config: LUQConfig, cache: Vari
         bound, _ = lagrangian_bound(sizes, costs, menu, budget)
     else:
         evaluate = plan_evaluator(metric_scorer(config.metric, net, processor, config),
-                                  Assembly(net, adapter, cache, device, dense=True))
+                                  Assembly(net, adapter, cache, device, dense=True, units=units))
         reference = metric_scorer(config.metric, net, processor, config)()
         log(f"  full precision: {config.metric} {reference:.4f}")
         result, history = smallest_budget_within(

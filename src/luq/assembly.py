@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from luq.errors import LuqError
-from luq.models import Adapter, quantizable_linears
-from luq.plan.sizes import LinearSizes, Plan, SizeTable, layer_plan
+from luq.models import Adapter, Unit, quantizable_linears
+from luq.plan.sizes import KEEP, LinearSizes, Plan, SizeTable, layer_plan
+from luq.quant.embedding import QuantEmbedding, TiedQuantHead
 from luq.quant.formats import get_format
 from luq.quant.linear import replace_linears, restore_linears
 from luq.store import stored_bytes
-from luq.variants import VariantCache
+from luq.variants import OUTSIDE, VariantCache
 
 
 def linear_names(model: nn.Module, adapter: Adapter) -> list[list[str]]:
@@ -28,11 +29,32 @@ def linear_names(model: nn.Module, adapter: Adapter) -> list[list[str]]:
             for i, layer in enumerate(adapter.decoder_layers(model))]
 
 
-def size_table(model: nn.Module, adapter: Adapter, layers: list[dict], storage_dtype: torch.dtype) -> SizeTable:
-    """Exact artifact bytes of any plan, from the model and the variant pass's records."""
-    names = linear_names(model, adapter)
-    base = stored_bytes(model, storage_dtype, exclude={f"{n}.weight" for layer in names for n in layer})
+def _planned_weights(model, adapter, units) -> set[str]:
+    """State-dict names of every weight a plan prices (the decoder's linears and `units`)."""
+    return ({f"{n}.weight" for layer in linear_names(model, adapter) for n in layer}
+            | {f"{name}.weight" for name in units})
+
+
+def keep_bytes(unit: Unit, storage_dtype: torch.dtype) -> int:
+    """What a unit outside the decoder weighs unquantized (a tied head's weight is stored once)."""
+    return unit.module.weight.numel() * torch.empty((), dtype=storage_dtype).element_size()
+
+
+def size_table(model: nn.Module, adapter: Adapter, layers: list[dict], storage_dtype: torch.dtype,
+               outside: dict | None = None, units: dict[str, Unit] | None = None) -> SizeTable:
+    """Exact artifact bytes of any plan, from the model and the variant pass's records
+    (`outside`: `outside_pass`'s summary of `units`, which then join the plan with KEEP
+    as one more choice)."""
+    units = units or {}
+    base = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units))
     linears = {}
+    for name, info in (outside or {}).get("units", {}).items():
+        rows, cols = info["shape"]
+        linears[name] = LinearSizes(
+            layer=None, n_weights=rows * cols,
+            bytes={**{f: v["bytes"] for f, v in info["formats"].items()}, KEEP: keep_bytes(units[name], storage_dtype)},
+            nominal_bits={**{f: v["nominal_bits"] for f, v in info["formats"].items()},
+                          KEEP: 8.0 * torch.empty((), dtype=storage_dtype).element_size()})
     for record in layers:
         prefix = adapter.layer_prefix(record["index"])
         for name, info in record["linears"].items():
@@ -45,19 +67,21 @@ def size_table(model: nn.Module, adapter: Adapter, layers: list[dict], storage_d
 
 
 def size_bounds(model: nn.Module, adapter: Adapter, formats: list[str], storage_dtype: torch.dtype,
-                ) -> tuple[int, int] | None:
-    """(least, most) artifact bytes any plan over `formats` can reach, before quantizing anything;
-    None if some format cannot bound its size in advance."""
-    names = linear_names(model, adapter)
-    base = stored_bytes(model, storage_dtype, exclude={f"{n}.weight" for layer in names for n in layer})
-    least = most = base
-    for layer in adapter.decoder_layers(model):
-        for linear in quantizable_linears(layer).values():
-            bounds = [get_format(f).nbytes_bounds((linear.out_features, linear.in_features)) for f in formats]
-            if any(b is None for b in bounds):
-                return None
-            least += min(b[0] for b in bounds)
-            most += max(b[1] for b in bounds)
+                units: dict[str, Unit] | None = None, unit_formats: list[str] = ()) -> tuple[int, int] | None:
+    """(least, most) artifact bytes any plan over `formats` (and `unit_formats` or KEEP for the
+    `units` outside the decoder) can reach, before quantizing anything; None if some format
+    cannot bound its size in advance."""
+    units = units or {}
+    least = most = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units))
+    shapes = [((linear.out_features, linear.in_features), formats, None)
+              for layer in adapter.decoder_layers(model) for linear in quantizable_linears(layer).values()]
+    shapes += [(u.shape, unit_formats, keep_bytes(u, storage_dtype)) for u in units.values()]
+    for shape, fmts, kept in shapes:
+        bounds = [get_format(f).nbytes_bounds(shape) for f in fmts] + ([(kept, kept)] if kept else [])
+        if any(b is None for b in bounds):
+            return None
+        least += min(b[0] for b in bounds)
+        most += max(b[1] for b in bounds)
     return least, most
 
 
@@ -71,12 +95,14 @@ class Assembly:
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, caches: VariantCache | list[VariantCache], device,
-                 dtype=None, dense: bool = False):
+                 dtype=None, dense: bool = False, units: dict[str, Unit] | None = None):
         self.model, self.adapter, self.device, self.dtype, self.dense = model, adapter, device, dtype, dense
         self.caches = caches if isinstance(caches, list) else [caches]
+        self.units = units or {}
         self._replaced: dict[int, dict] = {}
+        self._replaced_outside: dict[str, nn.Module] = {}
 
-    def _weights(self, index: int, fmt_name: str, names: list[str]) -> dict:
+    def _weights(self, index: int | str, fmt_name: str, names: list[str]) -> dict:
         fmt = get_format(fmt_name)
         for cache in self.caches:
             result = cache.load(index, fmt, device=self.device)
@@ -95,9 +121,50 @@ class Assembly:
             for fmt, names in by_format.items():
                 weights.update(self._weights(i, fmt, names))
             self._replaced[i] = replace_linears(layer, weights, dtype=self.dtype, dense=self.dense)
+        self._apply_outside(plan)
+
+    def _apply_outside(self, plan: Plan) -> None:
+        """The planned units outside the decoder: vision linears as in a layer; the embedding as a
+        QuantEmbedding (a lookup is cheap either way), its tied head reading its packed tensors
+        (dense: an nn.Linear holding the dequantized table)."""
+        by_format: dict[str, list[str]] = defaultdict(list)
+        for name in self.units:
+            if plan.get(name, KEEP) != KEEP:
+                by_format[plan[name]].append(name)
+        weights = {}
+        for fmt, names in by_format.items():
+            weights.update(self._weights(OUTSIDE, fmt, names))
+        linears = {n: q for n, q in weights.items() if self.units[n].kind != "embed"}
+        self._replaced_outside = replace_linears(self.model, linears, dtype=self.dtype, dense=self.dense)
+        for name, q in weights.items():
+            unit = self.units[name]
+            if unit.kind != "embed":
+                continue
+            embedding = QuantEmbedding.from_embedding(unit.module, q)  # a lookup unpacks only its rows
+            self._swap(name, embedding)
+            if unit.tied_head:
+                head = self.model.get_submodule(unit.tied_head)
+                if self.dense:
+                    new_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                                         device=head.weight.device, dtype=head.weight.dtype)
+                    new_head.weight.data = q.dequantize(head.weight.dtype).to(head.weight.device)
+                    if head.bias is not None:
+                        new_head.bias.data = head.bias.detach().clone()
+                else:
+                    new_head = TiedQuantHead(embedding, head.bias)
+                self._swap(unit.tied_head, new_head)
+
+    def _swap(self, name: str, new: nn.Module) -> None:
+        owner, _, attr = name.rpartition(".")
+        parent = self.model.get_submodule(owner) if owner else self.model
+        self._replaced_outside.setdefault(name, getattr(parent, attr))
+        setattr(parent, attr, new)
 
     def undo(self) -> None:
         layers = self.adapter.decoder_layers(self.model)
         for i, replaced in self._replaced.items():
             restore_linears(layers[i], replaced)
         self._replaced = {}
+        restore_linears(self.model, self._replaced_outside)
+        self._replaced_outside = {}
+

@@ -74,14 +74,9 @@ def move(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-@torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iterable[tuple[dict, torch.Tensor]],
-                               offload_device: torch.device | str = "cpu",
-                               disk: DiskActivations | None = None) -> list[LayerInput]:
-    """Run `model` on each (model inputs, token kinds) batch up to decoder layer 0 and keep
-    that layer's inputs. The model's own embedding, vision tower, projector, masks and
-    rotary embeddings produce them, so nothing family-specific is recomputed here."""
-    first = adapter.decoder_layers(model)[0]
+def _run_to_first_layer(model: nn.Module, adapter: Adapter, inputs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run `model` on `inputs` up to decoder layer 0 (under the caller's grad mode): the hidden
+    states and every other argument that layer receives."""
     seen: dict[str, Any] = {}
 
     def grab(module, args, kwargs):
@@ -90,22 +85,37 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iter
         seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
         raise _ReachedFirstLayer
 
-    device = next(model.parameters()).device
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    captured = []
+    handle = adapter.decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for inputs, token_kind in batches:
-            try:
-                model(**move(inputs, device), use_cache=False)
-            except _ReachedFirstLayer:
-                pass
-            else:  # pragma: no cover - a family whose forward never reaches layer 0
-                raise RuntimeError("the model's forward did not reach decoder layer 0")
-            captured.append(LayerInput(hidden=offload(seen["hidden"], offload_device, disk),
-                                       kwargs=move(seen["kwargs"], offload_device),
-                                       token_kind=token_kind.to(torch.int8)))
+        model(**inputs, use_cache=False)
+    except _ReachedFirstLayer:
+        pass
+    else:  # pragma: no cover - a family whose forward never reaches layer 0
+        raise RuntimeError("the model's forward did not reach decoder layer 0")
     finally:
         handle.remove()
+    return seen["hidden"], seen["kwargs"]
+
+
+def first_layer_hidden(model: nn.Module, adapter: Adapter, inputs: dict) -> torch.Tensor:
+    """The hidden states decoder layer 0 receives for `inputs` (embeddings, with image features
+    merged in), computed under the caller's grad mode: differentiable w.r.t. the vision tower."""
+    return _run_to_first_layer(model, adapter, inputs)[0]
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iterable[tuple[dict, torch.Tensor]],
+                               offload_device: torch.device | str = "cpu",
+                               disk: DiskActivations | None = None) -> list[LayerInput]:
+    """Run `model` on each (model inputs, token kinds) batch up to decoder layer 0 and keep
+    that layer's inputs. The model's own embedding, vision tower, projector, masks and
+    rotary embeddings produce them, so nothing family-specific is recomputed here."""
+    device = next(model.parameters()).device
+    captured = []
+    for inputs, token_kind in batches:
+        hidden, kwargs = _run_to_first_layer(model, adapter, move(inputs, device))
+        captured.append(LayerInput(hidden=offload(hidden, offload_device, disk), kwargs=move(kwargs, offload_device),
+                                   token_kind=token_kind.to(torch.int8)))
     return captured
 
 

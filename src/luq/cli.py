@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high", default=None, metavar="FORMAT",
                    help="--allocate entropy: the high format (default gptq4-g128)")
     p.add_argument("--low", default=None, metavar="FORMAT", help="--allocate entropy: the low format (default billm)")
+    p.add_argument("--keep-fp16", default=None, metavar="KINDS",
+                   help="units outside the decoder left unquantized (at --storage-dtype): any of embed,head,vision "
+                        "('' quantizes all). Default: all join the budget of --allocate measured with --budget-gb or "
+                        "--max-drop; --allocate entropy and a one-format model keep them")
     p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
                    help="held-out sequences the costs are measured on (default 16)")
     p.add_argument("--metric", default="perplexity",
@@ -158,7 +162,7 @@ def cmd_quantize(args) -> None:
     config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
                        metric_data=args.metric_data, layers=args.layers, search=args.search, **paper,
                        hessians=args.hessians, allocate=args.allocate, formats=args.formats,
-                       sensitivity_samples=args.sensitivity_samples,
+                       sensitivity_samples=args.sensitivity_samples, keep_fp16=args.keep_fp16,
                        final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
                        storage_dtype=args.storage_dtype, offload_dir=args.offload_dir)
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)

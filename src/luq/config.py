@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 from luq.calibration import CalibrationConfig
 from luq.errors import LuqError
-from luq.quant.formats import DEFAULT_MENU, get_format, parse_formats
+from luq.models import UNIT_KINDS
+from luq.quant.formats import DEFAULT_MENU, GPTQ_MENU_GROUPS, get_format, parse_formats
 
 ALLOCATIONS = ("measured", "entropy")
 ORDERS = ("entropy", "reverse-entropy", "depth", "random")
@@ -45,7 +46,14 @@ class LUQConfig:
     subsample: tokens per layer K-means is fitted on (None: all).
     sensitivity_samples: sequences of L tokens the costs are measured on (held out).
     storage_dtype: dtype of every unquantized tensor in the artifact (embeddings, norms,
-    vision tower, projector, lm_head).
+    vision tower, projector, lm_head, when not quantized).
+    keep_fp16: which units outside the decoder stay unquantized, at storage_dtype: any of
+    "embed" (the token embedding, and a head tied to it), "head" (an untied output head),
+    "vision" (the vision tower's and projector's linears). The rest join the budget: in the
+    measured allocation each picks a format of `unit_menu()` or stays unquantized, whichever
+    the knapsack prefers; in the entropy allocation they take `high`. Default (None): every
+    unit joins the budget of a measured allocation with a stopping rule; the entropy
+    allocation and a one-format uniform model keep them all, as the paper and peers do.
     """
 
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -68,6 +76,7 @@ class LUQConfig:
     sensitivity_samples: int = 16
     storage_dtype: str = "float16"
     offload_dir: str | None = None  # activations between layers in memory-mapped files there, not RAM
+    keep_fp16: tuple[str, ...] | None = None
 
     # metric / metric_data: what --max-drop watches: held-out perplexity, or a VQA task's
     # score (luq.eval) on metric_data (None: its bundled offline sample).
@@ -112,6 +121,13 @@ class LUQConfig:
             raise LuqError(f"--validation-samples must be positive, got {self.validation_samples}")
         if self.sensitivity_samples <= 0:
             raise LuqError(f"--sensitivity-samples must be positive, got {self.sensitivity_samples}")
+        if self.keep_fp16 is not None:
+            kinds = ([k.strip() for k in self.keep_fp16.split(",") if k.strip()] if isinstance(self.keep_fp16, str)
+                     else list(self.keep_fp16))
+            unknown = [k for k in kinds if k not in UNIT_KINDS]
+            if unknown:
+                raise LuqError(f"--keep-fp16 takes {', '.join(UNIT_KINDS)}; got {','.join(unknown)}")
+            object.__setattr__(self, "keep_fp16", tuple(kinds))
 
     def menu(self) -> tuple[str, ...]:
         """The format names every linear is quantized to in the variant pass."""
@@ -119,8 +135,27 @@ class LUQConfig:
             return (self.high, self.low) if self.high != self.low else (self.high,)
         return self.formats or DEFAULT_MENU
 
+    def outside_kinds(self) -> tuple[str, ...]:
+        """The kinds of units outside the decoder that join the budget (see `keep_fp16`)."""
+        if self.keep_fp16 is None:
+            uniform = self.allocate == "measured" and len(self.menu()) == 1 and self.budget_gb is None \
+                and self.max_drop is None
+            return () if self.allocate == "entropy" or uniform else UNIT_KINDS
+        return tuple(k for k in UNIT_KINDS if k not in self.keep_fp16)
+
+    def unit_menu(self) -> tuple[str, ...]:
+        """The formats the units outside the decoder are quantized to (each may also stay
+        unquantized): the decoder's menu, plus 6-bit GPTQ with the default menu (heads and
+        embeddings are where llama.cpp's recipes spend 6 bits), or `high` with --allocate entropy."""
+        if self.allocate == "entropy":
+            return (self.high,)
+        if self.formats is None:
+            return DEFAULT_MENU + tuple(f"gptq6-g{g}" for g in GPTQ_MENU_GROUPS)
+        return self.menu()
+
     def to_json(self) -> dict:
         out = asdict(self)
         out["order"] = self.order if isinstance(self.order, str) else list(self.order)
         out["menu"] = list(self.menu())
+        out["outside_kinds"] = list(self.outside_kinds())
         return out

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_inputs, layer_forward, offload,
-                         run_layerwise)
+from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_inputs, layer_forward, move,
+                         offload, run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
-from luq.models import Adapter, quantizable_linears
+from luq.models import Adapter, Unit, quantizable_linears
 from luq.errors import LuqError
 from luq.quant import HessianAccumulator, relative_output_error
 from luq.quant.formats import Format, get_format
 from luq.quant.linear import replace_linears, restore_linears
-from luq.variants import FormatResult, VariantCache, tensor_digest
+from luq.variants import OUTSIDE, FormatResult, VariantCache, tensor_digest
 
 # the K grid of the stability analysis (the paper settles on K = 100)
 DEFAULT_K_GRID = (8, 16, 32, 50, 75, 100, 150, 200)
@@ -58,14 +58,13 @@ class _LayerHooks:
             h.remove()
 
 
-def quantize_linears(layer: nn.Module, hessians: Mapping[str, torch.Tensor], needs: Mapping[str, Sequence[Format]],
-                     device: torch.device | str) -> dict[str, FormatResult]:
-    """Each linear of one layer (by relative name) through each format it needs: format name ->
-    its FormatResult (packed weights on the CPU, per-linear records, solver seconds)."""
-    linears = quantizable_linears(layer)
+def quantize_weights(weights: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
+                     needs: Mapping[str, Sequence[Format]], device: torch.device | str) -> dict[str, FormatResult]:
+    """Each weight (by name) through each format it needs: format name -> its FormatResult
+    (packed weights on the CPU, per-weight records, solver seconds)."""
     results: dict[str, FormatResult] = {}
     for name, formats in needs.items():
-        W = linears[name].weight.detach().to(device, torch.float32)
+        W = weights[name].detach().to(device, torch.float32)
         H = hessians[name].to(device)
         for fmt in formats:
             t0 = time.perf_counter()
@@ -75,6 +74,12 @@ def quantize_linears(layer: nn.Module, hessians: Mapping[str, torch.Tensor], nee
             result.records[name] = FormatResult.record_of(q, relative_output_error(W, q.dequantize().to(device), H))
             result.weights[name] = q.to("cpu")
     return results
+
+
+def quantize_linears(layer: nn.Module, hessians: Mapping[str, torch.Tensor], needs: Mapping[str, Sequence[Format]],
+                     device: torch.device | str) -> dict[str, FormatResult]:
+    """`quantize_weights` over one decoder layer's linears (by relative name)."""
+    return quantize_weights({name: m.weight for name, m in quantizable_linears(layer).items()}, hessians, needs, device)
 
 
 def _entropy_summary(per_layer: list[dict], ks: list[int], k: int | None, kinds: torch.Tensor) -> dict:
@@ -211,6 +216,72 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
     if quantizing:
         out["layers"] = summaries
     return out
+
+
+@torch.no_grad()
+def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]) -> dict[str, torch.Tensor]:
+    """The Hessian (X^T X / n) of each unit outside the decoder, from one full-precision forward of
+    the whole model over the calibration batches: a head (tied or not) sees the final norm's output
+    on non-padding tokens, a vision linear its own inputs (every image token); an untied embedding
+    is read by index, not multiplied, so it gets the identity (GPTQ reduces to round-to-nearest)."""
+    head_units = [u for u in units.values() if u.kind == "head" or u.tied_head]
+    accumulators = {name: HessianAccumulator(u.shape[1], device=u.module.weight.device)
+                    for name, u in units.items() if u.kind == "vision" or u in head_units}
+    state = {"keep": None}
+    handles = []
+    if head_units:
+        def head_input(module, args, output):
+            keep = state["keep"].to(output.device)
+            for u in head_units:
+                accumulators[u.name].add_batch(output[keep])
+        handles.append(adapter.decoder(model).norm.register_forward_hook(head_input))
+    for name, u in units.items():
+        if u.kind == "vision":
+            handles.append(u.module.register_forward_pre_hook(
+                lambda module, args, name=name: accumulators[name].add_batch(args[0].reshape(-1, args[0].shape[-1]))))
+    device = next(model.parameters()).device
+    try:
+        for inputs, kinds in batches:
+            state["keep"] = kinds != PAD
+            model(**move(inputs, device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {name: acc.hessian for name, acc in accumulators.items()}
+    for name, u in units.items():
+        if name not in out:
+            out[name] = torch.eye(u.shape[1], device=u.module.weight.device)
+    return out
+
+
+def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], formats: Sequence[Format],
+                 cache: VariantCache | None, device: str | torch.device = "cpu") -> dict:
+    """Every unit outside the decoder (embedding, head, vision tower, projector) in every format
+    of `formats`, into `cache` (one file per format for the whole group; what is cached is read).
+    Returns {"units": {name: {"kind", "shape", "formats": {fmt: bytes / nominal_bits / error}}},
+    "seconds": {fmt: solver seconds}}."""
+    digest = tensor_digest({n: u.module.weight for n, u in units.items()}) if cache is not None else None
+    results: dict[str, FormatResult] = {}
+    missing = []
+    for fmt in formats:
+        record = cache.record(OUTSIDE, fmt, digest) if cache is not None else None
+        if record is not None and set(record.records) >= set(units):
+            results[fmt.name] = record
+        else:
+            missing.append(fmt)
+    if missing:
+        hessians = outside_hessians(model, adapter, batches, units)
+        fresh = quantize_weights({n: u.module.weight for n, u in units.items()}, hessians,
+                                 {n: missing for n in units}, device)
+        for fmt in missing:
+            if cache is not None:
+                cache.save(OUTSIDE, fmt, fresh[fmt.name], digest)
+            results[fmt.name] = FormatResult(fmt.name, {}, fresh[fmt.name].records, fresh[fmt.name].seconds)
+        del fresh
+    summary = {name: {"kind": u.kind, "shape": list(u.shape),
+                      "formats": {f: {k: results[f].records[name][k] for k in ("bytes", "nominal_bits", "error")}
+                                  for f in results}} for name, u in units.items()}
+    return {"units": summary, "seconds": {f: r.seconds for f, r in results.items()}}
 
 
 def _layer_summary(index: int, needs: Mapping[str, Sequence[Format]], results: Mapping[str, FormatResult]) -> dict:

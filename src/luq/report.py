@@ -67,15 +67,24 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
     from luq import __version__
     from luq.plan import layer_plan, plan_cost
 
+    from luq.plan import KEEP
+
     records = {adapter.layer_prefix(r["index"]) + name: info
                for r in passed.get("final_layers") or passed["layers"] for name, info in r["linears"].items()}
+    records.update((passed.get("outside") or {}).get("units", {}))
     linears = {}
     for name, fmt in plan.items():
         s = sizes.linears[name]
-        linears[name] = {"format": fmt, "layer": s.layer, "bytes": s.bytes[fmt],
+        linears[name] = {"format": fmt, "layer": s.layer, "kind": records[name].get("kind", "decoder"),
+                         "bytes": s.bytes[fmt],
                          "bits_per_weight": 8.0 * s.bytes[fmt] / s.n_weights, "nominal_bits": s.nominal_bits[fmt],
-                         "relative_error": records[name]["formats"][fmt]["error"],
+                         "relative_error": 0.0 if fmt == KEEP else records[name]["formats"][fmt]["error"],
                          "predicted_cost": None if costs is None else costs[name][fmt]}
+    by_kind: dict[str, dict] = {}
+    for info in linears.values():
+        row = by_kind.setdefault(info["kind"], {"bytes": 0, "formats": {}})
+        row["bytes"] += info["bytes"]
+        row["formats"][info["format"]] = row["formats"].get(info["format"], 0) + 1
     entropy = passed["entropy"]
     layers = []
     for i in range(len(adapter.decoder_layers(net))):
@@ -112,6 +121,7 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
         if config.allocate == "entropy" else None,
         "avg_bits": sizes.avg_bits(plan), "nominal_avg_bits": sizes.nominal_avg_bits(plan),
         "total_bytes": total, "total_gb": total / 1e9, "unquantized_bytes": sizes.base_bytes,
+        "outside_kinds": list(config.outside_kinds()), "bytes_by_kind": by_kind,
         "budget_gb": config.budget_gb, "max_drop": config.max_drop,
         "metric": config.metric if decision["search"] else None, "search": decision["search"],
         "predicted_cost": None if costs is None else plan_cost(plan, costs),

@@ -15,7 +15,17 @@ so with g_t = d log p(y) / d(out_t) from one label y sampled from the model itse
 in nats per token. The backward runs layer by layer, last to first (each layer's
 inputs were kept from a forward over the same windows), so memory stays one layer; at
 each layer every linear's (x_t, g_t) meet every format's D from the variant cache.
-tests/test_sensitivity.py and bench/sensitivity.py check it against `output_kl`.
+tests/test_allocate.py and bench/sensitivity.py check it against `output_kl`.
+
+Units outside the decoder get the same quantity from the same backward:
+- an output head (or the embedding it is tied to) moves the logits by dz_t = D x_t; their
+  Fisher is diag(p_t) - p_t p_t^T exactly, so no label is sampled:
+    cost(head, f) = 1/(2T) * sum_t [ sum_v p_tv dz_tv^2 - (sum_v p_tv dz_tv)^2 ]      (logit Fisher)
+- the token embedding moves layer 0's input at text token t by s * D[id_t] (s: the family's
+  embedding scale), met by that input's gradient g0_t:
+    cost(embed, f) = 1/(2T) * sum_t (g0_t . s D[id_t])^2
+- a vision-tower or projector linear: the gradient g0 at the image tokens flows back through
+  the projector and tower, and each linear's (x_t, g_t) meet as in a decoder layer.
 """
 
 from __future__ import annotations
@@ -27,10 +37,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from luq.capture import PAD, LayerInput, capture_first_layer_inputs, layer_forward, move, run_layerwise
-from luq.models import Adapter, quantizable_linears
+from luq.capture import (PAD, TEXT, LayerInput, capture_first_layer_inputs, first_layer_hidden, layer_forward, move,
+                         run_layerwise)
+from luq.models import Adapter, Unit, quantizable_linears
 from luq.quant.formats import Format
-from luq.variants import VariantCache, tensor_digest
+from luq.variants import OUTSIDE, VariantCache, tensor_digest
+
+Costs = dict[str, dict[str, float]]  # full unit name -> format -> predicted cost (nats per token)
+HEAD_TOKENS = 2048  # tokens the head's cost is averaged over (its [tokens, vocab] products dominate)
 
 SENSITIVITY_FORMAT = 1
 
@@ -58,14 +72,14 @@ def _score_gradient(model, adapter, hidden: torch.Tensor, kinds: torch.Tensor, g
 
 
 class _CostHooks:
-    """On each linear of one layer: keep its input x and, when its output's gradient g arrives,
-    add 1/2 sum_t (g_t . D_f x_t)^2 for every format f (D_f = W - Q_f)."""
+    """On each linear of `modules` (by name): keep its input x and, when its output's gradient g
+    arrives, add 1/2 sum_t (g_t . D_f x_t)^2 for every format f (D_f = W - Q_f)."""
 
-    def __init__(self, layer: nn.Module, deltas: Mapping[str, Mapping[str, torch.Tensor]]):
+    def __init__(self, modules: Mapping[str, nn.Module], deltas: Mapping[str, Mapping[str, torch.Tensor]]):
         self.deltas = deltas
         self.costs = {name: {f: 0.0 for f in fmts} for name, fmts in deltas.items()}
         self.handles = [module.register_forward_hook(self._hook(name))
-                        for name, module in quantizable_linears(layer).items() if name in deltas]
+                        for name, module in modules.items() if name in deltas]
 
     def _hook(self, name: str):
         def forward(module, args, output):
@@ -97,32 +111,39 @@ def batches_digest(batches) -> str:
 
 
 def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: VariantCache, formats: Sequence[Format],
-                        *, device: torch.device | str = "cpu", seed: int = 0, progress: bool = True,
-                        ) -> list[dict[str, dict[str, float]]]:
-    """Per decoder layer, per linear (relative name), per format: the predicted cost (nats per
-    token, see the module docstring) of that linear alone in that format.
+                        *, units: Mapping[str, Unit] | None = None, unit_formats: Sequence[Format] = (),
+                        device: torch.device | str = "cpu", seed: int = 0, progress: bool = True) -> Costs:
+    """The cost table: per unit (full name) and format, the predicted cost (nats per token, see
+    the module docstring) of that unit alone in that format. Units: every decoder linear in
+    each of `formats`, and `units` outside the decoder in each of `unit_formats`.
 
     `batches`: the sensitivity windows (held out from the calibration windows behind the
     Hessians). The formats' weights are read from `cache` (the variant pass filled it);
     costs are cached beside them, so a rerun, or a run that adds a format, measures only
-    what is missing. Returns one {linear: {format: cost}} per layer.
+    what is missing.
     """
     layers = adapter.decoder_layers(model)
+    units = dict(units or {})
     settings = sensitivity_settings(batches_digest(batches), seed)
     digests = [tensor_digest(dict(layer.state_dict())) for layer in layers]
-    costs: list[dict[str, dict[str, float]]] = [{} for _ in layers]
-    todo: list[list[Format]] = []
-    for i in range(len(layers)):
+    outside_digest = tensor_digest({n: u.module.weight for n, u in units.items()}) if units else None
+    costs: Costs = {}
+
+    def cached(index, digest, fmts) -> list[Format]:
         missing = []
-        for fmt in formats:
-            saved = cache.load_json(i, f"cost-{fmt.name}-{fmt.digest}", settings, digests[i])
+        for fmt in fmts:
+            saved = cache.load_json(index, f"cost-{fmt.name}-{fmt.digest}", settings, digest)
             if saved is None:
                 missing.append(fmt)
             else:
+                prefix = adapter.layer_prefix(index) if isinstance(index, int) else ""
                 for name, value in saved.items():
-                    costs[i].setdefault(name, {})[fmt.name] = value
-        todo.append(missing)
-    if not any(todo):
+                    costs.setdefault(prefix + name, {})[fmt.name] = value
+        return missing
+
+    todo = [cached(i, digests[i], formats) for i in range(len(layers))]
+    outside_todo = cached(OUTSIDE, outside_digest, unit_formats) if units else []
+    if not any(todo) and not outside_todo:
         return costs
 
     with torch.no_grad():
@@ -132,13 +153,21 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
         for _, _, outputs, _ in run_layerwise(layers, first, device):
             layer_inputs.append(hidden)
             hidden = list(outputs)
+    n_tokens = sum(int((inp.token_kind != PAD).sum()) for inp in first)
+    outside_costs: Costs = {name: {} for name in units}
+    head_units = [u for u in units.values() if u.kind == "head" or u.tied_head]
+    if outside_todo and head_units:
+        for unit in head_units:
+            outside_costs[unit.name].update(_head_costs(model, adapter, unit, hidden, first, outside_todo, cache,
+                                                        outside_digest, device, seed))
     generator = torch.Generator().manual_seed(seed)
     head_device = model.get_output_embeddings().weight.device
     grads = [_score_gradient(model, adapter, h.to(head_device), inp.token_kind, generator).to("cpu")
              for h, inp in zip(hidden, first)]
-    n_tokens = sum(int((inp.token_kind != PAD).sum()) for inp in first)
 
-    bar = tqdm(range(len(layers) - 1, -1, -1), desc="sensitivity", unit="layer", disable=not progress)
+    reach_layer0 = bool(outside_todo) and any(u.kind in ("embed", "vision") for u in units.values())
+    lowest = 0 if reach_layer0 else min(i for i, t in enumerate(todo) if t)
+    bar = tqdm(range(len(layers) - 1, lowest - 1, -1), desc="sensitivity", unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
         home = next(layer.parameters()).device
@@ -152,30 +181,139 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
             for name, q in result.weights.items():
                 deltas.setdefault(name, {})[fmt.name] = (linears[name].weight.detach().float()
                                                          - q.dequantize().to(device))
-        hooks = _CostHooks(layer, deltas)
-        requires = [p.requires_grad for p in layer.parameters()]
-        for p in layer.parameters():
-            p.requires_grad_(False)
-        try:
-            for b, inp in enumerate(first):
-                x = layer_inputs[i][b].to(device).requires_grad_(True)
-                with torch.enable_grad():
-                    out = layer_forward(layer, replace(inp, hidden=x, kwargs=move(inp.kwargs, device)), device)
-                    out.backward(grads[b].to(device, out.dtype))
-                grads[b] = x.grad.detach().to("cpu")
-        finally:
-            hooks.remove()
-            for p, r in zip(layer.parameters(), requires):
-                p.requires_grad_(r)
-            layer.to(home)
+        hooks = _CostHooks(linears, deltas)
+        with _frozen(layer):
+            try:
+                for b, inp in enumerate(first):
+                    x = layer_inputs[i][b].to(device).requires_grad_(True)
+                    with torch.enable_grad():
+                        out = layer_forward(layer, replace(inp, hidden=x, kwargs=move(inp.kwargs, device)), device)
+                        out.backward(grads[b].to(device, out.dtype))
+                    grads[b] = x.grad.detach().to("cpu")
+            finally:
+                hooks.remove()
+                layer.to(home)
         for fmt in todo[i]:
             per_linear = {name: hooks.costs[name][fmt.name] / n_tokens for name in hooks.costs
                           if fmt.name in hooks.costs[name]}
             cache.save_json(i, f"cost-{fmt.name}-{fmt.digest}", settings, per_linear, digests[i])
             for name, value in per_linear.items():
-                costs[i].setdefault(name, {})[fmt.name] = value
+                costs.setdefault(adapter.layer_prefix(i) + name, {})[fmt.name] = value
         del deltas, hooks
+
+    if outside_todo:
+        for unit in units.values():
+            if unit.kind == "embed":
+                for fmt, value in _embedding_costs(unit, batches, first, grads, outside_todo, cache,
+                                                   outside_digest, device).items():
+                    outside_costs[unit.name][fmt] = outside_costs[unit.name].get(fmt, 0.0) + value
+        vision = {n: u for n, u in units.items() if u.kind == "vision"}
+        if vision:
+            for name, per_format in _vision_costs(model, adapter, vision, batches, grads, outside_todo, cache,
+                                                  outside_digest, device).items():
+                outside_costs[name].update(per_format)
+        for fmt in outside_todo:
+            per_unit = {name: c[fmt.name] / n_tokens for name, c in outside_costs.items()}
+            cache.save_json(OUTSIDE, f"cost-{fmt.name}-{fmt.digest}", settings, per_unit, outside_digest)
+            for name, value in per_unit.items():
+                costs.setdefault(name, {})[fmt.name] = value
     return costs
+
+
+class _frozen:
+    """No parameter of `module` collects gradients inside the block (restored after)."""
+
+    def __init__(self, module: nn.Module):
+        self.params = list(module.parameters())
+
+    def __enter__(self):
+        self.requires = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, r in zip(self.params, self.requires):
+            p.requires_grad_(r)
+
+
+def _deltas(unit_names, fmt: Format, cache: VariantCache, digest: str, device, weights) -> dict[str, torch.Tensor]:
+    """D = W - Q for each unit in `fmt`, read from the variant cache (float32, on `device`)."""
+    result = cache.load(OUTSIDE, fmt, digest, device=device)
+    if result is None:
+        raise RuntimeError(f"no {fmt.name} weights outside the decoder in {cache.dir}: run the variant pass first")
+    return {n: weights[n].detach().to(device, torch.float32) - result.weights[n].dequantize().to(device)
+            for n in unit_names}
+
+
+@torch.no_grad()
+def _head_costs(model, adapter, unit: Unit, hidden, first, formats, cache, digest, device, seed) -> dict[str, float]:
+    """Summed logit-Fisher cost (module docstring) of the head weight of `unit` in each format, over
+    up to HEAD_TOKENS non-padding tokens (seeded sample), scaled to all of them."""
+    norm = adapter.decoder(model).norm
+    x = torch.cat([norm(h.to(device))[inp.token_kind.to(device) != PAD] for h, inp in zip(hidden, first)]).float()
+    n = x.shape[0]
+    if n > HEAD_TOKENS:
+        x = x[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_TOKENS].to(device)]
+    W = unit.module.weight.detach().to(device, torch.float32)
+    chunks = x.split(256)
+    probs = [torch.softmax(c @ W.T, -1).to(torch.bfloat16) for c in chunks]
+    out = {}
+    for fmt in formats:
+        D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: unit.module.weight})[unit.name]
+        Db, total = D.to(torch.bfloat16), 0.0
+        for c, p in zip(chunks, probs):
+            dz = (c.to(torch.bfloat16) @ Db.T).float()   # bfloat16 products: the [tokens, vocab] matmul dominates
+            pf = p.float()
+            total += 0.5 * float(((pf * dz * dz).sum(-1) - (pf * dz).sum(-1).pow(2)).sum())
+        out[fmt.name] = total * n / x.shape[0]
+    return out
+
+
+def _embedding_costs(unit: Unit, batches, first, grads, formats, cache, digest, device) -> dict[str, float]:
+    """Summed cost of the embedding table in each format: layer 0's input gradient at each text
+    token against the row's change (module docstring)."""
+    from luq.quant.embedding import embed_scale
+
+    scale = embed_scale(unit.module)
+    ids = [inputs["input_ids"][inp.token_kind == TEXT] for (inputs, _), inp in zip(batches, first)]
+    g0 = [g[inp.token_kind == TEXT].float() for g, inp in zip(grads, first)]
+    out = {}
+    for fmt in formats:
+        D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: unit.module.weight})[unit.name]
+        out[fmt.name] = sum(0.5 * float(((g.to(device) * (scale * D[i.to(device)])).sum(-1)).double().pow(2).sum())
+                            for i, g in zip(ids, g0))
+    return out
+
+
+def _vision_costs(model, adapter, units: Mapping[str, Unit], batches, grads, formats, cache, digest, device,
+                  chunk_bytes: int = 2 ** 29) -> dict[str, dict[str, float]]:
+    """Summed cost of each vision-tower / projector linear in each format: layer 0's input gradient
+    flows back through the projector and tower (image batches only), formats a few at a time."""
+    images = [b for b, (inputs, _) in enumerate(batches) if any(k in inputs for k in ("pixel_values",))]
+    weights = {n: u.module.weight for n, u in units.items()}
+    per_format = 4 * sum(w.numel() for w in weights.values())
+    step = max(1, chunk_bytes // max(per_format, 1))
+    out: dict[str, dict[str, float]] = {n: {} for n in units}
+    for start in range(0, len(formats), step):
+        deltas: dict[str, dict[str, torch.Tensor]] = {n: {} for n in units}
+        for fmt in formats[start:start + step]:
+            for n, D in _deltas(list(units), fmt, cache, digest, device, weights).items():
+                deltas[n][fmt.name] = D
+        hooks = _CostHooks({n: u.module for n, u in units.items()}, deltas)
+        with _frozen(model):
+            try:
+                for b in images:
+                    inputs = move(batches[b][0], device)
+                    inputs["pixel_values"] = inputs["pixel_values"].requires_grad_(True)
+                    with torch.enable_grad():
+                        h0 = first_layer_hidden(model, adapter, inputs)
+                        h0.backward(grads[b].to(h0.device, h0.dtype))
+            finally:
+                hooks.remove()
+        for n in units:
+            out[n].update(hooks.costs[n])
+        del deltas, hooks
+    return out
 
 
 @torch.no_grad()

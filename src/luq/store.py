@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from luq.errors import LuqError
+from luq.quant.embedding import QuantEmbedding, TiedQuantHead, embed_scale
 from luq.quant.linear import QuantLinear
 
 
@@ -86,7 +87,7 @@ def _stored_items(model: nn.Module, storage_dtype: torch.dtype):
     """(name, tensor, dtype it is stored at) for every tensor the artifact holds: packed
     buffers of QuantLinear modules as they are, every other floating tensor at
     `storage_dtype`, tensors tied to an earlier one (lm_head and the embedding) once."""
-    packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, QuantLinear)
+    packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
               for b, t in m.named_buffers(recurse=False) if b != "bias" and t is not None}
     seen: set[tuple[int, int]] = set()
     for name, t in model.state_dict(keep_vars=True).items():
@@ -245,6 +246,21 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
     tensors = _read_tensors(path)
     from luq.quant import weight_from_state_dict
 
+    tied_heads = qconfig.get("tied_heads", {})
+    for name, wconfig in qconfig.get("embeddings", {}).items():
+        prefix = name + "."
+        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        embedding = model.get_submodule(name)
+        if tuple(embedding.weight.shape) != tuple(wconfig["shape"]):
+            raise LuqError(f"corrupt artifact {path}: {name} is {wconfig['shape']}, the model expects "
+                           f"{list(embedding.weight.shape)}")
+        quantized = QuantEmbedding(weight_from_state_dict(own, wconfig), embedding.padding_idx,
+                                   embed_scale(embedding), dtype)
+        _set_module(model, name, quantized)
+        for head, source in tied_heads.items():
+            if source == name:
+                bias = tensors.pop(head + ".bias", None)
+                _set_module(model, head, TiedQuantHead(quantized, None if bias is None else bias.to(dtype)))
     modules = qconfig["modules"]
     for name, wconfig in modules.items():
         prefix = name + "."
@@ -261,12 +277,18 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if result.unexpected_keys:
         raise LuqError(f"corrupt artifact {path}: unexpected tensors {result.unexpected_keys[:3]}")
-    model.tie_weights()
+    if not tied_heads:  # a head tied to a packed embedding was rebuilt above
+        model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise LuqError(f"corrupt or partial artifact {path}: no stored value for {missing[:3]}")
     model = model.to(device).eval()
     return model, auto_pre.from_pretrained(path), adapter
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, module)
 
 
 def read_jsonl(path: Path):

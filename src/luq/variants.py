@@ -32,6 +32,7 @@ from luq.quant.formats import Format
 from luq.store import atomic_write
 
 CACHE_FORMAT = 2
+OUTSIDE = "outside"  # the group (in place of a layer index) of the units outside the decoder layers
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -89,8 +90,9 @@ class VariantCache:
         self.key = dict(key, cache_format=CACHE_FORMAT)
         self.dir = Path(root) / settings_digest(self.key)
 
-    def _layer_dir(self, index: int) -> Path:
-        return self.dir / f"layer_{index:04d}"
+    def _layer_dir(self, index: int | str) -> Path:
+        """A decoder layer's folder (int index), or a named group's (the units outside the decoder)."""
+        return self.dir / (f"layer_{index:04d}" if isinstance(index, int) else f"unit_{index}")
 
     def path(self, index: int, fmt: Format) -> Path:
         return self._layer_dir(index) / f"{fmt.name}-{fmt.digest}.safetensors"

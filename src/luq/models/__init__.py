@@ -29,6 +29,7 @@ class Adapter:
     decoder_path: str
     multimodal: bool
     kept_in_full_precision: tuple[str, ...]
+    vision_paths: tuple[str, ...] = ()  # modules whose linears form the vision unit group (tower, projector)
 
     def decoder(self, model: nn.Module) -> nn.Module:
         module = model
@@ -53,11 +54,54 @@ _TEXT_KEPT = ("embed_tokens", "norm", "lm_head", "layer norms")
 
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("llava", ("llava",), "model.language_model", True,
-            ("vision_tower", "multi_modal_projector") + _TEXT_KEPT),
-    Adapter("qwen2.5-vl", ("qwen2_5_vl",), "model.language_model", True, ("visual",) + _TEXT_KEPT),
+            ("vision_tower", "multi_modal_projector") + _TEXT_KEPT, ("model.vision_tower", "model.multi_modal_projector")),
+    Adapter("qwen2.5-vl", ("qwen2_5_vl",), "model.language_model", True, ("visual",) + _TEXT_KEPT, ("model.visual",)),
     Adapter("causal-lm", ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"),
             "model", False, _TEXT_KEPT),
 )
+
+
+UNIT_KINDS = ("embed", "head", "vision")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A weight outside the decoder layers that the budget can quantize.
+
+    kind: "embed" (the token embedding; with `tied_head` the output head shares it, and
+    the one stored weight serves both), "head" (an untied output head) or "vision" (a
+    linear of the vision tower or projector)."""
+
+    name: str
+    kind: str
+    module: nn.Module
+    tied_head: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.module.weight.shape)
+
+
+def outside_units(model: nn.Module, adapter: Adapter, kinds=UNIT_KINDS) -> dict[str, Unit]:
+    """The units of `kinds` outside the decoder layers, by full module name. A head tied to
+    the embedding is part of the embedding's unit, kept out when either kind is left out."""
+    names = {id(m): n for n, m in model.named_modules()}
+    units: dict[str, Unit] = {}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    if tied and "embed" in kinds and "head" in kinds:
+        units[names[id(embed)]] = Unit(names[id(embed)], "embed", embed, tied_head=names[id(head)])
+    elif not tied:
+        if "embed" in kinds:
+            units[names[id(embed)]] = Unit(names[id(embed)], "embed", embed)
+        if head is not None and "head" in kinds:
+            units[names[id(head)]] = Unit(names[id(head)], "head", head)
+    if "vision" in kinds:
+        for path in adapter.vision_paths:
+            for name, module in model.get_submodule(path).named_modules():
+                if isinstance(module, nn.Linear):
+                    units[f"{path}.{name}"] = Unit(f"{path}.{name}", "vision", module)
+    return units
 
 
 def supported_model_types() -> list[str]:

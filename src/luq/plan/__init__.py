@@ -11,8 +11,8 @@ from luq.plan.entropy import (HIGH, LOW, SearchStep, assignment, entropy_plan, l
                               threshold_search)
 from luq.plan.measured import (BudgetStep, KnapsackResult, knapsack, lagrangian_bound, plan_cost,
                                smallest_budget_within)
-from luq.plan.sizes import LinearSizes, Plan, SizeTable, layer_plan, uniform_plan
+from luq.plan.sizes import KEEP, LinearSizes, Plan, SizeTable, layer_plan, uniform_plan
 
 __all__ = ["HIGH", "LOW", "SearchStep", "assignment", "entropy_plan", "layer_order", "smallest_fitting_k",
            "threshold_search", "BudgetStep", "KnapsackResult", "knapsack", "lagrangian_bound", "plan_cost",
-           "smallest_budget_within", "LinearSizes", "Plan", "SizeTable", "layer_plan", "uniform_plan"]
+           "smallest_budget_within", "KEEP", "LinearSizes", "Plan", "SizeTable", "layer_plan", "uniform_plan"]

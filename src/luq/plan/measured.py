@@ -41,9 +41,11 @@ class KnapsackResult:
 
 
 def _choices(sizes: SizeTable, costs: Costs, formats: Sequence[str]) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
+    """Per unit, its options: the decoder's linears choose among `formats`, the units outside
+    the decoder among their own menu (every format they were sized in, KEEP included)."""
     out = []
     for name, s in sizes.linears.items():
-        fmts = [f for f in formats if f in s.bytes and f in costs.get(name, {})]
+        fmts = [f for f in (formats if s.layer is not None else s.bytes) if f in s.bytes and f in costs.get(name, {})]
         if not fmts:
             raise LuqError(f"linear {name} has no size and cost for any of {', '.join(formats)}")
         out.append((name, fmts, np.array([s.bytes[f] for f in fmts], dtype=np.int64),

@@ -3,6 +3,9 @@
 A plan maps the full module name of every quantized linear (e.g.
 'model.layers.3.self_attn.q_proj') to a format name of the menu. It is the one
 currency between planning, the final pass, assembly, the report and the artifact.
+Units outside the decoder layers (the token embedding, an untied head, the vision
+tower's and projector's linears) join it when the budget covers them; for those,
+`KEEP` is one more choice: stored unquantized, at the storage dtype, as without luq.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 Plan = dict[str, str]
+KEEP = "keep"  # a unit outside the decoder stored unquantized (a plan value, not a registry format)
 
 
 @dataclass(frozen=True)
 class LinearSizes:
-    """One quantized linear: its decoder layer, its weight count, and per format its stored
-    bytes and the paper's nominal bits per weight."""
+    """One unit of the plan: its decoder layer (None outside the decoder), its weight count,
+    and per format its stored bytes and the paper's nominal bits per weight."""
 
-    layer: int
+    layer: int | None
     n_weights: int
     bytes: Mapping[str, int]
     nominal_bits: Mapping[str, float]
@@ -48,13 +52,19 @@ class SizeTable:
         return self.base_bytes + self.quantized_bytes(plan)
 
     def avg_bits(self, plan: Plan) -> float:
-        """True bits per quantized weight, from stored bytes."""
-        return 8.0 * self.quantized_bytes(plan) / sum(self.linears[n].n_weights for n in plan)
+        """True bits per quantized weight, from stored bytes (units kept unquantized left out)."""
+        quantized = {n: f for n, f in plan.items() if f != KEEP}
+        return 8.0 * self.quantized_bytes(quantized) / sum(self.linears[n].n_weights for n in quantized)
 
     def nominal_avg_bits(self, plan: Plan) -> float:
-        """The paper's per-weight average of nominal bits."""
-        return (sum(self.linears[n].nominal_bits[f] * self.linears[n].n_weights for n, f in plan.items())
-                / sum(self.linears[n].n_weights for n in plan))
+        """The paper's per-weight average of nominal bits (over quantized weights)."""
+        quantized = {n: f for n, f in plan.items() if f != KEEP}
+        return (sum(self.linears[n].nominal_bits[f] * self.linears[n].n_weights for n, f in quantized.items())
+                / sum(self.linears[n].n_weights for n in quantized))
+
+    def outside(self) -> list[str]:
+        """The units outside the decoder layers."""
+        return [name for name, s in self.linears.items() if s.layer is None]
 
     def layer_bytes(self, plan: Plan, layer: int) -> int:
         return sum(self.linears[n].bytes[f] for n, f in plan.items() if self.linears[n].layer == layer)
@@ -70,7 +80,8 @@ class SizeTable:
     def extreme_plan(self, formats: Sequence[str], largest: bool = False) -> Plan:
         """Each linear in its smallest (or largest) format among `formats`."""
         pick = max if largest else min
-        return {name: pick(formats, key=lambda f: s.bytes[f]) for name, s in self.linears.items()}
+        return {name: pick(formats if s.layer is not None else s.bytes, key=lambda f: s.bytes[f])
+                for name, s in self.linears.items()}
 
 
 def uniform_plan(names: Sequence[str], fmt: str) -> Plan:

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 # Output rows dequantized at once when a whole matrix is asked for; bounds the
 # temporary memory of `dequantize` and of QuantLinear's forward.
@@ -39,6 +40,11 @@ class QuantizedWeight(ABC):
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Output rows [start, stop) of the weight, unpacked to `dtype`."""
 
+    def dequantize_index(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `rows` (int64, any order) of the weight; formats whose rows can be unpacked alone
+        override this (an embedding lookup reads a few rows of a large table)."""
+        return self.dequantize(dtype)[rows]
+
     @property
     @abstractmethod
     def nominal_bits_per_weight(self) -> float:
@@ -71,3 +77,25 @@ class QuantizedWeight(ABC):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shape={self.shape}, bits_per_weight={self.bits_per_weight:.3f}, "
                 f"nominal={self.nominal_bits_per_weight:.3f})")
+
+
+class PackedModule(nn.Module):
+    """A module holding one QuantizedWeight as buffers under its stored names (plus an optional
+    `bias`), with `_weight_cls` and `weight_config` set by the subclass."""
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow `.to(device)`, but the packed tensors keep their stored dtypes:
+        `model.to(torch.bfloat16)` must not round fp16 scales to bf16 (the bias follows)."""
+        stored = {n: b for n, b in self._buffers.items() if b is not None and n != "bias"}
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        """The packed weight, as views of this module's buffers."""
+        tensors = {name: buf for name, buf in self.named_buffers(recurse=False) if name != "bias" and buf is not None}
+        return self._weight_cls.from_state_dict(tensors, self.weight_config)

@@ -126,6 +126,12 @@ for _k, _lam in ((16, 0.2), (8, 0.2), (4, 0.3)):
                            f"compact BiLLM: {_k} sparse weights per 64 columns (one k-of-64 code), 5-bit log "
                            f"scales, fp16 column scales, salient columns priced at lam={_lam}"))
 
+# 6 bits: offered to the units outside the decoder (embeddings, head, vision tower), where
+# llama.cpp's recipes also spend 6 bits (Q6_K output heads)
+for _group in GPTQ_MENU_GROUPS:
+    register_format(Format(f"gptq6-g{_group}", GPTQ(bits=6, group_size=_group),
+                           f"GPTQ 6-bit, asymmetric groups of {_group}, act-order (static groups)"))
+
 # the default menu of the measured allocation: every GPTQ grid (BiLLM stores 3 true bits
 # per weight and loses to GPTQ-3 there, so it is offered only when asked for)
 DEFAULT_MENU = tuple(f"gptq{b}-g{g}" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_GROUPS)

@@ -25,7 +25,7 @@ from luq.quant.base import QuantizedWeight
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
 from luq.quant.packing import pack_bits, packed_length, unpack_bits
 
-GPTQ_BITS = (1, 2, 3, 4, 8)
+GPTQ_BITS = (1, 2, 3, 4, 6, 8)
 _FP16_MAX = 65504.0
 _FP16_MIN_SCALE = 2.0 ** -24  # smallest positive fp16
 
@@ -121,6 +121,12 @@ class GPTQWeight(QuantizedWeight):
         else:
             zero = unpack_bits(self.qzeros[start:stop], self.bits, self.n_groups).float()[:, groups]
         return (scale * (codes - zero)).to(dtype)
+
+    def dequantize_index(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Only the rows `rows` (any order, repeats allowed): an embedding lookup unpacks what it reads."""
+        picked = GPTQWeight(self.qweight[rows], self.scales[rows], None if self.qzeros is None else self.qzeros[rows],
+                            self.g_idx, (int(rows.numel()), self.shape[1]), self.bits, self.group_size)
+        return picked.dequantize_rows(0, int(rows.numel()), dtype)
 
 
 def _index_dtype(n: int) -> torch.dtype:

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from luq.quant.base import ROW_TILE, QuantizedWeight
+from luq.quant.base import ROW_TILE, PackedModule, QuantizedWeight
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedModule):
     """y = x W_hat^T + b, with W_hat unpacked one tile of output rows at a time.
 
     The packed tensors are buffers (they follow `.to(device)` and appear in the
@@ -36,23 +36,6 @@ class QuantLinear(nn.Module):
         if qweight.shape != (linear.out_features, linear.in_features):
             raise ValueError(f"quantized weight {qweight.shape} does not fit {linear}")
         return cls(qweight.to(linear.weight.device), linear.bias, dtype=dtype)
-
-    def _apply(self, fn, recurse=True):
-        """Moves follow `.to(device)`, but the packed tensors keep their stored dtypes:
-        `model.to(torch.bfloat16)` must not round fp16 scales to bf16 (the bias follows)."""
-        stored = {n: b for n, b in self._buffers.items() if b is not None and n != "bias"}
-        super()._apply(fn, recurse)
-        for name, before in stored.items():
-            after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(after.device)
-        return self
-
-    @property
-    def quantized_weight(self) -> QuantizedWeight:
-        """The packed weight, as views of this module's buffers."""
-        tensors = {name: buf for name, buf in self.named_buffers(recurse=False) if name != "bias" and buf is not None}
-        return self._weight_cls.from_state_dict(tensors, self.weight_config)
 
     @property
     def nbytes(self) -> int:
