@@ -20,6 +20,7 @@ SmolLM2 linears and the synthetic 4096², tests/test_solvers_real.py).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -86,33 +87,35 @@ def split_errors(plain: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
     """Order-1 error of the concentrated (|w| < t) plus the sparse (|w| >= t) group, per row
     binarized separately, summed over rows, for each break point t of `splits`: [K] (one
     per candidate) or [rows, K] (one per row and candidate; inf: no sparse group)."""
-    total = torch.zeros(splits.shape[-1], dtype=torch.float64, device=plain.device)
     t_all = splits.to(DT)
-    for r0 in range(0, plain.shape[0], ROW_CHUNK):
-        t = t_all if t_all.dim() == 1 else t_all[r0:r0 + ROW_CHUNK]
-        s, pre = sorted_prefix(plain[r0:r0 + ROW_CHUNK])
-        sq = torch.nn.functional.pad((s * s).cumsum(-1), (1, 0))
-        rows, cols = s.shape
-        if t.dim() == 1:  # the same break points on every row: count by bucket, not by search
-            lo = _count_at_most(s, -t)                                      # values <= -t: sparse, negative
-            hi = torch.maximum(cols - _count_at_least(s, t), lo)             # values < t
-        else:
-            lo = torch.searchsorted(s, (-t).contiguous(), right=True)
-            hi = torch.maximum(torch.searchsorted(s, t.contiguous()), lo)
-        end = torch.full_like(lo, cols)
-        zero = torch.zeros_like(lo)
-        g = lambda p, i: p.gather(-1, i)  # noqa: E731
-        n_c, s1_c, s2_c = (hi - lo).to(DT), g(pre, hi) - g(pre, lo), g(sq, hi) - g(sq, lo)
-        m_c = s1_c / n_c.clamp_min(1)
-        err = order1_error(n_c, s1_c, s2_c, abs_dev_range(s, pre, lo, hi, m_c))
-        n_s = (lo + cols - hi).to(DT)
-        s1_s = g(pre, lo) + pre[:, -1:] - g(pre, hi)
-        s2_s = g(sq, lo) + sq[:, -1:] - g(sq, hi)
-        m_s = s1_s / n_s.clamp_min(1)
-        at = torch.searchsorted(s, m_s.contiguous())
-        dev_s = abs_dev_range(s, pre, zero, lo, m_s, at) + abs_dev_range(s, pre, hi, end, m_s, at)
-        total += (err + order1_error(n_s, s1_s, s2_s, dev_s)).sum(0, dtype=torch.float64)
-    return total
+    return over_row_chunks(plain.shape[0], lambda r0, r1: _split_errors_rows(
+        plain[r0:r1], t_all if t_all.dim() == 1 else t_all[r0:r1]))
+
+
+def _split_errors_rows(plain: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`split_errors` of a few rows, summed over them: float64 [K]."""
+    s, pre = sorted_prefix(plain)
+    sq = torch.nn.functional.pad((s * s).cumsum(-1), (1, 0))
+    rows, cols = s.shape
+    if t.dim() == 1:  # the same break points on every row: count by bucket, not by search
+        lo = _count_at_most(s, -t)                                      # values <= -t: sparse, negative
+        hi = torch.maximum(cols - _count_at_least(s, t), lo)             # values < t
+    else:
+        lo = torch.searchsorted(s, (-t).contiguous(), right=True)
+        hi = torch.maximum(torch.searchsorted(s, t.contiguous()), lo)
+    end = torch.full_like(lo, cols)
+    zero = torch.zeros_like(lo)
+    g = lambda p, i: p.gather(-1, i)  # noqa: E731
+    n_c, s1_c, s2_c = (hi - lo).to(DT), g(pre, hi) - g(pre, lo), g(sq, hi) - g(sq, lo)
+    m_c = s1_c / n_c.clamp_min(1)
+    err = order1_error(n_c, s1_c, s2_c, abs_dev_range(s, pre, lo, hi, m_c))
+    n_s = (lo + cols - hi).to(DT)
+    s1_s = g(pre, lo) + pre[:, -1:] - g(pre, hi)
+    s2_s = g(sq, lo) + sq[:, -1:] - g(sq, hi)
+    m_s = s1_s / n_s.clamp_min(1)
+    at = torch.searchsorted(s, m_s.contiguous())
+    dev_s = abs_dev_range(s, pre, zero, lo, m_s, at) + abs_dev_range(s, pre, hi, end, m_s, at)
+    return (err + order1_error(n_s, s1_s, s2_s, dev_s)).sum(0, dtype=torch.float64)
 
 
 def _count_at_most(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -134,38 +137,56 @@ def _count_at_least(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 def leading_split_errors(ranked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Order-2 error of the first n columns of `ranked` plus that of the other columns (each
     group binarized per row), summed over rows, for each n of `counts` [K] (1 <= n < cols)."""
-    rows, cols = ranked.shape
     counts = counts.to(ranked.device)
+    return over_row_chunks(ranked.shape[0], lambda r0, r1: _leading_split_errors_rows(ranked[r0:r1], counts))
+
+
+def _leading_split_errors_rows(x32: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`leading_split_errors` of a few rows, summed over them: float64 [K]."""
+    cols = x32.shape[1]
     lead = int(counts.max())
-    total = torch.zeros(len(counts), dtype=torch.float64, device=ranked.device)
     n_a = counts.to(DT)[None, :]
     n_b = cols - n_a
-    for r0 in range(0, rows, ROW_CHUNK):
-        x32 = ranked[r0:r0 + ROW_CHUNK]
-        x = x32.to(DT)
-        idx = counts[None, :].expand(x.shape[0], -1) - 1
-        s1_a, s2_a = x.cumsum(-1).gather(-1, idx), (x * x).cumsum(-1).gather(-1, idx)
-        s1_b, s2_b = x.sum(-1, keepdim=True) - s1_a, (x * x).sum(-1, keepdim=True) - s2_a
-        # the leading columns' values sorted once per row; the first n columns' share of each
-        # prefix of that order, for every n: a [rows, K, lead + 1] table of counts and sums
-        s_lead, order = x32[:, :lead].sort(-1)
-        member = (order[:, None, :] < counts[None, :, None]).float()
-        cnt_tab = member.cumsum(-1)      # inclusive: entry i counts sorted positions 0..i
-        sum_tab = (member * s_lead[:, None, :]).cumsum(-1)
-        del member
+    x = x32.to(DT)
+    idx = counts[None, :].expand(x.shape[0], -1) - 1
+    s1_a, s2_a = x.cumsum(-1).gather(-1, idx), (x * x).cumsum(-1).gather(-1, idx)
+    s1_b, s2_b = x.sum(-1, keepdim=True) - s1_a, (x * x).sum(-1, keepdim=True) - s2_a
+    # the leading columns' values sorted once per row; the first n columns' share of each
+    # prefix of that order, for every n: a [rows, K, lead + 1] table of counts and sums
+    s_lead, order = x32[:, :lead].sort(-1)
+    member = (order[:, None, :] < counts[None, :, None]).float()
+    cnt_tab = member.cumsum(-1)      # inclusive: entry i counts sorted positions 0..i
+    sum_tab = (member * s_lead[:, None, :]).cumsum(-1)
+    del member
 
-        def below_a(t, s_lead=s_lead, cnt_tab=cnt_tab, sum_tab=sum_tab):
-            p = torch.searchsorted(s_lead, t.contiguous())
-            i, some = (p - 1).clamp_min(0)[..., None], p > 0
-            return (torch.where(some, cnt_tab.gather(-1, i)[..., 0], 0),
-                    torch.where(some, sum_tab.gather(-1, i)[..., 0], 0))
+    def below_a(t):
+        p = torch.searchsorted(s_lead, t.contiguous())
+        i, some = (p - 1).clamp_min(0)[..., None], p > 0
+        return (torch.where(some, cnt_tab.gather(-1, i)[..., 0], 0),
+                torch.where(some, sum_tab.gather(-1, i)[..., 0], 0))
 
-        below_all = below_in_sorted(*sorted_prefix(x))
+    below_all = below_in_sorted(*sorted_prefix(x))
 
-        def below_b(t, below_a=below_a, below_all=below_all):
-            ca, sa = below_a(t)
-            c, s = below_all(t)
-            return c - ca, s - sa
+    def below_b(t):
+        ca, sa = below_a(t)
+        c, s = below_all(t)
+        return c - ca, s - sa
 
-        total += (order2_error(n_a, s1_a, s2_a, below_a) + order2_error(n_b, s1_b, s2_b, below_b)).sum(0, dtype=torch.float64)
+    return (order2_error(n_a, s1_a, s2_a, below_a) + order2_error(n_b, s1_b, s2_b, below_b)).sum(0, dtype=torch.float64)
+
+
+def over_row_chunks(rows: int, score: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """sum of score(r0, r1) over the chunks [r0, r1) of ROW_CHUNK rows, in chunk order. The
+    chunks are scored on torch's threads at once (most of the searches' ops use one thread
+    each), so the sum is the same whatever the thread count."""
+    bounds = [(r0, min(r0 + ROW_CHUNK, rows)) for r0 in range(0, rows, ROW_CHUNK)]
+    workers = min(torch.get_num_threads(), len(bounds))
+    if workers <= 1:
+        parts = [score(*b) for b in bounds]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(lambda b: score(*b), bounds))
+    total = torch.zeros_like(parts[0])
+    for part in parts:
+        total += part
     return total
