@@ -3,6 +3,7 @@
     python -m bench.solvers            # full: synthetic 4096x4096 and 11008x4096, 21 SmolLM2 linears
     python -m bench.solvers --quick    # synthetic 2048x2048 and the SmolLM2 linears
     python -m bench.solvers --only-4096 --methods "GPTQ-4 g128 ours,BiLLM"   # a subset
+    python -m bench.solvers --no-11008     # synthetic 4096x4096 and the SmolLM2 linears
 
 Prints a markdown table and writes it as JSON to bench/results/solvers.json.
 Progress goes to stderr.
@@ -37,7 +38,7 @@ PEER = "GPTQ-4 g128 peer (llmcompressor)"
 OURS = "GPTQ-4 g128 ours"
 OURS_GIDX = "GPTQ-4 g128 ours, act-order groups + g_idx"
 # the compact BiLLM formats of the menu (luq.quant.formats), one row each
-COMPACT_FORMATS = ("billm-k16g64", "billm-k8g64", "billm-k4g64")
+COMPACT_FORMATS = ("billm-k16g64", "billm-k8g64", "billm-k4g64", "billm-k5g64f")
 
 
 def log(msg: str) -> None:
@@ -76,9 +77,10 @@ def synthetic_problem(out: int, inp: int, seed: int) -> tuple[torch.Tensor, torc
     return W, H
 
 
-def problems(quick: bool, only_4096: bool = False):
+def problems(quick: bool, only_4096: bool = False, no_11008: bool = False):
     """Yield (group, name, W, H); group names the table row a problem is averaged into."""
-    shapes = [(2048, 2048, 1)] if quick else [(4096, 4096, 1)] if only_4096 else [(4096, 4096, 1), (11008, 4096, 2)]
+    shapes = ([(2048, 2048, 1)] if quick else [(4096, 4096, 1)] if only_4096 or no_11008
+              else [(4096, 4096, 1), (11008, 4096, 2)])
     for out, inp, seed in shapes:
         name = f"synthetic {out}x{inp}"
         log(f"building {name}")
@@ -126,7 +128,7 @@ def methods(with_peer: bool):
 # --------------------------------------------------------------------------- run
 
 
-def run(quick: bool, only_4096: bool = False, only: list[str] | None = None) -> dict:
+def run(quick: bool, only_4096: bool = False, only: list[str] | None = None, no_11008: bool = False) -> dict:
     t_start, load_start = time.perf_counter(), os.getloadavg()
     with_peer = peer_available() and (not only or PEER in only)
     if not with_peer:
@@ -138,7 +140,7 @@ def run(quick: bool, only_4096: bool = False, only: list[str] | None = None) -> 
             raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(meths)}")
         meths = {k: v for k, v in meths.items() if k in only}
     rows, warmed = [], False
-    for group, name, W, H in problems(quick, only_4096):
+    for group, name, W, H in problems(quick, only_4096, no_11008):
         base = reconstruction_error(W, H)
         tiny = W.numel() < 4_000_000
         if tiny and not warmed:  # first call of each solver pays one-off costs; keep them out of small timings
@@ -238,10 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a 2048x2048 synthetic layer instead of the big two")
     ap.add_argument("--only-4096", action="store_true", help="only the synthetic 4096x4096 layer")
+    ap.add_argument("--no-11008", action="store_true", help="the synthetic 4096x4096 and the SmolLM2 linears")
     ap.add_argument("--methods", default="", help="comma-separated row names to run (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = ap.parse_args(argv)
-    result = run(args.quick, args.only_4096, [m for m in args.methods.split(",") if m] or None)
+    result = run(args.quick, args.only_4096, [m for m in args.methods.split(",") if m] or None, args.no_11008)
     result["markdown"] = markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -45,6 +45,8 @@ def test_hessian_accumulator_matches_reference_convention():
     GPTQ(8), RTN(4), BiLLM(), BiLLM(salient_metric="magnitude", compensation="reference"), Sign(),
     CompactBiLLM(), CompactBiLLM(col_scale=False, means=True, scale_bits=6, block_size=96, lam=0),
     CompactBiLLM(sparse_runs=((64, 8), (32, 2), (2, 0)), lam=0.3, col_scale=True), CompactBiLLM(max_salient_cols=1),
+    CompactBiLLM(column_feedback=True, scale_bits=4, scale_octaves=5, ref_headroom=1.0, col_scale_bits=8),
+    CompactBiLLM(column_feedback=True, means=True, col_scale=False, block_size=96),
 ])
 def test_stored_form_is_exact_and_counted(solver):
     W, H, _ = make_problem()
@@ -193,6 +195,7 @@ def test_bad_problems_raise_one_clear_error(bad, message, solver):
     lambda: BiLLM(block_size=0), lambda: BiLLM(salient_metric="bogus"), lambda: BiLLM(compensation="x"),
     lambda: CompactBiLLM(scale_bits=2), lambda: CompactBiLLM(sparse_runs=((12, 1),)), lambda: CompactBiLLM(sparse_runs=()),
     lambda: CompactBiLLM(sparse_runs=((8, 8),)), lambda: CompactBiLLM(lam=-1), lambda: CompactBiLLM(block_size=0),
+    lambda: CompactBiLLM(scale_octaves=0), lambda: CompactBiLLM(ref_headroom=0.5), lambda: CompactBiLLM(col_scale_bits=4),
 ])
 def test_bad_settings_raise(make):
     with pytest.raises(LuqError):

@@ -80,7 +80,8 @@ def compact(fmt, name):
 
 
 @pytest.mark.parametrize("fmt, max_bits, max_ratio", [
-    ("billm-k16g64", 2.1, 0.9), ("billm-k8g64", 1.86, 1.2), ("billm-k4g64", 1.65, 1.65)])
+    ("billm-k16g64", 2.1, 0.9), ("billm-k8g64", 1.86, 1.2), ("billm-k4g64", 1.65, 1.65),
+    ("billm-k5g64f", 1.6, 1.3)])  # k5g64f measured 1.587 bits, 1.255x
 def test_compact_billm_bits_and_error_on_real_layers(fmt, max_bits, max_ratio):
     bits = [compact(fmt, n).bits_per_weight for n in names()]
     errors = [output_error(problems()[n], compact(fmt, n)) for n in names()]
@@ -99,7 +100,8 @@ def test_compact_billm_bits_and_error_on_real_layers(fmt, max_bits, max_ratio):
 @pytest.mark.parametrize("name", ["layers.15.self_attn.q_proj", "layers.29.mlp.down_proj"])
 def test_real_packed_round_trip_and_bytes(name):
     p = problems()[name]
-    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name), compact("billm-k8g64", name)):
+    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name), compact("billm-k8g64", name),
+              compact("billm-k5g64f", name)):
         sd = q.state_dict()
         assert q.nbytes == sum(t.numel() * t.element_size() for t in sd.values())
         clone = weight_from_state_dict({k: v.clone() for k, v in sd.items()}, q.config())
@@ -115,7 +117,8 @@ def test_quant_linear_on_real_inputs(name):
     linear = torch.nn.Linear(p.weight.shape[1], p.weight.shape[0], bias=False)
     linear.weight.data = p.weight.clone()
     x = p.inputs[:256]
-    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name), compact("billm-k8g64", name)):
+    for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name), compact("billm-k8g64", name),
+              compact("billm-k5g64f", name)):
         module = QuantLinear.from_linear(linear, q)
         torch.testing.assert_close(module(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
 

@@ -52,25 +52,36 @@ from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_h
 from luq.quant.packing import pack_bits, pack_bool, packed_length, unpack_bits, unpack_bool
 
 N_GROUPS = 4  # salient order 1, salient order 2, concentrated, sparse (billm's slots)
-OCTAVES = 8   # the scale grid spans about this many octaves below the row's max |w|
+OCTAVES = 8   # by default the scale grid spans about this many octaves below the row's reference
+COL_STEPS, COL_TOP = 12, 64  # 8-bit column scales: 2^((code - 192) / 12), up to 2^(63/12)
 
 
-def steps_per_octave(scale_bits: int) -> int:
-    return max(1, 2 ** scale_bits // OCTAVES)
+def steps_per_octave(scale_bits: int, octaves: int = OCTAVES) -> int:
+    return max(1, 2 ** scale_bits // octaves)
 
 
-def decode_scales(row_ref: torch.Tensor, codes: torch.Tensor, scale_bits: int) -> torch.Tensor:
+def decode_scales(row_ref: torch.Tensor, codes: torch.Tensor, scale_bits: int, octaves: int = OCTAVES) -> torch.Tensor:
     """Scales from their codes: row_ref [rows] (fp16), codes [rows, ...] ints -> float32."""
     ref = row_ref.float().reshape(-1, *([1] * (codes.dim() - 1)))
-    return ref * torch.exp2(-codes.float() / steps_per_octave(scale_bits))
+    return ref * torch.exp2(-codes.float() / steps_per_octave(scale_bits, octaves))
 
 
-def encode_scales(row_ref: torch.Tensor, a: torch.Tensor, scale_bits: int) -> torch.Tensor:
+def encode_scales(row_ref: torch.Tensor, a: torch.Tensor, scale_bits: int, octaves: int = OCTAVES) -> torch.Tensor:
     """Nearest code (in log scale) of scales a [rows, ...] under row_ref [rows]."""
     ref = row_ref.float().reshape(-1, *([1] * (a.dim() - 1)))
     ratio = (a / ref.clamp_min(1e-30)).clamp_min(1e-30)
-    code = torch.round(-torch.log2(ratio) * steps_per_octave(scale_bits))
+    code = torch.round(-torch.log2(ratio) * steps_per_octave(scale_bits, octaves))
     return code.clamp(0, 2 ** scale_bits - 1).to(torch.int64)
+
+
+def encode_column_scales(cs: torch.Tensor) -> torch.Tensor:
+    """Column scales (> 0) -> uint8 log codes, 12 per octave, 2^-16 .. 2^5.25."""
+    code = torch.round(torch.log2(cs) * COL_STEPS) + 256 - COL_TOP
+    return code.clamp(0, 255).to(torch.uint8)
+
+
+def decode_column_scales(codes: torch.Tensor) -> torch.Tensor:
+    return torch.exp2((codes.float() - (256 - COL_TOP)) / COL_STEPS)
 
 
 def decode_means(a: torch.Tensor, codes: torch.Tensor, mean_bits: int) -> torch.Tensor:
@@ -103,6 +114,7 @@ class CompactBiLLMWeight(QuantizedWeight):
     block_size: int
     scale_bits: int
     mean_bits: int
+    scale_octaves: int = OCTAVES
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"signs": self.signs, "residual_signs": self.residual_signs, "salient_cols": self.salient_cols,
@@ -115,7 +127,7 @@ class CompactBiLLMWeight(QuantizedWeight):
 
     def config(self) -> dict[str, Any]:
         return {"method": self.method, "shape": list(self.shape), "block_size": self.block_size,
-                "scale_bits": self.scale_bits, "mean_bits": self.mean_bits}
+                "scale_bits": self.scale_bits, "mean_bits": self.mean_bits, "scale_octaves": self.scale_octaves}
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "CompactBiLLMWeight":
@@ -123,7 +135,7 @@ class CompactBiLLMWeight(QuantizedWeight):
                                               "sparse_runs", "scale_codes", "row_ref")},
                    mean_codes=tensors.get("mean_codes"), col_scale=tensors.get("col_scale"), shape=tuple(config["shape"]),
                    block_size=int(config["block_size"]), scale_bits=int(config["scale_bits"]),
-                   mean_bits=int(config["mean_bits"]))
+                   mean_bits=int(config["mean_bits"]), scale_octaves=int(config.get("scale_octaves", OCTAVES)))
 
     @property
     def n_blocks(self) -> int:
@@ -144,7 +156,7 @@ class CompactBiLLMWeight(QuantizedWeight):
         """Decoded scales and means [rows, n_blocks, 4] (float32) of rows [start, stop)."""
         n = self.n_blocks * N_GROUPS
         codes = unpack_bits(self.scale_codes[start:stop], self.scale_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
-        a = decode_scales(self.row_ref[start:stop], codes, self.scale_bits)
+        a = decode_scales(self.row_ref[start:stop], codes, self.scale_bits, self.scale_octaves)
         if self.mean_codes is None:
             return a, torch.zeros_like(a)
         mcodes = unpack_bits(self.mean_codes[start:stop], self.mean_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
@@ -177,6 +189,12 @@ class CompactBiLLMWeight(QuantizedWeight):
             mask[:, c0:c0 + width] = sub.scatter_(1, col, True)[:, :width]
         return mask & ~self.salient_mask()[None, :]
 
+    def decoded_column_scales(self) -> torch.Tensor:
+        """float32 [in]: the column scales (stored as fp16, or as 8-bit log codes)."""
+        if self.col_scale.dtype == torch.uint8:
+            return decode_column_scales(self.col_scale)
+        return self.col_scale.float()
+
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows, cols = stop - start, self.shape[1]
         salient = self.salient_mask()
@@ -192,7 +210,7 @@ class CompactBiLLMWeight(QuantizedWeight):
             out[:, c0:c1] = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse[:, c0:c1], salient[c0:c1],
                                          scales[:, b], means[:, b])
         if self.col_scale is not None:
-            out *= self.col_scale.float()[None, :]
+            out *= self.decoded_column_scales()[None, :]
         return out.to(dtype)
 
 
@@ -219,6 +237,10 @@ class CompactBiLLM:
     lam: float = 0.2
     salient_metric: str = "hessian"
     damp: float = 0.01
+    column_feedback: bool = False
+    scale_octaves: int = OCTAVES
+    ref_headroom: float = 4.0
+    col_scale_bits: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -240,6 +262,12 @@ class CompactBiLLM:
                            f"got {self.salient_metric!r}")
         if not (0 <= self.damp < 1):
             raise LuqError(f"CompactBiLLM: damp must be in [0, 1), got {self.damp}")
+        if not 1 <= self.scale_octaves <= 2 ** self.scale_bits:
+            raise LuqError(f"CompactBiLLM: scale_octaves must be in 1..2^scale_bits, got {self.scale_octaves}")
+        if not self.ref_headroom >= 1:
+            raise LuqError(f"CompactBiLLM: ref_headroom must be >= 1, got {self.ref_headroom}")
+        if self.col_scale_bits not in (8, 16):
+            raise LuqError(f"CompactBiLLM: col_scale_bits must be 8 or 16, got {self.col_scale_bits}")
 
     def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Least: no salient column, the cheapest sparse runs; most: the searches' largest choices."""
@@ -249,7 +277,7 @@ class CompactBiLLM:
         fixed = (rows * packed_length(cols, 1) + packed_length(cols, 1) + 2 * n_blocks + 2 * rows
                  + rows * packed_length(n_blocks * N_GROUPS, self.scale_bits)
                  + (rows * packed_length(n_blocks * N_GROUPS, self.mean_bits) if self.means else 0)
-                 + (2 * cols if self.col_scale else 0))
+                 + (self.col_scale_bits // 8 * cols if self.col_scale else 0))
         sparse = [[_sparse_bits(w, g, k) for g, k in self.sparse_runs] for w in widths]
         most_salient = sum(min(self.max_salient_cols, w) - 1 for w in widths)
         return (fixed + rows * packed_length(sum(map(min, sparse)), 1),
@@ -275,7 +303,7 @@ class CompactBiLLM:
             c1 = min(c0 + self.block_size, cols)
             Wb = W[:, c0:c1]
             if self.col_scale:
-                col_scale[c0:c1] = column_scales(Wb).half().float()
+                col_scale[c0:c1] = self._stored_column_scales(column_scales(Wb))
             Wn = Wb / col_scale[None, c0:c1]
             d = torch.diagonal(U)[c0:c1]
             salience = Wb ** 2 / d[None, :] ** 2 if self.salient_metric == "hessian" else Wb.abs()
@@ -283,9 +311,12 @@ class CompactBiLLM:
             sal_b = self._search_salient_cols(Wn, salience, energy)
             run_b, codes_b, sparse_b = self._search_sparse(Wn, sal_b, energy, row_ref)
             sal_mask = sal_b[None, :].expand_as(Wn)
+            # with column feedback, each column's weight in the fit of the scales: its squared error
+            # costs (col_scale / U_jj)^2 of output error (GPTQ's objective)
+            fit_w = (col_scale[c0:c1] / d) ** 2 if self.column_feedback else None
             (s_sal, sc_sal, mc_sal), (s_con, sc_con, mc_con), (s_spa, sc_spa, mc_spa) = (
-                self._binarize(Wn, sal_mask, 2, row_ref), self._binarize(Wn, ~sal_mask & ~sparse_b, 1, row_ref),
-                self._binarize(Wn, sparse_b, 1, row_ref))
+                self._binarize(Wn, sal_mask, 2, row_ref, fit_w), self._binarize(Wn, ~sal_mask & ~sparse_b, 1, row_ref, fit_w),
+                self._binarize(Wn, sparse_b, 1, row_ref, fit_w))
             salient[c0:c1] = sal_b
             sign1[:, c0:c1] = s_sal[0] | s_con[0] | s_spa[0]
             sign2[:, c0:c1] = s_sal[1]
@@ -294,13 +325,17 @@ class CompactBiLLM:
             sparse_codes.append(codes_b)
             runs.append(run_b)
 
-            a = decode_scales(row_ref, scale_codes[:, b], self.scale_bits)
+            a = decode_scales(row_ref, scale_codes[:, b], self.scale_bits, self.scale_octaves)
             m = decode_means(a, mean_codes[:, b], self.mean_bits) if self.means else torch.zeros_like(a)
-            Qb = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse_b, sal_b, a, m)
-            if self.col_scale:
-                Qb = Qb * col_scale[None, c0:c1]
-            E = Wb - Qb
-            Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], E, upper=True, left=False)
+            if self.column_feedback:
+                Err = self._signs_column_by_column(Wb, U[c0:c1, c0:c1], col_scale[c0:c1], sal_b, sparse_b, a, m,
+                                                      sign1[:, c0:c1], sign2[:, c0:c1])
+            else:
+                Qb = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse_b, sal_b, a, m)
+                if self.col_scale:
+                    Qb = Qb * col_scale[None, c0:c1]
+                E = Wb - Qb
+                Err = torch.linalg.solve_triangular(U[c0:c1, c0:c1], E, upper=True, left=False)
             W[:, c1:] -= Err @ U[c0:c1, c1:]
 
         flat = lambda c, bits: pack_bits(c.reshape(rows, -1), bits)  # noqa: E731
@@ -310,31 +345,67 @@ class CompactBiLLM:
             sparse_runs=torch.tensor(runs, dtype=torch.uint8, device=W.device).reshape(-1, 2),
             scale_codes=flat(scale_codes, self.scale_bits),
             mean_codes=flat(mean_codes, self.mean_bits) if self.means else None,
-            row_ref=row_ref, col_scale=col_scale.half() if self.col_scale else None,
-            shape=(rows, cols), block_size=self.block_size, scale_bits=self.scale_bits, mean_bits=self.mean_bits)
+            row_ref=row_ref, col_scale=self._column_scale_storage(col_scale) if self.col_scale else None,
+            shape=(rows, cols), block_size=self.block_size, scale_bits=self.scale_bits, mean_bits=self.mean_bits,
+            scale_octaves=self.scale_octaves)
+
+    def _column_scale_storage(self, cs: torch.Tensor) -> torch.Tensor:
+        return encode_column_scales(cs) if self.col_scale_bits == 8 else cs.half()
+
+    def _stored_column_scales(self, cs: torch.Tensor) -> torch.Tensor:
+        """The column scales as dequantization will read them back, float32."""
+        return decode_column_scales(encode_column_scales(cs)) if self.col_scale_bits == 8 else cs.half().float()
+
+    @staticmethod
+    def _signs_column_by_column(Wb, Ubb, cs, sal_b, sparse_b, a, m, sign1, sign2) -> torch.Tensor:
+        """The block's signs chosen one column at a time, each column's error propagated to the
+        block's later columns first (GPTQ inside the block; the groups, scales and means stay as
+        searched). Writes sign1/sign2 [rows, width] in place; returns the block's Err (E U_bb^-1)."""
+        rows, width = Wb.shape
+        Wb = Wb.clone()
+        Err = torch.empty_like(Wb)
+        for j in range(width):
+            v = Wb[:, j] / cs[j]
+            if sal_b[j]:
+                s1 = v - m[:, 0] >= 0
+                first = torch.where(s1, a[:, 0], -a[:, 0]) + m[:, 0]
+                s2 = v - first - m[:, 1] >= 0
+                q = first + (torch.where(s2, a[:, 1], -a[:, 1]) + m[:, 1])
+                sign2[:, j] = s2
+            else:
+                g = torch.where(sparse_b[:, j], 3, 2)
+                ag, mg = a.gather(1, g[:, None])[:, 0], m.gather(1, g[:, None])[:, 0]
+                s1 = v - mg >= 0
+                q = torch.where(s1, ag, -ag) + mg
+            sign1[:, j] = s1
+            Err[:, j] = (Wb[:, j] - q * cs[j]) / Ubb[j, j]
+            Wb[:, j + 1:] -= Err[:, j, None] * Ubb[j, j + 1:][None, :]
+        return Err
 
     def _row_reference(self, W: torch.Tensor) -> torch.Tensor:
-        """fp16 [rows]: the top of each row's scale grid, 4x the row's largest |w| (over the
-        column scales the original W would get), before any error is propagated."""
+        """fp16 [rows]: the top of each row's scale grid, ref_headroom x the row's largest |w| (over
+        the column scales the original W would get), before any error is propagated."""
         if self.col_scale:
             W = torch.cat([W[:, c0:c0 + self.block_size] / column_scales(W[:, c0:c0 + self.block_size])[None, :]
                            for c0 in range(0, W.shape[1], self.block_size)], 1)
-        return (W.abs().amax(1) * 4).clamp_min(1e-8).half()
+        return (W.abs().amax(1) * self.ref_headroom).clamp_min(1e-8).half()
 
-    def _binarize(self, w: torch.Tensor, mask: torch.Tensor, order: int, row_ref: torch.Tensor):
+    def _binarize(self, w: torch.Tensor, mask: torch.Tensor, order: int, row_ref: torch.Tensor,
+                  col_weight: torch.Tensor | None = None):
         """Residual binarization of the masked entries of w per row with stored (decoded)
         scales and means. Returns (signs [order, rows, cols] bool (False off the mask),
         scale codes [order, rows], mean codes [order, rows])."""
         maskf = mask.to(w.dtype)
-        count = maskf.sum(1).clamp_min(1)
+        weight = maskf if col_weight is None else maskf * col_weight[None, :]
+        count = maskf.sum(1).clamp_min(1) if col_weight is None else weight.sum(1).clamp_min(1e-30)
         approx = torch.zeros_like(w)
         signs, scodes, mcodes = [], [], []
         for _ in range(order):
             residual = (w - approx) * maskf
-            mean = residual.sum(1) / count if self.means else torch.zeros_like(count)
-            scale = ((residual - mean[:, None]).abs() * maskf).sum(1) / count
-            sc = encode_scales(row_ref, scale, self.scale_bits)
-            scale = decode_scales(row_ref, sc, self.scale_bits)
+            mean = (residual * weight).sum(1) / count if self.means else torch.zeros_like(count)
+            scale = ((residual - mean[:, None]).abs() * weight).sum(1) / count
+            sc = encode_scales(row_ref, scale, self.scale_bits, self.scale_octaves)
+            scale = decode_scales(row_ref, sc, self.scale_bits, self.scale_octaves)
             if self.means:
                 mc = encode_means(scale, mean, self.mean_bits)
                 mean = decode_means(scale, mc, self.mean_bits)
@@ -382,7 +453,7 @@ class CompactBiLLM:
             err = 0.0
             for group in (plain & ~sparse, sparse):
                 signs, sc, mc = self._binarize(Wb, group, 1, row_ref)
-                a = decode_scales(row_ref, sc[0], self.scale_bits)
+                a = decode_scales(row_ref, sc[0], self.scale_bits, self.scale_octaves)
                 m = decode_means(a, mc[0], self.mean_bits) if self.means else torch.zeros_like(a)
                 approx = torch.where(signs[0], a[:, None], -a[:, None]) + m[:, None]
                 err += float(((Wb - approx) ** 2 * group).sum())
