@@ -81,7 +81,7 @@ def compact(fmt, name):
 
 @pytest.mark.parametrize("fmt, max_bits, max_ratio", [
     ("billm-k16g64", 2.1, 0.9), ("billm-k8g64", 1.86, 1.2), ("billm-k4g64", 1.65, 1.65),
-    ("billm-k5g64f", 1.6, 1.3)])  # k5g64f measured 1.587 bits, 1.255x
+    ("billm-k5g64f", 1.6, 1.22)])  # k5g64f measured 1.594 bits, 1.177x
 def test_compact_billm_bits_and_error_on_real_layers(fmt, max_bits, max_ratio):
     bits = [compact(fmt, n).bits_per_weight for n in names()]
     errors = [output_error(problems()[n], compact(fmt, n)) for n in names()]

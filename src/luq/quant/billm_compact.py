@@ -15,19 +15,29 @@ columns, error propagation as in GPTQ) and changes what it stores:
                    of the weights are sparse for log2 C(G_b, k_b) / G_b bits per weight
                    (64 columns, 8 sparse: 32 bits, 0.5 bit/weight; a bitmap costs 1)
   sparse_runs      uint8 [n_blocks, 2]: log2(G_b), k_b (k_b = 0: no sparse group)
-  col_scale        (only with `col_scale`) fp16 [in]: each column's rms in its block (after
-                   the errors of the blocks before it), over the block's mean; every value of
-                   the column is multiplied by it
+  col_scale        (only with `col_scale`) fp16 [in], or (col_scale_bits = 8) uint8 log codes,
+                   12 per octave: each column's rms in its block (after the errors of the
+                   blocks before it), over the block's mean; every value of the column is
+                   multiplied by it
   scale_codes      `scale_bits` per (row, block, group): a = ref_r * 2^(-code / steps),
                    a log grid of 2^scale_bits values spanning ~8 octaves below ref_r
   mean_codes       (only with `means`) `mean_bits` per (row, block, group):
                    m = a * (code - h) / h, h = 2^(mean_bits - 1); without, m = 0
-  row_ref          fp16 [out]: 4 x the row's max |w| (over its column scales), the top
-                   of its scale grid
+  row_ref          fp16 [out]: ref_headroom (4) x the row's max |w| (over its column scales),
+                   the top of its scale grid; or (row_ref_bits = 8) uint8 log codes, 8 per
+                   octave (rounded up) under ref_top, one fp16
+  perm             (only with `act_order`) the input column of each stored column,
+                   ceil(log2 in) bits each: the columns are solved and stored by decreasing
+                   diag H, as GPTQ's act-order
 
 Groups per (row, block): salient order 1, salient order 2, concentrated, sparse. The
 solver binarizes with the decoded (stored) scales and means, so its error is the error
 of what is stored, and `dequantize` reproduces its weights bit for bit.
+
+With `column_feedback` the block is solved as GPTQ solves a group: the groups, scales and
+means are fitted first (each column weighted by (col_scale / U_jj)^2, its price in output
+error), then the signs are chosen one column at a time, each column's error propagated to
+the block's later columns before the next is chosen.
 
 The searches can pay for bytes: the number of salient columns n and the sparse runs of
 each block minimise  err + lam * E * bits / weights  (E: the block's sum of w^2, bits:
@@ -74,6 +84,18 @@ def encode_scales(row_ref: torch.Tensor, a: torch.Tensor, scale_bits: int, octav
     return code.clamp(0, 2 ** scale_bits - 1).to(torch.int64)
 
 
+def encode_row_refs(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row references (> 0) -> (uint8 codes [rows], fp16 top [1]): ref ~ top * 2^((code - 255) / 8),
+    rounded up so that no row's grid starts below its reference."""
+    top = ref.float().max().half().float()
+    code = torch.ceil(torch.log2(ref.float() / top) * 8) + 255
+    return code.clamp(0, 255).to(torch.uint8), top.half().reshape(1)
+
+
+def decode_row_refs(codes: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    return top.float() * torch.exp2((codes.float() - 255) / 8)
+
+
 def encode_column_scales(cs: torch.Tensor) -> torch.Tensor:
     """Column scales (> 0) -> uint8 log codes, 12 per octave, 2^-16 .. 2^5.25."""
     code = torch.round(torch.log2(cs) * COL_STEPS) + 256 - COL_TOP
@@ -108,19 +130,21 @@ class CompactBiLLMWeight(QuantizedWeight):
     sparse_runs: torch.Tensor      # uint8 [n_blocks, 2]: log2 G_b, k_b
     scale_codes: torch.Tensor      # uint8 [out, packed(n_blocks * 4, scale_bits)]
     mean_codes: torch.Tensor | None  # uint8 [out, packed(n_blocks * 4, mean_bits)], or None
-    row_ref: torch.Tensor          # fp16 [out]
+    row_ref: torch.Tensor          # fp16 [out], or uint8 [out] log codes under ref_top
     col_scale: torch.Tensor | None  # fp16 [in], or None
     shape: tuple[int, int]
     block_size: int
     scale_bits: int
     mean_bits: int
     scale_octaves: int = OCTAVES
+    ref_top: torch.Tensor | None = None  # fp16 [1]: the top of the 8-bit row references, or None
+    perm: torch.Tensor | None = None  # uint8 [packed(in * perm_bits(in))]: act-order's column order, or None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"signs": self.signs, "residual_signs": self.residual_signs, "salient_cols": self.salient_cols,
               "sparse_codes": self.sparse_codes, "sparse_runs": self.sparse_runs,
               "scale_codes": self.scale_codes, "row_ref": self.row_ref}
-        for name in ("mean_codes", "col_scale"):
+        for name in ("mean_codes", "col_scale", "perm", "ref_top"):
             if getattr(self, name) is not None:
                 sd[name] = getattr(self, name)
         return sd
@@ -133,7 +157,7 @@ class CompactBiLLMWeight(QuantizedWeight):
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "CompactBiLLMWeight":
         return cls(**{k: tensors[k] for k in ("signs", "residual_signs", "salient_cols", "sparse_codes",
                                               "sparse_runs", "scale_codes", "row_ref")},
-                   mean_codes=tensors.get("mean_codes"), col_scale=tensors.get("col_scale"), shape=tuple(config["shape"]),
+                   mean_codes=tensors.get("mean_codes"), col_scale=tensors.get("col_scale"), perm=tensors.get("perm"), ref_top=tensors.get("ref_top"), shape=tuple(config["shape"]),
                    block_size=int(config["block_size"]), scale_bits=int(config["scale_bits"]),
                    mean_bits=int(config["mean_bits"]), scale_octaves=int(config.get("scale_octaves", OCTAVES)))
 
@@ -156,7 +180,8 @@ class CompactBiLLMWeight(QuantizedWeight):
         """Decoded scales and means [rows, n_blocks, 4] (float32) of rows [start, stop)."""
         n = self.n_blocks * N_GROUPS
         codes = unpack_bits(self.scale_codes[start:stop], self.scale_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
-        a = decode_scales(self.row_ref[start:stop], codes, self.scale_bits, self.scale_octaves)
+        ref = self.row_ref[start:stop] if self.ref_top is None else decode_row_refs(self.row_ref[start:stop], self.ref_top)
+        a = decode_scales(ref, codes, self.scale_bits, self.scale_octaves)
         if self.mean_codes is None:
             return a, torch.zeros_like(a)
         mcodes = unpack_bits(self.mean_codes[start:stop], self.mean_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
@@ -211,7 +236,15 @@ class CompactBiLLMWeight(QuantizedWeight):
                                          scales[:, b], means[:, b])
         if self.col_scale is not None:
             out *= self.decoded_column_scales()[None, :]
+        if self.perm is not None:  # stored in act-order: column i of `out` is input column order[i]
+            out = torch.empty_like(out).index_copy_(1, self.column_order(), out)
         return out.to(dtype)
+
+    def column_order(self) -> torch.Tensor:
+        """int64 [in]: the input column of each stored column (act-order)."""
+        cols = self.shape[1]
+        bits = perm_bits(cols)
+        return bits_to_codes(unpack_bool(self.perm, cols * bits)[None, :], bits, cols)[0]
 
 
 @dataclass(frozen=True)
@@ -225,6 +258,10 @@ class CompactBiLLM:
     col_scale: a stored fp16 scale per input column. max_salient_cols: salient columns
     per block searched in 1..max_salient_cols-1 (none when 1). lam: price of a stored bit
     in the searches, as a fraction of the block's energy per bit per weight (0: error only).
+    column_feedback: signs chosen column by column with GPTQ's error feedback inside the
+    block. act_order: columns solved by decreasing diag H (their order stored). scale_octaves:
+    the span of the scale grid below the row reference, ref_headroom x the row's max |w|.
+    col_scale_bits, row_ref_bits: 16 (fp16) or 8 (log codes).
     """
 
     block_size: int = 128
@@ -241,6 +278,8 @@ class CompactBiLLM:
     scale_octaves: int = OCTAVES
     ref_headroom: float = 4.0
     col_scale_bits: int = 16
+    act_order: bool = False
+    row_ref_bits: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -266,6 +305,8 @@ class CompactBiLLM:
             raise LuqError(f"CompactBiLLM: scale_octaves must be in 1..2^scale_bits, got {self.scale_octaves}")
         if not self.ref_headroom >= 1:
             raise LuqError(f"CompactBiLLM: ref_headroom must be >= 1, got {self.ref_headroom}")
+        if self.row_ref_bits not in (8, 16):
+            raise LuqError(f"CompactBiLLM: row_ref_bits must be 8 or 16, got {self.row_ref_bits}")
         if self.col_scale_bits not in (8, 16):
             raise LuqError(f"CompactBiLLM: col_scale_bits must be 8 or 16, got {self.col_scale_bits}")
 
@@ -274,10 +315,12 @@ class CompactBiLLM:
         rows, cols = shape
         widths = [min(self.block_size, cols - c0) for c0 in range(0, cols, self.block_size)]
         n_blocks = len(widths)
-        fixed = (rows * packed_length(cols, 1) + packed_length(cols, 1) + 2 * n_blocks + 2 * rows
+        fixed = (rows * packed_length(cols, 1) + packed_length(cols, 1) + 2 * n_blocks
+                 + (2 * rows if self.row_ref_bits == 16 else rows + 2)
                  + rows * packed_length(n_blocks * N_GROUPS, self.scale_bits)
                  + (rows * packed_length(n_blocks * N_GROUPS, self.mean_bits) if self.means else 0)
-                 + (self.col_scale_bits // 8 * cols if self.col_scale else 0))
+                 + (self.col_scale_bits // 8 * cols if self.col_scale else 0)
+                 + (packed_length(cols * perm_bits(cols), 1) if self.act_order else 0))
         sparse = [[_sparse_bits(w, g, k) for g, k in self.sparse_runs] for w in widths]
         most_salient = sum(min(self.max_salient_cols, w) - 1 for w in widths)
         return (fixed + rows * packed_length(sum(map(min, sparse)), 1),
@@ -286,6 +329,10 @@ class CompactBiLLM:
     def quantize(self, W: torch.Tensor, H: torch.Tensor) -> CompactBiLLMWeight:
         check_problem(W, H, "CompactBiLLM")
         W, H, _ = prepare_hessian(W, H, self.damp)
+        order = None
+        if self.act_order:  # columns solved (and stored) by decreasing diag H, as GPTQ's act-order
+            order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            W, H = W[:, order], H[order][:, order]
         U = inverse_hessian_cholesky(H, self.damp, "CompactBiLLM")
         del H
         rows, cols = W.shape
@@ -297,7 +344,10 @@ class CompactBiLLM:
         mean_codes = torch.zeros_like(scale_codes)
         col_scale = torch.ones(cols, device=W.device)
         sparse_codes, runs = [], []
-        row_ref = self._row_reference(W)
+        row_ref, ref_top = self._row_reference(W), None
+        if self.row_ref_bits == 8:
+            stored_ref, ref_top = encode_row_refs(row_ref)
+            row_ref = decode_row_refs(stored_ref, ref_top)
 
         for b, c0 in enumerate(range(0, cols, self.block_size)):
             c1 = min(c0 + self.block_size, cols)
@@ -345,9 +395,10 @@ class CompactBiLLM:
             sparse_runs=torch.tensor(runs, dtype=torch.uint8, device=W.device).reshape(-1, 2),
             scale_codes=flat(scale_codes, self.scale_bits),
             mean_codes=flat(mean_codes, self.mean_bits) if self.means else None,
-            row_ref=row_ref, col_scale=self._column_scale_storage(col_scale) if self.col_scale else None,
+            row_ref=row_ref if ref_top is None else stored_ref, ref_top=ref_top, col_scale=self._column_scale_storage(col_scale) if self.col_scale else None,
             shape=(rows, cols), block_size=self.block_size, scale_bits=self.scale_bits, mean_bits=self.mean_bits,
-            scale_octaves=self.scale_octaves)
+            scale_octaves=self.scale_octaves,
+            perm=None if order is None else pack_bool(codes_to_bits(order[None, :], perm_bits(cols))[0]))
 
     def _column_scale_storage(self, cs: torch.Tensor) -> torch.Tensor:
         return encode_column_scales(cs) if self.col_scale_bits == 8 else cs.half()
@@ -469,6 +520,11 @@ def column_scales(Wb: torch.Tensor) -> torch.Tensor:
     """Each column's rms over the block's mean rms (floored at 1e-4), float32 [cols]."""
     rms = Wb.pow(2).mean(0).sqrt()
     return (rms / rms.mean().clamp_min(1e-30)).clamp_min(1e-4)
+
+
+def perm_bits(cols: int) -> int:
+    """Bits of one stored column index."""
+    return max(1, (cols - 1).bit_length())
 
 
 def _sparse_bits(width: int, g: int, k: int) -> int:

@@ -10,7 +10,8 @@ asymmetric groups), `rtn<b>-g<g>` (the same grid, round-to-nearest, no Hessian) 
 `billm` (BiLLM as the paper stores it, every byte counted) and the compact BiLLM
 formats `billm-k<k>g<G>` (BiLLM's solver, side information in few bits: k sparse
 weights per run of G columns coded as one k-of-G number, 5-bit log scales; see
-luq.quant.billm_compact).
+luq.quant.billm_compact), and `billm-k5g64f` (the same, solved column by column in
+act-order with GPTQ's error feedback, side information in 4 and 8 bits: ~1.6 true bits).
 """
 
 from __future__ import annotations
@@ -125,12 +126,14 @@ for _k, _lam in ((16, 0.2), (8, 0.2), (4, 0.3)):
     register_format(Format(f"billm-k{_k}g64", CompactBiLLM(sparse_runs=((64, _k),), col_scale=True, lam=_lam),
                            f"compact BiLLM: {_k} sparse weights per 64 columns (one k-of-64 code), 5-bit log "
                            f"scales, fp16 column scales, salient columns priced at lam={_lam}"))
-# compact BiLLM with GPTQ's column-by-column sign choice and the side information in fewer bits (4-bit scales
-# over 5 octaves, 8-bit column scales): 1.59 true bits at 1.26x BiLLM's mean error on the 21 SmolLM2 linears
+# compact BiLLM solved as GPTQ solves: act-order, signs chosen column by column with error feedback; side
+# information in fewer bits (4-bit scales over 5 octaves, 8-bit column scales and row references): 1.594 true
+# bits at 1.18x BiLLM's mean error on the 21 SmolLM2 linears (bench/solvers.py)
 register_format(Format("billm-k5g64f", CompactBiLLM(
-    sparse_runs=((64, 5),), lam=0.2, column_feedback=True, scale_bits=4, scale_octaves=5, ref_headroom=1.0,
-    col_scale_bits=8), "compact BiLLM at ~1.6 bits: 5 sparse weights per 64 columns, signs chosen column by "
-                       "column with error feedback, 4-bit scales, 8-bit column scales"))
+    sparse_runs=((64, 5),), lam=0.2, column_feedback=True, act_order=True, scale_bits=4, scale_octaves=5,
+    ref_headroom=1.0, col_scale_bits=8, row_ref_bits=8),
+    "compact BiLLM at ~1.6 bits: 5 sparse weights per 64 columns, act-order, signs chosen column by column "
+    "with error feedback, 4-bit scales, 8-bit column scales and row references"))
 
 # 6 bits: offered to the units outside the decoder (embeddings, head, vision tower), where
 # llama.cpp's recipes also spend 6 bits (Q6_K output heads)
