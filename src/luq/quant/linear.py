@@ -64,6 +64,14 @@ class QuantLinear(nn.Module):
         return self.quantized_weight.nbytes
 
     @property
+    def resident_nbytes(self) -> int:
+        """Bytes this module holds in memory: the stored weight, the bias, and what its fast
+        kernel transcoded (counted once built: after the first forward or `kernel`)."""
+        own = sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
+        kernel = self.__dict__.get("_kernel")
+        return own + (kernel.nbytes if kernel is not None else 0)
+
+    @property
     def kernel(self) -> nn.Module:
         """The fast forward for this format on this device (luq.quant.kernels), built at the
         first call and cached outside the state dict; moving the module drops it."""
