@@ -6,7 +6,8 @@ Tolerance, from measurement: every kernel rounds the activations, its scales and
 to bfloat16 (8 significant bits). Rounding only the activations already costs a relative
 output error (||y - y_ref|| / ||y_ref||, float32 reference) of 1.3e-3 to 1.8e-3 on these layers;
 the kernels measured 2.2e-3 to 2.9e-3 (GPTQ 2/3/4/8 bits, g32/64/128, with and without g_idx;
-BiLLM and compact BiLLM), single tokens up to 3.6e-3. The bound is 5e-3. The transcoded terms
+BiLLM and compact BiLLM) over 16 and 64 tokens, and up to 4.7e-3 on single tokens (the worst
+of 64 real tokens per layer and format). The bound is 6e-3. The transcoded terms
 themselves (before any bfloat16 rounding) reproduce the dequantized weight to float32 rounding.
 """
 
@@ -18,7 +19,7 @@ import torch
 from luq.quant import GPTQ, QuantLinear, get_format
 from luq.quant.kernels import DENSE_ROWS, Int4Kernel, TiledKernel, int4_terms, kernel_for
 
-TOL = 5e-3
+TOL = 6e-3
 LAYERS = ("layers.15.self_attn.k_proj", "layers.29.mlp.down_proj")
 CPU = torch.device("cpu")
 
@@ -61,7 +62,7 @@ def test_int4_kernel_matches_dequantize(layer, fmt):
     kernel = kernel_for(q, CPU)
     assert isinstance(kernel, Int4Kernel)
     x = problems()[layer].inputs
-    for n in (1, DENSE_ROWS, 4 * DENSE_ROWS):  # decode, the largest int4 call, a prompt (dense bf16 path)
+    for n in (1, DENSE_ROWS, 4 * DENSE_ROWS):  # decode, the largest int4 call, a prompt (bf16 product for GPTQ 2/4/8)
         ref = torch.nn.functional.linear(x[:n], W)
         assert rel_error(kernel(x[:n], torch.float32), ref) < TOL
 

@@ -18,9 +18,10 @@ y = x W_hat^T without materialising W_hat for a few tokens:
       the input.
   Exact up to bfloat16: the kernel takes bfloat16 activations (its float32 path is ~25x
   slower on CPU), rounds its scales to bfloat16 and returns bfloat16.
-  For more than `DENSE_ROWS` input rows (a prompt), the matmul is compute-bound and the
-  int4 kernel is slower than a dense one here, so the weight is de-quantized to bfloat16
-  for that call (tile by tile) and multiplied densely.
+  For more than `DENSE_ROWS` input rows (a prompt) the int4 kernel is compute-bound and a
+  dense bfloat16 product (AMX/AVX512-BF16 here) is faster: GPTQ weights of 2, 4 or 8 bits are
+  then de-quantized to bfloat16 with byte shifts for that call only (`gptq_bf16`) and multiplied
+  densely; other formats keep the int4 kernel.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices): de-quantize a tile of rows and multiply, tile by tile.
 
@@ -43,7 +44,7 @@ from luq.quant.packing import unpack_bits
 
 INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
-DENSE_ROWS = 16      # more input rows than this: de-quantize to bfloat16 and multiply densely
+DENSE_ROWS = 16      # more input rows than this: a dense bfloat16 product where the format has one
 
 
 def _int4_ops(device: torch.device):
@@ -87,18 +88,15 @@ class TiledKernel(nn.Module):
         return 0
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return tiled_linear(x.to(dtype), self.qweight, dtype, self.row_tile)
-
-
-def tiled_linear(x: torch.Tensor, qweight: QuantizedWeight, dtype: torch.dtype, row_tile: int = ROW_TILE):
-    rows = qweight.shape[0]
-    if rows <= row_tile:
-        return nn.functional.linear(x, qweight.dequantize_rows(0, rows, dtype))
-    out = torch.empty(*x.shape[:-1], rows, dtype=dtype, device=x.device)
-    for r0 in range(0, rows, row_tile):
-        r1 = min(r0 + row_tile, rows)
-        out[..., r0:r1] = nn.functional.linear(x, qweight.dequantize_rows(r0, r1, dtype))
-    return out
+        rows = self.qweight.shape[0]
+        x = x.to(dtype)
+        if rows <= self.row_tile:
+            return nn.functional.linear(x, self.qweight.dequantize_rows(0, rows, dtype))
+        out = torch.empty(*x.shape[:-1], rows, dtype=dtype, device=x.device)
+        for r0 in range(0, rows, self.row_tile):
+            r1 = min(r0 + self.row_tile, rows)
+            out[..., r0:r1] = nn.functional.linear(x, self.qweight.dequantize_rows(r0, r1, dtype))
+        return out
 
 
 @dataclass
@@ -132,7 +130,7 @@ class Int4Kernel(nn.Module):
 
     name = "int4"
 
-    def __init__(self, terms: Int4Terms, qweight: QuantizedWeight, convert, mm):
+    def __init__(self, terms: Int4Terms, in_features: int, convert, mm, dense=None):
         super().__init__()
         rows, kt = terms.codes.shape
         g = terms.codes.reshape(rows, kt // terms.group, terms.group).to(torch.int32)
@@ -146,8 +144,8 @@ class Int4Kernel(nn.Module):
         self.packed = convert(q.contiguous(), 1)
         self.scales_zeros = torch.stack([terms.scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.group, self.index, self.col_scale = terms.group, terms.index, terms.col_scale
-        self.qweight, self._mm = qweight, mm
-        self.pad = terms.index is not None and bool((terms.index == qweight.shape[1]).any())
+        self._mm, self._dense = mm, dense
+        self.pad = terms.index is not None and bool((terms.index == in_features).any())
 
     @property
     def nbytes(self) -> int:
@@ -158,8 +156,9 @@ class Int4Kernel(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > DENSE_ROWS:
-            return tiled_linear(x2.to(torch.bfloat16), self.qweight, torch.bfloat16).to(dtype).reshape(*lead, -1)
+        if self._dense is not None and x2.shape[0] > DENSE_ROWS:
+            y = nn.functional.linear(x2.to(torch.bfloat16), self._dense())
+            return y.to(dtype).reshape(*lead, -1)
         if self.col_scale is not None:
             x2 = x2 * self.col_scale
         x2 = x2.to(torch.bfloat16)
@@ -212,6 +211,25 @@ def gptq_terms(q) -> Int4Terms | None:
         index = torch.cat([index, index])
     return Int4Terms(torch.cat(parts_c, 1), torch.cat(parts_s, 1), torch.zeros_like(torch.cat(parts_s, 1)),
                      index, group)
+
+
+def _unpack_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """pack_bits' inverse for 2, 4 or 8 bits by shifts on the bytes (uint8 codes)."""
+    if bits == 8:
+        return packed[..., :n]
+    parts = [(packed >> (bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)]
+    return torch.stack(parts, -1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def gptq_bf16(q) -> torch.Tensor:
+    """The whole GPTQ weight (2, 4 or 8 bits) in bfloat16: s·(q - z), each product rounded once."""
+    rows, cols = q.shape
+    groups = q.column_groups()
+    codes = _unpack_bytes(q.qweight, q.bits, cols).to(torch.bfloat16)
+    zero = (torch.full((rows, q.n_groups), 2 ** q.bits // 2, dtype=torch.bfloat16, device=codes.device)
+            if q.qzeros is None else _unpack_bytes(q.qzeros, q.bits, q.n_groups).to(torch.bfloat16))
+    scale = q.scales.to(torch.bfloat16)
+    return (codes - zero.index_select(1, groups)) * scale.index_select(1, groups)
 
 
 def binary_terms(qweight, group: int = TERM_GROUP) -> Int4Terms:
@@ -284,7 +302,9 @@ def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
     LUQ_KERNEL=tiled forces the generic path (for comparisons)."""
     convert, mm = _int4_ops(device)
     if os.environ.get("LUQ_KERNEL", "auto") != "tiled" and convert is not None:
-        terms = int4_terms(qweight.to(device))
+        qweight = qweight.to(device)
+        terms = int4_terms(qweight)
         if terms is not None:
-            return Int4Kernel(terms, qweight, convert, mm)
+            dense = (lambda: gptq_bf16(qweight)) if qweight.method == "gptq" and qweight.bits in (2, 4, 8) else None
+            return Int4Kernel(terms, qweight.shape[1], convert, mm, dense)
     return TiledKernel(qweight)
