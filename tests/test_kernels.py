@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from luq.quant import GPTQ, QuantLinear, get_format
-from luq.quant.kernels import DENSE_ROWS, Int4Kernel, TiledKernel, int4_terms, kernel_for
+from luq.quant.kernels import Int4Kernel, TiledKernel, int4_terms, kernel_for
 
 TOL = 6e-3
 LAYERS = ("layers.15.self_attn.k_proj", "layers.29.mlp.down_proj")
@@ -62,7 +62,7 @@ def test_int4_kernel_matches_dequantize(layer, fmt):
     kernel = kernel_for(q, CPU)
     assert isinstance(kernel, Int4Kernel)
     x = problems()[layer].inputs
-    for n in (1, DENSE_ROWS, 4 * DENSE_ROWS):  # decode, the largest int4 call, a prompt (bf16 product for GPTQ 2/4/8)
+    for n in (1, 16, 64):  # one token (decode), a few, a prompt
         ref = torch.nn.functional.linear(x[:n], W)
         assert rel_error(kernel(x[:n], torch.float32), ref) < TOL
 

@@ -18,10 +18,9 @@ y = x W_hat^T without materialising W_hat for a few tokens:
       the input.
   Exact up to bfloat16: the kernel takes bfloat16 activations (its float32 path is ~25x
   slower on CPU), rounds its scales to bfloat16 and returns bfloat16.
-  For more than `DENSE_ROWS` input rows (a prompt) the int4 kernel is compute-bound and a
-  dense bfloat16 product (AMX/AVX512-BF16 here) is faster: GPTQ weights of 2, 4 or 8 bits are
-  then de-quantized to bfloat16 with byte shifts for that call only (`gptq_bf16`) and multiplied
-  densely; other formats keep the int4 kernel.
+  Prompts go through the same kernel: de-quantizing GPTQ-4 to bfloat16 per call for a dense
+  bfloat16 product was measured at 2.5-3x the CPU time of this kernel on SmolLM2's 128-token
+  prefill (and the kernel at ~1.35x that of the float32 model).
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices): de-quantize a tile of rows and multiply, tile by tile.
 
@@ -44,7 +43,6 @@ from luq.quant.packing import unpack_bits
 
 INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
-DENSE_ROWS = 16      # more input rows than this: a dense bfloat16 product where the format has one
 
 
 def _int4_ops(device: torch.device):
@@ -130,7 +128,7 @@ class Int4Kernel(nn.Module):
 
     name = "int4"
 
-    def __init__(self, terms: Int4Terms, in_features: int, convert, mm, dense=None):
+    def __init__(self, terms: Int4Terms, in_features: int, convert, mm):
         super().__init__()
         rows, kt = terms.codes.shape
         g = terms.codes.reshape(rows, kt // terms.group, terms.group).to(torch.int32)
@@ -144,7 +142,7 @@ class Int4Kernel(nn.Module):
         self.packed = convert(q.contiguous(), 1)
         self.scales_zeros = torch.stack([terms.scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.group, self.index, self.col_scale = terms.group, terms.index, terms.col_scale
-        self._mm, self._dense = mm, dense
+        self._mm = mm
         self.pad = terms.index is not None and bool((terms.index == in_features).any())
 
     @property
@@ -156,9 +154,6 @@ class Int4Kernel(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self._dense is not None and x2.shape[0] > DENSE_ROWS:
-            y = nn.functional.linear(x2.to(torch.bfloat16), self._dense())
-            return y.to(dtype).reshape(*lead, -1)
         if self.col_scale is not None:
             x2 = x2 * self.col_scale
         x2 = x2.to(torch.bfloat16)
@@ -211,25 +206,6 @@ def gptq_terms(q) -> Int4Terms | None:
         index = torch.cat([index, index])
     return Int4Terms(torch.cat(parts_c, 1), torch.cat(parts_s, 1), torch.zeros_like(torch.cat(parts_s, 1)),
                      index, group)
-
-
-def _unpack_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """pack_bits' inverse for 2, 4 or 8 bits by shifts on the bytes (uint8 codes)."""
-    if bits == 8:
-        return packed[..., :n]
-    parts = [(packed >> (bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)]
-    return torch.stack(parts, -1).reshape(*packed.shape[:-1], -1)[..., :n]
-
-
-def gptq_bf16(q) -> torch.Tensor:
-    """The whole GPTQ weight (2, 4 or 8 bits) in bfloat16: s·(q - z), each product rounded once."""
-    rows, cols = q.shape
-    groups = q.column_groups()
-    codes = _unpack_bytes(q.qweight, q.bits, cols).to(torch.bfloat16)
-    zero = (torch.full((rows, q.n_groups), 2 ** q.bits // 2, dtype=torch.bfloat16, device=codes.device)
-            if q.qzeros is None else _unpack_bytes(q.qzeros, q.bits, q.n_groups).to(torch.bfloat16))
-    scale = q.scales.to(torch.bfloat16)
-    return (codes - zero.index_select(1, groups)) * scale.index_select(1, groups)
 
 
 def binary_terms(qweight, group: int = TERM_GROUP) -> Int4Terms:
@@ -302,9 +278,7 @@ def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
     LUQ_KERNEL=tiled forces the generic path (for comparisons)."""
     convert, mm = _int4_ops(device)
     if os.environ.get("LUQ_KERNEL", "auto") != "tiled" and convert is not None:
-        qweight = qweight.to(device)
-        terms = int4_terms(qweight)
+        terms = int4_terms(qweight.to(device))
         if terms is not None:
-            dense = (lambda: gptq_bf16(qweight)) if qweight.method == "gptq" and qweight.bits in (2, 4, 8) else None
-            return Int4Kernel(terms, qweight.shape[1], convert, mm, dense)
+            return Int4Kernel(terms, qweight.shape[1], convert, mm)
     return TiledKernel(qweight)
