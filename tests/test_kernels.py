@@ -18,19 +18,11 @@ import torch
 
 from luq.quant import GPTQ, QuantLinear, get_format
 from luq.quant.kernels import Int4Kernel, TiledKernel, int4_terms, kernel_for
+from test_solvers_real import problems  # the real layers, their Hessians and inputs (cached)
 
 TOL = 6e-3
 LAYERS = ("layers.15.self_attn.k_proj", "layers.29.mlp.down_proj")
 CPU = torch.device("cpu")
-
-
-@lru_cache(maxsize=1)
-def problems():
-    assets = pytest.importorskip("luq.assets")
-    try:
-        return {p.name: p for p in assets.smollm2_linear_problems()}
-    except Exception as e:  # pragma: no cover - offline assets not installed
-        pytest.skip(f"real SmolLM2 assets unavailable: {e}")
 
 
 @lru_cache(maxsize=None)
