@@ -31,7 +31,6 @@ the stored bytes: for binarized weights it is larger than what is stored).
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -51,25 +50,6 @@ def _int4_ops(device: torch.device):
                 getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None))
     # CUDA's int4 op wants another packed layout (tinygemm's, inner-k tiles): not wired; the tiled path serves it
     return None, None
-
-
-@functools.lru_cache(maxsize=None)
-def _bit_table(bits: int, device: str) -> torch.Tensor:
-    """[256, 8 // bits] int16: the codes held by each byte value (little-endian, as pack_bits)."""
-    per = 8 // bits
-    b = torch.arange(256, dtype=torch.int16)[:, None]
-    shifts = torch.arange(per, dtype=torch.int16) * bits
-    return ((b >> shifts) & ((1 << bits) - 1)).to(device)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """pack_bits' inverse (int16 codes): one table lookup per byte for 1/2/4 bits."""
-    if bits == 8:
-        return packed[..., :n].to(torch.int16)
-    if 8 % bits:
-        return unpack_bits(packed, bits, n).to(torch.int16)
-    table = _bit_table(bits, str(packed.device))
-    return table[packed.long()].reshape(*packed.shape[:-1], -1)[..., :n]
 
 
 class TiledKernel(nn.Module):
@@ -185,13 +165,13 @@ def gptq_terms(q) -> Int4Terms | None:
         return None
     if col_group is None:
         col_group = torch.arange(cols, device=q.scales.device) // width
-    codes = unpack_codes(q.qweight, q.bits, cols).to(torch.int32)
+    codes = unpack_bits(q.qweight, q.bits, cols).to(torch.int32)
     if index is not None:
         codes = codes[:, index]
     kgroup = col_group[::group]                         # luq group of each kernel group
     scale = q.scales.float()[:, kgroup]
     zero = (torch.full_like(scale, float(2 ** q.bits // 2), dtype=torch.int32) if q.qzeros is None
-            else unpack_codes(q.qzeros, q.bits, q.n_groups).to(torch.int32)[:, kgroup])
+            else unpack_bits(q.qzeros, q.bits, q.n_groups).to(torch.int32)[:, kgroup])
     zero = zero.to(torch.int32)
     digits = 1 if q.bits <= 4 else 2
     parts_c, parts_s = [], []
