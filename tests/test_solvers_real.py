@@ -120,7 +120,9 @@ def test_quant_linear_on_real_inputs(name):
     for q in (GPTQ(4).quantize(p.weight, p.hessian), billm(name), compact("billm-k8g64", name),
               compact("billm-k5g64f", name)):
         module = QuantLinear.from_linear(linear, q)
-        torch.testing.assert_close(module(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+        ref = x @ q.dequantize().T
+        # its int4 kernel rounds activations, scales and outputs to bfloat16 (bound from tests/test_kernels.py)
+        assert ((module(x) - ref).norm() / ref.norm()).item() < 6e-3
 
 
 

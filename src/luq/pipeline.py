@@ -205,7 +205,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
                 if name not in result.weights:  # read from the cache: load the tensors now
                     results[fmt.name] = result = cache.load(i, fmt, digest)
                 weights[name] = result.weights[name]
-            swapped = replace_linears(layer, weights)
+            swapped = replace_linears(layer, weights, dense=True)  # exact float32, as GPTQ's sequential mode
             outputs[:] = [offload(layer_forward(layer, inp, device), "cpu", disk) for inp in inputs]
             restore_linears(layer, swapped)
         inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]

@@ -97,6 +97,41 @@ def block_values(sign1: torch.Tensor, sign2: torch.Tensor, sparse: torch.Tensor,
 
 
 @dataclass(eq=False, repr=False)
+class BinaryParts:
+    """The unpacked content of rows of a binarized weight (BiLLM and compact BiLLM): the one
+    input of their dequantization and of the fast kernel (luq.quant.kernels) alike.
+
+    sign1, sign2, sparse: bool [rows, in] (sign2 meaningful on salient columns, sparse on the
+    others); salient: bool [in]; scales, means: float32 [rows, n_blocks, 4] (slots SALIENT_1,
+    SALIENT_2, CONCENTRATED, SPARSE); col_scale: float32 [in] multiplying every value, or None.
+    """
+
+    sign1: torch.Tensor
+    sign2: torch.Tensor
+    sparse: torch.Tensor
+    salient: torch.Tensor
+    scales: torch.Tensor
+    means: torch.Tensor
+    col_scale: torch.Tensor | None
+    block_size: int
+    column_order: torch.Tensor | None = None
+
+    def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized rows [rows, in]."""
+        rows, cols = self.sign1.shape
+        out = torch.empty(rows, cols, dtype=torch.float32, device=self.sign1.device)
+        for b, c0 in enumerate(range(0, cols, self.block_size)):
+            c1 = min(c0 + self.block_size, cols)
+            out[:, c0:c1] = block_values(self.sign1[:, c0:c1], self.sign2[:, c0:c1], self.sparse[:, c0:c1],
+                                         self.salient[c0:c1], self.scales[:, b], self.means[:, b])
+        if self.col_scale is not None:
+            out *= self.col_scale[None, :]
+        if self.column_order is not None:  # stored column i is input column column_order[i]
+            out = torch.empty_like(out).index_copy_(1, self.column_order, out)
+        return out.to(dtype)
+
+
+@dataclass(eq=False, repr=False)
 class BiLLMWeight(QuantizedWeight):
     """A BiLLM-binarized weight in packed form (layout in the module docstring)."""
 
@@ -136,7 +171,8 @@ class BiLLMWeight(QuantizedWeight):
         n_salient = int(self.salient_mask().sum())
         return (rows * cols + rows * n_salient + cols) / (rows * cols)
 
-    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def binary_parts(self, start: int, stop: int) -> BinaryParts:
+        """Rows [start, stop) unpacked (signs, masks, float32 scales and means)."""
         rows, cols = stop - start, self.shape[1]
         salient = self.salient_mask()
         n_salient = int(salient.sum())
@@ -145,13 +181,11 @@ class BiLLMWeight(QuantizedWeight):
         sign2[:, salient] = unpack_bool(self.residual_signs[start:stop], n_salient)
         sparse = torch.zeros_like(sign2)
         sparse[:, ~salient] = unpack_bool(self.sparse_bitmap[start:stop], cols - n_salient)
-        scales, means = self.scales[start:stop].float(), self.means[start:stop].float()
-        out = torch.empty(rows, cols, dtype=torch.float32, device=sign1.device)
-        for b, c0 in enumerate(range(0, cols, self.block_size)):
-            c1 = min(c0 + self.block_size, cols)
-            out[:, c0:c1] = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse[:, c0:c1], salient[c0:c1],
-                                         scales[:, b], means[:, b])
-        return out.to(dtype)
+        return BinaryParts(sign1, sign2, sparse, salient, self.scales[start:stop].float(),
+                           self.means[start:stop].float(), None, self.block_size)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.binary_parts(start, stop).values(dtype)
 
 
 def order_statistics(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:

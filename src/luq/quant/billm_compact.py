@@ -56,7 +56,7 @@ import torch
 
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
-from luq.quant.billm import SALIENT_METRICS, block_values
+from luq.quant.billm import SALIENT_METRICS, BinaryParts, block_values
 from luq.quant.binsearch import leading_split_errors, split_errors
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
 from luq.quant.packing import pack_bits, pack_bool, packed_length, unpack_bits, unpack_bool
@@ -220,25 +220,22 @@ class CompactBiLLMWeight(QuantizedWeight):
             return decode_column_scales(self.col_scale)
         return self.col_scale.float()
 
-    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def binary_parts(self, start: int, stop: int) -> BinaryParts:
+        """Rows [start, stop) unpacked (signs, masks, decoded scales and means, column scales), in
+        stored column order (`column_order` maps it back when stored in act-order)."""
         rows, cols = stop - start, self.shape[1]
         salient = self.salient_mask()
         n_salient = int(salient.sum())
         sign1 = unpack_bool(self.signs[start:stop], cols)
         sign2 = torch.zeros(rows, cols, dtype=torch.bool, device=sign1.device)
         sign2[:, salient] = unpack_bool(self.residual_signs[start:stop], n_salient)
-        sparse = self.sparse_rows(start, stop)
         scales, means = self.parameters_rows(start, stop)
-        out = torch.empty(rows, cols, dtype=torch.float32, device=sign1.device)
-        for b, c0 in enumerate(range(0, cols, self.block_size)):
-            c1 = min(c0 + self.block_size, cols)
-            out[:, c0:c1] = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse[:, c0:c1], salient[c0:c1],
-                                         scales[:, b], means[:, b])
-        if self.col_scale is not None:
-            out *= self.decoded_column_scales()[None, :]
-        if self.perm is not None:  # stored in act-order: column i of `out` is input column order[i]
-            out = torch.empty_like(out).index_copy_(1, self.column_order(), out)
-        return out.to(dtype)
+        col_scale = None if self.col_scale is None else self.decoded_column_scales()
+        return BinaryParts(sign1, sign2, self.sparse_rows(start, stop), salient, scales, means, col_scale,
+                           self.block_size, None if self.perm is None else self.column_order())
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.binary_parts(start, stop).values(dtype)
 
     def column_order(self) -> torch.Tensor:
         """int64 [in]: the input column of each stored column (act-order)."""

@@ -8,10 +8,13 @@ import torch
 from torch import nn
 
 from luq.quant.base import ROW_TILE, PackedModule, QuantizedWeight
+from luq.quant.kernels import kernel_for
 
 
 class QuantLinear(PackedModule):
-    """y = x W_hat^T + b, with W_hat unpacked one tile of output rows at a time.
+    """y = x W_hat^T + b, computed by the fastest kernel of the weight's format
+    (luq.quant.kernels: torch's int4 matmul for GPTQ <= 4 bits, else one tile of output
+    rows unpacked at a time).
 
     The packed tensors are buffers (they follow `.to(device)` and appear in the
     state dict under their stored names); no full-precision copy of the weight is
@@ -37,19 +40,40 @@ class QuantLinear(PackedModule):
             raise ValueError(f"quantized weight {qweight.shape} does not fit {linear}")
         return cls(qweight.to(linear.weight.device), linear.bias, dtype=dtype)
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kernel", None)  # the kernel is packed for one device: rebuilt after a move
+        return super()._apply(fn, recurse)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the stored weight (bias excluded)."""
         return self.quantized_weight.nbytes
 
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes this module holds in memory: the stored weight, the bias, and what its fast
+        kernel transcoded (counted once built: after the first forward or `kernel`)."""
+        own = sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
+        kernel = self.__dict__.get("_kernel")
+        return own + (kernel.nbytes if kernel is not None else 0)
+
+    @property
+    def kernel(self) -> nn.Module:
+        """The fast forward for this format on this device (luq.quant.kernels), built at the
+        first call and cached outside the state dict; moving the module drops it."""
+        k = self.__dict__.get("_kernel")
+        if k is None:
+            k = kernel_for(self.quantized_weight, self.qweight_device)
+            self.__dict__["_kernel"] = k
+        return k
+
+    @property
+    def qweight_device(self) -> torch.device:
+        return next(b for n, b in self._buffers.items() if b is not None and n != "bias").device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        x = x.to(dtype)
-        qweight = self.quantized_weight
-        out = torch.empty(*x.shape[:-1], self.out_features, dtype=dtype, device=x.device)
-        for r0 in range(0, self.out_features, self.row_tile):
-            r1 = min(r0 + self.row_tile, self.out_features)
-            out[..., r0:r1] = nn.functional.linear(x, qweight.dequantize_rows(r0, r1, dtype))
+        out = self.kernel(x, dtype)
         if self.bias is not None:
             out += self.bias.to(dtype)
         return out

@@ -47,6 +47,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     *lead, nbytes = packed.shape
     if bits == 8:
         return packed[..., :n].to(torch.int64)
+    if 8 % bits == 0:  # whole codes per byte: shifts on the bytes themselves
+        parts = [(packed >> (bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)]
+        return torch.stack(parts, -1).reshape(*lead, -1)[..., :n].to(torch.int64)
     p = packed.to(torch.int64).reshape(*lead, nbytes // bits, bits)
     byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
     word = (p << byte_shifts).sum(-1, keepdim=True)

@@ -1,0 +1,268 @@
+"""Fast forwards for packed weights, chosen per format and device.
+
+A *kernel* is built once from a QuantizedWeight (at the first forward on a device, because
+the packed layout of torch's int4 CPU kernel depends on the CPU) and then computes
+y = x W_hat^T without materialising W_hat for a few tokens:
+
+- `Int4Kernel`: torch's int4 matmul (`_weight_int4pack_mm_for_cpu`, CPU), whose weight is
+  w = (q - 8)·s + z with q in 0..15 and one (s, z) per row per group of 32..256 columns.
+  Every stored format is transcoded into a sum of such *terms*, concatenated along the inner
+  dimension, each term reading its own gather of the input columns (`Int4Terms`):
+    GPTQ <= 4 bits: one term (act-order `g_idx` groups: the input columns are permuted
+      into group order);
+    GPTQ 5..8 bits: two terms, the high and low 4-bit digits of each code (16·s and s);
+    BiLLM and compact BiLLM: in each block, salient columns and the others are gathered
+      into separate groups of 32; three terms (two when the means are zero): the first
+      sign, the second sign (salient) or the signed sparse mask (others), and the sparse
+      mask times the difference of the means. The column scales of compact BiLLM multiply
+      the input.
+  Exact up to bfloat16: the kernel takes bfloat16 activations (its float32 path is ~25x
+  slower on CPU), rounds its scales to bfloat16 and returns bfloat16.
+  Prompts go through the same kernel: de-quantizing GPTQ-4 to bfloat16 per call for a dense
+  bfloat16 product was measured at 2.5-3x the CPU time of this kernel on SmolLM2's 128-token
+  prefill (and the kernel at ~1.35x that of the float32 model).
+- `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
+  columns, other devices): de-quantize a tile of rows and multiply, tile by tile.
+
+`kernel_for(qweight, device)` picks one; `QuantLinear` caches it (not in the state dict).
+`Int4Kernel.nbytes` is what the transcoded form holds in memory (reported by benches beside
+the stored bytes: for binarized weights it is larger than what is stored).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from luq.quant.base import ROW_TILE, QuantizedWeight
+from luq.quant.packing import unpack_bits
+
+INT4_GROUPS = (256, 128, 64, 32)
+TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
+
+
+def _int4_ops(device: torch.device):
+    if device.type == "cpu":
+        return (getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None),
+                getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None))
+    # CUDA's int4 op wants another packed layout (tinygemm's, inner-k tiles): not wired; the tiled path serves it
+    return None, None
+
+
+class TiledKernel(nn.Module):
+    """Generic fallback: de-quantize `row_tile` output rows at a time and multiply."""
+
+    name = "tiled"
+
+    def __init__(self, qweight: QuantizedWeight, row_tile: int = ROW_TILE):
+        super().__init__()
+        self.qweight, self.row_tile = qweight, row_tile
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rows = self.qweight.shape[0]
+        x = x.to(dtype)
+        if rows <= self.row_tile:
+            return nn.functional.linear(x, self.qweight.dequantize_rows(0, rows, dtype))
+        out = torch.empty(*x.shape[:-1], rows, dtype=dtype, device=x.device)
+        for r0 in range(0, rows, self.row_tile):
+            r1 = min(r0 + self.row_tile, rows)
+            out[..., r0:r1] = nn.functional.linear(x, self.qweight.dequantize_rows(r0, r1, dtype))
+        return out
+
+
+@dataclass
+class Int4Terms:
+    """A weight as the int4 kernel's input: y = (x·col_scale)[:, index] W_t^T, where
+    W_t[r, j] = scale[r, j // group] · codes[r, j] + zero[r, j // group].
+
+    codes: integers [rows, K_t], each group's codes spanning at most 16 values; index: long
+    [K_t], the input column read by each kernel column (in_features = a zero column), None
+    for the identity; col_scale: float [in] or None."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    index: torch.Tensor | None
+    group: int
+    col_scale: torch.Tensor | None = None
+
+    def dense(self, cols: int) -> torch.Tensor:
+        """W_hat [rows, cols] as these terms compute it (float32; for tests)."""
+        rows, kt = self.codes.shape
+        w = (self.codes.float().reshape(rows, -1, self.group) * self.scale[..., None]
+             + self.zero[..., None]).reshape(rows, kt)
+        index = torch.arange(kt, device=w.device) if self.index is None else self.index
+        out = torch.zeros(rows, cols + 1, device=w.device).index_add_(1, index, w)[:, :cols]
+        return out if self.col_scale is None else out * self.col_scale[None, :]
+
+
+class Int4Kernel(nn.Module):
+    """A weight transcoded into int4 terms (`Int4Terms`), packed once for this device."""
+
+    name = "int4"
+
+    def __init__(self, terms: Int4Terms, in_features: int, convert, mm):
+        super().__init__()
+        rows, kt = terms.codes.shape
+        g = terms.codes.reshape(rows, kt // terms.group, terms.group).to(torch.int32)
+        # Shift each group's codes by k so they land in 0..15 with k = 0 where they allow it:
+        # the bfloat16 zero z - k·s then stays exactly z (often 0) instead of carrying a rounding
+        # error that every activation of the group multiplies.
+        lo, hi = -8 - g.amin(-1), 7 - g.amax(-1)
+        k = torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi)
+        q = (g + 8 + k[..., None]).reshape(rows, kt)
+        zero = terms.zero - k * terms.scale
+        self.packed = convert(q.contiguous(), 1)
+        self.scales_zeros = torch.stack([terms.scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.group, self.index, self.col_scale = terms.group, terms.index, terms.col_scale
+        self._mm = mm
+        self.pad = terms.index is not None and bool((terms.index == in_features).any())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this kernel holds beyond the stored weight (packed codes, scales, gathers)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.index, self.col_scale)
+                   if t is not None)
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.col_scale is not None:
+            x2 = x2 * self.col_scale
+        x2 = x2.to(torch.bfloat16)
+        if self.pad:
+            x2 = nn.functional.pad(x2, (0, 1))
+        if self.index is not None:
+            x2 = x2.index_select(1, self.index)
+        y = self._mm(x2.contiguous(), self.packed, self.group, self.scales_zeros)
+        return y.to(dtype).reshape(*lead, -1)
+
+
+# --------------------------------------------------------------------------- transcoders
+
+
+def gptq_terms(q) -> Int4Terms | None:
+    """GPTQ codes as int4 terms: one 4-bit digit per term (1 term up to 4 bits, 2 up to 8)."""
+    rows, cols = q.shape
+    index = col_group = None
+    if q.g_idx is not None:
+        groups = q.g_idx.long()
+        index = torch.argsort(groups, stable=True)
+        counts = torch.bincount(groups, minlength=q.n_groups)
+        if bool((counts[:-1] != q.group_size).any()):
+            return None
+        col_group = groups[index]
+    width = min(q.group_size, cols)
+    group = next((g for g in INT4_GROUPS if width % g == 0 and cols % g == 0), None)
+    if group is None:
+        return None
+    if col_group is None:
+        col_group = torch.arange(cols, device=q.scales.device) // width
+    codes = unpack_bits(q.qweight, q.bits, cols).to(torch.int32)
+    if index is not None:
+        codes = codes[:, index]
+    kgroup = col_group[::group]                         # luq group of each kernel group
+    scale = q.scales.float()[:, kgroup]
+    zero = (torch.full_like(scale, float(2 ** q.bits // 2), dtype=torch.int32) if q.qzeros is None
+            else unpack_bits(q.qzeros, q.bits, q.n_groups).to(torch.int32)[:, kgroup])
+    zero = zero.to(torch.int32)
+    digits = 1 if q.bits <= 4 else 2
+    parts_c, parts_s = [], []
+    for d in reversed(range(digits)):                   # high digit first
+        cd = (codes >> (4 * d)) & 15
+        zd = (zero >> (4 * d)) & 15 if digits > 1 else zero
+        gc = cd.reshape(rows, -1, group) - zd[..., None]
+        parts_c.append(gc.reshape(rows, cols))
+        parts_s.append(scale * float(16 ** d))
+    if digits == 2:
+        index = torch.arange(cols, device=codes.device) if index is None else index
+        index = torch.cat([index, index])
+    return Int4Terms(torch.cat(parts_c, 1), torch.cat(parts_s, 1), torch.zeros_like(torch.cat(parts_s, 1)),
+                     index, group)
+
+
+def binary_terms(qweight, group: int = TERM_GROUP) -> Int4Terms:
+    """BiLLM / compact BiLLM (anything with `binary_parts`) as 2 or 3 int4 terms (module doc)."""
+    from luq.quant.billm import CONCENTRATED, SALIENT_1, SALIENT_2, SPARSE
+
+    rows, cols = qweight.shape
+    p = qweight.binary_parts(0, rows)
+    device = p.sign1.device
+    salient = p.salient.cpu()
+    full_cols, full_block, full_sal, other_cols, other_block = [], [], [], [], []
+    for b, c0 in enumerate(range(0, cols, p.block_size)):
+        c1 = min(c0 + p.block_size, cols)
+        ids = torch.arange(c0, c1)
+        for kind, sel in ((True, ids[salient[c0:c1]]), (False, ids[~salient[c0:c1]])):
+            if not len(sel):
+                continue
+            padded = torch.cat([sel, torch.full((-len(sel) % group,), cols, dtype=torch.long)])
+            full_cols.append(padded)
+            full_block += [b] * (len(padded) // group)
+            full_sal += [kind] * (len(padded) // group)
+            if not kind:
+                other_cols.append(padded)
+                other_block += [b] * (len(padded) // group)
+    L1, L2 = torch.cat(full_cols).to(device), torch.cat(other_cols).to(device)
+    b1 = torch.tensor(full_block, device=device)
+    sal1 = torch.tensor(full_sal, device=device)
+    b2 = torch.tensor(other_block, device=device)
+
+    def gather(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(mask, (0, 1)).index_select(1, index).to(torch.int32)
+
+    valid1, valid2 = (L1 < cols).to(torch.int32), (L2 < cols).to(torch.int32)
+    s1 = (2 * gather(p.sign1, L1) - 1) * valid1
+    sal_col = nn.functional.pad(p.salient, (0, 1)).index_select(0, L1)
+    a, m = p.scales, p.means                                          # [rows, n_blocks, 4]
+    is_sal = sal1[None, :]
+    a_sal1, a_sal2, a_conc, a_sparse = (a[:, b1, s] for s in (SALIENT_1, SALIENT_2, CONCENTRATED, SPARSE))
+    m_sal, m_conc = m[:, b1, SALIENT_1] + m[:, b1, SALIENT_2], m[:, b1, CONCENTRATED]
+    code_a = s1
+    code_b = torch.where(sal_col[None, :], (2 * gather(p.sign2, L1) - 1) * valid1, gather(p.sparse, L1) * s1)
+    codes = [code_a, code_b]
+    scales = [torch.where(is_sal, a_sal1, a_conc), torch.where(is_sal, a_sal2, a_sparse - a_conc)]
+    zeros = [torch.where(is_sal, m_sal, m_conc), torch.zeros_like(a_conc)]
+    index = [L1, L1]
+    dm = m[:, b2, SPARSE] - m[:, b2, CONCENTRATED]
+    if bool((dm != 0).any()):
+        codes.append(gather(p.sparse, L2) * valid2)
+        scales.append(dm)
+        zeros.append(torch.zeros_like(dm))
+        index.append(L2)
+    index, col_scale = torch.cat(index), p.col_scale
+    if p.column_order is not None:  # stored in act-order: stored column j reads input column order[j]
+        index = torch.cat([p.column_order, torch.tensor([cols], device=device)])[index]
+        if col_scale is not None:
+            col_scale = torch.empty_like(col_scale).index_copy_(0, p.column_order, col_scale)
+    return Int4Terms(torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1), index, group, col_scale)
+
+
+def int4_terms(qweight: QuantizedWeight) -> Int4Terms | None:
+    """The int4 transcoding of a stored weight, or None where its format or shape has none."""
+    rows, cols = qweight.shape
+    if rows % 16 or cols % 32:
+        return None
+    if qweight.method == "gptq":
+        return gptq_terms(qweight)
+    if hasattr(qweight, "binary_parts"):
+        return binary_terms(qweight)
+    return None
+
+
+def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
+    """The fastest kernel that computes this weight exactly (up to bfloat16 rounding) on `device`.
+    LUQ_KERNEL=tiled forces the generic path (for comparisons)."""
+    convert, mm = _int4_ops(device)
+    if os.environ.get("LUQ_KERNEL", "auto") != "tiled" and convert is not None:
+        terms = int4_terms(qweight.to(device))
+        if terms is not None:
+            return Int4Kernel(terms, qweight.shape[1], convert, mm)
+    return TiledKernel(qweight)
