@@ -45,7 +45,8 @@ def test_packed_embedding_and_tied_head_match_dequantize(smollm2_embedding):
     head = TiedQuantHead(embedding)
     x = torch.randn(3, 576)
     reference = x @ table.T
-    assert (head(x) - reference).abs().max() <= 1e-4 * reference.abs().max()
+    # the head runs QuantLinear's fast kernel (bfloat16 activations): the bound of tests/test_kernels.py
+    assert float((head(x) - reference).norm() / reference.norm()) <= 6e-3
     assert embedding.nbytes == q.nbytes and not list(head.buffers())  # the head holds no copy
 
 
