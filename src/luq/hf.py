@@ -30,7 +30,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from luq.errors import LuqError
 from luq.quant import QuantLinear, weight_from_state_dict
 from luq.quant.linear import dequantize_modules
-from luq.store import FORMAT_VERSION, verify_artifact
+from luq.store import FORMAT_VERSION, shard_files, verify_artifact
 
 QUANT_METHOD = "luq"
 
@@ -70,13 +70,6 @@ def stored_tensor_specs(files: list[Path]) -> dict[str, tuple[list[int], torch.d
     return specs
 
 
-def artifact_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [folder / "model.safetensors"]
-
-
 def swap_in_quant_linears(model: torch.nn.Module, modules: dict[str, dict[str, Any]],
                           specs: dict[str, tuple[list[int], torch.dtype]], dtype: torch.dtype) -> int:
     """Replace each linear named in `modules` by a QuantLinear on the meta device whose buffers
@@ -108,7 +101,7 @@ class LuqHfQuantizer(HfQuantizer):
             raise LuqError("a luq model loads from its artifact directory (from_pretrained(DIR)), not a state dict")
         folder = Path(checkpoint_files[0]).parent
         verify_artifact(folder)
-        specs = stored_tensor_specs(artifact_files(folder))
+        specs = stored_tensor_specs(shard_files(folder))
         swap_in_quant_linears(model, self.quantization_config.modules, specs, dtype or torch.float32)
         return model
 
