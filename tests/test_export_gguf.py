@@ -11,29 +11,12 @@ import torch
 
 import luq
 from luq.assets import smollm2_dir, smollm2_gguf_path, smollm2_linear_problems
-from luq.calibration import CalibrationConfig
 from luq.cli import main
 from luq.errors import LuqError
 from luq.export import export_gguf
 from luq.export.gguf import NoGgufType, encode_weight, read_gguf, rope_permutation
 from luq.quant import GPTQ, RTN, QuantLinear
 from luq.quant.packing import unpack_bits
-from tiny_models import smollm2_head_dir
-
-
-def quantize(model_dir, out, **kw):
-    config = luq.LUQConfig(**{"calibration": CalibrationConfig(samples=4, seq_len=64, seed=0), "final_pass": False,
-                              "sensitivity_samples": 2, "k_means": 8, **kw})
-    luq.quantize(model_dir, out, config, cache_dir=out.parent / "cache", progress=False, log=lambda s: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gguf")
-    model_dir = smollm2_head_dir(root / "model", layers=2)
-    return {"root": root, "gptq4": quantize(model_dir, root / "gptq4", formats=("gptq4-g128",)),
-            "mix": quantize(model_dir, root / "mix", allocate="entropy", layers=1)}  # one BiLLM layer
 
 
 def gguf_name(hf_name, n_layers):
@@ -55,8 +38,8 @@ def half_ulp_of_scale_times_zero(weight):
     return np.spacing(sz).astype(np.float32) / 2
 
 
-def test_gptq4_artifact_reads_back_to_fp16_rounding(artifacts, capsys):
-    path, out = artifacts["gptq4"], artifacts["root"] / "gptq4.gguf"
+def test_gptq4_artifact_reads_back_to_fp16_rounding(smollm2_artifacts, capsys):
+    path, out = smollm2_artifacts["gptq4"], smollm2_artifacts["root"] / "gptq4.gguf"
     assert main(["export", str(path), "--format", "gguf", "--out", str(out)]) == 0
     assert "14 Q4_1" in capsys.readouterr().out
     config = json.loads((path / "config.json").read_text())
@@ -126,7 +109,7 @@ def test_symmetric_grids_are_exact(problem):
         assert np.array_equal(dequantize_blocks(qtype, data, W.shape), weight.dequantize(torch.float32).numpy())
 
 
-def test_what_gguf_cannot_hold_is_refused_with_the_reason(problem, artifacts, capsys):
+def test_what_gguf_cannot_hold_is_refused_with_the_reason(problem, smollm2_artifacts, capsys):
     W, H = problem
     cases = ((GPTQ(bits=4, group_size=128, static_groups=False), "act-order groups"),
              (GPTQ(bits=4, group_size=48), "groups of 48 columns"),
@@ -137,8 +120,9 @@ def test_what_gguf_cannot_hold_is_refused_with_the_reason(problem, artifacts, ca
             encode_weight(solver.quantize(W, H))
     with pytest.raises(LuqError, match=r"refused: model\.layers\.\d\.\w+\.\w+_proj: it is binarized \(billm\).*"
                                        r"\(6 more linears cannot be exported\)"):
-        export_gguf(artifacts["mix"], artifacts["root"] / "mix.gguf")
-    assert main(["export", str(artifacts["mix"]), "--format", "gguf", "--out", str(artifacts["root"] / "m.gguf")]) == 2
+        export_gguf(smollm2_artifacts["mix"], smollm2_artifacts["root"] / "mix.gguf")
+    refused = smollm2_artifacts["root"] / "m.gguf"
+    assert main(["export", str(smollm2_artifacts["mix"]), "--format", "gguf", "--out", str(refused)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("luq: error: GGUF export refused")
-    assert not (artifacts["root"] / "m.gguf").exists()
+    assert not refused.exists()

@@ -14,26 +14,11 @@ import luq
 from luq.calibration import CalibrationConfig
 from luq.errors import LuqError
 from luq.quant import QuantLinear
-from tiny_models import smollm2_head_dir, tiny_vlm_head_dir
+from tiny_models import quick_artifact, tiny_vlm_head_dir
 
 TEXT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was designed by"
 # luq.load and from_pretrained run the same modules on the same tensors: measured difference 0.0
 LOGIT_TOLERANCE = 1e-4
-
-
-def quantize(model_dir, out, **kw):
-    config = luq.LUQConfig(**{"calibration": CalibrationConfig(samples=4, seq_len=64, seed=0), "final_pass": False,
-                              "sensitivity_samples": 2, "k_means": 8, **kw})
-    luq.quantize(model_dir, out, config, cache_dir=out.parent / "cache", progress=False, log=lambda s: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    model_dir = smollm2_head_dir(root / "model", layers=2)
-    return {"gptq4": quantize(model_dir, root / "gptq4", formats=("gptq4-g128",)),
-            "mix": quantize(model_dir, root / "mix", allocate="entropy", layers=1)}  # one BiLLM layer
 
 
 def quantized_names(path):
@@ -48,10 +33,10 @@ def assert_packed(model, names):
 
 
 @pytest.mark.parametrize("kind", ["gptq4", "mix"])
-def test_causal_lm_from_pretrained_equals_luq_load(smollm2, kind):
+def test_causal_lm_from_pretrained_equals_luq_load(smollm2_artifacts, kind):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2[kind]
+    path = smollm2_artifacts[kind]
     reference, _, _ = luq.load(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -76,7 +61,7 @@ def test_vision_language_from_pretrained_equals_luq_load(tmp_path):
     from luq.tinyvlm import chat_prompt
 
     model_dir = tiny_vlm_head_dir(tmp_path / "model", layers=2)
-    path = quantize(model_dir, tmp_path / "q", formats=("gptq4-g128",),
+    path = quick_artifact(model_dir, tmp_path / "q", formats=("gptq4-g128",),
                     calibration=CalibrationConfig(samples=4, seq_len=128, seed=0, alpha=0.5))
     reference, _, _ = luq.load(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
@@ -92,17 +77,17 @@ def test_vision_language_from_pretrained_equals_luq_load(tmp_path):
     assert torch.equal(generated, reference.generate(**inputs, max_new_tokens=4, do_sample=False))
 
 
-def test_unreadable_artifacts_are_one_line_errors(smollm2, tmp_path):
+def test_unreadable_artifacts_are_one_line_errors(smollm2_artifacts, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    newer = shutil.copytree(smollm2["gptq4"], tmp_path / "newer")
+    newer = shutil.copytree(smollm2_artifacts["gptq4"], tmp_path / "newer")
     config = json.loads((newer / "config.json").read_text())
     config["quantization_config"]["format_version"] = 99
     (newer / "config.json").write_text(json.dumps(config))
     with pytest.raises(LuqError, match="reads artifact formats up to 1; .* format 99 by a newer luq") as err:
         AutoModelForCausalLM.from_pretrained(newer)
     assert "\n" not in str(err.value)
-    corrupt = shutil.copytree(smollm2["gptq4"], tmp_path / "corrupt")
+    corrupt = shutil.copytree(smollm2_artifacts["gptq4"], tmp_path / "corrupt")
     with open(corrupt / "model.safetensors", "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\xff" * 8)

@@ -157,3 +157,14 @@ def _keep_first_layers(decoder, config, layers):
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = config.layer_types[:layers]
+
+
+def quick_artifact(model_dir, out, **kw):
+    """A luq artifact of `model_dir` made cheaply: 4 x 64 calibration tokens, no final pass."""
+    import luq
+    from luq.calibration import CalibrationConfig
+
+    config = luq.LUQConfig(**{"calibration": CalibrationConfig(samples=4, seq_len=64, seed=0), "final_pass": False,
+                              "sensitivity_samples": 2, "k_means": 8, **kw})
+    luq.quantize(model_dir, out, config, cache_dir=out.parent / "cache", progress=False, log=lambda s: None)
+    return out
