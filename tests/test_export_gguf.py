@@ -126,3 +126,16 @@ def test_what_gguf_cannot_hold_is_refused_with_the_reason(problem, smollm2_artif
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("luq: error: GGUF export refused")
     assert not refused.exists()
+
+
+def test_packed_embedding_exports_as_the_tied_output(smollm2_artifacts):
+    """A budget artifact packs the tied embedding at GPTQ-4: token_embd is Q4_1, read back to fp16
+    rounding, and no output tensor is written (llama.cpp then uses token_embd, as the tie says)."""
+    out = smollm2_artifacts["root"] / "embed.gguf"
+    export_gguf(smollm2_artifacts["embed"], out)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == "Q4_1" and "output.weight" not in types
+    model, _, _ = luq.load(smollm2_artifacts["embed"], dtype=torch.float32)
+    weight = model.model.embed_tokens.quantized_weight
+    diff = np.abs(read_gguf(out)["token_embd.weight"] - weight.dequantize(torch.float32).numpy())
+    assert (diff <= half_ulp_of_scale_times_zero(weight) + 1e-6).all()

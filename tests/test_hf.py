@@ -32,7 +32,7 @@ def assert_packed(model, names):
     assert not [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in names]
 
 
-@pytest.mark.parametrize("kind", ["gptq4", "mix"])
+@pytest.mark.parametrize("kind", ["gptq4", "mix", "embed"])
 def test_causal_lm_from_pretrained_equals_luq_load(smollm2_artifacts, kind):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,7 +43,11 @@ def test_causal_lm_from_pretrained_equals_luq_load(smollm2_artifacts, kind):
     names = quantized_names(path)
     assert_packed(model, names)
     methods = {model.get_submodule(n).weight_config["method"] for n in names}
-    assert methods == ({"gptq"} if kind == "gptq4" else {"gptq", "billm"})
+    assert methods == ({"gptq", "billm"} if kind == "mix" else {"gptq"})
+    if kind == "embed":  # the packed embedding, and the head computing from it
+        assert type(model.model.embed_tokens).__name__ == "QuantEmbedding"
+        assert type(model.lm_head).__name__ == "TiedQuantHead"
+        assert not [n for n, _ in model.named_parameters() if "embed_tokens" in n or "lm_head" in n]
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         diff = (model(ids).logits - reference(ids).logits).abs().max().item()

@@ -10,7 +10,8 @@ module to be imported as soon as transformers' quantizer registry is (see
 
 While the model is still a skeleton on the meta device, the quantizer checks the artifact
 (manifest, checksums, format version: `luq.store.verify_artifact`) and swaps every linear named
-in `quantization_config["modules"]` for a `QuantLinear` whose buffers have the stored tensors'
+in `quantization_config["modules"]` for a `QuantLinear` (and each packed embedding for a
+`QuantEmbedding`, a head tied to it for a `TiedQuantHead`) whose buffers have the stored tensors'
 shapes and dtypes (read from the safetensors headers); transformers then fills those buffers
 from the files like any other tensor. No dense copy of a quantized weight is ever made.
 """
@@ -70,6 +71,44 @@ def stored_tensor_specs(files: list[Path]) -> dict[str, tuple[list[int], torch.d
     return specs
 
 
+def _meta_weight(name: str, wconfig: dict[str, Any], specs: dict[str, tuple[list[int], torch.dtype]]):
+    """The packed weight stored under `name`, as meta tensors of the stored shapes and dtypes."""
+    prefix = name + "."
+    own = {k[len(prefix):]: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in specs.items()
+           if k.startswith(prefix) and "." not in k[len(prefix):] and k != prefix + "bias"}
+    return weight_from_state_dict(own, wconfig)
+
+
+def swap_in_packed_embeddings(model: torch.nn.Module, qconfig: Any,
+                              specs: dict[str, tuple[list[int], torch.dtype]], dtype: torch.dtype) -> None:
+    """Replace each packed embedding (`qconfig.embeddings`) by a QuantEmbedding on the meta device,
+    and each head tied to one (`qconfig.tied_heads`) by a TiedQuantHead over it, as luq.load does."""
+    from luq.quant.embedding import QuantEmbedding, TiedQuantHead, embed_scale
+
+    tied_heads = getattr(qconfig, "tied_heads", None) or {}
+    for name, wconfig in (getattr(qconfig, "embeddings", None) or {}).items():
+        embedding = model.get_submodule(name)
+        if tuple(embedding.weight.shape) != tuple(wconfig["shape"]):
+            raise LuqError(f"the artifact's {name} is {wconfig['shape']}, the model expects "
+                           f"{list(embedding.weight.shape)}")
+        packed = QuantEmbedding(_meta_weight(name, wconfig, specs), embedding.padding_idx, embed_scale(embedding),
+                                dtype)
+        _set_module(model, name, packed)
+        for head, source in tied_heads.items():
+            if source == name:
+                bias = torch.empty(packed.num_embeddings, dtype=dtype, device="meta") if head + ".bias" in specs else None
+                _set_module(model, head, TiedQuantHead(packed, bias))
+    # a tied head computes from the packed embedding: transformers has no weight left to tie for it
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for head in tied_heads:
+        tied.pop(head + ".weight", None)
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, module)
+
+
 def swap_in_quant_linears(model: torch.nn.Module, modules: dict[str, dict[str, Any]],
                           specs: dict[str, tuple[list[int], torch.dtype]], dtype: torch.dtype) -> int:
     """Replace each linear named in `modules` by a QuantLinear on the meta device whose buffers
@@ -82,12 +121,8 @@ def swap_in_quant_linears(model: torch.nn.Module, modules: dict[str, dict[str, A
         if (linear.out_features, linear.in_features) != tuple(wconfig["shape"]):
             raise LuqError(f"the artifact's {name} is {wconfig['shape']}, the model expects "
                            f"{[linear.out_features, linear.in_features]}")
-        prefix = name + "."
-        own = {k[len(prefix):]: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in specs.items()
-               if k.startswith(prefix) and "." not in k[len(prefix):] and k != prefix + "bias"}
-        bias = torch.empty(linear.out_features, dtype=dtype, device="meta") if prefix + "bias" in specs else None
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, QuantLinear(weight_from_state_dict(own, wconfig), bias))
+        bias = torch.empty(linear.out_features, dtype=dtype, device="meta") if name + ".bias" in specs else None
+        _set_module(model, name, QuantLinear(_meta_weight(name, wconfig, specs), bias))
     return len(modules)
 
 
@@ -102,6 +137,7 @@ class LuqHfQuantizer(HfQuantizer):
         folder = Path(checkpoint_files[0]).parent
         verify_artifact(folder)
         specs = stored_tensor_specs(shard_files(folder))
+        swap_in_packed_embeddings(model, self.quantization_config, specs, dtype or torch.float32)
         swap_in_quant_linears(model, self.quantization_config.modules, specs, dtype or torch.float32)
         return model
 

@@ -209,7 +209,8 @@ def plan_tensors(folder: Path, config: dict) -> dict[str, Encoded]:
             encoded.data = encoded.data[perm]
         out[gguf_name] = encoded
 
-    for name, wconfig in qconfig["modules"].items():
+    # packed embeddings too (a head tied to one is llama.cpp's default: no output tensor is written)
+    for name, wconfig in {**qconfig.get("embeddings", {}), **qconfig["modules"]}.items():
         prefix = name + "."
         own = {k[len(prefix):]: stored.pop(k) for k in list(stored)
                if k.startswith(prefix) and "." not in k[len(prefix):] and k != prefix + "bias"}
