@@ -65,13 +65,18 @@ def test_vision_language_from_pretrained_equals_luq_load(tmp_path):
     from luq.tinyvlm import chat_prompt
 
     model_dir = tiny_vlm_head_dir(tmp_path / "model", layers=2)
-    path = quick_artifact(model_dir, tmp_path / "q", formats=("gptq4-g128",),
-                    calibration=CalibrationConfig(samples=4, seq_len=128, seed=0, alpha=0.5))
+    # a budget that packs the vision tower's linears and the tied embedding too
+    path = quick_artifact(model_dir, tmp_path / "q", formats=("gptq4-g128",), budget_gb=0.05,
+                          calibration=CalibrationConfig(samples=4, seq_len=128, seed=0, alpha=0.5))
     reference, _, _ = luq.load(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
-    assert_packed(model, quantized_names(path))
+    names = quantized_names(path)
+    assert_packed(model, names)
+    assert any(n.startswith("model.vision_tower.") for n in names)
+    assert type(model.model.language_model.embed_tokens).__name__ == "QuantEmbedding"
+    assert type(model.lm_head).__name__ == "TiedQuantHead"
     inputs = processor(images=[Image.fromarray(data.astronaut())], text=[chat_prompt(processor, "What is shown?")],
                        return_tensors="pt")
     with torch.no_grad():
