@@ -134,10 +134,37 @@ def smollm2_head_dir(path, layers=4):
 
     source = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
-    if hasattr(model.config, "layer_types") and model.config.layer_types is not None:
-        model.config.layer_types = model.config.layer_types[:layers]
+    _keep_first_layers(model.model, model.config, layers)
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(source).save_pretrained(path)
     return str(path)
+
+
+def tiny_vlm_head_dir(path, layers=2):
+    """The real tiny-vlm (DINOv2-small, trained projector, SmolLM2) with its language model
+    cut to the first `layers` decoder layers, saved with its processor."""
+    from luq.assets import tiny_vlm
+
+    model, processor = tiny_vlm()
+    _keep_first_layers(model.model.language_model, model.config.text_config, layers)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def _keep_first_layers(decoder, config, layers):
+    decoder.layers = decoder.layers[:layers]
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:layers]
+
+
+def quick_artifact(model_dir, out, **kw):
+    """A luq artifact of `model_dir` made cheaply: 4 x 64 calibration tokens, no final pass."""
+    import luq
+    from luq.calibration import CalibrationConfig
+
+    config = luq.LUQConfig(**{"calibration": CalibrationConfig(samples=4, seq_len=64, seed=0), "final_pass": False,
+                              "sensitivity_samples": 2, "k_means": 8, **kw})
+    luq.quantize(model_dir, out, config, cache_dir=out.parent / "cache", progress=False, log=lambda s: None)
+    return out

@@ -3,7 +3,12 @@
     import luq
     report = luq.quantize("smollm2", "out/q", luq.LUQConfig(budget_gb=0.2))
     model, tokenizer, adapter = luq.load("out/q")
+
+After `import luq`, transformers' `AutoModelForCausalLM.from_pretrained("out/q")` (and
+`AutoModelForImageTextToText` for vision-language artifacts) loads an artifact too (`luq.hf`).
 """
+
+import sys
 
 from luq.errors import LuqError
 
@@ -22,3 +27,39 @@ def __getattr__(name):  # the heavy imports (torch, transformers) only when aske
         from luq.config import LUQConfig
         return LUQConfig
     raise AttributeError(f"module 'luq' has no attribute {name!r}")
+
+
+class _RegisterWithTransformers:
+    """Imports `luq.hf` (which registers luq's quantizer) right after transformers' quantizer
+    registry is imported, so that `import luq` stays light: transformers and torch are imported
+    only by those who use them."""
+
+    target = "transformers.quantizers.auto"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.target:
+            return None
+        sys.meta_path.remove(self)
+        from importlib.util import find_spec
+
+        spec = find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            import luq.hf  # noqa: F401
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _register_with_transformers() -> None:
+    if "transformers.quantizers.auto" in sys.modules:
+        import luq.hf  # noqa: F401
+    elif not any(isinstance(f, _RegisterWithTransformers) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWithTransformers())
+
+
+_register_with_transformers()

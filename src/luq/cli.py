@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="redraw the plots of a run")
     p.add_argument("dir", type=Path)
+
+    p = sub.add_parser("export", help="write an artifact for another runtime (GGUF for llama.cpp), not re-quantized",
+                       description="Write the artifact DIR as a GGUF file for llama.cpp: GPTQ-4 with contiguous "
+                                   "groups -> Q4_1 (Q4_0 when symmetric), GPTQ-8 -> Q8_0 when its grid fits, the "
+                                   "rest as stored. Anything else is refused, naming the linear.")
+    p.add_argument("dir", type=Path, help="luq artifact directory")
+    p.add_argument("--format", required=True, choices=("gguf",))
+    p.add_argument("--out", required=True, type=Path, help="file to write")
     return parser
 
 
@@ -218,6 +226,14 @@ def cmd_report(args) -> None:
     print(f"wrote {', '.join(str(p) for p in plots)}")
 
 
+def cmd_export(args) -> None:
+    from luq.export import export_gguf
+
+    summary = export_gguf(args.dir, args.out)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensors"].items()))
+    print(f"wrote {args.out}: {summary['bytes']:,} bytes; tensors {types}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         {"entropy": cmd_entropy, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats,
-         "report": cmd_report}[args.command](args)
+         "report": cmd_report, "export": cmd_export}[args.command](args)
     except LuqError as e:
         print(f"luq: error: {e}", file=sys.stderr)
         return 2

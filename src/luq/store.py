@@ -199,12 +199,18 @@ def verify_artifact(path: Path) -> dict:
     return manifest
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of an artifact (one, or the shards its index names)."""
+    index = Path(path) / "model.safetensors.index.json"
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    return [Path(path) / name for name in names]
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor of an artifact, by name, at its stored dtype."""
     tensors = {}
-    for name in names:
-        tensors.update(load_file(str(path / name)))
+    for f in shard_files(path):
+        tensors.update(load_file(str(f)))
     return tensors
 
 
@@ -243,7 +249,7 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
         from transformers import AutoTokenizer as auto_pre
     with init_empty_weights(include_buffers=False):
         model = auto_model.from_config(config)
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     from luq.quant import weight_from_state_dict
 
     tied_heads = qconfig.get("tied_heads", {})
