@@ -134,6 +134,14 @@ def test_vision_tower_and_projector_join_the_budget_and_load(llava):
     assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)  # kept, as asked
 
 
+def test_one_format_with_every_unit_quantized_is_the_uniform_whole_model(tied):
+    config = luq.LUQConfig(calibration=CALIBRATION, formats=("gptq8-g64",), keep_fp16=(), k_means=8, final_pass=False)
+    report = luq.quantize(tied["model"], tied["root"] / "uniform8", config, cache_dir=tied["root"] / "cache",
+                          progress=False, log=lambda s: None)
+    assert {i["format"] for i in report["linears"].values()} == {"gptq8-g64"}
+    assert report["linears"]["model.embed_tokens"]["kind"] == "embed"
+
+
 def test_keep_options_are_checked_and_the_paper_mode_keeps_everything():
     with pytest.raises(LuqError, match="--keep-fp16 takes embed, head, vision"):
         luq.LUQConfig(budget_gb=1.0, keep_fp16="embed,tokens")

@@ -140,7 +140,8 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     unit_formats = [get_format(name) for name in config.unit_menu()] if units else []
     check_reachable(net, adapter, config, storage_dtype, units)
     batches = calibration_batches(processor, adapter, config.calibration)
-    measured = config.allocate == "measured" and (len(menu) > 1 or bool(units))
+    has_rule = config.budget_gb is not None or config.max_drop is not None
+    measured = config.allocate == "measured" and (len(menu) > 1 or (bool(units) and has_rule))
     sens_batches = (sensitivity_batches(processor, adapter, config.calibration, config.sensitivity_samples,
                                         config.validation_samples) if config.allocate == "measured" else None)
     cache = variant_cache(net, config, cache_dir, chain_format=menu[0])
@@ -251,8 +252,8 @@ def choose_plan(net, processor, adapter: Adapter, config: LUQConfig, cache: Vari
         return {"plan": plan_for_k(k), "k": k, "order": order, "search": steps, "frontier": frontier}
 
     all_names = [n for layer in names for n in layer]
-    if len(menu) == 1 and not units:
-        plan = uniform_plan(all_names, menu[0])
+    if len(menu) == 1 and (not units or (budget is None and config.max_drop is None)):
+        plan = uniform_plan(all_names + list(units), menu[0])  # every unit of the budget in the one format
         if budget is not None and sizes.total_bytes(plan) > budget:
             raise LuqError(f"the uniform {menu[0]} model is {sizes.total_bytes(plan) / 1e9:.4g} GB, over the budget")
         return {"plan": plan, "search": [], "frontier": [{"plan": plan}]}
