@@ -23,7 +23,7 @@ from luq.calibration import calibration_batches, sensitivity_batches, text_token
 from luq.config import LUQConfig
 from luq.errors import LuqError
 from luq.models import Adapter
-from luq.models.loading import load_model, parse_dtype
+from luq.models.loading import can_stream, load_model, parse_dtype
 from luq.pipeline import DEFAULT_K_GRID, layer_pass
 from luq.plan import (Plan, SizeTable, entropy_plan, knapsack, lagrangian_bound, layer_order, layer_plan,
                       smallest_budget_within, smallest_fitting_k, threshold_search, uniform_plan)
@@ -113,12 +113,14 @@ def check_reachable(net, adapter, config: LUQConfig, storage_dtype: torch.dtype)
 
 def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: str | torch.device = "cpu",
              dtype: torch.dtype | str = torch.float32, cache_dir: Path | str | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> dict:
+             progress: bool = True, log: Callable[[str], None] = print, stream: bool | None = None) -> dict:
     """Quantize MODEL and write the artifact to `out`; returns the report.
 
     device/dtype: where and in what precision calibration and the solvers run (the
     solvers always work in float32). cache_dir: the variant cache root (default
-    $LUQ_CACHE/variants); a rerun after an interruption resumes from it.
+    $LUQ_CACHE/variants); a rerun after an interruption resumes from it. stream: read the
+    decoder layers from the safetensors shards one at a time (memory: one layer); default:
+    whenever MODEL has safetensors and no whole-model evaluation (max_drop) needs it in memory.
     """
     t_start = time.perf_counter()
     check_out_path(Path(out))
@@ -126,7 +128,9 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         higher_is_better(config.metric)  # an unknown metric fails now, not after the pass
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     storage_dtype = parse_dtype(config.storage_dtype)
-    net, processor, adapter = load_model(model, device, dtype)
+    if stream is None:
+        stream = config.max_drop is None and can_stream(model)
+    net, processor, adapter = load_model(model, device, dtype, stream=stream)
     menu = list(config.menu())
     formats = [get_format(name) for name in menu]
     check_reachable(net, adapter, config, storage_dtype)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from luq.models import Adapter
+from luq.models.streaming import layer_on
 
 # token kinds, as counted in calibration and used for per-modality entropy
 PAD, TEXT, IMAGE = 0, 1, 2
@@ -90,7 +91,7 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iter
         seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
         raise _ReachedFirstLayer
 
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     captured = []
     try:
@@ -133,10 +134,27 @@ def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch
     the outputs wait in memory-mapped files instead of RAM.
     """
     for i, layer in enumerate(layers):
-        home = next(layer.parameters()).device
-        layer.to(device)
-        context = before_layer(i, layer) if before_layer is not None else None
-        outputs = [offload(layer_forward(layer, inp, device), offload_device, disk) for inp in inputs]
-        yield i, layer, outputs, context
-        layer.to(home)
+        with layer_on(layer, device):  # a streamed layer is read from disk here and freed after
+            context = before_layer(i, layer) if before_layer is not None else None
+            outputs = [offload(layer_forward(layer, inp, device), offload_device, disk) for inp in inputs]
+            yield i, layer, outputs, context
         inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]
+
+
+@torch.no_grad()
+def layerwise_logits(model: nn.Module, adapter: Adapter, batches, device: torch.device | str | None = None,
+                     ) -> Iterator[torch.Tensor]:
+    """The model's logits on each batch, computed layer by layer (all batches through one
+    layer, then the next): what a whole-model forward gives, with one decoder layer in memory
+    at a time, so it works on a streamed model. Final norm and output head as the decoder's;
+    one batch's logits are made at a time, as the caller asks for them."""
+    batches = list(batches)
+    device = device or model.get_input_embeddings().weight.device
+    first = capture_first_layer_inputs(model, adapter, batches)
+    hidden = [inp.hidden for inp in first]
+    for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, device):
+        hidden = outputs
+    head, norm = model.get_output_embeddings(), adapter.decoder(model).norm
+    where = head.weight.device
+    for h in hidden:
+        yield head(norm(h.to(where)))

@@ -20,11 +20,12 @@ from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_
                          run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter, quantizable_linears
+from luq.models.streaming import layer_digest
 from luq.errors import LuqError
 from luq.quant import HessianAccumulator, relative_output_error
 from luq.quant.formats import Format, get_format
 from luq.quant.linear import replace_linears, restore_linears
-from luq.variants import FormatResult, VariantCache, tensor_digest
+from luq.variants import FormatResult, VariantCache
 
 # the K grid of the stability analysis (the paper settles on K = 100)
 DEFAULT_K_GRID = (8, 16, 32, 50, 75, 100, 150, 200)
@@ -146,7 +147,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
     layers = adapter.decoder_layers(model)
 
     def before(i: int, layer: nn.Module):
-        digest = tensor_digest(dict(layer.state_dict())) if cache is not None else None
+        digest = layer_digest(layer) if cache is not None else None
         needs = _layer_needs(layer, i, formats, plan_of_layer) if quantizing else {}
         cached, missing = {}, {}
         for name, fmts in needs.items():

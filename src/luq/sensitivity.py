@@ -21,14 +21,17 @@ tests/test_sensitivity.py and bench/sensitivity.py check it against `output_kl`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from luq.capture import PAD, LayerInput, capture_first_layer_inputs, layer_forward, move, run_layerwise
-from luq.models import Adapter, quantizable_linears
+from luq.capture import (PAD, LayerInput, capture_first_layer_inputs, layer_forward, layerwise_logits, move,
+                         run_layerwise)
+from luq.models import Adapter, adapter_for, quantizable_linears
+from luq.models.streaming import is_streamed, layer_digest, layer_on
 from luq.quant.formats import Format
 from luq.variants import VariantCache, tensor_digest
 
@@ -109,7 +112,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
     """
     layers = adapter.decoder_layers(model)
     settings = sensitivity_settings(batches_digest(batches), seed)
-    digests = [tensor_digest(dict(layer.state_dict())) for layer in layers]
+    digests = [layer_digest(layer) for layer in layers]
     costs: list[dict[str, dict[str, float]]] = [{} for _ in layers]
     todo: list[list[Format]] = []
     for i in range(len(layers)):
@@ -141,8 +144,8 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
     bar = tqdm(range(len(layers) - 1, -1, -1), desc="sensitivity", unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
+        on_device = ExitStack()
+        on_device.enter_context(layer_on(layer, device))  # a streamed layer is read from disk here
         deltas: dict[str, dict[str, torch.Tensor]] = {}
         linears = quantizable_linears(layer)
         for fmt in todo[i]:
@@ -167,7 +170,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
             hooks.remove()
             for p, r in zip(layer.parameters(), requires):
                 p.requires_grad_(r)
-            layer.to(home)
+            on_device.close()
         for fmt in todo[i]:
             per_linear = {name: hooks.costs[name][fmt.name] / n_tokens for name in hooks.costs
                           if fmt.name in hooks.costs[name]}
@@ -181,21 +184,26 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
 @torch.no_grad()
 def reference_log_probs(model: nn.Module, batches, dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
     """The model's next-token log-probabilities on `batches` (kept in `dtype` on the CPU)."""
+    return [torch.log_softmax(logits.float(), -1).to("cpu", dtype) for logits in _batch_logits(model, batches)]
+
+
+def _batch_logits(model: nn.Module, batches):
+    """Per batch, the model's logits: one whole-model forward each, or, for a streamed model,
+    layer by layer over all batches (`layerwise_logits`)."""
+    if is_streamed(model):
+        yield from layerwise_logits(model, adapter_for(model), batches)
+        return
     device = next(model.parameters()).device
-    out = []
     for inputs, _ in batches:
-        logits = model(**move(inputs, device), use_cache=False).logits
-        out.append(torch.log_softmax(logits.float(), -1).to("cpu", dtype))
-    return out
+        yield model(**move(inputs, device), use_cache=False).logits
 
 
 @torch.no_grad()
 def output_kl(model: nn.Module, batches, reference: list[torch.Tensor]) -> float:
     """Mean KL(p_reference || p_model) per non-padding token, in nats: the measured cost."""
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for (inputs, kinds), ref in zip(batches, reference):
-        logq = torch.log_softmax(model(**move(inputs, device), use_cache=False).logits.float(), -1).cpu()
+    for (inputs, kinds), ref, logits in zip(batches, reference, _batch_logits(model, batches)):
+        logq = torch.log_softmax(logits.float(), -1).cpu()
         logp = ref.float()
         kl = (logp.exp() * (logp - logq)).sum(-1)
         keep = kinds != PAD
