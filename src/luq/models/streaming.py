@@ -215,7 +215,8 @@ def load_streaming(source: str, config, auto_model, adapter: Adapter, device: to
     if not files.keys():
         raise LuqError(f"{source} has no safetensors weights to stream; load it in memory (stream=False)")
     with init_empty_weights(include_buffers=False):
-        model = auto_model.from_config(config, dtype=dtype)
+        build = getattr(auto_model, "from_config", None) or auto_model._from_config  # an Auto class or a model class
+        model = build(config, dtype=dtype)
     model.eval()
     names = checkpoint_names(model, files.keys())
     layers = adapter.decoder_layers(model)
