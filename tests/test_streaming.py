@@ -81,6 +81,9 @@ def test_hub_named_checkpoint_streams_to_the_same_logits(tmp_path, family):
     assert is_streamed(streamed)
     layers = adapter.decoder_layers(streamed)
     assert all(p.device.type == "meta" for p in layers.parameters())  # nothing of the decoder in memory
+    assert all(p.device.type == "meta" for p in streamed.get_input_embeddings().parameters())
+    vision = streamed.model.vision_tower if family == "llava" else streamed.model.visual
+    assert all(p.device.type == "meta" for p in vision.parameters())  # read while the inputs are captured
     reference = AutoModelForImageTextToText.from_pretrained(folder).eval()  # transformers' own renaming
     for i, layer in enumerate(layers):
         with layer_on(layer, "cpu"):
@@ -137,5 +140,8 @@ def test_load_model_streams_only_when_asked(tmp_path):
     in_memory, _, adapter = load_model(model_dir)
     streamed, _, _ = load_model(model_dir, stream=True)
     assert not is_streamed(in_memory) and is_streamed(streamed)
-    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # tied as from_pretrained ties
-    assert torch.equal(streamed.model.embed_tokens.weight, in_memory.model.embed_tokens.weight)
+    embed = streamed.model.embed_tokens
+    assert embed.weight.device.type == "meta"  # read only while a stage uses it
+    with layer_on(embed, "cpu"):
+        assert torch.equal(embed.weight, in_memory.model.embed_tokens.weight)
+    assert streamed.lm_head.weight is embed.weight  # still tied as from_pretrained ties, after release

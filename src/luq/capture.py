@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from luq.models import Adapter
-from luq.models.streaming import layer_on
+from luq.models.streaming import input_modules, layer_on, model_device
 
 # token kinds, as counted in calibration and used for per-modality entropy
 PAD, TEXT, IMAGE = 0, 1, 2
@@ -91,10 +92,13 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iter
         seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
         raise _ReachedFirstLayer
 
-    device = model.get_input_embeddings().weight.device
+    device = model_device(model)
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     captured = []
+    streamed = ExitStack()  # a streamed model's embeddings (and vision tower) are read for this
     try:
+        for module in input_modules(model, adapter):
+            streamed.enter_context(layer_on(module, device))
         for inputs, token_kind in batches:
             try:
                 model(**move(inputs, device), use_cache=False)
@@ -107,6 +111,7 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iter
                                        token_kind=token_kind.to(torch.int8)))
     finally:
         handle.remove()
+        streamed.close()
     return captured
 
 
@@ -149,12 +154,13 @@ def layerwise_logits(model: nn.Module, adapter: Adapter, batches, device: torch.
     at a time, so it works on a streamed model. Final norm and output head as the decoder's;
     one batch's logits are made at a time, as the caller asks for them."""
     batches = list(batches)
-    device = device or model.get_input_embeddings().weight.device
+    device = device or model_device(model)
     first = capture_first_layer_inputs(model, adapter, batches)
     hidden = [inp.hidden for inp in first]
     for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, device):
         hidden = outputs
     head, norm = model.get_output_embeddings(), adapter.decoder(model).norm
-    where = head.weight.device
-    for h in hidden:
-        yield head(norm(h.to(where)))
+    where = model_device(model)
+    with layer_on(head, where):
+        for h in hidden:
+            yield head(norm(h.to(where)))

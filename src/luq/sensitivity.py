@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from luq.capture import (PAD, LayerInput, capture_first_layer_inputs, layer_forward, layerwise_logits, move,
                          run_layerwise)
 from luq.models import Adapter, adapter_for, quantizable_linears
-from luq.models.streaming import is_streamed, layer_digest, layer_on
+from luq.models.streaming import is_streamed, layer_digest, layer_on, model_device
 from luq.quant.formats import Format
 from luq.variants import VariantCache, tensor_digest
 
@@ -136,9 +136,10 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
             layer_inputs.append(hidden)
             hidden = list(outputs)
     generator = torch.Generator().manual_seed(seed)
-    head_device = model.get_output_embeddings().weight.device
-    grads = [_score_gradient(model, adapter, h.to(head_device), inp.token_kind, generator).to("cpu")
-             for h, inp in zip(hidden, first)]
+    head_device = model_device(model)
+    with layer_on(model.get_output_embeddings(), head_device):  # a streamed head is read from disk for this
+        grads = [_score_gradient(model, adapter, h.to(head_device), inp.token_kind, generator).to("cpu")
+                 for h, inp in zip(hidden, first)]
     n_tokens = sum(int((inp.token_kind != PAD).sum()) for inp in first)
 
     bar = tqdm(range(len(layers) - 1, -1, -1), desc="sensitivity", unit="layer", disable=not progress)
@@ -184,7 +185,9 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
 @torch.no_grad()
 def reference_log_probs(model: nn.Module, batches, dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
     """The model's next-token log-probabilities on `batches` (kept in `dtype` on the CPU)."""
-    return [torch.log_softmax(logits.float(), -1).to("cpu", dtype) for logits in _batch_logits(model, batches)]
+    # one sequence at a time: the [tokens, vocab] temporaries stay one sequence's
+    return [torch.stack([torch.log_softmax(row.float(), -1).to("cpu", dtype) for row in logits])
+            for logits in _batch_logits(model, batches)]
 
 
 def _batch_logits(model: nn.Module, batches):
@@ -203,9 +206,12 @@ def output_kl(model: nn.Module, batches, reference: list[torch.Tensor]) -> float
     """Mean KL(p_reference || p_model) per non-padding token, in nats: the measured cost."""
     total, count = 0.0, 0
     for (inputs, kinds), ref, logits in zip(batches, reference, _batch_logits(model, batches)):
-        logq = torch.log_softmax(logits.float(), -1).cpu()
-        logp = ref.float()
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+        rows = []
+        for row, ref_row in zip(logits, ref):  # one sequence at a time: [tokens, vocab] temporaries stay small
+            logq = torch.log_softmax(row.float(), -1).cpu()
+            logp = ref_row.float()
+            rows.append((logp.exp() * (logp - logq)).sum(-1))
+        kl = torch.stack(rows)
         keep = kinds != PAD
         total += float(kl[keep].sum())
         count += int(keep.sum())

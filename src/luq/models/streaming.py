@@ -39,7 +39,9 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     module = root.get_submodule(owner) if owner else root
     if attr in module._parameters:
         old = module._parameters[attr]
-        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
+        module._parameters[attr] = value
     elif attr in module._buffers:
         module._buffers[attr] = value
     else:
@@ -58,8 +60,7 @@ class LayerStream:
         self.files, self.keys, self.dtype = files, keys, dtype
         self.sources: list[tuple[frozenset[str], Callable[[], dict[str, torch.Tensor]]]] = []
         self.digest: str | None = None
-        self._loaded: list[str] = []
-        self._buffers_home: dict[str, torch.device] = {}
+        self._kept: dict[str, torch.Tensor] = {}
 
     def add_source(self, names, fetch: Callable[[], dict[str, torch.Tensor]]) -> None:
         """`fetch()` returns (at least) the tensors `names` (relative to the layer), at their stored dtypes."""
@@ -83,22 +84,22 @@ class LayerStream:
                 if name not in self.keys:
                     raise LuqError(f"the checkpoint has no tensor for decoder-layer weight {name}")
                 values[name] = self.read(name)
+        state = layer.state_dict(keep_vars=True)
+        self._kept = {}  # the skeleton's own tensors, put back on release (ties are the same object)
         for name in wanted:
+            self._kept[name] = state[name]
             _set_tensor(layer, name, values.pop(name).to(device))
-        self._loaded = wanted
         for name, buf in layer.named_buffers():  # non-persistent buffers built with the skeleton
             if buf.device.type != "meta" and name not in wanted:
-                self._buffers_home[name] = buf.device
+                self._kept[name] = buf
                 _set_tensor(layer, name, buf.to(device))
 
     def release(self, layer: nn.Module) -> None:
-        state = layer.state_dict(keep_vars=True)
-        for name in self._loaded:
-            if name in state:  # a module swapped meanwhile and swapped back keeps its meta tensors
-                _set_tensor(layer, name, torch.empty_like(state[name], device="meta"))
-        for name, home in self._buffers_home.items():
-            _set_tensor(layer, name, layer.get_buffer(name).to(home))
-        self._loaded, self._buffers_home = [], {}
+        state = dict(layer.named_parameters()) | dict(layer.named_buffers())
+        for name, kept in self._kept.items():
+            if name in state:  # a module swapped meanwhile and swapped back keeps its own tensors
+                _set_tensor(layer, name, kept)
+        self._kept = {}
 
 
 def stream_of(layer: nn.Module) -> LayerStream | None:
@@ -128,6 +129,19 @@ def layer_on(layer: nn.Module, device: torch.device | str) -> Iterator[nn.Module
         yield layer
     finally:
         stream.release(layer)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's materialized tensors are (the first one not on the meta device)."""
+    return next(t.device for t in model.state_dict(keep_vars=True).values() if t.device.type != "meta")
+
+
+def input_modules(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
+    """The streamed modules a forward needs before decoder layer 0 (embeddings, vision tower,
+    projector); none for an in-memory model."""
+    layers = set(map(id, adapter.decoder_layers(model)))
+    head = model.get_output_embeddings()
+    return [m for m in model.modules() if stream_of(m) is not None and id(m) not in layers and m is not head]
 
 
 def layer_digest(layer: nn.Module) -> str:
@@ -205,6 +219,17 @@ def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     return out
 
 
+# the big modules outside the decoder, read only while a stage uses them
+_OUTSIDE = ("vision_tower", "visual", "multi_modal_projector")
+
+
+def _streamed_outside(model: nn.Module) -> dict[str, nn.Module]:
+    """State-dict prefix -> module, for the input and output embeddings and a vision tower and projector."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return {name + ".": m for name, m in model.named_modules()
+            if id(m) in wanted or name.rpartition(".")[2] in _OUTSIDE}
+
+
 def load_streaming(source: str, config, auto_model, adapter: Adapter, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of `config` with its decoder layers streamed from `source`'s safetensors and
@@ -230,12 +255,23 @@ def load_streaming(source: str, config, auto_model, adapter: Adapter, device: to
                 break
         else:
             outside[name] = key
+    model.tie_weights()
     state = model.state_dict(keep_vars=True)
+    streamed = _streamed_outside(model)
+    for prefix, module in streamed.items():  # read when a stage uses them, like the layers
+        keys = {n: outside.get(prefix + n) for n in module.state_dict()}
+        if module is model.get_output_embeddings() and keys.get("weight") is None:  # tied: the embedding's
+            tied = [n for n, t in state.items() if t is module.weight and outside.get(n)]
+            keys["weight"] = outside[tied[0]] if tied else None
+        absent = [n for n, k in keys.items() if k is None]
+        if absent:
+            raise LuqError(f"{source}: the checkpoint has no tensor for {prefix}{absent[0]}")
+        setattr(module, _STREAM, LayerStream(files, keys, dtype))
+        prefixes.append(prefix)
     for name, key in outside.items():
-        if name in state:
+        if name in state and not name.startswith(tuple(prefixes)):
             t = files.read(key)
             _set_tensor(model, name, (t.to(dtype) if t.is_floating_point() else t).to(device))
-    model.tie_weights()
     for name, buf in list(model.named_buffers()):
         if buf.device.type != "meta" and not name.startswith(tuple(prefixes)):
             _set_tensor(model, name, buf.to(device))
