@@ -113,6 +113,16 @@ def child_load(args) -> dict:
     import luq
     from luq.models.loading import parse_dtype
 
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # the baseline: the process with everything imported and the tokenizer loaded, before any weight
+    from accelerate import init_empty_weights
+
+    AutoTokenizer.from_pretrained(args.out)
+    config = AutoConfig.from_pretrained(args.out)
+    del config.quantization_config
+    with init_empty_weights():
+        AutoModelForCausalLM.from_config(config)
     baseline = vm_kb("VmRSS")
     t0 = time.perf_counter()
     model, tokenizer, _ = luq.load(args.out, dtype=parse_dtype(args.dtype))

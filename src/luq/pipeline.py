@@ -184,6 +184,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
         if missing:
             bar.set_postfix_str(f"quantizing layer {i}")
             hess = {name: acc.hessian for name, acc in hooks.accumulators.items()}
+            hooks.accumulators.clear()  # the float64 sums: not needed once H is taken
             todo = {name: [f for f in fmts if f.name in missing] for name, fmts in needs.items()}
             fresh = quantize_linears(layer, hess, {n: f for n, f in todo.items() if f}, device)
             del hess

@@ -18,6 +18,7 @@ header, the module configs) works on the skeleton as it is.
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,6 +101,25 @@ class LayerStream:
             if name in state:  # a module swapped meanwhile and swapped back keeps its own tensors
                 _set_tensor(layer, name, kept)
         self._kept = {}
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: after a few layers the
+    resident size would be the sum of every layer's fragments, not one layer's)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            _LIBC = False
+            return
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def stream_of(layer: nn.Module) -> LayerStream | None:
