@@ -231,34 +231,26 @@ def report(args, rows: dict, work: Path) -> None:
         print(f"| {dtype} | {artifact / 1e9:.3f} | {r['baseline_kb'] * 1024 / 1e9:.2f} | "
               f"{r['peak_kb'] * 1024 / 1e9:.2f} | {ratio:.2f} | {r['wall_s']:.1f} |")
 
-    # projection to LLaVA-1.5-7B (Vicuna-7B: hidden 4096, MLP 11008, 32 layers, vocab 32064; CLIP-L/336 + projector)
-    baseline = r["baseline_kb"] * 1024  # the process after its imports (the load run's)
+    # projection to LLaVA-1.5-7B (Vicuna-7B: hidden 4096, MLP 11008, 32 layers; CLIP-L/336 + projector)
     r = rows[mode]
     work_ratio = gptq_work(linear_shapes(4096, 11008)) / gptq_work(linear_shapes(args.hidden, args.intermediate))
-    per_layer = r["wall_s"] / args.layers
+    per_layer = r["seconds"]["layer_pass"] / args.layers  # the variant pass; the final pass costs about as much
+    passes = 1 if args.no_final_pass else 2
 
-    def parts(hidden, intermediate, outside):
-        layer = 4 * sum(a * b for a, b in linear_shapes(hidden, intermediate))
-        hessians = 4 * sum(c * c for _, c in linear_shapes(hidden, intermediate))  # one per linear, float32
-        return outside, layer, hessians
+    def one_layer(hidden, intermediate):
+        """Bytes held while one layer is quantized: the layer in float32 and its float64 Hessian sums."""
+        shapes = linear_shapes(hidden, intermediate)
+        return 4 * sum(a * b for a, b in shapes), 8 * sum(c * c for _, c in shapes)
 
-    here = parts(args.hidden, args.intermediate, 4 * 2 * 49152 * args.hidden)
-    big = parts(4096, 11008, 4 * (2 * 32064 * 4096 + 304_000_000 + 21_000_000))
-    peak = r["peak_kb"] * 1024
-    rest = peak - baseline - sum(here)
-    width = 4096 / args.hidden
-    print(f"\nprojection to LLaVA-1.5-7B ({mode}, float32 calibration, {args.threads} threads, {args.samples} x "
-          f"{args.seq_len} tokens):")
-    print(f"- time: {per_layer:.1f} s per layer here (all stages) x {work_ratio:.1f} (GPTQ work, sum of rows x cols^2, "
-          f"of a 7B layer / this layer's) x 32 layers = {per_layer * work_ratio * 32 / 3600:.1f} h "
-          f"(per-layer time x 32 alone: {per_layer * 32 / 60:.0f} min)")
-    print(f"- memory here: {peak / 1e9:.2f} GB = baseline {baseline / 1e9:.2f} + embeddings and head "
-          f"{here[0] / 1e9:.2f} + one float32 layer {here[1] / 1e9:.2f} + its Hessians {here[2] / 1e9:.2f} "
-          f"+ the rest {rest / 1e9:.2f} (activations, solver work)")
-    print(f"- memory for 7B: {baseline / 1e9:.2f} + {big[0] / 1e9:.2f} (embeddings, head, CLIP-L, projector) + "
-          f"{big[1] / 1e9:.2f} + {big[2] / 1e9:.2f} + the rest x {width:.0f} (width) = "
-          f"{(baseline + sum(big) + rest * width) / 1e9:.1f} GB")
-
+    here, big = one_layer(args.hidden, args.intermediate), one_layer(4096, 11008)
+    print(f"\nprojection to LLaVA-1.5-7B ({mode}; arithmetic on the figures above, not a measurement):")
+    print(f"- time: {per_layer:.0f} s per layer in the variant pass here x {work_ratio:.1f} (GPTQ work, sum of "
+          f"rows x cols^2, of a 7B layer / this one's) x 32 layers x {passes} pass(es) = "
+          f"{per_layer * work_ratio * 32 * passes / 3600:.1f} h on {args.threads} threads")
+    print(f"- memory: one layer here is {here[0] / 1e9:.2f} GB in float32 + {here[1] / 1e9:.2f} GB of float64 "
+          f"Hessian sums; a 7B layer {big[0] / 1e9:.2f} + {big[1] / 1e9:.2f} GB: a streamed 7B run needs at least "
+          f"the measured peak here + {(sum(big) - sum(here)) / 1e9:.1f} GB = "
+          f"{(r['peak_kb'] * 1024 + sum(big) - sum(here)) / 1e9:.1f} GB")
 
 if __name__ == "__main__":
     main()
