@@ -4,7 +4,6 @@ counted to the byte, the vision tower and projector of a LLaVA quantized, loaded
 the options that keep any of them unquantized."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

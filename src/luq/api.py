@@ -23,8 +23,8 @@ from luq.calibration import calibration_batches, sensitivity_batches, text_token
 from luq.config import LUQConfig
 from luq.errors import LuqError
 from luq.models import Adapter, Unit, outside_units
-from luq.models.loading import load_model, parse_dtype
-from luq.pipeline import DEFAULT_K_GRID, layer_pass, outside_pass
+from luq.models.loading import can_stream, load_model, parse_dtype
+from luq.pipeline import layer_pass, outside_pass
 from luq.plan import (KEEP, Plan, SizeTable, entropy_plan, knapsack, lagrangian_bound, layer_order, layer_plan,
                       smallest_budget_within, smallest_fitting_k, threshold_search, uniform_plan)
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
@@ -120,12 +120,15 @@ def check_reachable(net, adapter, config: LUQConfig, storage_dtype: torch.dtype,
 
 def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: str | torch.device = "cpu",
              dtype: torch.dtype | str = torch.float32, cache_dir: Path | str | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> dict:
+             progress: bool = True, log: Callable[[str], None] = print, stream: bool | None = None) -> dict:
     """Quantize MODEL and write the artifact to `out`; returns the report.
 
     device/dtype: where and in what precision calibration and the solvers run (the
     solvers always work in float32). cache_dir: the variant cache root (default
-    $LUQ_CACHE/variants); a rerun after an interruption resumes from it.
+    $LUQ_CACHE/variants); a rerun after an interruption resumes from it. stream: read the
+    decoder layers from the safetensors shards one at a time (memory: one layer); default:
+    whenever MODEL has safetensors and no stage needs the whole model in memory (the threshold
+    rule's evaluations, and the units outside the decoder in the budget: `keep_fp16`).
     """
     t_start = time.perf_counter()
     check_out_path(Path(out))
@@ -133,7 +136,12 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         higher_is_better(config.metric)  # an unknown metric fails now, not after the pass
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     storage_dtype = parse_dtype(config.storage_dtype)
-    net, processor, adapter = load_model(model, device, dtype)
+    if stream is None:
+        stream = config.max_drop is None and not config.outside_kinds() and can_stream(model)
+    elif stream and config.outside_kinds():
+        raise LuqError("streaming reads the decoder layers only: keep the units outside it unquantized "
+                       "(--keep-fp16 embed,head,vision) to stream")
+    net, processor, adapter = load_model(model, device, dtype, stream=stream)
     menu = list(config.menu())
     formats = [get_format(name) for name in menu]
     units = outside_units(net, adapter, config.outside_kinds())

@@ -15,6 +15,7 @@ from torch import nn
 
 from luq.errors import LuqError
 from luq.models import Adapter, Unit, quantizable_linears
+from luq.models.streaming import stream_of
 from luq.plan.sizes import KEEP, LinearSizes, Plan, SizeTable, layer_plan
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
 from luq.quant.formats import get_format
@@ -118,8 +119,12 @@ class Assembly:
             for name, fmt in layer_plan(plan, self.adapter.layer_prefix(i)).items():
                 by_format[fmt].append(name)
             weights = {}
+            stream = stream_of(layer)
             for fmt, names in by_format.items():
-                weights.update(self._weights(i, fmt, names))
+                got = self._weights(i, fmt, names)
+                weights.update(got)
+                if stream is not None:
+                    self._stream_source(stream, i, fmt, got)
             self._replaced[i] = replace_linears(layer, weights, dtype=self.dtype, dense=self.dense)
         self._apply_outside(plan)
 
@@ -160,10 +165,25 @@ class Assembly:
         self._replaced_outside.setdefault(name, getattr(parent, attr))
         setattr(parent, attr, new)
 
+    def _stream_source(self, stream, index: int, fmt: str, weights: dict) -> None:
+        """A streamed layer holds only meta tensors: its swapped-in modules' values are read
+        from the cache whenever the layer is read from disk."""
+        dtype = self.dtype or stream.dtype
+        provided = {f"{n}.{k}" for n, w in weights.items() for k in (("weight",) if self.dense else w.state_dict())}
+
+        def fetch() -> dict[str, torch.Tensor]:
+            loaded = self._weights(index, fmt, list(weights))
+            if self.dense:
+                return {f"{n}.weight": w.dequantize(dtype) for n, w in loaded.items()}
+            return {f"{n}.{k}": t for n, w in loaded.items() for k, t in w.state_dict().items()}
+        stream.add_source(provided, fetch)
+
     def undo(self) -> None:
         layers = self.adapter.decoder_layers(self.model)
         for i, replaced in self._replaced.items():
             restore_linears(layers[i], replaced)
+            if stream_of(layers[i]) is not None:
+                stream_of(layers[i]).clear_sources()
         self._replaced = {}
         restore_linears(self.model, self._replaced_outside)
         self._replaced_outside = {}

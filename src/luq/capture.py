@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from luq.models import Adapter
+from luq.models.streaming import input_modules, layer_on, model_device
 
 # token kinds, as counted in calibration and used for per-modality entropy
 PAD, TEXT, IMAGE = 0, 1, 2
@@ -110,12 +112,15 @@ def capture_first_layer_inputs(model: nn.Module, adapter: Adapter, batches: Iter
     """Run `model` on each (model inputs, token kinds) batch up to decoder layer 0 and keep
     that layer's inputs. The model's own embedding, vision tower, projector, masks and
     rotary embeddings produce them, so nothing family-specific is recomputed here."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     captured = []
-    for inputs, token_kind in batches:
-        hidden, kwargs = _run_to_first_layer(model, adapter, move(inputs, device))
-        captured.append(LayerInput(hidden=offload(hidden, offload_device, disk), kwargs=move(kwargs, offload_device),
-                                   token_kind=token_kind.to(torch.int8)))
+    with ExitStack() as streamed:  # a streamed model's embeddings (and vision tower) are read for this
+        for module in input_modules(model, adapter):
+            streamed.enter_context(layer_on(module, device))
+        for inputs, token_kind in batches:
+            hidden, kwargs = _run_to_first_layer(model, adapter, move(inputs, device))
+            captured.append(LayerInput(hidden=offload(hidden, offload_device, disk),
+                                       kwargs=move(kwargs, offload_device), token_kind=token_kind.to(torch.int8)))
     return captured
 
 
@@ -143,10 +148,28 @@ def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch
     the outputs wait in memory-mapped files instead of RAM.
     """
     for i, layer in enumerate(layers):
-        home = next(layer.parameters()).device
-        layer.to(device)
-        context = before_layer(i, layer) if before_layer is not None else None
-        outputs = [offload(layer_forward(layer, inp, device), offload_device, disk) for inp in inputs]
-        yield i, layer, outputs, context
-        layer.to(home)
+        with layer_on(layer, device):  # a streamed layer is read from disk here and freed after
+            context = before_layer(i, layer) if before_layer is not None else None
+            outputs = [offload(layer_forward(layer, inp, device), offload_device, disk) for inp in inputs]
+            yield i, layer, outputs, context
         inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]
+
+
+@torch.no_grad()
+def layerwise_logits(model: nn.Module, adapter: Adapter, batches, device: torch.device | str | None = None,
+                     ) -> Iterator[torch.Tensor]:
+    """The model's logits on each batch, computed layer by layer (all batches through one
+    layer, then the next): what a whole-model forward gives, with one decoder layer in memory
+    at a time, so it works on a streamed model. Final norm and output head as the decoder's;
+    one batch's logits are made at a time, as the caller asks for them."""
+    batches = list(batches)
+    device = device or model_device(model)
+    first = capture_first_layer_inputs(model, adapter, batches)
+    hidden = [inp.hidden for inp in first]
+    for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, device):
+        hidden = outputs
+    head, norm = model.get_output_embeddings(), adapter.decoder(model).norm
+    where = model_device(model)
+    with layer_on(head, where):
+        for h in hidden:
+            yield head(norm(h.to(where)))

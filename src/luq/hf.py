@@ -18,7 +18,6 @@ from the files like any other tensor. No dense copy of a quantized weight is eve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from luq.errors import LuqError
 from luq.quant import QuantLinear, weight_from_state_dict
 from luq.quant.linear import dequantize_modules
-from luq.store import FORMAT_VERSION, shard_files, verify_artifact
+from luq.store import FORMAT_VERSION, verify_artifact
+from luq.tensorfile import TensorFiles
 
 QUANT_METHOD = "luq"
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class LuqQuantizationConfig(QuantizationConfigMixin):
@@ -59,16 +56,10 @@ class LuqQuantizationConfig(QuantizationConfigMixin):
                            f"format {self.format_version} by a newer luq: upgrade luq")
 
 
-def stored_tensor_specs(files: list[Path]) -> dict[str, tuple[list[int], torch.dtype]]:
-    """Shape and dtype of every tensor in safetensors `files`, from their headers alone."""
-    specs = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for name, info in header.items():
-            if name != "__metadata__":
-                specs[name] = (info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
-    return specs
+def stored_tensor_specs(folder: Path) -> dict[str, tuple[list[int], torch.dtype]]:
+    """Shape and dtype of every tensor an artifact stores, from the safetensors headers alone."""
+    files = TensorFiles.in_dir(folder)
+    return {name: (list(shape), dtype) for name in files.keys() for dtype, shape in [files.spec(name)]}
 
 
 def _meta_weight(name: str, wconfig: dict[str, Any], specs: dict[str, tuple[list[int], torch.dtype]]):
@@ -136,7 +127,7 @@ class LuqHfQuantizer(HfQuantizer):
             raise LuqError("a luq model loads from its artifact directory (from_pretrained(DIR)), not a state dict")
         folder = Path(checkpoint_files[0]).parent
         verify_artifact(folder)
-        specs = stored_tensor_specs(shard_files(folder))
+        specs = stored_tensor_specs(folder)
         swap_in_packed_embeddings(model, self.quantization_config, specs, dtype or torch.float32)
         swap_in_quant_linears(model, self.quantization_config.modules, specs, dtype or torch.float32)
         return model

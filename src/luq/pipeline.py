@@ -20,6 +20,7 @@ from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_
                          offload, run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter, Unit, quantizable_linears
+from luq.models.streaming import layer_digest
 from luq.errors import LuqError
 from luq.quant import HessianAccumulator, relative_output_error
 from luq.quant.formats import Format, get_format
@@ -151,7 +152,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
     layers = adapter.decoder_layers(model)
 
     def before(i: int, layer: nn.Module):
-        digest = tensor_digest(dict(layer.state_dict())) if cache is not None else None
+        digest = layer_digest(layer) if cache is not None else None
         needs = _layer_needs(layer, i, formats, plan_of_layer) if quantizing else {}
         cached, missing = {}, {}
         for name, fmts in needs.items():
@@ -188,6 +189,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
         if missing:
             bar.set_postfix_str(f"quantizing layer {i}")
             hess = {name: acc.hessian for name, acc in hooks.accumulators.items()}
+            hooks.accumulators.clear()  # the float64 sums: not needed once H is taken
             todo = {name: [f for f in fmts if f.name in missing] for name, fmts in needs.items()}
             fresh = quantize_linears(layer, hess, {n: f for n, f in todo.items() if f}, device)
             del hess

@@ -31,15 +31,17 @@ Units outside the decoder get the same quantity from the same backward:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from luq.capture import (PAD, TEXT, LayerInput, capture_first_layer_inputs, first_layer_hidden, layer_forward, move,
-                         run_layerwise)
-from luq.models import Adapter, Unit, quantizable_linears
+from luq.capture import (PAD, TEXT, capture_first_layer_inputs, first_layer_hidden, layer_forward,
+                         layerwise_logits, move, run_layerwise)
+from luq.models import Adapter, Unit, adapter_for, quantizable_linears
+from luq.models.streaming import is_streamed, layer_digest, layer_on, model_device
 from luq.quant.formats import Format
 from luq.variants import OUTSIDE, VariantCache, tensor_digest
 
@@ -125,7 +127,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
     layers = adapter.decoder_layers(model)
     units = dict(units or {})
     settings = sensitivity_settings(batches_digest(batches), seed)
-    digests = [tensor_digest(dict(layer.state_dict())) for layer in layers]
+    digests = [layer_digest(layer) for layer in layers]
     outside_digest = tensor_digest({n: u.module.weight for n, u in units.items()}) if units else None
     costs: Costs = {}
 
@@ -161,17 +163,18 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
             outside_costs[unit.name].update(_head_costs(model, adapter, unit, hidden, first, outside_todo, cache,
                                                         outside_digest, device, seed))
     generator = torch.Generator().manual_seed(seed)
-    head_device = model.get_output_embeddings().weight.device
-    grads = [_score_gradient(model, adapter, h.to(head_device), inp.token_kind, generator).to("cpu")
-             for h, inp in zip(hidden, first)]
+    head_device = model_device(model)
+    with layer_on(model.get_output_embeddings(), head_device):  # a streamed head is read from disk for this
+        grads = [_score_gradient(model, adapter, h.to(head_device), inp.token_kind, generator).to("cpu")
+                 for h, inp in zip(hidden, first)]
 
     reach_layer0 = bool(outside_todo) and any(u.kind in ("embed", "vision") for u in units.values())
     lowest = 0 if reach_layer0 else min(i for i, t in enumerate(todo) if t)
     bar = tqdm(range(len(layers) - 1, lowest - 1, -1), desc="sensitivity", unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
+        on_device = ExitStack()
+        on_device.enter_context(layer_on(layer, device))  # a streamed layer is read from disk here
         deltas: dict[str, dict[str, torch.Tensor]] = {}
         linears = quantizable_linears(layer)
         for fmt in todo[i]:
@@ -192,7 +195,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
                     grads[b] = x.grad.detach().to("cpu")
             finally:
                 hooks.remove()
-                layer.to(home)
+                on_device.close()
         for fmt in todo[i]:
             per_linear = {name: hooks.costs[name][fmt.name] / n_tokens for name in hooks.costs
                           if fmt.name in hooks.costs[name]}
@@ -319,23 +322,33 @@ def _vision_costs(model, adapter, units: Mapping[str, Unit], batches, grads, for
 @torch.no_grad()
 def reference_log_probs(model: nn.Module, batches, dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
     """The model's next-token log-probabilities on `batches` (kept in `dtype` on the CPU)."""
+    # one sequence at a time: the [tokens, vocab] temporaries stay one sequence's
+    return [torch.stack([torch.log_softmax(row.float(), -1).to("cpu", dtype) for row in logits])
+            for logits in _batch_logits(model, batches)]
+
+
+def _batch_logits(model: nn.Module, batches):
+    """Per batch, the model's logits: one whole-model forward each, or, for a streamed model,
+    layer by layer over all batches (`layerwise_logits`)."""
+    if is_streamed(model):
+        yield from layerwise_logits(model, adapter_for(model), batches)
+        return
     device = next(model.parameters()).device
-    out = []
     for inputs, _ in batches:
-        logits = model(**move(inputs, device), use_cache=False).logits
-        out.append(torch.log_softmax(logits.float(), -1).to("cpu", dtype))
-    return out
+        yield model(**move(inputs, device), use_cache=False).logits
 
 
 @torch.no_grad()
 def output_kl(model: nn.Module, batches, reference: list[torch.Tensor]) -> float:
     """Mean KL(p_reference || p_model) per non-padding token, in nats: the measured cost."""
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for (inputs, kinds), ref in zip(batches, reference):
-        logq = torch.log_softmax(model(**move(inputs, device), use_cache=False).logits.float(), -1).cpu()
-        logp = ref.float()
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+    for (inputs, kinds), ref, logits in zip(batches, reference, _batch_logits(model, batches)):
+        rows = []
+        for row, ref_row in zip(logits, ref):  # one sequence at a time: [tokens, vocab] temporaries stay small
+            logq = torch.log_softmax(row.float(), -1).cpu()
+            logp = ref_row.float()
+            rows.append((logp.exp() * (logp - logq)).sum(-1))
+        kl = torch.stack(rows)
         keep = kinds != PAD
         total += float(kl[keep].sum())
         count += int(keep.sum())

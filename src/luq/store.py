@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from luq.errors import LuqError
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead, embed_scale
 from luq.quant.linear import QuantLinear
+from luq.tensorfile import TensorFiles, write_safetensors
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -89,9 +89,10 @@ def _stored_items(model: nn.Module, storage_dtype: torch.dtype):
     `storage_dtype`, tensors tied to an earlier one (lm_head and the embedding) once."""
     packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
               for b, t in m.named_buffers(recurse=False) if b != "bias" and t is not None}
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple] = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        # a meta tensor (a streamed layer) has no storage: ties are the same tensor object
+        key = ("meta", id(t)) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset())
         if key in seen and t.numel():
             continue
         seen.add(key)
@@ -99,7 +100,8 @@ def _stored_items(model: nn.Module, storage_dtype: torch.dtype):
 
 
 def artifact_tensors(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor the artifact stores, by state-dict name, on the CPU at its stored dtype."""
+    """Every tensor the artifact stores, by state-dict name, on the CPU at its stored dtype
+    (an in-memory model only; `write_artifact` also takes a streamed one)."""
     return {name: t.detach().to("cpu", dtype).contiguous() for name, t, dtype in _stored_items(model, storage_dtype)}
 
 
@@ -109,30 +111,58 @@ def stored_bytes(model: nn.Module, storage_dtype: torch.dtype, exclude: set[str]
                for name, t, dtype in _stored_items(model, storage_dtype) if name not in exclude)
 
 
-def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def _spec_bytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    return torch.empty((), dtype=spec[0]).element_size() * int(torch.Size(spec[1]).numel())
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _fill_from_model(model: nn.Module, tensors: dict[str, tuple[torch.Tensor, torch.dtype]]):
+    """fill(put) for `write_safetensors`: each named tensor's values at its stored dtype; the
+    tensors of a streamed layer are read with that layer, one layer at a time."""
+    from luq.models.streaming import layer_on, stream_of
+
+    def fill(put):
+        for name, (t, dtype) in tensors.items():
+            if t.device.type != "meta":
+                put(name, t.detach().to("cpu", dtype))
+        for prefix, module in model.named_modules():
+            if stream_of(module) is None:
+                continue
+            prefix += "."
+            mine = [n for n in tensors if n.startswith(prefix)]
+            if mine:
+                with layer_on(module, "cpu"):
+                    state = module.state_dict()
+                    for name in mine:
+                        put(name, state[name[len(prefix):]].to(tensors[name][1]))
+    return fill
+
+
+def _write_shards(model: nn.Module, storage_dtype: torch.dtype, folder: Path, max_shard_bytes: int) -> int:
+    """The model's stored tensors as safetensors shards in `folder` (with an index when more than
+    one), written tensor by tensor; returns their bytes."""
+    items = {name: (t, dtype) for name, t, dtype in _stored_items(model, storage_dtype)}
+    specs = {name: (dtype, tuple(t.shape)) for name, (t, dtype) in items.items()}
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, spec in specs.items():
+        nbytes = _spec_bytes(spec)
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = t
+        shards[-1].append(name)
         size += nbytes
+    total = sum(_spec_bytes(spec) for spec in specs.values())
     if len(shards) == 1:
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        index = {"metadata": {"total_size": tensor_bytes(tensors)},
+        index = {"metadata": {"total_size": total},
                  "weight_map": {t: names[i] for i, shard in enumerate(shards) for t in shard}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), {"format": "pt"})
-    return names
+        write_safetensors(folder / name, {n: specs[n] for n in shard}, _fill_from_model(model, {n: items[n] for n in shard}),
+                          {"format": "pt"})
+    return total
 
 
 def write_artifact(out: Path, model: nn.Module, processor, quantization_config: dict, report: dict,
@@ -144,13 +174,10 @@ def write_artifact(out: Path, model: nn.Module, processor, quantization_config: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        tensors = artifact_tensors(model, storage_dtype)
-        stored = tensor_bytes(tensors)
         config = model.config.to_dict()
         config["quantization_config"] = dict(quantization_config, quant_method="luq", format_version=FORMAT_VERSION)
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
-        _write_shards(tensors, tmp, max_shard_bytes)
-        del tensors
+        stored = _write_shards(model, storage_dtype, tmp, max_shard_bytes)
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps(dict(report, total_bytes=stored), indent=1) + "\n")
@@ -199,19 +226,10 @@ def verify_artifact(path: Path) -> dict:
     return manifest
 
 
-def shard_files(path: Path) -> list[Path]:
-    """The safetensors files of an artifact (one, or the shards its index names)."""
-    index = Path(path) / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    return [Path(path) / name for name in names]
-
-
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every stored tensor of an artifact, by name, at its stored dtype."""
-    tensors = {}
-    for f in shard_files(path):
-        tensors.update(load_file(str(f)))
-    return tensors
+    files = TensorFiles.in_dir(path)
+    return {key: files.read(key) for key in files.keys()}
 
 
 def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -249,13 +267,20 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
         from transformers import AutoTokenizer as auto_pre
     with init_empty_weights(include_buffers=False):
         model = auto_model.from_config(config)
-    tensors = read_tensors(path)
+    from luq.models.streaming import _set_tensor
     from luq.quant import weight_from_state_dict
+
+    files = TensorFiles.in_dir(path)  # read one tensor at a time: memory ends near the artifact's size
+    remaining = set(files.keys())
+
+    def take(key: str) -> torch.Tensor:
+        remaining.discard(key)
+        return files.read(key)
 
     tied_heads = qconfig.get("tied_heads", {})
     for name, wconfig in qconfig.get("embeddings", {}).items():
         prefix = name + "."
-        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        own = {k[len(prefix):]: take(k) for k in sorted(remaining) if k.startswith(prefix)}
         embedding = model.get_submodule(name)
         if tuple(embedding.weight.shape) != tuple(wconfig["shape"]):
             raise LuqError(f"corrupt artifact {path}: {name} is {wconfig['shape']}, the model expects "
@@ -265,13 +290,13 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
         _set_module(model, name, quantized)
         for head, source in tied_heads.items():
             if source == name:
-                bias = tensors.pop(head + ".bias", None)
+                bias = take(head + ".bias") if head + ".bias" in remaining else None
                 _set_module(model, head, TiedQuantHead(quantized, None if bias is None else bias.to(dtype)))
     modules = qconfig["modules"]
     for name, wconfig in modules.items():
         prefix = name + "."
-        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix) and k != prefix + "bias"}
-        bias = tensors.pop(prefix + "bias", None)
+        own = {k[len(prefix):]: take(k) for k in sorted(remaining) if k.startswith(prefix) and k != prefix + "bias"}
+        bias = take(prefix + "bias") if prefix + "bias" in remaining else None
         linear = model.get_submodule(name)
         if (linear.out_features, linear.in_features) != tuple(wconfig["shape"]):
             raise LuqError(f"corrupt artifact {path}: {name} is {wconfig['shape']}, the model expects "
@@ -279,10 +304,13 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
         owner, _, attr = name.rpartition(".")
         qlinear = QuantLinear(weight_from_state_dict(own, wconfig), None if bias is None else bias.to(dtype))
         setattr(model.get_submodule(owner), attr, qlinear)
-    tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise LuqError(f"corrupt artifact {path}: unexpected tensors {result.unexpected_keys[:3]}")
+    state = model.state_dict(keep_vars=True)
+    unexpected = sorted(remaining - set(state))
+    if unexpected:
+        raise LuqError(f"corrupt artifact {path}: unexpected tensors {unexpected[:3]}")
+    for key in sorted(remaining):
+        t = take(key)
+        _set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t)
     if not tied_heads:  # a head tied to a packed embedding was rebuilt above
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from luq.models.streaming import layer_on, model_device
 from luq.quant import QuantizedWeight, weight_from_state_dict
 from luq.quant.formats import Format
 from luq.store import atomic_write
@@ -41,7 +42,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # hashed in place, not copied
     return h.hexdigest()
 
 
@@ -58,7 +59,8 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
-    h.update(tensor_digest({"embed": model.get_input_embeddings().weight}).encode())
+    with layer_on(model.get_input_embeddings(), model_device(model)):  # a streamed model reads it for this
+        h.update(tensor_digest({"embed": model.get_input_embeddings().weight}).encode())
     return h.hexdigest()
 
 

@@ -35,8 +35,20 @@ def resolve(model: str | None) -> str:
     return model
 
 
-def load_model(model: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Load MODEL for calibration: (model in eval mode on device/dtype, tokenizer or processor, adapter)."""
+def can_stream(model: str | None) -> bool:
+    """Whether MODEL's decoder layers can be read from safetensors shards one at a time
+    (a local directory with safetensors, or a hub id)."""
+    from luq.models.streaming import has_safetensors
+
+    return has_safetensors(resolve(model))
+
+
+def load_model(model: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               stream: bool = False):
+    """Load MODEL for calibration: (model in eval mode on device/dtype, tokenizer or processor, adapter).
+
+    stream: build the model with its decoder layers left in the safetensors shards, each read
+    when a stage reaches it (`luq.models.streaming`); memory then holds one layer at a time."""
     from transformers import AutoConfig
 
     source = resolve(model)
@@ -54,5 +66,10 @@ def load_model(model: str | None, device: str | torch.device = "cpu", dtype: tor
     else:
         from transformers import AutoModelForCausalLM as auto_model
         from transformers import AutoTokenizer as auto_pre
-    net = auto_model.from_pretrained(source, dtype=dtype).to(device).eval()
+    if stream:
+        from luq.models.streaming import load_streaming
+
+        net = load_streaming(source, config, auto_model, adapter, device, dtype)
+    else:
+        net = auto_model.from_pretrained(source, dtype=dtype).to(device).eval()
     return net, auto_pre.from_pretrained(source), adapter

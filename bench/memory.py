@@ -1,0 +1,256 @@
+"""Peak memory and time of `luq quantize` with the decoder streamed from disk vs loaded whole.
+
+A synthetic Llama (default: hidden 2048, 24 layers, MLP 5504, 16 heads, SmolLM2's tokenizer
+and vocabulary: 1.41 B parameters, 5.6 GB in float32) is written as sharded float16
+safetensors, a few layers per shard, so writing it needs one shard in memory. Each mode
+then runs in its own process (so its peak is its own): `luq.quantize` with GPTQ-4 g128
+only (uniform; the default measured allocation's final pass and measured KL included),
+calibration dtype float32, on 2 threads. The peak is VmHWM from /proc/self/status. Then
+`luq.load` of the artifact, in a fresh process: its peak above the process's baseline
+(after imports), against the artifact's bytes.
+
+    python -m bench.memory                      # both modes on the 1.41 B model
+    python -m bench.memory --modes stream       # streaming only
+    python -m bench.memory --layers 4 --hidden 512 --intermediate 1376   # a quick run
+
+The projection to LLaVA-1.5-7B scales the measured per-layer time by the GPTQ work of a
+7B layer (sum over its linears of rows x cols^2, the solver's dominant term) and the
+streamed peak by the 7B model's materialized parts (embeddings, head, CLIP-L vision tower,
+projector) and one float32 decoder layer; both are printed with the ratios they use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def vm_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def linear_shapes(hidden: int, intermediate: int) -> list[tuple[int, int]]:
+    """(rows, cols) of one Llama decoder layer's linears (multi-head attention, as LLaVA-1.5's)."""
+    return [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+
+
+def write_synthetic(folder: Path, hidden: int, layers: int, intermediate: int, heads: int,
+                    layers_per_shard: int = 2, seed: int = 0) -> int:
+    """A random Llama as sharded float16 safetensors + config + SmolLM2's tokenizer; returns its parameter count."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from luq.assets import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    vocab = len(tokenizer)
+    LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=2048,
+                tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                dtype="float16").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).half()
+
+    groups = [range(i, min(i + layers_per_shard, layers)) for i in range(0, layers, layers_per_shard)]
+    n_files = len(groups) + 1
+    weight_map, count = {}, 0
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for f, group in enumerate(groups):
+        shard = {}
+        for i in group:
+            p = f"model.layers.{i}."
+            for name, shape in zip(names, linear_shapes(hidden, intermediate)):
+                part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+                shard[f"{p}{part}.{name}.weight"] = rand(*shape)
+            shard[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.float16)
+            shard[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.float16)
+        file = f"model-{f + 1:05d}-of-{n_files:05d}.safetensors"
+        save_file(shard, str(folder / file), {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        count += sum(t.numel() for t in shard.values())
+        del shard
+    shard = {"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
+             "model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
+    file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+    save_file(shard, str(folder / file), {"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, file))
+    count += sum(t.numel() for t in shard.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return count
+
+
+def child_quantize(args) -> dict:
+    import luq
+    from luq.calibration import CalibrationConfig
+
+    config = luq.LUQConfig(calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, seed=0),
+                           formats=("gptq4-g128",), sensitivity_samples=args.samples, final_pass=not args.no_final_pass)
+    t0 = time.perf_counter()
+    report = luq.quantize(args.model, args.out, config, cache_dir=args.cache, progress=False, log=lambda s: None,
+                          stream=args.mode == "stream", device=args.device)
+    return {"wall_s": time.perf_counter() - t0, "peak_kb": vm_kb("VmHWM"), "total_bytes": report["total_bytes"],
+            "seconds": report["seconds"]}
+
+
+def child_load(args) -> dict:
+    import luq
+    from luq.models.loading import parse_dtype
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # the baseline: the process with everything imported and the tokenizer loaded, before any weight
+    from accelerate import init_empty_weights
+
+    AutoTokenizer.from_pretrained(args.out)
+    config = AutoConfig.from_pretrained(args.out)
+    del config.quantization_config
+    with init_empty_weights():
+        AutoModelForCausalLM.from_config(config)
+    baseline = vm_kb("VmRSS")
+    t0 = time.perf_counter()
+    model, tokenizer, _ = luq.load(args.out, dtype=parse_dtype(args.dtype))
+    wall = time.perf_counter() - t0
+    peak = vm_kb("VmHWM")
+    ids = tokenizer("Memory is what a layer-by-layer pass saves.", return_tensors="pt").input_ids
+    logits = model(input_ids=ids).logits
+    return {"wall_s": wall, "baseline_kb": baseline, "peak_kb": peak, "after_forward_peak_kb": vm_kb("VmHWM"),
+            "logits_sum": float(logits.double().sum())}
+
+
+def run_child(*argv: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(HERE / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_WAIT_POLICY="PASSIVE")
+    done = subprocess.run([sys.executable, "-m", "bench.memory", *argv], cwd=HERE, env=env, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(f"child {argv[:2]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gptq_work(shapes) -> int:
+    return sum(r * c * c for r, c in shapes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--intermediate", type=int, default=5504)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--modes", default="stream,memory")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-final-pass", action="store_true")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
+    ap.add_argument("--threads", type=int, default=2)
+    # child process options
+    ap.add_argument("--child", choices=["quantize", "load"])
+    ap.add_argument("--mode", default="stream")
+    ap.add_argument("--model")
+    ap.add_argument("--out")
+    ap.add_argument("--cache")
+    ap.add_argument("--dtype", default="float16")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        result = child_quantize(args) if args.child == "quantize" else child_load(args)
+        print(json.dumps(result))
+        return
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="luq-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    need = 2 * args.layers * sum(r * c for r, c in linear_shapes(args.hidden, args.intermediate)) * 1.6
+    print(f"work dir {work}: {free / 1e9:.1f} GB free, ~{need / 1e9:.1f} GB needed")
+    if free < need:
+        raise SystemExit("not enough disk space")
+    try:
+        model = work / "model"
+        if not (model / "model.safetensors.index.json").exists():
+            model.mkdir(exist_ok=True)
+            t0 = time.perf_counter()
+            n_params = write_synthetic(model, args.hidden, args.layers, args.intermediate, args.heads)
+            print(f"wrote a {n_params / 1e9:.3f} B-parameter Llama ({n_params * 4 / 1e9:.2f} GB in float32) "
+                  f"in {time.perf_counter() - t0:.0f} s")
+        common = ["--threads", str(args.threads), "--device", args.device]
+        rows = {}
+        for mode in args.modes.split(","):
+            out = work / f"q-{mode}"
+            extra = ["--no-final-pass"] if args.no_final_pass else []
+            rows[mode] = run_child("--child", "quantize", "--mode", mode, "--model", str(model), "--out", str(out),
+                                   "--cache", str(work / f"cache-{mode}"), "--samples", str(args.samples),
+                                   "--seq-len", str(args.seq_len), *common, *extra)
+            print(f"{mode}: {json.dumps(rows[mode])}", flush=True)
+        report(args, rows, work)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args, rows: dict, work: Path) -> None:
+    print(f"\nluq.quantize, GPTQ-4 g128, {args.samples} x {args.seq_len} tokens, {args.threads} threads, "
+          f"hidden {args.hidden}, {args.layers} layers:\n")
+    print("| mode | peak resident GB | wall s | layer pass s | s per layer (all stages) |")
+    print("|---|---:|---:|---:|---:|")
+    for mode, r in rows.items():
+        print(f"| {mode} | {r['peak_kb'] * 1024 / 1e9:.2f} | {r['wall_s']:.0f} | {r['seconds']['layer_pass']:.0f} | "
+              f"{r['wall_s'] / args.layers:.1f} |")
+    if len(rows) == 2:
+        a, b = (work / "q-stream" / "model.safetensors.index.json"), (work / "q-memory" / "model.safetensors.index.json")
+        files = sorted(p.name for p in (work / "q-stream").glob("*.safetensors"))
+        same = all((work / "q-stream" / f).read_bytes() == (work / "q-memory" / f).read_bytes() for f in files)
+        print(f"\nartifact tensors identical, streamed vs in memory: {same} ({', '.join(files)}"
+              f"{', index' if a.exists() and b.exists() else ''})")
+    mode = "stream" if "stream" in rows else next(iter(rows))
+    out = work / f"q-{mode}"
+    print("\nluq.load of the artifact (fresh process):\n")
+    print("| dtype | artifact GB | baseline GB | peak GB | (peak - baseline) / artifact | load s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    artifact = rows[mode]["total_bytes"]
+    for dtype in ("float32", "float16"):
+        r = run_child("--child", "load", "--out", str(out), "--dtype", dtype, "--threads", str(args.threads))
+        ratio = (r["peak_kb"] - r["baseline_kb"]) * 1024 / artifact
+        print(f"| {dtype} | {artifact / 1e9:.3f} | {r['baseline_kb'] * 1024 / 1e9:.2f} | "
+              f"{r['peak_kb'] * 1024 / 1e9:.2f} | {ratio:.2f} | {r['wall_s']:.1f} |")
+
+    # projection to LLaVA-1.5-7B (Vicuna-7B: hidden 4096, MLP 11008, 32 layers; CLIP-L/336 + projector)
+    r = rows[mode]
+    work_ratio = gptq_work(linear_shapes(4096, 11008)) / gptq_work(linear_shapes(args.hidden, args.intermediate))
+    per_layer = r["seconds"]["layer_pass"] / args.layers  # the variant pass; the final pass costs about as much
+    passes = 1 if args.no_final_pass else 2
+
+    def one_layer(hidden, intermediate):
+        """Bytes held while one layer is quantized: the layer in float32 and its float64 Hessian sums."""
+        shapes = linear_shapes(hidden, intermediate)
+        return 4 * sum(a * b for a, b in shapes), 8 * sum(c * c for _, c in shapes)
+
+    here, big = one_layer(args.hidden, args.intermediate), one_layer(4096, 11008)
+    print(f"\nprojection to LLaVA-1.5-7B ({mode}; arithmetic on the figures above, not a measurement):")
+    print(f"- time: {per_layer:.0f} s per layer in the variant pass here x {work_ratio:.1f} (GPTQ work, sum of "
+          f"rows x cols^2, of a 7B layer / this one's) x 32 layers x {passes} pass(es) = "
+          f"{per_layer * work_ratio * 32 * passes / 3600:.1f} h on {args.threads} threads")
+    print(f"- memory: one layer here is {here[0] / 1e9:.2f} GB in float32 + {here[1] / 1e9:.2f} GB of float64 "
+          f"Hessian sums; a 7B layer {big[0] / 1e9:.2f} + {big[1] / 1e9:.2f} GB: a streamed 7B run needs at least "
+          f"the measured peak here + {(sum(big) - sum(here)) / 1e9:.1f} GB = "
+          f"{(r['peak_kb'] * 1024 + sum(big) - sum(here)) / 1e9:.1f} GB")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Streaming a model from its safetensors shards, one decoder layer at a time: the same
+logits as the model in memory (LLaVA and Qwen2.5-VL checkpoints under the hub's older key
+names included), the same artifact, to the byte, and a file writer that writes what
+safetensors writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+import luq
+from luq.calibration import CalibrationConfig
+from luq.capture import layerwise_logits
+from luq.errors import LuqError
+from luq.models import adapter_for
+from luq.models.loading import load_model
+from luq.models.streaming import is_streamed, layer_on, load_streaming
+from luq.tensorfile import TensorFiles, write_safetensors
+from tiny_models import llava_inputs, qwen_inputs, tiny_llama_dir, tiny_llava, tiny_llava_dir, tiny_qwen25vl
+
+
+def test_writer_writes_the_bytes_save_file_writes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(5, 7, generator=g), "a.scales": torch.randn(3, generator=g).half(),
+               "c.qweight": torch.randint(0, 255, (9,), dtype=torch.uint8, generator=g), "empty": torch.zeros(0),
+               "d.bf": torch.randn(4, generator=g).bfloat16(), "e.idx": torch.arange(5, dtype=torch.int32),
+               "f.mask": torch.tensor([True, False, True])}
+    save_file(tensors, str(tmp_path / "ref.safetensors"), {"format": "pt"})
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    write_safetensors(tmp_path / "ours.safetensors", specs,  # values given in another order
+                      lambda put: [put(k, v) for k, v in reversed(tensors.items())], {"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    files = TensorFiles([tmp_path / "ours.safetensors"])
+    assert all(torch.equal(files.read(k), v) for k, v in tensors.items())
+
+
+def _hub_llava_dir(path, model):
+    """A LLaVA checkpoint under the names the llava-hf repos use (language_model.model.*, ...)."""
+    renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+               ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+    return _save_renamed(path, model, renames)
+
+
+def _hub_qwen_dir(path, model):
+    """A Qwen2.5-VL checkpoint under the Qwen repos' names (model.layers.*, visual.*)."""
+    return _save_renamed(path, model, (("model.language_model.", "model."), ("model.visual.", "visual.")))
+
+
+def _save_renamed(path, model, renames):
+    path.mkdir()
+    state = {}
+    for name, t in model.state_dict().items():
+        for new, old in renames:
+            if name.startswith(new):
+                name = old + name[len(new):]
+                break
+        state[name] = t.contiguous()
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:  # tied: stored once
+        state = {k: v for k, v in state.items() if "lm_head" not in k}
+    half = len(state) // 2  # two shards and an index, as the 7B repos are
+    names = list(state)
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(path / file), {"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model.config.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_hub_named_checkpoint_streams_to_the_same_logits(tmp_path, family):
+    model, inputs_of, write = ((tiny_llava(), llava_inputs, _hub_llava_dir) if family == "llava"
+                               else (tiny_qwen25vl(), qwen_inputs, _hub_qwen_dir))
+    folder = write(tmp_path / "hub", model)
+    assert not any(k.startswith("model.language_model.") for k in TensorFiles.in_dir(folder).keys())
+    adapter = adapter_for(model)
+    streamed = load_streaming(str(folder), model.config, AutoModelForImageTextToText, adapter)
+    assert is_streamed(streamed)
+    layers = adapter.decoder_layers(streamed)
+    assert all(p.device.type == "meta" for p in layers.parameters())  # nothing of the decoder in memory
+    assert all(p.device.type == "meta" for p in streamed.get_input_embeddings().parameters())
+    vision = streamed.model.vision_tower if family == "llava" else streamed.model.visual
+    assert all(p.device.type == "meta" for p in vision.parameters())  # read while the inputs are captured
+    reference = AutoModelForImageTextToText.from_pretrained(folder).eval()  # transformers' own renaming
+    for i, layer in enumerate(layers):
+        with layer_on(layer, "cpu"):
+            expected = adapter.decoder_layers(reference)[i].state_dict()
+            assert all(torch.equal(t, expected[k]) for k, t in layer.state_dict().items())
+    batches = [inputs_of(model, with_image=True, seed=1), inputs_of(model, with_image=False, seed=2)]
+    with torch.no_grad():
+        for (inputs, _), logits in zip(batches, layerwise_logits(streamed, adapter, batches)):
+            # the same operations in the same order, only grouped by layer: equal to the bit
+            assert torch.equal(logits, reference(**inputs, use_cache=False).logits)
+    assert all(p.device.type == "meta" for p in layers.parameters())  # every layer freed after use
+
+
+def test_missing_layer_tensor_is_one_clear_error(tmp_path):
+    model = tiny_llava()
+    folder = _hub_llava_dir(tmp_path / "hub", model)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    victim = "language_model.model.layers.1.mlp.up_proj.weight"
+    shard = folder / index["weight_map"].pop(victim)
+    files = TensorFiles([shard])
+    save_file({k: files.read(k) for k in files.keys() if k != victim}, str(shard), {"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(LuqError, match="layers.1.mlp.up_proj.weight"):
+        load_streaming(str(folder), model.config, LlavaForConditionalGeneration, adapter_for(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_streaming_quantize_writes_the_in_memory_artifact(tmp_path, family):
+    """The measured allocation over two formats (sensitivity, knapsack, final pass, measured KL),
+    streamed and in memory: the same files. Llama: tied embeddings; LLaVA: saved by transformers
+    under the hub's names, calibrated on images and text."""
+    if family == "llama":
+        model_dir, calibration = tiny_llama_dir(tmp_path / "model", layers=3), CalibrationConfig(samples=2, seq_len=32)
+    else:
+        model_dir, calibration = tiny_llava_dir(tmp_path / "model", layers=2), CalibrationConfig(alpha=0.5, samples=2,
+                                                                                                seq_len=160)
+    config = luq.LUQConfig(calibration=calibration, formats=("gptq4-g128", "gptq3-g64"), budget_gb=1.0)
+    reports = {}
+    for stream in (False, True):
+        reports[stream] = luq.quantize(model_dir, tmp_path / f"q{stream}", config, cache_dir=tmp_path / f"c{stream}",
+                                       progress=False, log=lambda s: None, stream=stream)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "qTrue" / name).read_bytes() == (tmp_path / "qFalse" / name).read_bytes()
+    assert reports[True]["total_bytes"] == reports[False]["total_bytes"]
+    assert reports[True]["measured_cost"] == reports[False]["measured_cost"]
+    ids = torch.tensor([[1, 50, 700, 3000, 12, 9]])
+    logits = [luq.load(tmp_path / f"q{stream}")[0](input_ids=ids).logits for stream in (False, True)]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_load_model_streams_only_when_asked(tmp_path):
+    model_dir = tiny_llama_dir(tmp_path / "model", layers=2)
+    in_memory, _, adapter = load_model(model_dir)
+    streamed, _, _ = load_model(model_dir, stream=True)
+    assert not is_streamed(in_memory) and is_streamed(streamed)
+    embed = streamed.model.embed_tokens
+    assert embed.weight.device.type == "meta"  # read only while a stage uses it
+    with layer_on(embed, "cpu"):
+        assert torch.equal(embed.weight, in_memory.model.embed_tokens.weight)
+    assert streamed.lm_head.weight is embed.weight  # still tied as from_pretrained ties, after release
