@@ -166,6 +166,9 @@ def format_summary(report: dict) -> str:
         for info in report["linears"].values():
             counts[info["format"]] = counts.get(info["format"], 0) + 1
         lines.append("plan: " + ", ".join(f"{n} x {f}" for f, n in sorted(counts.items(), key=lambda x: -x[1])))
+        for kind, info in (report.get("bytes_by_kind") or {}).items():
+            formats = ", ".join(f"{n} x {f}" for f, n in sorted(info["formats"].items(), key=lambda x: -x[1]))
+            lines.append(f"  {kind}: {info['bytes'] / 1e6:.2f} MB ({formats})")
         if report.get("predicted_cost") is not None:
             lines.append(f"cost (KL from full precision, nats/token): predicted {report['predicted_cost']:.4f}, "
                          f"measured {report['measured_cost']:.4f}")
