@@ -131,6 +131,17 @@ class BinaryParts:
         return out.to(dtype)
 
 
+def unpack_signs(signs: torch.Tensor, residual_signs: torch.Tensor, salient: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first signs of every column and the residual signs of the salient ones (zero
+    elsewhere), unpacked to bool [rows, in]: the sign planes both binarized layouts share."""
+    cols = salient.numel()
+    sign1 = unpack_bool(signs, cols)
+    sign2 = torch.zeros(sign1.shape, dtype=torch.bool, device=sign1.device)
+    sign2[:, salient] = unpack_bool(residual_signs, int(salient.sum()))
+    return sign1, sign2
+
+
 @dataclass(eq=False, repr=False)
 class BiLLMWeight(QuantizedWeight):
     """A BiLLM-binarized weight in packed form (layout in the module docstring)."""
@@ -173,12 +184,10 @@ class BiLLMWeight(QuantizedWeight):
 
     def binary_parts(self, start: int, stop: int) -> BinaryParts:
         """Rows [start, stop) unpacked (signs, masks, float32 scales and means)."""
-        rows, cols = stop - start, self.shape[1]
+        cols = self.shape[1]
         salient = self.salient_mask()
         n_salient = int(salient.sum())
-        sign1 = unpack_bool(self.signs[start:stop], cols)
-        sign2 = torch.zeros(rows, cols, dtype=torch.bool, device=sign1.device)
-        sign2[:, salient] = unpack_bool(self.residual_signs[start:stop], n_salient)
+        sign1, sign2 = unpack_signs(self.signs[start:stop], self.residual_signs[start:stop], salient)
         sparse = torch.zeros_like(sign2)
         sparse[:, ~salient] = unpack_bool(self.sparse_bitmap[start:stop], cols - n_salient)
         return BinaryParts(sign1, sign2, sparse, salient, self.scales[start:stop].float(),

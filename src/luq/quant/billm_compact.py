@@ -56,7 +56,7 @@ import torch
 
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
-from luq.quant.billm import SALIENT_METRICS, BinaryParts, block_values
+from luq.quant.billm import SALIENT_METRICS, BinaryParts, block_values, unpack_signs
 from luq.quant.binsearch import leading_split_errors, split_errors
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
 from luq.quant.packing import pack_bits, pack_bool, packed_length, unpack_bits, unpack_bool
@@ -223,12 +223,8 @@ class CompactBiLLMWeight(QuantizedWeight):
     def binary_parts(self, start: int, stop: int) -> BinaryParts:
         """Rows [start, stop) unpacked (signs, masks, decoded scales and means, column scales), in
         stored column order (`column_order` maps it back when stored in act-order)."""
-        rows, cols = stop - start, self.shape[1]
         salient = self.salient_mask()
-        n_salient = int(salient.sum())
-        sign1 = unpack_bool(self.signs[start:stop], cols)
-        sign2 = torch.zeros(rows, cols, dtype=torch.bool, device=sign1.device)
-        sign2[:, salient] = unpack_bool(self.residual_signs[start:stop], n_salient)
+        sign1, sign2 = unpack_signs(self.signs[start:stop], self.residual_signs[start:stop], salient)
         scales, means = self.parameters_rows(start, stop)
         col_scale = None if self.col_scale is None else self.decoded_column_scales()
         return BinaryParts(sign1, sign2, self.sparse_rows(start, stop), salient, scales, means, col_scale,
