@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import luq
-from luq.calibration import CalibrationConfig
+from bench.common import add_model_args, calibration_of
 from luq.quant.linear import dequantize_modules
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,18 +38,13 @@ def main(argv=None) -> None:
     from bench.frontier import Metric
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-vlm"))
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--alpha", type=float, default=None)
+    add_model_args(p)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--vqa-per-kind", type=int, default=15)
-    p.add_argument("--k", type=int, default=100)
     p.add_argument("--work", type=Path, default=Path("out/bench-budget"))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    alpha = args.alpha if args.alpha is not None else (0.5 if args.model == "tiny-vlm" else 0.0)
-    calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, alpha=alpha, seed=0)
+    calibration = calibration_of(args)
     common = dict(calibration=calibration, k_means=args.k, validation_samples=args.eval_samples)
 
     def run(name: str, **kw) -> dict:
@@ -96,7 +91,7 @@ def main(argv=None) -> None:
     checks[f"whole model at {small_label} {op} uniform GPTQ-4"] = compare(
         f"measured (whole model) at {small_label}", "uniform GPTQ-4 g128")
     checks[f"whole model at {small_label}: MB"] = rows[f"measured (whole model) at {small_label}"]["total_bytes"] / 1e6
-    result = {"model": args.model, "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": alpha},
+    result = {"model": args.model, "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": calibration.alpha},
               "metric": "VQA accuracy" if vqa else "perplexity", "rows": rows, "checks": checks,
               "threads": torch.get_num_threads()}
     out = args.out or RESULTS / f"budget-{args.model}.json"

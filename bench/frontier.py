@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import add_model_args, calibration_of
 from luq.api import variant_cache
 from luq.assembly import Assembly, linear_names, size_table
 from luq.calibration import (CalibrationConfig, calibration_batches, sensitivity_batches, text_token_ids,
@@ -120,13 +121,9 @@ class Metric:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-vlm"))
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--alpha", type=float, default=None, help="multimodal fraction (default 0 text, 0.5 tiny-vlm)")
+    add_model_args(p)
     p.add_argument("--eval-samples", type=int, default=16, help="held-out windows of --seq-len tokens (text)")
     p.add_argument("--vqa-per-kind", type=int, default=15, help="held-out generated questions per kind (tiny-vlm)")
-    p.add_argument("--k", type=int, default=100, help="K-means clusters of the entropy ranking")
     p.add_argument("--orders", default=ORDERS)
     p.add_argument("--ks", default=None,
                    help="comma-separated k of the entropy order (default: every k for smollm2; 0,3,6,10,15,30 "
@@ -149,10 +146,9 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or RESULTS / f"frontier-{args.model}.json"
-    alpha = args.alpha if args.alpha is not None else (0.5 if args.model == "tiny-vlm" else 0.0)
 
     t0 = time.perf_counter()
-    calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, alpha=alpha, seed=0)
+    calibration = calibration_of(args)
     menu = parse_formats(args.menu)
     config = LUQConfig(calibration=calibration, budget_gb=1.0, k_means=args.k, hessians=args.hessians, formats=menu,
                        validation_samples=args.eval_samples, sensitivity_samples=args.sensitivity_samples)
@@ -252,7 +248,7 @@ def main(argv=None) -> None:
     checks = search_checks(curves["entropy"]["points"], metric.higher_is_better) \
         if "entropy" in curves and entropy_ks == list(range(n + 1)) else []
     result = {"model": args.model, "metric": metric.name, "higher_is_better": metric.higher_is_better,
-              "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": alpha, "seed": 0},
+              "calibration": {"samples": args.samples, "seq_len": args.seq_len, "alpha": calibration.alpha, "seed": 0},
               "eval_size": metric.n, "eval_unit": "questions" if metric.vqa else "tokens",
               "full_precision": full_precision, "uniform": uniform, "curves": curves, "notes": notes,
               "measured": measured, "whole_model": whole_model, "menu": list(menu),

@@ -28,7 +28,8 @@ from scipy.stats import pearsonr, spearmanr
 
 from luq.api import variant_cache
 from luq.assembly import Assembly, linear_names, size_table
-from luq.calibration import CalibrationConfig, calibration_batches, sensitivity_batches
+from bench.common import add_model_args, calibration_of
+from luq.calibration import calibration_batches, sensitivity_batches
 from luq.config import LUQConfig
 from luq.models.loading import load_model, parse_dtype
 from luq.pipeline import layer_pass
@@ -41,18 +42,13 @@ RESULTS = Path(__file__).parent / "results"
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-vlm"))
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--alpha", type=float, default=None)
+    add_model_args(p)
     p.add_argument("--sensitivity-samples", type=int, default=16)
     p.add_argument("--menu", default=",".join(DEFAULT_MENU))
     p.add_argument("--pairs", type=int, default=120, help="(linear, format) pairs whose KL is measured")
-    p.add_argument("--k", type=int, default=100)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    alpha = args.alpha if args.alpha is not None else (0.5 if args.model == "tiny-vlm" else 0.0)
-    calibration = CalibrationConfig(samples=args.samples, seq_len=args.seq_len, alpha=alpha, seed=0)
+    calibration = calibration_of(args)
     menu = parse_formats(args.menu)
     config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=menu, k_means=args.k,
                        sensitivity_samples=args.sensitivity_samples)
