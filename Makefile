@@ -41,13 +41,17 @@ bench: $(BSTAMP)
 	$(VPY) -m bench.solvers
 
 # docs/results.md: the paper's findings on the real models that run here, and luq against
-# its peers. Each table there names its full command; this target runs them with two stated
-# subsets (SmolLM2's non-entropy orders at 6 k instead of 11, alpha at 0, 0.5, 1) so that the
-# whole set fits in about 90 minutes on 2 cores from cold caches (measured parts, under load).
+# its peers. Each table there names its full command; this target runs them with stated
+# subsets (SmolLM2's other orders at 6 k, alpha at 0, 0.5, 1). About 3 hours on 2 cores
+# from cold caches; the per-format variant caches make every rerun far shorter.
 results: $(BSTAMP)
 	$(VPY) -m bench.entropy
+	$(VPY) -m bench.budget
+	$(VPY) -m bench.budget --model tiny-vlm
 	$(VPY) -m bench.frontier --model smollm2 --order-ks 0,3,5,10,20,30
-	$(VPY) -m bench.frontier --model tiny-vlm
+	$(VPY) -m bench.frontier --model smollm2 --orders entropy --ks 0,1,2,3,5,10,15,20,25,30 --whole-model \
+		--out bench/results/frontier-smollm2-all.json
+	$(VPY) -m bench.frontier --model tiny-vlm --whole-model
 	$(VPY) -m bench.calibration_mix --alphas 0,0.5,1
 	$(VPY) -m bench.cost
 
