@@ -1,0 +1,71 @@
+/* One pass from torch's CPU int4 packing to a bfloat16 W^T: the dense path of luq.quant.kernels.
+
+   packed: uint8, blocks of 64 weight rows: [N/64][kt][32], row j of a block in the low nibble of
+           byte j, row 32 + j in the high nibble; w = (q - 8) * scale + zero, per group of `group`
+           kernel columns.
+   sz:     bfloat16 bits [kt/group][N][2] (scale, zero) of those groups.
+   starts, terms: the kernel columns k that add into input column c are terms[starts[c] .. starts[c+1]);
+           both NULL: input column c is kernel column c alone.
+   Writes out[(c - c0) * ld + (n - n0)] = bfloat16(sum over those k of w[n, k]) for input columns
+   c0 <= c < c1 and weight rows n0 <= n < n1 (multiples of 64), summing in float32. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (values here are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+enum { CHUNK = 16 };  /* input columns per pass over the row blocks: the packed bytes they read are contiguous */
+
+int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64_t n_rows, int64_t group,
+                    const int64_t *starts, const int64_t *terms, int64_t c0, int64_t c1,
+                    int64_t n0, int64_t n1, uint16_t *out, int64_t ld) {
+    const int64_t width = n1 - n0, blocks = width / 64, groups = kt / group;
+    /* the tile's scales and zeros in float32, once: [groups][width] each */
+    float *scale = malloc(sizeof(float) * (size_t)(groups * width));
+    float *zero = malloc(sizeof(float) * (size_t)(groups * width));
+    if (!scale || !zero) {
+        free(scale); free(zero);
+        return 1;
+    }
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t n = 0; n < width; n++) {
+            scale[g * width + n] = bf16_to_f32(sz[(g * n_rows + n0 + n) * 2]);
+            zero[g * width + n] = bf16_to_f32(sz[(g * n_rows + n0 + n) * 2 + 1]);
+        }
+    for (int64_t cc = c0; cc < c1; cc += CHUNK) {
+        const int64_t ce = cc + CHUNK < c1 ? cc + CHUNK : c1;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *block = packed + (n0 / 64 + b) * kt * 32;
+            for (int64_t c = cc; c < ce; c++) {
+                float a[64] = {0};
+                const int64_t t0 = starts ? starts[c] : c, t1 = starts ? starts[c + 1] : c + 1;
+                for (int64_t t = t0; t < t1; t++) {
+                    const int64_t k = terms ? terms[t] : t;
+                    const uint8_t *p = block + k * 32;
+                    const float *s = scale + (k / group) * width + b * 64, *z = zero + (k / group) * width + b * 64;
+                    for (int j = 0; j < 32; j++) {
+                        a[j] += (float)((int)(p[j] & 15) - 8) * s[j] + z[j];
+                        a[j + 32] += (float)((int)(p[j] >> 4) - 8) * s[j + 32] + z[j + 32];
+                    }
+                }
+                uint16_t *o = out + (c - c0) * ld + b * 64;
+                for (int j = 0; j < 64; j++)
+                    o[j] = f32_to_bf16(a[j]);
+            }
+        }
+    }
+    free(scale); free(zero);
+    return 0;
+}
