@@ -77,6 +77,11 @@ class TiledKernel(nn.Module):
     def nbytes(self) -> int:
         return 0
 
+    @property
+    def transient_nbytes(self) -> int:
+        """Peak bytes of the de-quantized tile a forward holds."""
+        return 4 * self.qweight.shape[1] * min(self.qweight.shape[0], self.row_tile)
+
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         rows = self.qweight.shape[0]
         x = x.to(dtype)
@@ -193,6 +198,12 @@ class Int4Kernel(nn.Module):
         """Rows per transient tile of the dense path (a multiple of PACK_BLOCK, DENSE_TILE_BYTES at most)."""
         inner = self.in_features if self.native else self.kt
         return max(PACK_BLOCK, DENSE_TILE_BYTES // (2 * inner) // PACK_BLOCK * PACK_BLOCK)
+
+    @property
+    def transient_nbytes(self) -> int:
+        """Peak bytes of the transient weight tile of the dense path (0 where prompts stay on int4)."""
+        inner = self.in_features if self.native else self.kt
+        return 2 * inner * min(self.rows, self.tile_rows) if self.dense_ok else 0
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [tokens, in_features] (bfloat16, column-scaled) times W^T, tile by tile of rows."""

@@ -9,11 +9,9 @@
    Writes out[(c - c0) * ld + (n - n0)] = bfloat16(sum over those k of w[n, k]) for input columns
    c0 <= c < c1 and weight rows n0 <= n < n1 (multiples of 64), summing in float32. */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+static inline float bits_to_f32(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
     return f;
@@ -28,22 +26,12 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (values 
 
 enum { CHUNK = 16 };  /* input columns per pass over the row blocks: the packed bytes they read are contiguous */
 
-int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64_t n_rows, int64_t group,
+void luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64_t n_rows, int64_t group,
                     const int64_t *starts, const int64_t *terms, int64_t c0, int64_t c1,
                     int64_t n0, int64_t n1, uint16_t *out, int64_t ld) {
-    const int64_t width = n1 - n0, blocks = width / 64, groups = kt / group;
-    /* the tile's scales and zeros in float32, once: [groups][width] each */
-    float *scale = malloc(sizeof(float) * (size_t)(groups * width));
-    float *zero = malloc(sizeof(float) * (size_t)(groups * width));
-    if (!scale || !zero) {
-        free(scale); free(zero);
-        return 1;
-    }
-    for (int64_t g = 0; g < groups; g++)
-        for (int64_t n = 0; n < width; n++) {
-            scale[g * width + n] = bf16_to_f32(sz[(g * n_rows + n0 + n) * 2]);
-            zero[g * width + n] = bf16_to_f32(sz[(g * n_rows + n0 + n) * 2 + 1]);
-        }
+    const int64_t blocks = (n1 - n0) / 64;
+    /* a (scale, zero) pair of bfloat16 is one little-endian 32-bit word: scale in the low half */
+    const uint32_t *pairs = (const uint32_t *)sz;
     for (int64_t cc = c0; cc < c1; cc += CHUNK) {
         const int64_t ce = cc + CHUNK < c1 ? cc + CHUNK : c1;
         for (int64_t b = 0; b < blocks; b++) {
@@ -54,10 +42,11 @@ int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64
                 for (int64_t t = t0; t < t1; t++) {
                     const int64_t k = terms ? terms[t] : t;
                     const uint8_t *p = block + k * 32;
-                    const float *s = scale + (k / group) * width + b * 64, *z = zero + (k / group) * width + b * 64;
+                    const uint32_t *w = pairs + (k / group) * n_rows + n0 + b * 64;
                     for (int j = 0; j < 32; j++) {
-                        a[j] += (float)((int)(p[j] & 15) - 8) * s[j] + z[j];
-                        a[j + 32] += (float)((int)(p[j] >> 4) - 8) * s[j + 32] + z[j + 32];
+                        a[j] += (float)((int)(p[j] & 15) - 8) * bits_to_f32(w[j] << 16) + bits_to_f32(w[j] & 0xFFFF0000u);
+                        a[j + 32] += (float)((int)(p[j] >> 4) - 8) * bits_to_f32(w[j + 32] << 16)
+                                     + bits_to_f32(w[j + 32] & 0xFFFF0000u);
                     }
                 }
                 uint16_t *o = out + (c - c0) * ld + b * 64;
@@ -66,6 +55,4 @@ int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64
             }
         }
     }
-    free(scale); free(zero);
-    return 0;
 }
