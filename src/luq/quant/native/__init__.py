@@ -62,7 +62,7 @@ def _library():
     except (OSError, subprocess.SubprocessError):
         return None
     fn = lib.luq_expand_int4
-    fn.restype = None
+    fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
@@ -87,13 +87,15 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
     threads = max(1, min(torch.get_num_threads(), cols // 64))
     bounds = [cols * i // threads for i in range(threads + 1)]
 
-    def run(i: int) -> None:
+    def run(i: int) -> int:
         c0, c1 = bounds[i], bounds[i + 1]
-        fn(*args, c0, c1, r0, r1, out.data_ptr() + c0 * out.stride(0) * out.element_size(), out.stride(0))
+        return fn(*args, c0, c1, r0, r1, out.data_ptr() + c0 * out.stride(0) * out.element_size(), out.stride(0))
 
     if threads == 1:
-        run(0)
+        failed = run(0)
     else:
         pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads))
-        list(pool.map(run, range(threads)))
+        failed = any(pool.map(run, range(threads)))
+    if failed:
+        raise MemoryError("luq.quant.native.expand_int4: no memory for its row accumulator")
     return out
