@@ -15,10 +15,11 @@ Measured in ONE process at --threads threads, the variants alternating inside ev
 - x: speed over dense float32's, by wall clock, and by this process's CPU time (the machine
   may be shared: CPU time is what the variant costs, wall time what a user waits);
 - resident: bytes held by the loaded model: every parameter and buffer, plus what each
-  QuantLinear's fast kernel holds (`QuantLinear.resident_nbytes`), beside the stored bytes.
+  QuantLinear's fast kernel holds (`QuantLinear.resident_nbytes`), beside the stored bytes;
+  transient: the largest weight tile a prompt's forward expands for one linear (freed after it).
 Then one synthetic Llama decoder layer of width 4096 (random weights, GPTQ-4 g128 with a
-random Hessian: the speed does not depend on the values), one token: its time with float32
-linears against QuantLinear GPTQ-4 linears.
+random Hessian: the speed does not depend on the values), one token and a 128-token prompt:
+its time with float32 linears against QuantLinear GPTQ-4 linears.
 
 Prints a table per model and writes --json (default bench/results/inference.json).
 """
@@ -86,6 +87,12 @@ def dense_model(model_name: str, dtype: torch.dtype):
     return (assets.load_smollm2 if model_name == "smollm2" else assets.tiny_vlm)(dtype=dtype)
 
 
+def transient_bytes(model: torch.nn.Module) -> int:
+    """The largest transient weight tile one QuantLinear's forward expands (its kernel built)."""
+    from luq.quant import QuantLinear
+    return max((m.kernel.transient_nbytes for m in model.modules() if isinstance(m, QuantLinear)), default=0)
+
+
 def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer (each storage once: tied weights count once), plus
     what the fast kernels of QuantLinear modules transcoded."""
@@ -140,7 +147,8 @@ def bench_model(model_name: str, artifacts: dict[str, Path], repeats: int) -> li
         rows.append({"model": model_name, "variant": name, "prompt_tokens": n_prompt,
                      "prefill_ms": 1e3 * pre_w, "prefill_tok_s": n_prompt / pre_w, "prefill_cpu_ms": 1e3 * pre_c,
                      "decode_tok_s": 1 / max(step_w, 1e-9), "decode_cpu_ms_per_tok": 1e3 * step_c,
-                     "resident_bytes": resident_bytes(model), "stored_bytes": stored.get(name)})
+                     "resident_bytes": resident_bytes(model), "stored_bytes": stored.get(name),
+                     "transient_bytes": transient_bytes(model)})
     base = rows[0]
     for r in rows:
         r["prefill_x"] = r["prefill_tok_s"] / base["prefill_tok_s"]
@@ -171,40 +179,45 @@ def synthetic_layer(repeats: int, width: int = 4096, inter: int = 11008) -> dict
             owner, _, attr = name.rpartition(".")
             setattr(quant.get_submodule(owner), attr,
                     QuantLinear.from_linear(mod, RTN(bits=4, group_size=128).quantize(mod.weight.data)))
-    x = torch.randn(1, 1, width)
-    pos = LlamaRotaryEmbedding(config)(x, torch.zeros(1, 1, dtype=torch.long))
+    rope = LlamaRotaryEmbedding(config)
 
-    def run(layer):  # (wall, CPU) seconds per call
+    def run(layer, x, pos, calls):  # (wall, CPU) seconds per call
         with torch.inference_mode():
             w, c = time.perf_counter(), time.process_time()
-            for _ in range(5):
+            for _ in range(calls):
                 layer(x, position_embeddings=pos)
-            return (time.perf_counter() - w) / 5, (time.process_time() - c) / 5
+            return (time.perf_counter() - w) / calls, (time.process_time() - c) / calls
 
-    run(dense), run(quant)
-    times = {"float32": [], "gptq4-g128": []}
-    for _ in range(3 * repeats):
-        times["float32"].append(run(dense))
-        times["gptq4-g128"].append(run(quant))
-    med = {k: [sorted(t[i] for t in v)[len(v) // 2] for i in range(2)] for k, v in times.items()}
-    return {"width": width, "intermediate": inter, "float32_ms": 1e3 * med["float32"][0],
-            "gptq4_ms": 1e3 * med["gptq4-g128"][0], "ratio": med["gptq4-g128"][0] / med["float32"][0],
-            "float32_cpu_ms": 1e3 * med["float32"][1], "gptq4_cpu_ms": 1e3 * med["gptq4-g128"][1],
-            "cpu_ratio": med["gptq4-g128"][1] / med["float32"][1],
-            "float32_bytes": sum(p.numel() * p.element_size() for p in dense.parameters()),
-            "gptq4_bytes": sum(m.resident_nbytes for m in quant.modules() if isinstance(m, QuantLinear))
-            + sum(p.numel() * p.element_size() for p in quant.parameters())}
+    out = {"width": width, "intermediate": inter}
+    for tokens, calls, prefix in ((1, 5, ""), (PROMPT_TOKENS, 1, "prompt_")):
+        x = torch.randn(1, tokens, width)
+        pos = rope(x, torch.arange(tokens)[None])
+        run(dense, x, pos, 1), run(quant, x, pos, 1)
+        times = {"float32": [], "gptq4-g128": []}
+        for _ in range(3 * repeats):
+            times["float32"].append(run(dense, x, pos, calls))
+            times["gptq4-g128"].append(run(quant, x, pos, calls))
+        med = {k: [sorted(t[i] for t in v)[len(v) // 2] for i in range(2)] for k, v in times.items()}
+        out |= {f"{prefix}float32_ms": 1e3 * med["float32"][0], f"{prefix}gptq4_ms": 1e3 * med["gptq4-g128"][0],
+                f"{prefix}ratio": med["gptq4-g128"][0] / med["float32"][0],
+                f"{prefix}float32_cpu_ms": 1e3 * med["float32"][1], f"{prefix}gptq4_cpu_ms": 1e3 * med["gptq4-g128"][1],
+                f"{prefix}cpu_ratio": med["gptq4-g128"][1] / med["float32"][1]}
+    return out | {"float32_bytes": sum(p.numel() * p.element_size() for p in dense.parameters()),
+                  "gptq4_bytes": sum(m.resident_nbytes for m in quant.modules() if isinstance(m, QuantLinear))
+                  + sum(p.numel() * p.element_size() for p in quant.parameters()),
+                  "gptq4_transient_bytes": transient_bytes(quant)}
 
 
 def print_table(rows: list[dict]) -> None:
     print("| model | variant | prefill tok/s | x | decode tok/s | x | x by CPU time: prefill | decode "
-          "| resident MB | stored MB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| resident MB | stored MB | transient MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         stored = "" if r["stored_bytes"] is None else f"{r['stored_bytes'] / 1e6:.1f}"
+        transient = f"{r['transient_bytes'] / 1e6:.1f}" if r["transient_bytes"] else ""
         print(f"| {r['model']} ({r['prompt_tokens']} tok) | {r['variant']} | {r['prefill_tok_s']:.0f} | "
               f"{r['prefill_x']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_x']:.2f} | {r['prefill_cpu_x']:.2f} | "
-              f"{r['decode_cpu_x']:.2f} | {r['resident_bytes'] / 1e6:.1f} | {stored} |")
+              f"{r['decode_cpu_x']:.2f} | {r['resident_bytes'] / 1e6:.1f} | {stored} | {transient} |")
 
 
 def main(argv=None) -> None:
@@ -230,10 +243,13 @@ def main(argv=None) -> None:
         result["rows"] += rows
     if not args.no_synthetic:
         layer = synthetic_layer(args.repeats)
-        print(f"\nsynthetic Llama decoder layer, width {layer['width']}, one token: float32 "
-              f"{layer['float32_ms']:.1f} ms, GPTQ-4 g128 {layer['gptq4_ms']:.1f} ms ({layer['ratio']:.2f}x; by CPU "
-              f"time {layer['float32_cpu_ms']:.1f} vs {layer['gptq4_cpu_ms']:.1f} ms, {layer['cpu_ratio']:.2f}x); "
-              f"resident {layer['float32_bytes'] / 1e6:.0f} vs {layer['gptq4_bytes'] / 1e6:.0f} MB")
+        for prefix, what in (("", "one token"), ("prompt_", f"{PROMPT_TOKENS} tokens")):
+            print(f"synthetic Llama decoder layer, width {layer['width']}, {what}: float32 "
+                  f"{layer[prefix + 'float32_ms']:.1f} ms, GPTQ-4 g128 {layer[prefix + 'gptq4_ms']:.1f} ms "
+                  f"({layer[prefix + 'ratio']:.2f}x of the time; by CPU time {layer[prefix + 'float32_cpu_ms']:.1f} vs "
+                  f"{layer[prefix + 'gptq4_cpu_ms']:.1f} ms, {layer[prefix + 'cpu_ratio']:.2f}x)")
+        print(f"resident {layer['float32_bytes'] / 1e6:.0f} vs {layer['gptq4_bytes'] / 1e6:.0f} MB; GPTQ-4 transient "
+              f"tile {layer['gptq4_transient_bytes'] / 1e6:.1f} MB")
         result["synthetic_layer"] = layer
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

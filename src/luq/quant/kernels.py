@@ -18,9 +18,14 @@ y = x W_hat^T without materialising W_hat for a few tokens:
       the input.
   Exact up to bfloat16: the kernel takes bfloat16 activations (its float32 path is ~25x
   slower on CPU), rounds its scales to bfloat16 and returns bfloat16.
-  Prompts go through the same kernel: de-quantizing GPTQ-4 to bfloat16 per call for a dense
-  bfloat16 product was measured at 2.5-3x the CPU time of this kernel on SmolLM2's 128-token
-  prefill (and the kernel at ~1.35x that of the float32 model).
+  The kernel's time grows linearly with the tokens (it re-expands the weight for every 4
+  rows of input), so from `DENSE_FROM_TOKENS` tokens on (prompts) the same packed terms are
+  expanded once per call into a transient bfloat16 tile of W^T, `DENSE_TILE_BYTES` at most,
+  and multiplied by one dense bfloat16 GEMM (`Int4Kernel.dense`); nothing dense stays
+  resident. The expansion reads the CPU packing (blocks of 64 rows, two rows per byte) in one
+  compiled pass that also sums the terms of each input column (luq.quant.native), or with
+  torch ops where no C compiler is found (the terms side by side, ~3x slower); where the
+  packing is another (checked once at build), prompts stay on the int4 kernel.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices): de-quantize a tile of rows and multiply, tile by tile.
 
@@ -37,11 +42,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from luq.quant import native
 from luq.quant.base import ROW_TILE, QuantizedWeight
 from luq.quant.packing import unpack_bits
 
 INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
+# Inputs of at least this many tokens take the dense bfloat16 path (expand + GEMM) instead of the int4
+# kernel, for weights of one int4 term (GPTQ <= 4 bits) and of several (8-bit GPTQ, BiLLM): the crossovers
+# measured by `python -m bench.kernels` (2 threads; one term: 32-64 tokens by shape, several: 16-24).
+DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
+DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
+PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
 
 
 def _int4_ops(device: torch.device):
@@ -64,6 +76,11 @@ class TiledKernel(nn.Module):
     @property
     def nbytes(self) -> int:
         return 0
+
+    @property
+    def transient_nbytes(self) -> int:
+        """Peak bytes of the de-quantized tile a forward holds."""
+        return 4 * self.qweight.shape[1] * min(self.qweight.shape[0], self.row_tile)
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         rows = self.qweight.shape[0]
@@ -124,12 +141,91 @@ class Int4Kernel(nn.Module):
         self.group, self.index, self.col_scale = terms.group, terms.index, terms.col_scale
         self._mm = mm
         self.pad = terms.index is not None and bool((terms.index == in_features).any())
+        self.rows, self.kt, self.in_features = rows, kt, in_features
+        self.dense_from = DENSE_FROM_TOKENS["one term" if kt == in_features else "several terms"]
+        self.zero_free = not bool(self.scales_zeros[..., 1].any())
+        # the dense path reads the packing back: only where it is the layout `expand_codes` knows
+        self.dense_ok = rows % PACK_BLOCK == 0 and torch.equal(self.expand_codes(0, rows), q.t().to(torch.uint8))
+        self.native = self.dense_ok and native.available()
+        self.starts = self.by_column = None          # input column c sums kernel columns by_column[starts[c]:starts[c+1]]
+        if self.native and terms.index is not None:
+            self.by_column = torch.argsort(terms.index, stable=True)
+            counts = torch.bincount(terms.index, minlength=in_features + 1)[:in_features]
+            self.starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
     @property
     def nbytes(self) -> int:
         """Bytes this kernel holds beyond the stored weight (packed codes, scales, gathers)."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.index, self.col_scale)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.index, self.col_scale,
+                                                          self.starts, self.by_column) if t is not None)
+
+    def expand_codes(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The packed codes of rows [r0, r1) (multiples of PACK_BLOCK), transposed: [kt, r1 - r0],
+        uint8 (or written into `out`, converting). The CPU packing holds, per block of 64 rows
+        and per column, 32 bytes: row j of the block in the low nibbles, row 32 + j in the high."""
+        b0, b1 = r0 // PACK_BLOCK, r1 // PACK_BLOCK
+        p = self.packed.view(-1, self.kt, PACK_BLOCK // 2)[b0:b1]
+        if out is None:
+            out = torch.empty(self.kt, r1 - r0, dtype=torch.uint8, device=p.device)
+        half = PACK_BLOCK // 2
+        blocks = out.view(self.kt, b1 - b0, PACK_BLOCK).permute(1, 0, 2)
+        blocks[..., :half] = p & 15
+        blocks[..., half:] = p >> 4
+        return out
+
+    def dense_tile(self, r0: int, r1: int) -> torch.Tensor:
+        """W_t^T for rows [r0, r1): bfloat16 [kt, r1 - r0], (q - 8)·s + z as the kernel computes it
+        (each value rounded once to bfloat16, twice where the group has a zero)."""
+        wt = self.expand_codes(r0, r1, torch.empty(self.kt, r1 - r0, dtype=torch.bfloat16, device=self.packed.device))
+        w = wt.view(-1, self.group, r1 - r0)
+        sz = self.scales_zeros[:, r0:r1]
+        w.sub_(8).mul_(sz[:, None, :, 0].contiguous())   # contiguous: the strided view is 2x slower
+        if not self.zero_free:
+            w.add_(sz[:, None, :, 1].contiguous())
+        return wt
+
+    def weight_t(self, r0: int, r1: int) -> torch.Tensor:
+        """The transient tile of the dense path: bfloat16 [inner, r1 - r0], where inner is
+        in_features (compiled expansion: the terms of each input column summed in float32) or kt
+        (torch ops: the terms side by side; the input is gathered to match)."""
+        if self.native:
+            return native.expand_int4(self.packed, self.scales_zeros, self.group, self.starts, self.by_column,
+                                      self.in_features, r0, r1)
+        return self.dense_tile(r0, r1)
+
+    @property
+    def tile_rows(self) -> int:
+        """Rows per transient tile of the dense path (a multiple of PACK_BLOCK, DENSE_TILE_BYTES at most)."""
+        inner = self.in_features if self.native else self.kt
+        return max(PACK_BLOCK, DENSE_TILE_BYTES // (2 * inner) // PACK_BLOCK * PACK_BLOCK)
+
+    @property
+    def transient_nbytes(self) -> int:
+        """Peak bytes of the transient weight tile of the dense path (0 where prompts stay on int4)."""
+        inner = self.in_features if self.native else self.kt
+        return 2 * inner * min(self.rows, self.tile_rows) if self.dense_ok else 0
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [tokens, in_features] (bfloat16, column-scaled) times W^T, tile by tile of rows."""
+        if not self.native:
+            x2 = self.gather(x2, transposed=True)
+        step = self.tile_rows
+        if step >= self.rows:
+            return x2 @ self.weight_t(0, self.rows)
+        out = torch.empty(x2.shape[0], self.rows, dtype=torch.bfloat16, device=x2.device)
+        for r0 in range(0, self.rows, step):
+            r1 = min(r0 + step, self.rows)
+            out[:, r0:r1] = x2 @ self.weight_t(r0, r1)
+        return out
+
+    def gather(self, x2: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """The input column read by each kernel column (a zero column for padding). transposed:
+        gathered as rows of x2^T (a strided result, ~5x faster than gathering columns for long inputs)."""
+        if self.pad:
+            x2 = nn.functional.pad(x2, (0, 1))
+        if self.index is None:
+            return x2
+        return x2.t().index_select(0, self.index).t() if transposed else x2.index_select(1, self.index)
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -137,11 +233,10 @@ class Int4Kernel(nn.Module):
         if self.col_scale is not None:
             x2 = x2 * self.col_scale
         x2 = x2.to(torch.bfloat16)
-        if self.pad:
-            x2 = nn.functional.pad(x2, (0, 1))
-        if self.index is not None:
-            x2 = x2.index_select(1, self.index)
-        y = self._mm(x2.contiguous(), self.packed, self.group, self.scales_zeros)
+        if self.dense_ok and x2.shape[0] >= self.dense_from:
+            y = self.dense(x2)
+        else:
+            y = self._mm(self.gather(x2).contiguous(), self.packed, self.group, self.scales_zeros)
         return y.to(dtype).reshape(*lead, -1)
 
 
