@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 # rows scored at once (bounds the [rows, candidates, columns] temporaries)
-ROW_CHUNK = 1024
+ROW_CHUNK = 256
 # dtype of the per-row sums (the loop summed in float32 too)
 DT = torch.float32
 
@@ -125,7 +125,12 @@ def _split_errors_rows(plain: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     s1_s = g(pre, lo) + pre[:, -1:] - g(pre, hi)
     s2_s = g(sq, lo) + sq[:, -1:] - g(sq, hi)
     m_s = s1_s / n_s.clamp_min(1)
-    at = torch.searchsorted(s, m_s.contiguous())
+    # the sparse mean mostly lies between the two tails (-t < m_s < t): then every negative
+    # sparse value is below it and every positive one above, whatever its exact position
+    at = lo.clone()
+    r, k = ((m_s <= -t) | (m_s >= t)).nonzero(as_tuple=True)
+    if len(r):
+        at[r, k] = torch.searchsorted(s[r], m_s[r, k, None].contiguous())[:, 0]
     dev_s = abs_dev_range(pre, zero, lo, m_s, at) + abs_dev_range(pre, hi, end, m_s, at)
     return (err + order1_error(n_s, s1_s, s2_s, dev_s)).sum(0, dtype=torch.float64)
 
@@ -169,13 +174,14 @@ def _leading_split_errors_rows(x: torch.Tensor, counts: torch.Tensor) -> torch.T
     s_lead, order = sort_rows(head, indices=True)
     rank = torch.empty(rows, lead, dtype=DT, device=x.device)
     rank.scatter_(-1, order, torch.arange(lead, dtype=DT, device=x.device).expand(rows, -1))
-    cnt_tab = (torch.arange(lead + 1, dtype=DT, device=x.device) - rank[:, :, None]).clamp_(0, 1)
-    sum_tab = cnt_tab * head[:, :, None]
+    tab = torch.empty(rows, lead, 2, lead + 1, dtype=DT, device=x.device)   # counts, sums
+    torch.clamp(torch.arange(lead + 1, dtype=DT, device=x.device) - rank[:, :, None], 0, 1, out=tab[:, :, 0])
+    torch.mul(tab[:, :, 0], head[:, :, None], out=tab[:, :, 1])
     for c in range(1, lead):
-        cnt_tab[:, c] += cnt_tab[:, c - 1]
-        sum_tab[:, c] += sum_tab[:, c - 1]
+        tab[:, c] += tab[:, c - 1]
     if not torch.equal(counts, torch.arange(1, lead + 1, device=counts.device)):
-        cnt_tab, sum_tab = cnt_tab[:, counts - 1], sum_tab[:, counts - 1]
+        tab = tab[:, counts - 1]
+    cnt_tab, sum_tab = tab[:, :, 0], tab[:, :, 1]
 
     def below_a(t):
         p = torch.searchsorted(s_lead, t.contiguous())[..., None]
