@@ -41,7 +41,7 @@ PEER = "GPTQ-4 g128 peer (llmcompressor)"
 OURS = "GPTQ-4 g128 ours"
 OURS_GIDX = "GPTQ-4 g128 ours, act-order groups + g_idx"
 # the compact BiLLM formats of the menu (luq.quant.formats), one row each
-COMPACT_FORMATS = ("billm-k16g64", "billm-k8g64", "billm-k4g64", "billm-k5g64f")
+COMPACT_FORMATS = ("billm-k16g64", "billm-k8g64", "billm-k4g64", "billm-k5g64f", "billm-k5g64r")
 
 
 def log(msg: str) -> None:
