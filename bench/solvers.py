@@ -4,11 +4,13 @@
     python -m bench.solvers --quick    # synthetic 2048x2048 and the SmolLM2 linears
     python -m bench.solvers --only-4096 --methods "GPTQ-4 g128 ours,BiLLM"   # a subset
     python -m bench.solvers --no-11008     # synthetic 4096x4096 and the SmolLM2 linears
+    python -m bench.solvers --only-4096 --methods "GPTQ-4 g128 ours,BiLLM" --repeat 3   # median of 3, alternating
 
 Prints a markdown table and writes it as JSON to bench/results/solvers.json.
 Progress goes to stderr.
 
-Timing: wall clock, torch's default thread count. OMP_WAIT_POLICY defaults to PASSIVE
+Timing: wall clock, torch's default thread count; with --repeat N each problem is solved N
+times, the methods alternating, and the median is reported (beside every time in the JSON). OMP_WAIT_POLICY defaults to PASSIVE
 here (set it to override): with OpenMP's spin-waiting, any other busy process on the
 machine made a 576x576 GPTQ take 9 s instead of 0.3 s on 2 cores.
 """
@@ -22,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -38,7 +41,7 @@ PEER = "GPTQ-4 g128 peer (llmcompressor)"
 OURS = "GPTQ-4 g128 ours"
 OURS_GIDX = "GPTQ-4 g128 ours, act-order groups + g_idx"
 # the compact BiLLM formats of the menu (luq.quant.formats), one row each
-COMPACT_FORMATS = ("billm-k16g64", "billm-k8g64", "billm-k4g64", "billm-k5g64f")
+COMPACT_FORMATS = ("billm-k16g64", "billm-k8g64", "billm-k4g64", "billm-k5g64f", "billm-k5g64r")
 
 
 def log(msg: str) -> None:
@@ -128,7 +131,8 @@ def methods(with_peer: bool):
 # --------------------------------------------------------------------------- run
 
 
-def run(quick: bool, only_4096: bool = False, only: list[str] | None = None, no_11008: bool = False) -> dict:
+def run(quick: bool, only_4096: bool = False, only: list[str] | None = None, no_11008: bool = False,
+        repeat: int = 1) -> dict:
     t_start, load_start = time.perf_counter(), os.getloadavg()
     with_peer = peer_available() and (not only or PEER in only)
     if not with_peer:
@@ -148,22 +152,31 @@ def run(quick: bool, only_4096: bool = False, only: list[str] | None = None, no_
             for f in meths.values():
                 f(W, H)
             warmed = True
+        times = defaultdict(list)
+        for rep in range(repeat - 1):  # extra solves, methods alternating, for the median time
+            for mname, f in meths.items():
+                log(f"{name} {tuple(W.shape)}: {mname} (timing {rep + 1} of {repeat})")
+                t0 = time.perf_counter()
+                f(W, H)
+                times[mname].append(time.perf_counter() - t0)
         for mname, f in meths.items():
             log(f"{name} {tuple(W.shape)}: {mname}")
             t0 = time.perf_counter()
             q = f(W, H)  # only the solve is timed
-            dt = time.perf_counter() - t0
+            times[mname].append(time.perf_counter() - t0)
+            dt = statistics.median(times[mname])
             if isinstance(q, torch.Tensor):  # the peer: 4-bit codes in the standard GPTQ format
                 Q, bpw, nominal = q, gptq_format_bpw(W), 4.0
             else:
                 Q, bpw, nominal = q.dequantize(), q.bits_per_weight, q.nominal_bits_per_weight
             rows.append({"group": group, "problem": name, "shape": list(W.shape), "method": mname, "time_s": dt,
+                         "times_s": times[mname],
                          "rel_error": reconstruction_error(W - Q, H) / base, "bits_per_weight": bpw, "nominal_bits": nominal})
         del W, H
     return {"quick": quick, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "processor": platform.processor(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(), "total_wall_s": time.perf_counter() - t_start, "rows": rows}
+            "loadavg_end": os.getloadavg(), "total_wall_s": time.perf_counter() - t_start, "repeat": repeat, "rows": rows}
 
 
 def aggregate(rows: list[dict], key: str) -> list[dict]:
@@ -174,6 +187,11 @@ def aggregate(rows: list[dict], key: str) -> list[dict]:
     return [{"problem": k[0], "method": k[1], "n": len(v),
              **{f: sum(r[f] for r in v) / len(v) for f in ("time_s", "rel_error", "bits_per_weight", "nominal_bits")}}
             for k, v in acc.items()]
+
+
+def median_note(result: dict) -> str:
+    repeat = result.get("repeat", 1)
+    return f", times: median of {repeat} alternating solves" if repeat > 1 else ""
 
 
 def markdown(result: dict) -> str:
@@ -232,7 +250,8 @@ def markdown(result: dict) -> str:
     out.append(f"\nTotal wall time {result['total_wall_s']:.0f} s, torch {result['torch']}, "
                f"{result['threads']} threads, OMP_WAIT_POLICY={result['omp_wait_policy']}, load average "
                f"{result['loadavg_start'][0]:.1f} at start / {result['loadavg_end'][0]:.1f} at end"
-               f"{' (--quick)' if result['quick'] else ''}.")
+               f"{' (--quick)' if result['quick'] else ''}"
+               f"{median_note(result)}.")
     return "\n".join(out)
 
 
@@ -242,9 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only-4096", action="store_true", help="only the synthetic 4096x4096 layer")
     ap.add_argument("--no-11008", action="store_true", help="the synthetic 4096x4096 and the SmolLM2 linears")
     ap.add_argument("--methods", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="solve each problem this many times, methods alternating; time = the median")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
     args = ap.parse_args(argv)
-    result = run(args.quick, args.only_4096, [m for m in args.methods.split(",") if m] or None, args.no_11008)
+    result = run(args.quick, args.only_4096, [m for m in args.methods.split(",") if m] or None, args.no_11008,
+                 max(1, args.repeat))
     result["markdown"] = markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

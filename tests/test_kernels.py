@@ -46,7 +46,7 @@ def rel_error(y, ref):
 
 
 GPTQ_FORMATS = [f"gptq{b}-g{g}{o}" for b in (2, 3, 4, 8) for g in (32, 64, 128) for o in ("", "-gidx")]
-BINARY_FORMATS = ["billm", "billm-k16g64", "billm-k4g64"]
+BINARY_FORMATS = ["billm", "billm-k16g64", "billm-k4g64", "billm-k5g64r"]
 
 
 @pytest.mark.parametrize("fmt", GPTQ_FORMATS + BINARY_FORMATS)

@@ -48,6 +48,8 @@ def test_hessian_accumulator_matches_reference_convention():
     CompactBiLLM(column_feedback=True, scale_bits=4, scale_octaves=5, ref_headroom=1.0, col_scale_bits=8),
     CompactBiLLM(column_feedback=True, means=True, col_scale=False, block_size=96),
     CompactBiLLM(column_feedback=True, act_order=True, col_scale_bits=8, row_ref_bits=8),
+    CompactBiLLM(column_feedback=True, act_order=True, refits=1, means=True),
+    CompactBiLLM(column_feedback=True, act_order=True, refits=1, delta_bits=3, scale_bits=4, row_ref_bits=8),
 ])
 def test_stored_form_is_exact_and_counted(solver):
     W, H, _ = make_problem()
@@ -197,7 +199,7 @@ def test_bad_problems_raise_one_clear_error(bad, message, solver):
     lambda: CompactBiLLM(scale_bits=2), lambda: CompactBiLLM(sparse_runs=((12, 1),)), lambda: CompactBiLLM(sparse_runs=()),
     lambda: CompactBiLLM(sparse_runs=((8, 8),)), lambda: CompactBiLLM(lam=-1), lambda: CompactBiLLM(block_size=0),
     lambda: CompactBiLLM(scale_octaves=0), lambda: CompactBiLLM(ref_headroom=0.5), lambda: CompactBiLLM(col_scale_bits=4),
-    lambda: CompactBiLLM(row_ref_bits=12),
+    lambda: CompactBiLLM(row_ref_bits=12), lambda: CompactBiLLM(refits=-1), lambda: CompactBiLLM(delta_bits=5),
 ])
 def test_bad_settings_raise(make):
     with pytest.raises(LuqError):

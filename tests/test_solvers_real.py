@@ -10,7 +10,8 @@ Tolerances come from measurement (bench/solvers.py prints the same figures):
 - BiLLM vs the loop searches it replaced: bench/pin_billm.py pinned their stored bytes.
 - Compact BiLLM formats, mean over the 21 linears (true bits, error / BiLLM's mean error),
   measured: billm-k16g64 2.06 bits, 0.85x; billm-k8g64 1.81, 1.14x; billm-k4g64 1.60, 1.55x.
-  The bounds below leave 0.05 bit and ~5% of error.
+  The bounds below leave 0.05 bit and ~5% of error; billm-k5g64r (1.5995 bits, 1.142x) is
+  held to issue 14's bar itself (<= 1.6 true bits, <= 1.15x BiLLM's error).
 """
 
 import hashlib
@@ -81,7 +82,8 @@ def compact(fmt, name):
 
 @pytest.mark.parametrize("fmt, max_bits, max_ratio", [
     ("billm-k16g64", 2.1, 0.9), ("billm-k8g64", 1.86, 1.2), ("billm-k4g64", 1.65, 1.65),
-    ("billm-k5g64f", 1.6, 1.22)])  # k5g64f measured 1.594 bits, 1.177x
+    ("billm-k5g64f", 1.6, 1.22),  # k5g64f measured 1.594 bits, 1.177x
+    ("billm-k5g64r", 1.6, 1.15)])  # the issue's bar; measured 1.5995 bits, 1.142x
 def test_compact_billm_bits_and_error_on_real_layers(fmt, max_bits, max_ratio):
     bits = [compact(fmt, n).bits_per_weight for n in names()]
     errors = [output_error(problems()[n], compact(fmt, n)) for n in names()]

@@ -106,6 +106,17 @@ def decode_column_scales(codes: torch.Tensor) -> torch.Tensor:
     return torch.exp2((codes.float() - (256 - COL_TOP)) / COL_STEPS)
 
 
+def unpack_scale_codes(scale_codes: torch.Tensor, scale2_delta: torch.Tensor | None, start: int, stop: int,
+                       n_blocks: int, scale_bits: int, delta_bits: int) -> torch.Tensor:
+    """int64 [rows, n_blocks, 4] scale codes of rows [start, stop) (scale_codes already sliced).
+    With delta_bits, the salient order-2 code is stored apart as its step below the order-1 code."""
+    if not delta_bits:
+        return unpack_bits(scale_codes, scale_bits, n_blocks * N_GROUPS).reshape(-1, n_blocks, N_GROUPS)
+    rest = unpack_bits(scale_codes, scale_bits, n_blocks * (N_GROUPS - 1)).reshape(-1, n_blocks, N_GROUPS - 1)
+    delta = unpack_bits(scale2_delta[start:stop], delta_bits, n_blocks)
+    return torch.stack([rest[..., 0], rest[..., 0] + delta, rest[..., 1], rest[..., 2]], -1)
+
+
 def decode_means(a: torch.Tensor, codes: torch.Tensor, mean_bits: int) -> torch.Tensor:
     h = 2 ** (mean_bits - 1)
     return a * ((codes.float() - h) / h)
@@ -139,25 +150,29 @@ class CompactBiLLMWeight(QuantizedWeight):
     scale_octaves: int = OCTAVES
     ref_top: torch.Tensor | None = None  # fp16 [1]: the top of the 8-bit row references, or None
     perm: torch.Tensor | None = None  # uint8 [packed(in * perm_bits(in))]: act-order's column order, or None
+    scale2_delta: torch.Tensor | None = None  # uint8 [out, packed(n_blocks, delta_bits)], or None
+    delta_bits: int = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"signs": self.signs, "residual_signs": self.residual_signs, "salient_cols": self.salient_cols,
               "sparse_codes": self.sparse_codes, "sparse_runs": self.sparse_runs,
               "scale_codes": self.scale_codes, "row_ref": self.row_ref}
-        for name in ("mean_codes", "col_scale", "perm", "ref_top"):
+        for name in ("mean_codes", "col_scale", "perm", "ref_top", "scale2_delta"):
             if getattr(self, name) is not None:
                 sd[name] = getattr(self, name)
         return sd
 
     def config(self) -> dict[str, Any]:
         return {"method": self.method, "shape": list(self.shape), "block_size": self.block_size,
-                "scale_bits": self.scale_bits, "mean_bits": self.mean_bits, "scale_octaves": self.scale_octaves}
+                "scale_bits": self.scale_bits, "mean_bits": self.mean_bits, "scale_octaves": self.scale_octaves,
+                **({"delta_bits": self.delta_bits} if self.delta_bits else {})}
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> "CompactBiLLMWeight":
         return cls(**{k: tensors[k] for k in ("signs", "residual_signs", "salient_cols", "sparse_codes",
                                               "sparse_runs", "scale_codes", "row_ref")},
-                   mean_codes=tensors.get("mean_codes"), col_scale=tensors.get("col_scale"), perm=tensors.get("perm"), ref_top=tensors.get("ref_top"), shape=tuple(config["shape"]),
+                   mean_codes=tensors.get("mean_codes"), col_scale=tensors.get("col_scale"), perm=tensors.get("perm"), ref_top=tensors.get("ref_top"),
+                   scale2_delta=tensors.get("scale2_delta"), delta_bits=int(config.get("delta_bits", 0)), shape=tuple(config["shape"]),
                    block_size=int(config["block_size"]), scale_bits=int(config["scale_bits"]),
                    mean_bits=int(config["mean_bits"]), scale_octaves=int(config.get("scale_octaves", OCTAVES)))
 
@@ -179,7 +194,8 @@ class CompactBiLLMWeight(QuantizedWeight):
     def parameters_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded scales and means [rows, n_blocks, 4] (float32) of rows [start, stop)."""
         n = self.n_blocks * N_GROUPS
-        codes = unpack_bits(self.scale_codes[start:stop], self.scale_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
+        codes = unpack_scale_codes(self.scale_codes[start:stop], self.scale2_delta, start, stop, self.n_blocks,
+                                   self.scale_bits, self.delta_bits)
         ref = self.row_ref[start:stop] if self.ref_top is None else decode_row_refs(self.row_ref[start:stop], self.ref_top)
         a = decode_scales(ref, codes, self.scale_bits, self.scale_octaves)
         if self.mean_codes is None:
@@ -254,7 +270,11 @@ class CompactBiLLM:
     column_feedback: signs chosen column by column with GPTQ's error feedback inside the
     block. act_order: columns solved by decreasing diag H (their order stored). scale_octaves:
     the span of the scale grid below the row reference, ref_headroom x the row's max |w|.
-    col_scale_bits, row_ref_bits: 16 (fp16) or 8 (log codes).
+    col_scale_bits, row_ref_bits: 16 (fp16) or 8 (log codes). refits (with column_feedback):
+    times the scales and means are fitted again to the values the columns had when their
+    signs were chosen, and the signs chosen again. delta_bits (> 0): the salient order-2 scale
+    stored as 0..2^delta_bits - 1 steps of the grid below the order-1 scale (it is smaller),
+    delta_bits instead of scale_bits.
     """
 
     block_size: int = 128
@@ -273,6 +293,8 @@ class CompactBiLLM:
     col_scale_bits: int = 16
     act_order: bool = False
     row_ref_bits: int = 16
+    refits: int = 0
+    delta_bits: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -300,6 +322,10 @@ class CompactBiLLM:
             raise LuqError(f"CompactBiLLM: ref_headroom must be >= 1, got {self.ref_headroom}")
         if self.row_ref_bits not in (8, 16):
             raise LuqError(f"CompactBiLLM: row_ref_bits must be 8 or 16, got {self.row_ref_bits}")
+        if not isinstance(self.delta_bits, int) or not 0 <= self.delta_bits < self.scale_bits:
+            raise LuqError(f"CompactBiLLM: delta_bits must be in 0..scale_bits-1, got {self.delta_bits}")
+        if not isinstance(self.refits, int) or self.refits < 0:
+            raise LuqError(f"CompactBiLLM: refits must be a non-negative integer, got {self.refits}")
         if self.col_scale_bits not in (8, 16):
             raise LuqError(f"CompactBiLLM: col_scale_bits must be 8 or 16, got {self.col_scale_bits}")
 
@@ -310,7 +336,9 @@ class CompactBiLLM:
         n_blocks = len(widths)
         fixed = (rows * packed_length(cols, 1) + packed_length(cols, 1) + 2 * n_blocks
                  + (2 * rows if self.row_ref_bits == 16 else rows + 2)
-                 + rows * packed_length(n_blocks * N_GROUPS, self.scale_bits)
+                 + (rows * packed_length(n_blocks * N_GROUPS, self.scale_bits) if not self.delta_bits else
+                    rows * (packed_length(n_blocks * (N_GROUPS - 1), self.scale_bits)
+                            + packed_length(n_blocks, self.delta_bits)))
                  + (rows * packed_length(n_blocks * N_GROUPS, self.mean_bits) if self.means else 0)
                  + (self.col_scale_bits // 8 * cols if self.col_scale else 0)
                  + (packed_length(cols * perm_bits(cols), 1) if self.act_order else 0))
@@ -357,23 +385,28 @@ class CompactBiLLM:
             # with column feedback, each column's weight in the fit of the scales: its squared error
             # costs (col_scale / U_jj)^2 of output error (GPTQ's objective)
             fit_w = (col_scale[c0:c1] / d) ** 2 if self.column_feedback else None
-            (s_sal, sc_sal, mc_sal), (s_con, sc_con, mc_con), (s_spa, sc_spa, mc_spa) = (
-                self._binarize(Wn, sal_mask, 2, row_ref, fit_w), self._binarize(Wn, ~sal_mask & ~sparse_b, 1, row_ref, fit_w),
-                self._binarize(Wn, sparse_b, 1, row_ref, fit_w))
             salient[c0:c1] = sal_b
-            sign1[:, c0:c1] = s_sal[0] | s_con[0] | s_spa[0]
-            sign2[:, c0:c1] = s_sal[1]
-            scale_codes[:, b] = torch.stack([sc_sal[0], sc_sal[1], sc_con[0], sc_spa[0]], 1)
-            mean_codes[:, b] = torch.stack([mc_sal[0], mc_sal[1], mc_con[0], mc_spa[0]], 1)
             sparse_codes.append(codes_b)
             runs.append(run_b)
-
-            a = decode_scales(row_ref, scale_codes[:, b], self.scale_bits, self.scale_octaves)
-            m = decode_means(a, mean_codes[:, b], self.mean_bits) if self.means else torch.zeros_like(a)
-            if self.column_feedback:
-                Err = self._signs_column_by_column(Wb, U[c0:c1, c0:c1], col_scale[c0:c1], sal_b, sparse_b, a, m,
-                                                      sign1[:, c0:c1], sign2[:, c0:c1])
-            else:
+            target = Wn
+            for _ in range(1 + (self.refits if self.column_feedback else 0)):
+                (s_sal, sc_sal, mc_sal), (s_con, sc_con, mc_con), (s_spa, sc_spa, mc_spa) = (
+                    self._binarize(target, sal_mask, 2, row_ref, fit_w),
+                    self._binarize(target, ~sal_mask & ~sparse_b, 1, row_ref, fit_w),
+                    self._binarize(target, sparse_b, 1, row_ref, fit_w))
+                sign1[:, c0:c1] = s_sal[0] | s_con[0] | s_spa[0]
+                sign2[:, c0:c1] = s_sal[1]
+                scale_codes[:, b] = torch.stack([sc_sal[0], sc_sal[1], sc_con[0], sc_spa[0]], 1)
+                mean_codes[:, b] = torch.stack([mc_sal[0], mc_sal[1], mc_con[0], mc_spa[0]], 1)
+                a = decode_scales(row_ref, scale_codes[:, b], self.scale_bits, self.scale_octaves)
+                m = decode_means(a, mean_codes[:, b], self.mean_bits) if self.means else torch.zeros_like(a)
+                if self.column_feedback:
+                    # refits: the scales fitted again to the values the columns had when their
+                    # signs were chosen (after the feedback of the block's earlier columns)
+                    Err, seen = self._signs_column_by_column(Wb, U[c0:c1, c0:c1], col_scale[c0:c1], sal_b, sparse_b,
+                                                             a, m, sign1[:, c0:c1], sign2[:, c0:c1])
+                    target = seen / col_scale[None, c0:c1]
+            if not self.column_feedback:
                 Qb = block_values(sign1[:, c0:c1], sign2[:, c0:c1], sparse_b, sal_b, a, m)
                 if self.col_scale:
                     Qb = Qb * col_scale[None, c0:c1]
@@ -386,7 +419,9 @@ class CompactBiLLM:
             signs=pack_bool(sign1), residual_signs=pack_bool(sign2[:, salient]), salient_cols=pack_bool(salient),
             sparse_codes=pack_bool(torch.cat(sparse_codes, 1)),
             sparse_runs=torch.tensor(runs, dtype=torch.uint8, device=W.device).reshape(-1, 2),
-            scale_codes=flat(scale_codes, self.scale_bits),
+            scale_codes=flat(scale_codes if not self.delta_bits else scale_codes[..., [0, 2, 3]], self.scale_bits),
+            scale2_delta=flat(scale_codes[..., 1] - scale_codes[..., 0], self.delta_bits) if self.delta_bits else None,
+            delta_bits=self.delta_bits,
             mean_codes=flat(mean_codes, self.mean_bits) if self.means else None,
             row_ref=row_ref if ref_top is None else stored_ref, ref_top=ref_top, col_scale=self._column_scale_storage(col_scale) if self.col_scale else None,
             shape=(rows, cols), block_size=self.block_size, scale_bits=self.scale_bits, mean_bits=self.mean_bits,
@@ -404,10 +439,12 @@ class CompactBiLLM:
     def _signs_column_by_column(Wb, Ubb, cs, sal_b, sparse_b, a, m, sign1, sign2) -> torch.Tensor:
         """The block's signs chosen one column at a time, each column's error propagated to the
         block's later columns first (GPTQ inside the block; the groups, scales and means stay as
-        searched). Writes sign1/sign2 [rows, width] in place; returns the block's Err (E U_bb^-1)."""
+        searched). Writes sign1/sign2 [rows, width] in place; returns the block's Err (E U_bb^-1)
+        and the values [rows, width] the columns had when their signs were chosen."""
         rows, width = Wb.shape
         Wb = Wb.clone()
         Err = torch.empty_like(Wb)
+        seen = Wb  # column j holds its value when its signs are chosen (updated in place)
         for j in range(width):
             v = Wb[:, j] / cs[j]
             if sal_b[j]:
@@ -424,7 +461,7 @@ class CompactBiLLM:
             sign1[:, j] = s1
             Err[:, j] = (Wb[:, j] - q * cs[j]) / Ubb[j, j]
             Wb[:, j + 1:] -= Err[:, j, None] * Ubb[j, j + 1:][None, :]
-        return Err
+        return Err, seen
 
     def _row_reference(self, W: torch.Tensor) -> torch.Tensor:
         """fp16 [rows]: the top of each row's scale grid, ref_headroom x the row's largest |w| (over
@@ -449,6 +486,8 @@ class CompactBiLLM:
             mean = (residual * weight).sum(1) / count if self.means else torch.zeros_like(count)
             scale = ((residual - mean[:, None]).abs() * weight).sum(1) / count
             sc = encode_scales(row_ref, scale, self.scale_bits, self.scale_octaves)
+            if scodes and self.delta_bits:  # order 2: a few steps below order 1's code
+                sc = torch.minimum(torch.maximum(sc, scodes[0]), scodes[0] + (2 ** self.delta_bits - 1))
             scale = decode_scales(row_ref, sc, self.scale_bits, self.scale_octaves)
             if self.means:
                 mc = encode_means(scale, mean, self.mean_bits)

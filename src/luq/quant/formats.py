@@ -134,6 +134,14 @@ register_format(Format("billm-k5g64f", CompactBiLLM(
     ref_headroom=1.0, col_scale_bits=8, row_ref_bits=8),
     "compact BiLLM at ~1.6 bits: 5 sparse weights per 64 columns, act-order, signs chosen column by column "
     "with error feedback, 4-bit scales, 8-bit column scales and row references"))
+# billm-k5g64f with its scales fitted again to the values the signs were chosen on (refits=1), the
+# salient order-2 scale stored as 3 bits below the order-1 one, and salient columns priced lower
+# (lam 0.1): 1.5995 true bits at 1.142x BiLLM's mean error on the 21 SmolLM2 linears (bench/solvers.py)
+register_format(Format("billm-k5g64r", CompactBiLLM(
+    sparse_runs=((64, 5),), lam=0.1, column_feedback=True, act_order=True, scale_bits=4, scale_octaves=5,
+    ref_headroom=1.0, col_scale_bits=8, row_ref_bits=8, refits=1, delta_bits=3),
+    "compact BiLLM at ~1.6 bits: billm-k5g64f with the scales refitted after the signs, the residual "
+    "scale as a 3-bit step below the first, more salient columns"))
 
 # 6 bits: offered to the units outside the decoder (embeddings, head, vision tower), where
 # llama.cpp's recipes also spend 6 bits (Q6_K output heads)
