@@ -146,3 +146,88 @@ def test_load_model_streams_only_when_asked(tmp_path):
     with layer_on(embed, "cpu"):
         assert torch.equal(embed.weight, in_memory.model.embed_tokens.weight)
     assert streamed.lm_head.weight is embed.weight  # still tied as from_pretrained ties, after release
+
+
+# --- memory: what a streamed pass holds ----------------------------------------------------
+
+
+def test_converting_read_equals_to_dtype(tmp_path, monkeypatch):
+    """A tensor converted chunk by chunk as it is read is `.to(dtype)` of the stored one."""
+    import luq.tensorfile as tensorfile
+
+    monkeypatch.setattr(tensorfile, "_CHUNK", 64)  # many chunks, the last one short
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(37, 11, generator=g).half(), "b": torch.randn(5, generator=g).bfloat16(),
+               "i": torch.arange(7, dtype=torch.int32)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    files = TensorFiles([tmp_path / "t.safetensors"])
+    for name, t in tensors.items():
+        got = files.read(name, torch.float32)
+        expected = t.float() if t.is_floating_point() else t  # integers are never converted
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_a_streamed_layer_used_twice_at_once_is_freed_once_after(tmp_path):
+    """A stage that reads a layer while a pass holds it (the layer's digest, taken when the pass
+    reaches the layer) must not leave it in memory: every decoder weight is back on the meta
+    device after a quantizing pass."""
+    from luq.pipeline import layer_pass
+    from luq.quant.formats import get_format
+    from luq.variants import VariantCache
+
+    model_dir = tiny_llama_dir(tmp_path / "model", layers=2)
+    streamed, tokenizer, adapter = load_model(model_dir, stream=True)
+    layer = adapter.decoder_layers(streamed)[0]
+    with layer_on(layer, "cpu"):
+        with layer_on(layer, "cpu"):
+            assert all(p.device.type == "cpu" for p in layer.parameters())
+        assert all(p.device.type == "cpu" for p in layer.parameters())  # the outer use still holds it
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    from luq.calibration import calibration_batches
+
+    batches = calibration_batches(tokenizer, adapter, CalibrationConfig(samples=2, seq_len=16))
+    layer_pass(streamed, adapter, batches, formats=[get_format("gptq4-g128")], cache=VariantCache(tmp_path / "c", {}),
+               progress=False)
+    assert all(p.device.type == "meta" for p in adapter.decoder_layers(streamed).parameters())
+
+
+def test_linears_fed_one_input_share_its_hessian(tmp_path):
+    """q/k/v (and gate/up) read the same input tensor: one accumulator serves them, and each
+    linear's Hessian is the one its own accumulator would give, to the bit."""
+    from luq.calibration import calibration_batches
+    from luq.capture import PAD, capture_first_layer_inputs, layer_forward
+    from luq.models import quantizable_linears
+    from luq.pipeline import _LayerHooks
+    from luq.quant import HessianAccumulator
+
+    model_dir = tiny_llama_dir(tmp_path / "model", layers=1)
+    model, tokenizer, adapter = load_model(model_dir)
+    batches = calibration_batches(tokenizer, adapter, CalibrationConfig(samples=3, seq_len=16))
+    first = capture_first_layer_inputs(model, adapter, batches)
+    layer = adapter.decoder_layers(model)[0]
+    masks = [inp.token_kind != PAD for inp in first]
+    hooks = _LayerHooks(masks)
+    hooks.attach(layer)
+    own = {name: HessianAccumulator(m.in_features) for name, m in quantizable_linears(layer).items()}
+    calls = {name: 0 for name in own}
+
+    def separate(name):
+        def add(module, args):
+            keep = masks[calls[name]]
+            calls[name] += 1
+            own[name].add_batch(args[0][keep])
+        return add
+
+    handles = [m.register_forward_pre_hook(separate(n)) for n, m in quantizable_linears(layer).items()]
+    with torch.no_grad():
+        for inp in first:
+            layer_forward(layer, inp, "cpu")
+    hooks.remove()
+    for h in handles:
+        h.remove()
+    assert hooks.owner["self_attn.k_proj"] == hooks.owner["self_attn.v_proj"] == "self_attn.q_proj"
+    assert hooks.owner["mlp.up_proj"] == "mlp.gate_proj"
+    assert len(hooks.accumulators) == 4  # q/k/v, o, gate/up, down
+    for name, acc in own.items():
+        assert torch.equal(hooks[name], acc.hessian)
+    assert not hooks.accumulators  # every float64 sum given up once its linears took their Hessians

@@ -33,30 +33,60 @@ DEFAULT_K_GRID = (8, 16, 32, 50, 75, 100, 150, 200)
 
 @dataclass
 class _LayerHooks:
-    """Hessian accumulators on one layer's linears, fed only the non-padding tokens."""
+    """Hessian accumulators on one layer's linears, fed only the non-padding tokens.
+
+    Linears that receive the same input tensor (a layer's q/k/v projections, gate/up) share
+    one accumulator: the same sums, once. `self[name]` is a linear's Hessian, taken when
+    the solver asks for it; an accumulator is freed once every linear sharing it has taken
+    its Hessian, so a layer holds its float64 sums only until they are used."""
 
     keep_masks: list[torch.Tensor]                       # per batch, bool [batch, tokens]
     accumulators: dict[str, HessianAccumulator] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)  # linear -> the linear whose accumulator it reads
     handles: list = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
+    _last: tuple | None = None                           # (input tensor, owner) of the latest batch added
+    _taken: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def attach(self, layer: nn.Module) -> None:
         for name, linear in quantizable_linears(layer).items():
-            self.accumulators[name] = HessianAccumulator(linear.in_features, device=linear.weight.device)
             self.calls[name] = 0
-            self.handles.append(linear.register_forward_pre_hook(self._hook(name)))
+            self.handles.append(linear.register_forward_pre_hook(self._hook(name, linear)))
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, linear: nn.Linear):
         def add(module, args):
             x = args[0]
-            keep = self.keep_masks[self.calls[name]].to(x.device)  # one call per batch, in order
-            self.calls[name] += 1
+            call = self.calls[name]
+            self.calls[name] += 1  # one call per batch, in order
+            if call == 0:
+                same = self._last is not None and self._last[0] is x
+                self.owner[name] = self._last[1] if same else name
+                if not same:
+                    self.accumulators[name] = HessianAccumulator(linear.in_features, device=linear.weight.device)
+            owner = self.owner[name]
+            if owner != name:
+                if self._last is None or self._last[0] is not x or self._last[1] != owner:
+                    raise RuntimeError(f"{name} shared {owner}'s input on the first batch, not on batch {call}")
+                return
+            keep = self.keep_masks[call].to(x.device)
             self.accumulators[name].add_batch(x[keep] if keep.shape == x.shape[:-1] else x)
+            self._last = (x, name)
         return add
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self._last = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        owner = self.owner[name]
+        if owner not in self._taken:
+            self._taken[owner] = self.accumulators.pop(owner).take()
+        H = self._taken[owner]
+        if not any(o == owner for n, o in self.owner.items() if n != name):
+            del self._taken[owner]
+        del self.owner[name]
+        return H
 
 
 def quantize_weights(weights: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
@@ -188,11 +218,9 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
         results = dict(cached)
         if missing:
             bar.set_postfix_str(f"quantizing layer {i}")
-            hess = {name: acc.hessian for name, acc in hooks.accumulators.items()}
-            hooks.accumulators.clear()  # the float64 sums: not needed once H is taken
             todo = {name: [f for f in fmts if f.name in missing] for name, fmts in needs.items()}
-            fresh = quantize_linears(layer, hess, {n: f for n, f in todo.items() if f}, device)
-            del hess
+            fresh = quantize_linears(layer, hooks, {n: f for n, f in todo.items() if f}, device)
+            del hooks
             for name, result in fresh.items():
                 if cache is not None:
                     cache.save(i, missing[name], result, digest)

@@ -62,6 +62,7 @@ class LayerStream:
         self.sources: list[tuple[frozenset[str], Callable[[], dict[str, torch.Tensor]]]] = []
         self.digest: str | None = None
         self._kept: dict[str, torch.Tensor] = {}
+        self._depth = 0  # nested uses (e.g. the layer's digest taken while a pass holds it) read it once
 
     def add_source(self, names, fetch: Callable[[], dict[str, torch.Tensor]]) -> None:
         """`fetch()` returns (at least) the tensors `names` (relative to the layer), at their stored dtypes."""
@@ -71,10 +72,19 @@ class LayerStream:
         self.sources = []
 
     def read(self, name: str) -> torch.Tensor:
-        t = self.files.read(self.keys[name])
-        return t.to(self.dtype) if t.is_floating_point() else t
+        return self.files.read(self.keys[name], self.dtype)  # floating tensors converted as they are read
 
     def load(self, layer: nn.Module, device: torch.device | str) -> None:
+        self._depth += 1
+        if self._depth > 1:  # already in memory: the outermost use frees it
+            return
+        try:
+            self._load(layer, device)
+        except BaseException:
+            self._depth = 0
+            raise
+
+    def _load(self, layer: nn.Module, device: torch.device | str) -> None:
         wanted = [n for n, t in layer.state_dict(keep_vars=True).items() if t.device.type == "meta"]
         values: dict[str, torch.Tensor] = {}
         for names, fetch in self.sources:
@@ -96,6 +106,9 @@ class LayerStream:
                 _set_tensor(layer, name, buf.to(device))
 
     def release(self, layer: nn.Module) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
         state = dict(layer.named_parameters()) | dict(layer.named_buffers())
         for name, kept in self._kept.items():
             if name in state:  # a module swapped meanwhile and swapped back keeps its own tensors
@@ -290,8 +303,7 @@ def load_streaming(source: str, config, auto_model, adapter: Adapter, device: to
         prefixes.append(prefix)
     for name, key in outside.items():
         if name in state and not name.startswith(tuple(prefixes)):
-            t = files.read(key)
-            _set_tensor(model, name, (t.to(dtype) if t.is_floating_point() else t).to(device))
+            _set_tensor(model, name, files.read(key, dtype).to(device))
     for name, buf in list(model.named_buffers()):
         if buf.device.type != "meta" and not name.startswith(tuple(prefixes)):
             _set_tensor(model, name, buf.to(device))

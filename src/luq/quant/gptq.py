@@ -255,7 +255,9 @@ class GPTQ:
 
         perm = torch.argsort(torch.diagonal(H), descending=True) if self.act_order else None
         if perm is not None:
-            W, H = W[:, perm], H[perm][:, perm]
+            W = W[:, perm]
+            H = H[perm]  # in two steps, so that at most two [cols, cols] copies are alive
+            H = H[:, perm]
         U = inverse_hessian_cholesky(H, self.damp, "GPTQ")
         del H
 
