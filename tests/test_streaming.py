@@ -231,3 +231,15 @@ def test_linears_fed_one_input_share_its_hessian(tmp_path):
     for name, acc in own.items():
         assert torch.equal(hooks[name], acc.hessian)
     assert not hooks.accumulators  # every float64 sum given up once its linears took their Hessians
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+def test_packing_rows_at_a_time_writes_the_same_bytes(bits, monkeypatch):
+    import luq.quant.packing as packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (2, 37, 21), generator=g)
+    whole = packing.pack_bits(codes, bits)
+    monkeypatch.setattr(packing, "_PACK_CHUNK", 50)  # two rows of 21 codes per piece, the last piece short
+    assert torch.equal(packing.pack_bits(codes, bits), whole)
+    assert torch.equal(packing.unpack_bits(whole, bits, 21), codes)

@@ -117,19 +117,35 @@ class LayerStream:
         release_freed_memory()
 
 
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise: after a few layers the
-    resident size would be the sum of every layer's fragments, not one layer's)."""
+def _libc():
+    """glibc, or False elsewhere (musl, macOS): then the two calls below do nothing."""
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - both must exist
+        except (OSError, AttributeError):
             _LIBC = False
-            return
-    if _LIBC:
+    return _LIBC
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: after a few layers the
+    resident size would be the sum of every layer's fragments, not one layer's)."""
+    if _libc():
         _LIBC.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more from a mapping of its own, unmapped
+    when freed. glibc's default threshold rises to 32 MB after the first large block is freed,
+    so a layer's 1-32 MB temporaries (Hessians, GPTQ's blocks, activations) then come from the
+    heap, whose freed holes stay resident until trimmed."""
+    if _libc():
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 _LIBC = None
@@ -269,6 +285,7 @@ def load_streaming(source: str, config, auto_model, adapter: Adapter, device: to
     everything else materialized on `device` at `dtype` (floating tensors)."""
     from accelerate import init_empty_weights
 
+    map_large_allocations()  # a streamed run is one whose memory matters
     files = TensorFiles.in_dir(weights_dir(source))
     if not files.keys():
         raise LuqError(f"{source} has no safetensors weights to stream; load it in memory (stream=False)")

@@ -295,6 +295,7 @@ class GPTQ:
                 Err1t[i] = err
             codes[:, b0:b1] = codes1t.T
             W[:, b1:].addmm_(Err1t.T, U[b0:b1, b1:], alpha=-1)  # lazy batch update of the rest
+        del W, U  # not needed to pack: memory for packing's temporaries
 
         if perm is None:
             return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
