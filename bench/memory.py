@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--no-final-pass", action="store_true")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=str(HERE / "bench" / "results" / "memory.json"),
+                    help="where the measured figures go ('' for nowhere)")
     # child process options
     ap.add_argument("--child", choices=["quantize", "load"])
     ap.add_argument("--mode", default="stream")
@@ -206,6 +208,18 @@ def main() -> None:
 
 
 def report(args, rows: dict, work: Path) -> None:
+    out = {"command": "python -m bench.memory " + " ".join(sys.argv[1:]),
+           "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
+                     "heads": args.heads},
+           "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "threads": args.threads,
+           "quantize": {mode: dict(r, peak_gb=r["peak_kb"] * 1024 / 1e9) for mode, r in rows.items()}, "load": {}}
+    _report(args, rows, work, out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+def _report(args, rows: dict, work: Path, out: dict) -> None:
     print(f"\nluq.quantize, GPTQ-4 g128, {args.samples} x {args.seq_len} tokens, {args.threads} threads, "
           f"hidden {args.hidden}, {args.layers} layers:\n")
     print("| mode | peak resident GB | wall s | layer pass s | s per layer (all stages) |")
@@ -217,40 +231,49 @@ def report(args, rows: dict, work: Path) -> None:
         a, b = (work / "q-stream" / "model.safetensors.index.json"), (work / "q-memory" / "model.safetensors.index.json")
         files = sorted(p.name for p in (work / "q-stream").glob("*.safetensors"))
         same = all((work / "q-stream" / f).read_bytes() == (work / "q-memory" / f).read_bytes() for f in files)
+        out["artifact_identical"] = same
         print(f"\nartifact tensors identical, streamed vs in memory: {same} ({', '.join(files)}"
               f"{', index' if a.exists() and b.exists() else ''})")
     mode = "stream" if "stream" in rows else next(iter(rows))
-    out = work / f"q-{mode}"
+    artifact_dir = work / f"q-{mode}"
     print("\nluq.load of the artifact (fresh process):\n")
     print("| dtype | artifact GB | baseline GB | peak GB | (peak - baseline) / artifact | load s |")
     print("|---|---:|---:|---:|---:|---:|")
     artifact = rows[mode]["total_bytes"]
     for dtype in ("float32", "float16"):
-        r = run_child("--child", "load", "--out", str(out), "--dtype", dtype, "--threads", str(args.threads))
+        r = run_child("--child", "load", "--out", str(artifact_dir), "--dtype", dtype, "--threads", str(args.threads))
         ratio = (r["peak_kb"] - r["baseline_kb"]) * 1024 / artifact
+        out["load"][dtype] = dict(r, artifact_bytes=artifact, ratio_over_baseline=ratio)
         print(f"| {dtype} | {artifact / 1e9:.3f} | {r['baseline_kb'] * 1024 / 1e9:.2f} | "
               f"{r['peak_kb'] * 1024 / 1e9:.2f} | {ratio:.2f} | {r['wall_s']:.1f} |")
 
     # projection to LLaVA-1.5-7B (Vicuna-7B: hidden 4096, MLP 11008, 32 layers; CLIP-L/336 + projector)
     r = rows[mode]
     work_ratio = gptq_work(linear_shapes(4096, 11008)) / gptq_work(linear_shapes(args.hidden, args.intermediate))
-    per_layer = r["seconds"]["layer_pass"] / args.layers  # the variant pass; the final pass costs about as much
-    passes = 1 if args.no_final_pass else 2
+    per_layer = r["seconds"]["layer_pass"] / args.layers  # the variant pass (with load and calibration)
+    final = r["seconds"].get("final_pass", r["seconds"]["layer_pass"]) / args.layers if not args.no_final_pass else 0
 
     def one_layer(hidden, intermediate):
-        """Bytes held while one layer is quantized: the layer in float32 and its float64 Hessian sums."""
+        """Bytes held while one layer is quantized: the layer in float32 and its float64 Hessian sums
+        (one per distinct input: q/k/v share one, gate/up one)."""
         shapes = linear_shapes(hidden, intermediate)
-        return 4 * sum(a * b for a, b in shapes), 8 * sum(c * c for _, c in shapes)
+        return 4 * sum(a * b for a, b in shapes), 8 * (3 * hidden * hidden + intermediate * intermediate)
 
     here, big = one_layer(args.hidden, args.intermediate), one_layer(4096, 11008)
+    hours = (per_layer + final) * work_ratio * 32 / 3600
+    need = r["peak_kb"] * 1024 + sum(big) - sum(here)
+    out["projection_llava_1_5_7b"] = {"seconds_per_layer_variant_pass": per_layer,
+                                      "seconds_per_layer_final_pass": final, "gptq_work_ratio": work_ratio, "hours": hours,
+                                      "peak_gb_at_least": need / 1e9,
+                                      "note": "arithmetic on the measured figures, not a measurement"}
     print(f"\nprojection to LLaVA-1.5-7B ({mode}; arithmetic on the figures above, not a measurement):")
-    print(f"- time: {per_layer:.0f} s per layer in the variant pass here x {work_ratio:.1f} (GPTQ work, sum of "
-          f"rows x cols^2, of a 7B layer / this one's) x 32 layers x {passes} pass(es) = "
-          f"{per_layer * work_ratio * 32 * passes / 3600:.1f} h on {args.threads} threads")
+    print(f"- time: ({per_layer:.0f} s variant pass + {final:.0f} s final pass) per layer here x {work_ratio:.1f} "
+          f"(GPTQ work, sum of rows x cols^2, of a 7B layer / this one's) x 32 layers = {hours:.1f} h "
+          f"on {args.threads} threads")
     print(f"- memory: one layer here is {here[0] / 1e9:.2f} GB in float32 + {here[1] / 1e9:.2f} GB of float64 "
           f"Hessian sums; a 7B layer {big[0] / 1e9:.2f} + {big[1] / 1e9:.2f} GB: a streamed 7B run needs at least "
-          f"the measured peak here + {(sum(big) - sum(here)) / 1e9:.1f} GB = "
-          f"{(r['peak_kb'] * 1024 + sum(big) - sum(here)) / 1e9:.1f} GB")
+          f"the measured peak here + {(sum(big) - sum(here)) / 1e9:.1f} GB = {need / 1e9:.1f} GB")
+
 
 if __name__ == "__main__":
     main()

@@ -113,16 +113,18 @@ def test_missing_layer_tensor_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "llava"])
 def test_streaming_quantize_writes_the_in_memory_artifact(tmp_path, family):
-    """The measured allocation over two formats (sensitivity, knapsack, final pass, measured KL),
-    streamed and in memory: the same files. Llama: tied embeddings; LLaVA: saved by transformers
-    under the hub's names, calibrated on images and text."""
+    """The measured allocation over two formats with every unit outside the decoder in the budget
+    (their Hessians, formats and costs; sensitivity, knapsack, final pass, measured KL), streamed
+    and in memory: the same plan and the same files. Llama: tied embeddings; LLaVA: saved by
+    transformers under the hub's names, calibrated on images and text, its vision tower in the plan."""
     if family == "llama":
         model_dir, calibration = tiny_llama_dir(tmp_path / "model", layers=3), CalibrationConfig(samples=2, seq_len=32)
     else:
         model_dir, calibration = tiny_llava_dir(tmp_path / "model", layers=2), CalibrationConfig(alpha=0.5, samples=2,
                                                                                                 seq_len=160)
-    config = luq.LUQConfig(calibration=calibration, formats=("gptq4-g128", "gptq3-g64"), budget_gb=1.0,
-                           keep_fp16=("embed", "head", "vision"))  # streaming covers the decoder only
+    # a budget below the float16 embedding (and head): the knapsack must quantize units outside the decoder
+    budget = 0.004 if family == "llama" else 0.008
+    config = luq.LUQConfig(calibration=calibration, formats=("gptq4-g128", "gptq3-g64"), budget_gb=budget)
     reports = {}
     for stream in (False, True):
         reports[stream] = luq.quantize(model_dir, tmp_path / f"q{stream}", config, cache_dir=tmp_path / f"c{stream}",
@@ -130,6 +132,11 @@ def test_streaming_quantize_writes_the_in_memory_artifact(tmp_path, family):
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "qTrue" / name).read_bytes() == (tmp_path / "qFalse" / name).read_bytes()
     assert reports[True]["total_bytes"] == reports[False]["total_bytes"]
+    plans = [json.loads((tmp_path / f"q{stream}" / "config.json").read_text())["quantization_config"]["plan"]
+             for stream in (False, True)]
+    assert plans[0] == plans[1]
+    outside = [name for name in plans[0] if ".layers." not in name]
+    assert outside and any(plans[0][n] != "keep" for n in outside)  # the units are in the plan, some quantized
     assert reports[True]["measured_cost"] == reports[False]["measured_cost"]
     ids = torch.tensor([[1, 50, 700, 3000, 12, 9]])
     logits = [luq.load(tmp_path / f"q{stream}")[0](input_ids=ids).logits for stream in (False, True)]

@@ -20,7 +20,7 @@ from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_
                          offload, run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter, Unit, quantizable_linears
-from luq.models.streaming import layer_digest
+from luq.models.streaming import StoredWeights, is_streamed, layer_digest, model_device
 from luq.errors import LuqError
 from luq.quant import HessianAccumulator, relative_output_error
 from luq.quant.formats import Format, get_format
@@ -255,7 +255,9 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
     on non-padding tokens, a vision linear its own inputs (every image token); an untied embedding
     is read by index, not multiplied, so it gets the identity (GPTQ reduces to round-to-nearest)."""
     head_units = [u for u in units.values() if u.kind == "head" or u.tied_head]
-    accumulators = {name: HessianAccumulator(u.shape[1], device=u.module.weight.device)
+    home = model_device(model)  # a streamed unit's weight is on the meta device
+    accumulators = {name: HessianAccumulator(u.shape[1], device=home if u.module.weight.is_meta
+                                             else u.module.weight.device)
                     for name, u in units.items() if u.kind == "vision" or u in head_units}
     state = {"keep": None}
     handles = []
@@ -269,18 +271,28 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
         if u.kind == "vision":
             handles.append(u.module.register_forward_pre_hook(
                 lambda module, args, name=name: accumulators[name].add_batch(args[0].reshape(-1, args[0].shape[-1]))))
-    device = next(model.parameters()).device
     try:
-        for inputs, kinds in batches:
-            state["keep"] = kinds != PAD
-            model(**move(inputs, device), use_cache=False, logits_to_keep=1)
+        if is_streamed(model):  # layer by layer: the same activations, one decoder layer in memory
+            first = capture_first_layer_inputs(model, adapter, batches)  # the vision linears' hooks fire here
+            hidden = [inp.hidden for inp in first]
+            for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, model_device(model)):
+                hidden = outputs
+            norm = adapter.decoder(model).norm
+            for h, (_, kinds) in zip(hidden, batches):
+                state["keep"] = kinds != PAD
+                norm(h)
+        else:
+            device = next(model.parameters()).device
+            for inputs, kinds in batches:
+                state["keep"] = kinds != PAD
+                model(**move(inputs, device), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
     out = {name: acc.hessian for name, acc in accumulators.items()}
     for name, u in units.items():
         if name not in out:
-            out[name] = torch.eye(u.shape[1], device=u.module.weight.device)
+            out[name] = torch.eye(u.shape[1], device=model_device(model))
     return out
 
 
@@ -290,7 +302,8 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
     of `formats`, into `cache` (one file per format for the whole group; what is cached is read).
     Returns {"units": {name: {"kind", "shape", "formats": {fmt: bytes / nominal_bits / error}}},
     "seconds": {fmt: solver seconds}}."""
-    digest = tensor_digest({n: u.module.weight for n, u in units.items()}) if cache is not None else None
+    weights = StoredWeights(model, units)  # a streamed part's weights are read one at a time
+    digest = tensor_digest(weights) if cache is not None else None
     results: dict[str, FormatResult] = {}
     missing = []
     for fmt in formats:
@@ -301,8 +314,7 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
             missing.append(fmt)
     if missing:
         hessians = outside_hessians(model, adapter, batches, units)
-        fresh = quantize_weights({n: u.module.weight for n, u in units.items()}, hessians,
-                                 {n: missing for n in units}, device)
+        fresh = quantize_weights(weights, hessians, {n: missing for n in units}, device)
         for fmt in missing:
             if cache is not None:
                 cache.save(OUTSIDE, fmt, fresh[fmt.name], digest)

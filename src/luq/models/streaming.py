@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -166,7 +166,11 @@ def layer_on(layer: nn.Module, device: torch.device | str) -> Iterator[nn.Module
     is moved there and back; a streamed layer is read from disk and freed afterwards."""
     stream = stream_of(layer)
     if stream is None:
-        home = next(layer.parameters()).device
+        homes = [t.device for t in layer.state_dict(keep_vars=True).values()]
+        if not homes:  # nothing of its own (a head tied to a packed embedding)
+            yield layer
+            return
+        home = homes[0]
         layer.to(device)
         try:
             yield layer
@@ -183,6 +187,49 @@ def layer_on(layer: nn.Module, device: torch.device | str) -> Iterator[nn.Module
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's materialized tensors are (the first one not on the meta device)."""
     return next(t.device for t in model.state_dict(keep_vars=True).values() if t.device.type != "meta")
+
+
+class StoredWeights(Mapping):
+    """Module name -> its `weight`, as the model holds it or, for a module of a streamed part
+    (embedding, head, vision tower), read from the checkpoint when asked: a stage that goes
+    through several such weights holds one at a time."""
+
+    def __init__(self, model: nn.Module, names):
+        self.model, self.names = model, list(names)
+        self._streams = [(prefix, m) for prefix, m in model.named_modules() if stream_of(m) is not None]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        weight = self.model.get_submodule(name).weight
+        if weight.device.type != "meta":
+            return weight
+        for prefix, module in self._streams:
+            if name == prefix:
+                return stream_of(module).read("weight")
+            if name.startswith(prefix + "."):
+                return stream_of(module).read(name[len(prefix) + 1:] + ".weight")
+        raise LuqError(f"{name}'s weight is neither in memory nor in a streamed part of the model")
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@contextmanager
+def parts_on(model: nn.Module, adapter: Adapter, device: torch.device | str, head: bool = True) -> Iterator[None]:
+    """The streamed parts outside the decoder layers (embeddings, vision tower, projector and,
+    with `head`, the output head) in memory on `device` for the block; nothing for an in-memory model."""
+    with ExitStack() as stack:
+        modules = input_modules(model, adapter)
+        output = model.get_output_embeddings()
+        if head and output is not None and stream_of(output) is not None:
+            modules.append(output)
+        for module in modules:
+            stack.enter_context(layer_on(module, device))
+        yield
 
 
 def input_modules(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
