@@ -250,3 +250,19 @@ def test_packing_rows_at_a_time_writes_the_same_bytes(bits, monkeypatch):
     monkeypatch.setattr(packing, "_PACK_CHUNK", 50)  # two rows of 21 codes per piece, the last piece short
     assert torch.equal(packing.pack_bits(codes, bits), whole)
     assert torch.equal(packing.unpack_bits(whole, bits, 21), codes)
+
+
+def test_threshold_rule_streams_to_the_in_memory_plan(tmp_path):
+    """--max-drop on perplexity (a random model: perplexity near its vocabulary, so drops of ~100): every step of the search scores the assembled model layer by layer
+    (the same logits as a whole forward), so streamed and in memory pick the same plan and write
+    the same bytes."""
+    model_dir = tiny_llama_dir(tmp_path / "model", layers=2)
+    config = luq.LUQConfig(calibration=CalibrationConfig(samples=2, seq_len=32), formats=("gptq4-g128", "gptq3-g64"),
+                           max_drop=200.0, metric="perplexity", validation_samples=4, sensitivity_samples=2)
+    reports = {}
+    for stream in (False, True):
+        reports[stream] = luq.quantize(model_dir, tmp_path / f"q{stream}", config, cache_dir=tmp_path / f"c{stream}",
+                                       progress=False, log=lambda s: None, stream=stream)
+    assert reports[True]["search"] == reports[False]["search"] and len(reports[True]["search"]) > 1
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "qTrue" / name).read_bytes() == (tmp_path / "qFalse" / name).read_bytes()

@@ -128,7 +128,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     $LUQ_CACHE/variants); a rerun after an interruption resumes from it. stream: read the
     decoder layers from the safetensors shards one at a time (memory: one layer); default:
     whenever MODEL has safetensors and no stage needs the whole model in memory (the threshold
-    rule's evaluations do).
+    rule's evaluations on a VQA metric do; perplexity is scored layer by layer).
     """
     t_start = time.perf_counter()
     check_out_path(Path(out))
@@ -136,11 +136,12 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         higher_is_better(config.metric)  # an unknown metric fails now, not after the pass
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     storage_dtype = parse_dtype(config.storage_dtype)
+    layerwise_metric = config.max_drop is None or config.metric == "perplexity"  # scored layer by layer
     if stream is None:
-        stream = config.max_drop is None and can_stream(model)
-    elif stream and config.max_drop is not None:
-        raise LuqError("--max-drop evaluates the whole model in memory: it does not stream yet; "
-                       "use --budget-gb to stream")
+        stream = layerwise_metric and can_stream(model)
+    elif stream and not layerwise_metric:
+        raise LuqError(f"--max-drop with --metric {config.metric} evaluates the whole model in memory: it does "
+                       "not stream; use --metric perplexity or --budget-gb to stream")
     net, processor, adapter = load_model(model, device, dtype, stream=stream)
     menu = list(config.menu())
     formats = [get_format(name) for name in menu]

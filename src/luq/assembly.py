@@ -154,7 +154,7 @@ class Assembly:
                 if self.dense:
                     new_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
                                          device=q.device, dtype=head.weight.dtype)
-                    new_head.weight.data = q.dequantize(head.weight.dtype).to(head.weight.device)
+                    new_head.weight.data = q.dequantize(head.weight.dtype)
                     if head.bias is not None:
                         new_head.bias.data = head.bias.detach().clone()
                 else:
