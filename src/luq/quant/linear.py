@@ -100,7 +100,10 @@ def replace_linears(parent: nn.Module, weights: dict[str, QuantizedWeight],
         old = getattr(owner, attr)
         bias = old.bias if isinstance(old, nn.Linear) else getattr(old, "bias", None)
         where = device if device is not None else _module_device(old)
-        if dense:
+        if dense and torch.device(where).type == "meta":  # a streamed layer: its values come with the layer
+            rows, cols = qweight.shape
+            new = nn.Linear(cols, rows, bias=bias is not None, device="meta", dtype=dtype or old.weight.dtype)
+        elif dense:
             weight = qweight.to(where).dequantize(dtype or old.weight.dtype)
             new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=where, dtype=weight.dtype)
             new.weight.data = weight
