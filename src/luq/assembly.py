@@ -172,9 +172,10 @@ class Assembly:
         from the cache whenever the layer is read from disk."""
         dtype = self.dtype or stream.dtype
         provided = {f"{n}.{k}" for n, w in weights.items() for k in (("weight",) if self.dense else w.state_dict())}
+        names = list(weights)  # only the names: holding the packed weights would keep every layer's in memory
 
         def fetch() -> dict[str, torch.Tensor]:
-            loaded = self._weights(index, fmt, list(weights))
+            loaded = self._weights(index, fmt, names)
             if self.dense:
                 return {f"{n}.weight": w.dequantize(dtype) for n, w in loaded.items()}
             return {f"{n}.{k}": t for n, w in loaded.items() for k, t in w.state_dict().items()}
