@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--no-final-pass", action="store_true")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=str(HERE / "bench" / "results" / "memory.json"),
+                    help="where the measured figures go ('' for nowhere)")
     # child process options
     ap.add_argument("--child", choices=["quantize", "load"])
     ap.add_argument("--mode", default="stream")
@@ -168,8 +170,16 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--cache")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--reproject", action="store_true", help="redo the projection in --json from its measured rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.reproject:
+        out = json.loads(Path(args.json).read_text())
+        mode = "stream" if "stream" in out["quantize"] else next(iter(out["quantize"]))
+        row = out["quantize"][mode]
+        out["projection_llava_1_5_7b"] = project(out["model"], row, args.no_final_pass, out["threads"])
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        return
     if args.child:
         result = child_quantize(args) if args.child == "quantize" else child_load(args)
         print(json.dumps(result))
@@ -206,6 +216,18 @@ def main() -> None:
 
 
 def report(args, rows: dict, work: Path) -> None:
+    out = {"command": "python -m bench.memory " + " ".join(sys.argv[1:]),
+           "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
+                     "heads": args.heads},
+           "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "threads": args.threads,
+           "quantize": {mode: dict(r, peak_gb=r["peak_kb"] * 1024 / 1e9) for mode, r in rows.items()}, "load": {}}
+    _report(args, rows, work, out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+def _report(args, rows: dict, work: Path, out: dict) -> None:
     print(f"\nluq.quantize, GPTQ-4 g128, {args.samples} x {args.seq_len} tokens, {args.threads} threads, "
           f"hidden {args.hidden}, {args.layers} layers:\n")
     print("| mode | peak resident GB | wall s | layer pass s | s per layer (all stages) |")
@@ -217,40 +239,57 @@ def report(args, rows: dict, work: Path) -> None:
         a, b = (work / "q-stream" / "model.safetensors.index.json"), (work / "q-memory" / "model.safetensors.index.json")
         files = sorted(p.name for p in (work / "q-stream").glob("*.safetensors"))
         same = all((work / "q-stream" / f).read_bytes() == (work / "q-memory" / f).read_bytes() for f in files)
+        out["artifact_identical"] = same
         print(f"\nartifact tensors identical, streamed vs in memory: {same} ({', '.join(files)}"
               f"{', index' if a.exists() and b.exists() else ''})")
     mode = "stream" if "stream" in rows else next(iter(rows))
-    out = work / f"q-{mode}"
+    artifact_dir = work / f"q-{mode}"
     print("\nluq.load of the artifact (fresh process):\n")
     print("| dtype | artifact GB | baseline GB | peak GB | (peak - baseline) / artifact | load s |")
     print("|---|---:|---:|---:|---:|---:|")
     artifact = rows[mode]["total_bytes"]
     for dtype in ("float32", "float16"):
-        r = run_child("--child", "load", "--out", str(out), "--dtype", dtype, "--threads", str(args.threads))
+        r = run_child("--child", "load", "--out", str(artifact_dir), "--dtype", dtype, "--threads", str(args.threads))
         ratio = (r["peak_kb"] - r["baseline_kb"]) * 1024 / artifact
+        out["load"][dtype] = dict(r, artifact_bytes=artifact, ratio_over_baseline=ratio)
         print(f"| {dtype} | {artifact / 1e9:.3f} | {r['baseline_kb'] * 1024 / 1e9:.2f} | "
               f"{r['peak_kb'] * 1024 / 1e9:.2f} | {ratio:.2f} | {r['wall_s']:.1f} |")
 
-    # projection to LLaVA-1.5-7B (Vicuna-7B: hidden 4096, MLP 11008, 32 layers; CLIP-L/336 + projector)
-    r = rows[mode]
-    work_ratio = gptq_work(linear_shapes(4096, 11008)) / gptq_work(linear_shapes(args.hidden, args.intermediate))
-    per_layer = r["seconds"]["layer_pass"] / args.layers  # the variant pass; the final pass costs about as much
-    passes = 1 if args.no_final_pass else 2
+    out["projection_llava_1_5_7b"] = project(out["model"], rows[mode], args.no_final_pass, args.threads)
 
-    def one_layer(hidden, intermediate):
-        """Bytes held while one layer is quantized: the layer in float32 and its float64 Hessian sums."""
-        shapes = linear_shapes(hidden, intermediate)
-        return 4 * sum(a * b for a, b in shapes), 8 * sum(c * c for _, c in shapes)
 
-    here, big = one_layer(args.hidden, args.intermediate), one_layer(4096, 11008)
-    print(f"\nprojection to LLaVA-1.5-7B ({mode}; arithmetic on the figures above, not a measurement):")
-    print(f"- time: {per_layer:.0f} s per layer in the variant pass here x {work_ratio:.1f} (GPTQ work, sum of "
-          f"rows x cols^2, of a 7B layer / this one's) x 32 layers x {passes} pass(es) = "
-          f"{per_layer * work_ratio * 32 * passes / 3600:.1f} h on {args.threads} threads")
-    print(f"- memory: one layer here is {here[0] / 1e9:.2f} GB in float32 + {here[1] / 1e9:.2f} GB of float64 "
-          f"Hessian sums; a 7B layer {big[0] / 1e9:.2f} + {big[1] / 1e9:.2f} GB: a streamed 7B run needs at least "
-          f"the measured peak here + {(sum(big) - sum(here)) / 1e9:.1f} GB = "
-          f"{(r['peak_kb'] * 1024 + sum(big) - sum(here)) / 1e9:.1f} GB")
+def working_set(hidden: int, intermediate: int) -> int:
+    """Bytes one layer's quantization holds above the process (the larger of its two moments):
+    the float32 layer with its float64 Hessian sums at the end of its forward (one per distinct
+    input: q/k/v share one, gate/up one), or, during GPTQ of its widest-input linear, the layer
+    with four [cols, cols] float32 matrices (its Hessian, the permuted copy, two of L / H^-1 / U)
+    and three float32 copies of that weight."""
+    layer = 4 * sum(a * b for a, b in linear_shapes(hidden, intermediate))
+    sums = 8 * (3 * hidden * hidden + intermediate * intermediate)
+    gptq = 4 * 4 * intermediate * intermediate + 3 * 4 * hidden * intermediate
+    return layer + max(sums, gptq)
+
+
+def project(model: dict, r: dict, no_final_pass: bool, threads: int) -> dict:
+    """LLaVA-1.5-7B (Vicuna-7B: hidden 4096, MLP 11008, 32 layers) from one measured run: arithmetic."""
+    shapes = linear_shapes(model["hidden"], model["intermediate"])
+    work_ratio = gptq_work(linear_shapes(4096, 11008)) / gptq_work(shapes)
+    per_layer = r["seconds"]["layer_pass"] / model["layers"]  # the variant pass (with load and calibration)
+    final = 0 if no_final_pass else r["seconds"].get("final_pass", r["seconds"]["layer_pass"]) / model["layers"]
+    hours = (per_layer + final) * work_ratio * 32 / 3600
+    here, big = working_set(model["hidden"], model["intermediate"]), working_set(4096, 11008)
+    need = r["peak_kb"] * 1024 - here + big
+    print("\nprojection to LLaVA-1.5-7B (arithmetic on the figures above, not a measurement):")
+    print(f"- time: ({per_layer:.0f} s variant pass + {final:.0f} s final pass) per layer here x {work_ratio:.2f} "
+          f"(GPTQ work, sum of rows x cols^2, of a 7B layer / this one's) x 32 layers = {hours:.1f} h "
+          f"on {threads} threads")
+    print(f"- memory: one layer's working set is {here / 1e9:.2f} GB here and {big / 1e9:.2f} GB for a 7B layer "
+          f"(float32 calibration): the measured peak - {here / 1e9:.2f} + {big / 1e9:.2f} = {need / 1e9:.1f} GB")
+    return {"seconds_per_layer_variant_pass": per_layer, "seconds_per_layer_final_pass": final,
+            "gptq_work_ratio": work_ratio, "hours": hours, "working_set_gb_here": here / 1e9,
+            "working_set_gb_7b": big / 1e9, "peak_gb": need / 1e9,
+            "note": "arithmetic on the measured figures, not a measurement"}
+
 
 if __name__ == "__main__":
     main()

@@ -151,7 +151,8 @@ def test_keep_options_are_checked_and_the_paper_mode_keeps_everything():
     assert luq.LUQConfig(budget_gb=1.0, keep_fp16="vision").outside_kinds() == ("embed", "head")
 
 
-def test_streaming_refuses_units_outside_the_decoder(tmp_path):
-    """Their pass holds the whole embedding and tower: asking to stream them is one clear error."""
-    with pytest.raises(LuqError, match="streaming reads the decoder layers only"):
-        luq.quantize("smollm2", tmp_path / "o", luq.LUQConfig(budget_gb=0.1), stream=True, log=lambda s: None)
+def test_streaming_refuses_a_vqa_threshold(tmp_path):
+    """A VQA metric's evaluations run the whole model in memory: asking to stream them is one clear error."""
+    with pytest.raises(LuqError, match="--metric textvqa evaluates the whole model in memory"):
+        luq.quantize("smollm2", tmp_path / "o", luq.LUQConfig(max_drop=1.0, metric="textvqa"), stream=True,
+                     log=lambda s: None)

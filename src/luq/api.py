@@ -128,7 +128,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     $LUQ_CACHE/variants); a rerun after an interruption resumes from it. stream: read the
     decoder layers from the safetensors shards one at a time (memory: one layer); default:
     whenever MODEL has safetensors and no stage needs the whole model in memory (the threshold
-    rule's evaluations, and the units outside the decoder in the budget: `keep_fp16`).
+    rule's evaluations on a VQA metric do; perplexity is scored layer by layer).
     """
     t_start = time.perf_counter()
     check_out_path(Path(out))
@@ -136,11 +136,12 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         higher_is_better(config.metric)  # an unknown metric fails now, not after the pass
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     storage_dtype = parse_dtype(config.storage_dtype)
+    layerwise_metric = config.max_drop is None or config.metric == "perplexity"  # scored layer by layer
     if stream is None:
-        stream = config.max_drop is None and not config.outside_kinds() and can_stream(model)
-    elif stream and config.outside_kinds():
-        raise LuqError("streaming reads the decoder layers only: keep the units outside it unquantized "
-                       "(--keep-fp16 embed,head,vision) to stream")
+        stream = layerwise_metric and can_stream(model)
+    elif stream and not layerwise_metric:
+        raise LuqError(f"--max-drop with --metric {config.metric} evaluates the whole model in memory: it does "
+                       "not stream; use --metric perplexity or --budget-gb to stream")
     net, processor, adapter = load_model(model, device, dtype, stream=stream)
     menu = list(config.menu())
     formats = [get_format(name) for name in menu]
@@ -182,6 +183,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     source, final_pass_used = cache, False
     if config.final_pass:
         log("final pass: re-quantizing the chosen plan sequentially")
+        t0 = time.perf_counter()
         final_cache = VariantCache(cache.dir.parent, dict(cache.key, final=settings_digest(plan)))
         final = layer_pass(net, adapter, batches, plan_of_layer=lambda i: layer_plan(plan, adapter.layer_prefix(i)),
                            cache=final_cache, hessians="sequential", device=device, progress=progress,
@@ -194,6 +196,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         else:
             sizes, source, final_pass_used = final_sizes, final_cache, True
             passed = dict(passed, final_layers=final["layers"])
+        seconds["final_pass"] = round(time.perf_counter() - t0, 1)
     Assembly(net, adapter, [source, cache], device, units=units).apply(plan)
     if reference is not None:
         decision["measured_cost"] = output_kl(net, sens_batches, reference)

@@ -15,7 +15,7 @@ from torch import nn
 
 from luq.errors import LuqError
 from luq.models import Adapter, Unit, quantizable_linears
-from luq.models.streaming import stream_of
+from luq.models.streaming import is_streamed, stream_of
 from luq.plan.sizes import KEEP, LinearSizes, Plan, SizeTable, layer_plan
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
 from luq.quant.formats import get_format
@@ -140,7 +140,9 @@ class Assembly:
         for fmt, names in by_format.items():
             weights.update(self._weights(OUTSIDE, fmt, names))
         linears = {n: q for n, q in weights.items() if self.units[n].kind != "embed"}
-        self._replaced_outside = replace_linears(self.model, linears, dtype=self.dtype, dense=self.dense)
+        # packed weights stay in memory even in a streamed part (they are small); its other tensors stream
+        self._replaced_outside = replace_linears(self.model, linears, dtype=self.dtype, dense=self.dense,
+                                                 device=self.device if is_streamed(self.model) else None)
         for name, q in weights.items():
             unit = self.units[name]
             if unit.kind != "embed":
@@ -151,8 +153,8 @@ class Assembly:
                 head = self.model.get_submodule(unit.tied_head)
                 if self.dense:
                     new_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
-                                         device=head.weight.device, dtype=head.weight.dtype)
-                    new_head.weight.data = q.dequantize(head.weight.dtype).to(head.weight.device)
+                                         device=q.device, dtype=head.weight.dtype)
+                    new_head.weight.data = q.dequantize(head.weight.dtype)
                     if head.bias is not None:
                         new_head.bias.data = head.bias.detach().clone()
                 else:
@@ -170,9 +172,10 @@ class Assembly:
         from the cache whenever the layer is read from disk."""
         dtype = self.dtype or stream.dtype
         provided = {f"{n}.{k}" for n, w in weights.items() for k in (("weight",) if self.dense else w.state_dict())}
+        names = list(weights)  # only the names: holding the packed weights would keep every layer's in memory
 
         def fetch() -> dict[str, torch.Tensor]:
-            loaded = self._weights(index, fmt, list(weights))
+            loaded = self._weights(index, fmt, names)
             if self.dense:
                 return {f"{n}.weight": w.dequantize(dtype) for n, w in loaded.items()}
             return {f"{n}.{k}": t for n, w in loaded.items() for k, t in w.state_dict().items()}

@@ -20,7 +20,7 @@ from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_
                          offload, run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter, Unit, quantizable_linears
-from luq.models.streaming import layer_digest
+from luq.models.streaming import StoredWeights, is_streamed, layer_digest, model_device
 from luq.errors import LuqError
 from luq.quant import HessianAccumulator, relative_output_error
 from luq.quant.formats import Format, get_format
@@ -33,30 +33,60 @@ DEFAULT_K_GRID = (8, 16, 32, 50, 75, 100, 150, 200)
 
 @dataclass
 class _LayerHooks:
-    """Hessian accumulators on one layer's linears, fed only the non-padding tokens."""
+    """Hessian accumulators on one layer's linears, fed only the non-padding tokens.
+
+    Linears that receive the same input tensor (a layer's q/k/v projections, gate/up) share
+    one accumulator: the same sums, once. `self[name]` is a linear's Hessian, taken when
+    the solver asks for it; an accumulator is freed once every linear sharing it has taken
+    its Hessian, so a layer holds its float64 sums only until they are used."""
 
     keep_masks: list[torch.Tensor]                       # per batch, bool [batch, tokens]
     accumulators: dict[str, HessianAccumulator] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)  # linear -> the linear whose accumulator it reads
     handles: list = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
+    _last: tuple | None = None                           # (input tensor, owner) of the latest batch added
+    _taken: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def attach(self, layer: nn.Module) -> None:
         for name, linear in quantizable_linears(layer).items():
-            self.accumulators[name] = HessianAccumulator(linear.in_features, device=linear.weight.device)
             self.calls[name] = 0
-            self.handles.append(linear.register_forward_pre_hook(self._hook(name)))
+            self.handles.append(linear.register_forward_pre_hook(self._hook(name, linear)))
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, linear: nn.Linear):
         def add(module, args):
             x = args[0]
-            keep = self.keep_masks[self.calls[name]].to(x.device)  # one call per batch, in order
-            self.calls[name] += 1
+            call = self.calls[name]
+            self.calls[name] += 1  # one call per batch, in order
+            if call == 0:
+                same = self._last is not None and self._last[0] is x
+                self.owner[name] = self._last[1] if same else name
+                if not same:
+                    self.accumulators[name] = HessianAccumulator(linear.in_features, device=linear.weight.device)
+            owner = self.owner[name]
+            if owner != name:
+                if self._last is None or self._last[0] is not x or self._last[1] != owner:
+                    raise RuntimeError(f"{name} shared {owner}'s input on the first batch, not on batch {call}")
+                return
+            keep = self.keep_masks[call].to(x.device)
             self.accumulators[name].add_batch(x[keep] if keep.shape == x.shape[:-1] else x)
+            self._last = (x, name)
         return add
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self._last = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        owner = self.owner[name]
+        if owner not in self._taken:
+            self._taken[owner] = self.accumulators.pop(owner).take()
+        H = self._taken[owner]
+        if not any(o == owner for n, o in self.owner.items() if n != name):
+            del self._taken[owner]
+        del self.owner[name]
+        return H
 
 
 def quantize_weights(weights: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
@@ -188,11 +218,9 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
         results = dict(cached)
         if missing:
             bar.set_postfix_str(f"quantizing layer {i}")
-            hess = {name: acc.hessian for name, acc in hooks.accumulators.items()}
-            hooks.accumulators.clear()  # the float64 sums: not needed once H is taken
             todo = {name: [f for f in fmts if f.name in missing] for name, fmts in needs.items()}
-            fresh = quantize_linears(layer, hess, {n: f for n, f in todo.items() if f}, device)
-            del hess
+            fresh = quantize_linears(layer, hooks, {n: f for n, f in todo.items() if f}, device)
+            del hooks
             for name, result in fresh.items():
                 if cache is not None:
                     cache.save(i, missing[name], result, digest)
@@ -227,7 +255,9 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
     on non-padding tokens, a vision linear its own inputs (every image token); an untied embedding
     is read by index, not multiplied, so it gets the identity (GPTQ reduces to round-to-nearest)."""
     head_units = [u for u in units.values() if u.kind == "head" or u.tied_head]
-    accumulators = {name: HessianAccumulator(u.shape[1], device=u.module.weight.device)
+    home = model_device(model)  # a streamed unit's weight is on the meta device
+    accumulators = {name: HessianAccumulator(u.shape[1], device=home if u.module.weight.is_meta
+                                             else u.module.weight.device)
                     for name, u in units.items() if u.kind == "vision" or u in head_units}
     state = {"keep": None}
     handles = []
@@ -241,18 +271,28 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
         if u.kind == "vision":
             handles.append(u.module.register_forward_pre_hook(
                 lambda module, args, name=name: accumulators[name].add_batch(args[0].reshape(-1, args[0].shape[-1]))))
-    device = next(model.parameters()).device
     try:
-        for inputs, kinds in batches:
-            state["keep"] = kinds != PAD
-            model(**move(inputs, device), use_cache=False, logits_to_keep=1)
+        if is_streamed(model):  # layer by layer: the same activations, one decoder layer in memory
+            first = capture_first_layer_inputs(model, adapter, batches)  # the vision linears' hooks fire here
+            hidden = [inp.hidden for inp in first]
+            for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, model_device(model)):
+                hidden = outputs
+            norm = adapter.decoder(model).norm
+            for h, (_, kinds) in zip(hidden, batches):
+                state["keep"] = kinds != PAD
+                norm(h)
+        else:
+            device = next(model.parameters()).device
+            for inputs, kinds in batches:
+                state["keep"] = kinds != PAD
+                model(**move(inputs, device), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
     out = {name: acc.hessian for name, acc in accumulators.items()}
     for name, u in units.items():
         if name not in out:
-            out[name] = torch.eye(u.shape[1], device=u.module.weight.device)
+            out[name] = torch.eye(u.shape[1], device=model_device(model))
     return out
 
 
@@ -262,7 +302,8 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
     of `formats`, into `cache` (one file per format for the whole group; what is cached is read).
     Returns {"units": {name: {"kind", "shape", "formats": {fmt: bytes / nominal_bits / error}}},
     "seconds": {fmt: solver seconds}}."""
-    digest = tensor_digest({n: u.module.weight for n, u in units.items()}) if cache is not None else None
+    weights = StoredWeights(model, units)  # a streamed part's weights are read one at a time
+    digest = tensor_digest(weights) if cache is not None else None
     results: dict[str, FormatResult] = {}
     missing = []
     for fmt in formats:
@@ -273,8 +314,7 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
             missing.append(fmt)
     if missing:
         hessians = outside_hessians(model, adapter, batches, units)
-        fresh = quantize_weights({n: u.module.weight for n, u in units.items()}, hessians,
-                                 {n: missing for n in units}, device)
+        fresh = quantize_weights(weights, hessians, {n: missing for n in units}, device)
         for fmt in missing:
             if cache is not None:
                 cache.save(OUTSIDE, fmt, fresh[fmt.name], digest)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from luq.capture import (PAD, TEXT, capture_first_layer_inputs, first_layer_hidden, layer_forward,
                          layerwise_logits, move, run_layerwise)
 from luq.models import Adapter, Unit, adapter_for, quantizable_linears
-from luq.models.streaming import is_streamed, layer_digest, layer_on, model_device
+from luq.models.streaming import StoredWeights, is_streamed, layer_digest, layer_on, model_device, parts_on
 from luq.quant.formats import Format
 from luq.variants import OUTSIDE, VariantCache, tensor_digest
 
@@ -128,7 +128,8 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
     units = dict(units or {})
     settings = sensitivity_settings(batches_digest(batches), seed)
     digests = [layer_digest(layer) for layer in layers]
-    outside_digest = tensor_digest({n: u.module.weight for n, u in units.items()}) if units else None
+    weights = StoredWeights(model, units)  # a streamed part's weights are read when asked
+    outside_digest = tensor_digest(weights) if units else None
     costs: Costs = {}
 
     def cached(index, digest, fmts) -> list[Format]:
@@ -160,8 +161,8 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
     head_units = [u for u in units.values() if u.kind == "head" or u.tied_head]
     if outside_todo and head_units:
         for unit in head_units:
-            outside_costs[unit.name].update(_head_costs(model, adapter, unit, hidden, first, outside_todo, cache,
-                                                        outside_digest, device, seed))
+            outside_costs[unit.name].update(_head_costs(model, adapter, unit, weights[unit.name], hidden, first,
+                                                        outside_todo, cache, outside_digest, device, seed))
     generator = torch.Generator().manual_seed(seed)
     head_device = model_device(model)
     with layer_on(model.get_output_embeddings(), head_device):  # a streamed head is read from disk for this
@@ -207,14 +208,15 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
     if outside_todo:
         for unit in units.values():
             if unit.kind == "embed":
-                for fmt, value in _embedding_costs(unit, batches, first, grads, outside_todo, cache,
-                                                   outside_digest, device).items():
+                for fmt, value in _embedding_costs(unit, weights[unit.name], batches, first, grads, outside_todo,
+                                                   cache, outside_digest, device).items():
                     outside_costs[unit.name][fmt] = outside_costs[unit.name].get(fmt, 0.0) + value
         vision = {n: u for n, u in units.items() if u.kind == "vision"}
         if vision:
-            for name, per_format in _vision_costs(model, adapter, vision, batches, grads, outside_todo, cache,
-                                                  outside_digest, device).items():
-                outside_costs[name].update(per_format)
+            with parts_on(model, adapter, model_device(model), head=False):  # the tower runs forward and backward
+                for name, per_format in _vision_costs(model, adapter, vision, batches, grads, outside_todo, cache,
+                                                      outside_digest, device).items():
+                    outside_costs[name].update(per_format)
         for fmt in outside_todo:
             per_unit = {name: c[fmt.name] / n_tokens for name, c in outside_costs.items()}
             cache.save_json(OUTSIDE, f"cost-{fmt.name}-{fmt.digest}", settings, per_unit, outside_digest)
@@ -249,7 +251,8 @@ def _deltas(unit_names, fmt: Format, cache: VariantCache, digest: str, device, w
 
 
 @torch.no_grad()
-def _head_costs(model, adapter, unit: Unit, hidden, first, formats, cache, digest, device, seed) -> dict[str, float]:
+def _head_costs(model, adapter, unit: Unit, weight: torch.Tensor, hidden, first, formats, cache, digest, device,
+                seed) -> dict[str, float]:
     """Summed logit-Fisher cost (module docstring) of the head weight of `unit` in each format, over
     up to HEAD_TOKENS non-padding tokens (seeded sample), scaled to all of them."""
     norm = adapter.decoder(model).norm
@@ -257,12 +260,12 @@ def _head_costs(model, adapter, unit: Unit, hidden, first, formats, cache, diges
     n = x.shape[0]
     if n > HEAD_TOKENS:
         x = x[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_TOKENS].to(device)]
-    W = unit.module.weight.detach().to(device, torch.float32)
+    W = weight.detach().to(device, torch.float32)
     chunks = x.split(256)
     probs = [torch.softmax(c @ W.T, -1).to(torch.bfloat16) for c in chunks]
     out = {}
     for fmt in formats:
-        D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: unit.module.weight})[unit.name]
+        D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: weight})[unit.name]
         Db, total = D.to(torch.bfloat16), 0.0
         for c, p in zip(chunks, probs):
             dz = (c.to(torch.bfloat16) @ Db.T).float()   # bfloat16 products: the [tokens, vocab] matmul dominates
@@ -272,7 +275,8 @@ def _head_costs(model, adapter, unit: Unit, hidden, first, formats, cache, diges
     return out
 
 
-def _embedding_costs(unit: Unit, batches, first, grads, formats, cache, digest, device) -> dict[str, float]:
+def _embedding_costs(unit: Unit, weight: torch.Tensor, batches, first, grads, formats, cache, digest, device,
+                     ) -> dict[str, float]:
     """Summed cost of the embedding table in each format: layer 0's input gradient at each text
     token against the row's change (module docstring)."""
     from luq.quant.embedding import embed_scale
@@ -282,7 +286,7 @@ def _embedding_costs(unit: Unit, batches, first, grads, formats, cache, digest, 
     g0 = [g[inp.token_kind == TEXT].float() for g, inp in zip(grads, first)]
     out = {}
     for fmt in formats:
-        D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: unit.module.weight})[unit.name]
+        D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: weight})[unit.name]
         out[fmt.name] = sum(0.5 * float(((g.to(device) * (scale * D[i.to(device)])).sum(-1)).double().pow(2).sum())
                             for i, g in zip(ids, g0))
     return out

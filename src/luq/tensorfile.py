@@ -73,23 +73,42 @@ class TensorFiles:
         info = self.where[name][2]
         return _DTYPES[info["dtype"]], tuple(info["shape"])
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor `name`, in memory of its own (no mapping of the file)."""
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name`, in memory of its own (no mapping of the file). With `dtype`, a
+        floating tensor is converted to it a chunk at a time as it is read, so the stored copy
+        is never whole in memory beside the converted one (the values are `.to(dtype)`'s)."""
         path, start, info = self.where[name]
-        dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
+        stored, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
         begin, end = info["data_offsets"]
-        out = torch.empty(end - begin, dtype=torch.uint8)
+        convert = dtype is not None and dtype != stored and stored.is_floating_point
+        out = torch.empty(shape if convert else (end - begin,), dtype=dtype if convert else torch.uint8)
         if end > begin:
             with open(path, "rb", buffering=0) as f:
                 f.seek(start + begin)
-                view = memoryview(out.numpy())
-                got = 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise OSError(f"{path} is truncated (tensor {name})")
-                    got += n
-        return out.view(dtype).reshape(shape)
+                if not convert:
+                    _read_into(f, out.numpy(), path, name)
+                else:
+                    flat, step = out.reshape(-1), _CHUNK // _itemsize(stored)
+                    buffer = torch.empty(step * _itemsize(stored), dtype=torch.uint8)
+                    for a in range(0, flat.numel(), step):
+                        n = min(step, flat.numel() - a)
+                        part = buffer[:n * _itemsize(stored)]
+                        _read_into(f, part.numpy(), path, name)
+                        flat[a:a + n].copy_(part.view(stored))
+        return out if convert else out.view(stored).reshape(shape)
+
+
+_CHUNK = 1 << 24  # bytes read at a time when converting
+
+
+def _read_into(f, array, path, name) -> None:
+    view = memoryview(array)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise OSError(f"{path} is truncated (tensor {name})")
+        got += n
 
 
 def file_layout(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],

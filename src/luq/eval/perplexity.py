@@ -103,6 +103,10 @@ def _window_nlls(model: torch.nn.Module, token_ids: torch.Tensor, batch: Sequenc
     device = next(model.parameters()).device
     ids = torch.stack([token_ids[w.begin:w.end] for w in batch]).to(device)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    return _nlls(logits, ids, batch)
+
+
+def _nlls(logits: torch.Tensor, ids: torch.Tensor, batch: Sequence[Window]) -> list[tuple[float, int]]:
     out = []
     for row, w in enumerate(batch):
         first = w.first_target - w.begin  # position of the first scored token in the window
@@ -118,7 +122,19 @@ def token_window_perplexity(model: torch.nn.Module, token_windows: torch.Tensor,
     n, seq_len = token_windows.shape
     flat = token_windows.reshape(-1)
     spans = [Window(i * seq_len, (i + 1) * seq_len, i * seq_len + 1) for i in range(n)]
-    nlls = [r for i in range(0, n, batch_size) for r in _window_nlls(model, flat, spans[i:i + batch_size])]
+    groups = [spans[i:i + batch_size] for i in range(0, n, batch_size)]
+    from luq.models.streaming import is_streamed
+
+    if is_streamed(model):  # its decoder layers are on disk: all windows through one layer at a time
+        from luq.capture import TEXT, layerwise_logits
+        from luq.models import adapter_for
+
+        ids = [torch.stack([flat[w.begin:w.end] for w in batch]) for batch in groups]
+        batches = [({"input_ids": i, "attention_mask": torch.ones_like(i)}, torch.full_like(i, TEXT)) for i in ids]
+        logits = layerwise_logits(model, adapter_for(model), batches)
+        nlls = [r for batch, i, z in zip(groups, ids, logits) for r in _nlls(z, i.to(z.device), batch)]
+    else:
+        nlls = [r for batch in groups for r in _window_nlls(model, flat, batch)]
     return perplexity(math.fsum(nll for nll, _ in nlls), sum(count for _, count in nlls))
 
 

@@ -88,7 +88,8 @@ def outside_units(model: nn.Module, adapter: Adapter, kinds=UNIT_KINDS) -> dict[
     names = {id(m): n for n, m in model.named_modules()}
     units: dict[str, Unit] = {}
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    tied = head is not None and (head.weight is embed.weight  # a streamed model's tie: one meta tensor
+                                 or (not embed.weight.is_meta and head.weight.data_ptr() == embed.weight.data_ptr()))
     if tied and "embed" in kinds and "head" in kinds:
         units[names[id(embed)]] = Unit(names[id(embed)], "embed", embed, tied_head=names[id(head)])
     elif not tied:

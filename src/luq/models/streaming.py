@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -62,6 +62,7 @@ class LayerStream:
         self.sources: list[tuple[frozenset[str], Callable[[], dict[str, torch.Tensor]]]] = []
         self.digest: str | None = None
         self._kept: dict[str, torch.Tensor] = {}
+        self._depth = 0  # nested uses (e.g. the layer's digest taken while a pass holds it) read it once
 
     def add_source(self, names, fetch: Callable[[], dict[str, torch.Tensor]]) -> None:
         """`fetch()` returns (at least) the tensors `names` (relative to the layer), at their stored dtypes."""
@@ -71,10 +72,19 @@ class LayerStream:
         self.sources = []
 
     def read(self, name: str) -> torch.Tensor:
-        t = self.files.read(self.keys[name])
-        return t.to(self.dtype) if t.is_floating_point() else t
+        return self.files.read(self.keys[name], self.dtype)  # floating tensors converted as they are read
 
     def load(self, layer: nn.Module, device: torch.device | str) -> None:
+        self._depth += 1
+        if self._depth > 1:  # already in memory: the outermost use frees it
+            return
+        try:
+            self._load(layer, device)
+        except BaseException:
+            self._depth = 0
+            raise
+
+    def _load(self, layer: nn.Module, device: torch.device | str) -> None:
         wanted = [n for n, t in layer.state_dict(keep_vars=True).items() if t.device.type == "meta"]
         values: dict[str, torch.Tensor] = {}
         for names, fetch in self.sources:
@@ -96,6 +106,9 @@ class LayerStream:
                 _set_tensor(layer, name, buf.to(device))
 
     def release(self, layer: nn.Module) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
         state = dict(layer.named_parameters()) | dict(layer.named_buffers())
         for name, kept in self._kept.items():
             if name in state:  # a module swapped meanwhile and swapped back keeps its own tensors
@@ -104,19 +117,35 @@ class LayerStream:
         release_freed_memory()
 
 
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise: after a few layers the
-    resident size would be the sum of every layer's fragments, not one layer's)."""
+def _libc():
+    """glibc, or False elsewhere (musl, macOS): then the two calls below do nothing."""
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - both must exist
+        except (OSError, AttributeError):
             _LIBC = False
-            return
-    if _LIBC:
+    return _LIBC
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: after a few layers the
+    resident size would be the sum of every layer's fragments, not one layer's)."""
+    if _libc():
         _LIBC.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more from a mapping of its own, unmapped
+    when freed. glibc's default threshold rises to 32 MB after the first large block is freed,
+    so a layer's 1-32 MB temporaries (Hessians, GPTQ's blocks, activations) then come from the
+    heap, whose freed holes stay resident until trimmed."""
+    if _libc():
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 _LIBC = None
@@ -137,7 +166,11 @@ def layer_on(layer: nn.Module, device: torch.device | str) -> Iterator[nn.Module
     is moved there and back; a streamed layer is read from disk and freed afterwards."""
     stream = stream_of(layer)
     if stream is None:
-        home = next(layer.parameters()).device
+        homes = [t.device for t in layer.state_dict(keep_vars=True).values()]
+        if not homes:  # nothing of its own (a head tied to a packed embedding)
+            yield layer
+            return
+        home = homes[0]
         layer.to(device)
         try:
             yield layer
@@ -154,6 +187,49 @@ def layer_on(layer: nn.Module, device: torch.device | str) -> Iterator[nn.Module
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's materialized tensors are (the first one not on the meta device)."""
     return next(t.device for t in model.state_dict(keep_vars=True).values() if t.device.type != "meta")
+
+
+class StoredWeights(Mapping):
+    """Module name -> its `weight`, as the model holds it or, for a module of a streamed part
+    (embedding, head, vision tower), read from the checkpoint when asked: a stage that goes
+    through several such weights holds one at a time."""
+
+    def __init__(self, model: nn.Module, names):
+        self.model, self.names = model, list(names)
+        self._streams = [(prefix, m) for prefix, m in model.named_modules() if stream_of(m) is not None]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        weight = self.model.get_submodule(name).weight
+        if weight.device.type != "meta":
+            return weight
+        for prefix, module in self._streams:
+            if name == prefix:
+                return stream_of(module).read("weight")
+            if name.startswith(prefix + "."):
+                return stream_of(module).read(name[len(prefix) + 1:] + ".weight")
+        raise LuqError(f"{name}'s weight is neither in memory nor in a streamed part of the model")
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@contextmanager
+def parts_on(model: nn.Module, adapter: Adapter, device: torch.device | str, head: bool = True) -> Iterator[None]:
+    """The streamed parts outside the decoder layers (embeddings, vision tower, projector and,
+    with `head`, the output head) in memory on `device` for the block; nothing for an in-memory model."""
+    with ExitStack() as stack:
+        modules = input_modules(model, adapter)
+        output = model.get_output_embeddings()
+        if head and output is not None and stream_of(output) is not None:
+            modules.append(output)
+        for module in modules:
+            stack.enter_context(layer_on(module, device))
+        yield
 
 
 def input_modules(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
@@ -256,6 +332,7 @@ def load_streaming(source: str, config, auto_model, adapter: Adapter, device: to
     everything else materialized on `device` at `dtype` (floating tensors)."""
     from accelerate import init_empty_weights
 
+    map_large_allocations()  # a streamed run is one whose memory matters
     files = TensorFiles.in_dir(weights_dir(source))
     if not files.keys():
         raise LuqError(f"{source} has no safetensors weights to stream; load it in memory (stream=False)")
@@ -290,8 +367,7 @@ def load_streaming(source: str, config, auto_model, adapter: Adapter, device: to
         prefixes.append(prefix)
     for name, key in outside.items():
         if name in state and not name.startswith(tuple(prefixes)):
-            t = files.read(key)
-            _set_tensor(model, name, (t.to(dtype) if t.is_floating_point() else t).to(device))
+            _set_tensor(model, name, files.read(key, dtype).to(device))
     for name, buf in list(model.named_buffers()):
         if buf.device.type != "meta" and not name.startswith(tuple(prefixes)):
             _set_tensor(model, name, buf.to(device))

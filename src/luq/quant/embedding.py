@@ -38,8 +38,8 @@ class QuantEmbedding(PackedModule):
     def from_embedding(cls, embedding: nn.Embedding, qweight: QuantizedWeight) -> "QuantEmbedding":
         if qweight.shape != tuple(embedding.weight.shape):
             raise ValueError(f"quantized weight {qweight.shape} does not fit {embedding}")
-        return cls(qweight.to(embedding.weight.device), embedding.padding_idx, embed_scale(embedding),
-                   embedding.weight.dtype)
+        device = qweight.device if embedding.weight.is_meta else embedding.weight.device  # meta: a streamed one's
+        return cls(qweight.to(device), embedding.padding_idx, embed_scale(embedding), embedding.weight.dtype)
 
     @property
     def nbytes(self) -> int:

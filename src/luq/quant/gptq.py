@@ -255,7 +255,9 @@ class GPTQ:
 
         perm = torch.argsort(torch.diagonal(H), descending=True) if self.act_order else None
         if perm is not None:
-            W, H = W[:, perm], H[perm][:, perm]
+            W = W[:, perm]
+            H = H[perm]  # in two steps, so that at most two [cols, cols] copies are alive
+            H = H[:, perm]
         U = inverse_hessian_cholesky(H, self.damp, "GPTQ")
         del H
 
@@ -293,6 +295,7 @@ class GPTQ:
                 Err1t[i] = err
             codes[:, b0:b1] = codes1t.T
             W[:, b1:].addmm_(Err1t.T, U[b0:b1, b1:], alpha=-1)  # lazy batch update of the rest
+        del W, U  # not needed to pack: memory for packing's temporaries
 
         if perm is None:
             return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)

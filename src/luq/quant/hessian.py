@@ -34,6 +34,14 @@ class HessianAccumulator:
             return self._sum.float()
         return (self._sum * (2.0 / self.n_tokens)).float()
 
+    def take(self) -> torch.Tensor:
+        """`hessian`, computed in place of the float64 sums, which are given up (no float64
+        temporary: for a 5504-wide input that is 242 MB less at the peak)."""
+        total, self._sum = self._sum, None
+        if self.n_tokens:
+            total.mul_(2.0 / self.n_tokens)
+        return total.float()
+
 
 def reconstruction_error(D: torch.Tensor, H: torch.Tensor) -> float:
     """tr(D H D^T) = 2/n ||D X||^2 for a weight difference D (float64 sum, no [out, out] temporary)."""
@@ -99,7 +107,9 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, solver: str) -> torch
         L, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L  # [cols, cols] each: at most two of them alive at once
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info.item() == 0:
                 return U
         H = H.clone()

@@ -84,12 +84,14 @@ class QuantLinear(PackedModule):
 
 
 def replace_linears(parent: nn.Module, weights: dict[str, QuantizedWeight],
-                    dtype: torch.dtype | None = None, dense: bool = False) -> dict[str, nn.Module]:
+                    dtype: torch.dtype | None = None, dense: bool = False,
+                    device: torch.device | str | None = None) -> dict[str, nn.Module]:
     """Swap each named nn.Linear under `parent` for a QuantLinear of its packed weight
     (dense=True: for an nn.Linear holding the dequantized weight, for fast evaluation).
 
     `weights` maps module names relative to `parent` to packed weights; the modules
-    replaced are returned by name, so that `restore_linears` can put them back.
+    replaced are returned by name, so that `restore_linears` can put them back. device: where
+    the new modules go (default: where each old one is; a streamed one's is the meta device).
     """
     replaced = {}
     for name, qweight in weights.items():
@@ -97,15 +99,18 @@ def replace_linears(parent: nn.Module, weights: dict[str, QuantizedWeight],
         owner = parent.get_submodule(owner_name) if owner_name else parent
         old = getattr(owner, attr)
         bias = old.bias if isinstance(old, nn.Linear) else getattr(old, "bias", None)
-        device = _module_device(old)
-        if dense:
-            weight = qweight.to(device).dequantize(dtype or old.weight.dtype)
-            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=weight.dtype)
+        where = device if device is not None else _module_device(old)
+        if dense and torch.device(where).type == "meta":  # a streamed layer: its values come with the layer
+            rows, cols = qweight.shape
+            new = nn.Linear(cols, rows, bias=bias is not None, device="meta", dtype=dtype or old.weight.dtype)
+        elif dense:
+            weight = qweight.to(where).dequantize(dtype or old.weight.dtype)
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=where, dtype=weight.dtype)
             new.weight.data = weight
             if bias is not None:
                 new.bias.data = bias.detach().to(weight.dtype)
         else:
-            new = QuantLinear(qweight.to(device), bias, dtype=dtype)
+            new = QuantLinear(qweight.to(where), bias, dtype=dtype)
         setattr(owner, attr, new)
         replaced[name] = old
     return replaced

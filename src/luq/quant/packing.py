@@ -22,6 +22,9 @@ def packed_length(n: int, bits: int) -> int:
     return n if bits == 8 else (n + 7) // 8 * bits
 
 
+_PACK_CHUNK = 1 << 20  # codes packed at once (8 MB of int64 temporaries each)
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) along the last dim into uint8."""
     if bits not in SUPPORTED_BITS:
@@ -29,6 +32,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, n = codes.shape
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
+    if codes.numel() > _PACK_CHUNK and n < _PACK_CHUNK:  # rows at a time: the int64 temporaries stay small
+        rows = codes.reshape(-1, n)
+        step = _PACK_CHUNK // n
+        return torch.cat([pack_bits(rows[r:r + step], bits) for r in range(0, rows.shape[0], step)]).reshape(*lead, -1)
     pad = (-n) % 8
     c = codes.to(torch.int64)
     if pad:
