@@ -50,7 +50,7 @@ INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
 # Inputs of at least this many tokens take the dense bfloat16 path (expand + GEMM) instead of the int4
 # kernel, for weights of one int4 term (GPTQ <= 4 bits) and of several (8-bit GPTQ, BiLLM): the crossovers
-# measured by `python -m bench.kernels` (2 threads; one term: 32-64 tokens by shape, several: 16-24).
+# measured by `python -m bench.kernels` (2 threads; one term: 24-64 tokens by shape, mostly 32; BiLLM: 12).
 DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
