@@ -5,7 +5,6 @@ and uniform rules end to end, and the per-(linear, format) variant cache."""
 import itertools
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,9 @@ from luq.cli import main
 from luq.errors import LuqError
 from luq.models import outside_units
 from luq.models.loading import load_model
-from luq.plan import KEEP, LinearSizes, SizeTable, knapsack, lagrangian_bound, plan_cost, uniform_plan
+from luq.plan import KEEP, LinearSizes, SizeTable, knapsack, lagrangian_bound, plan_cost
 from luq.sensitivity import measure_sensitivity, output_kl, reference_log_probs
-from tiny_models import smollm2_head_dir, tiny_llama_dir
+from tiny_models import smollm2_head_dir
 
 CALIBRATION = CalibrationConfig(samples=4, seq_len=64, seed=0)
 MENU = ("gptq2-g128", "gptq3-g128", "gptq4-g128", "gptq4-g32")

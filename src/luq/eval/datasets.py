@@ -52,7 +52,6 @@ own chat template and image token are added by the runner.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources

@@ -57,7 +57,7 @@ import torch
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
 from luq.quant.billm import SALIENT_METRICS, BinaryParts, block_values, unpack_signs
-from luq.quant.binsearch import leading_split_errors, split_errors
+from luq.quant.binsearch import leading_split_errors
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
 from luq.quant.packing import pack_bits, pack_bool, packed_length, unpack_bits, unpack_bool
 
