@@ -11,6 +11,7 @@ order: by dtype rank, then name), so a file is the same whichever way it was mad
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -156,3 +157,13 @@ def write_safetensors(path: Path | str, specs: Mapping[str, tuple[torch.dtype, t
         end = max((o + _itemsize(specs[n][0]) * int(torch.Size(specs[n][1]).numel()) for n, o in offsets.items()),
                   default=len(head))
         f.truncate(end)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of `tensors` (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # hashed in place, not copied
+    return h.hexdigest()

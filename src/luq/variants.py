@@ -31,19 +31,10 @@ from luq.models.streaming import layer_on, model_device
 from luq.quant import QuantizedWeight, weight_from_state_dict
 from luq.quant.formats import Format
 from luq.store import atomic_write
+from luq.tensorfile import tensor_digest  # noqa: F401 - re-exported: the cache's key of weights
 
 CACHE_FORMAT = 2
 OUTSIDE = "outside"  # the group (in place of a layer index) of the units outside the decoder layers
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of `tensors` (in name order)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # hashed in place, not copied
-    return h.hexdigest()
 
 
 def settings_digest(settings: Any) -> str:

@@ -29,7 +29,7 @@ from torch import nn
 
 from luq.errors import LuqError
 from luq.models import Adapter
-from luq.tensorfile import TensorFiles
+from luq.tensorfile import TensorFiles, tensor_digest
 
 _STREAM = "_luq_stream"
 
@@ -243,8 +243,6 @@ def input_modules(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
 def layer_digest(layer: nn.Module) -> str:
     """tensor_digest of the layer's weights as the checkpoint has them (streamed layers: read
     once, then remembered)."""
-    from luq.variants import tensor_digest
-
     stream = stream_of(layer)
     if stream is None:
         return tensor_digest(dict(layer.state_dict()))
