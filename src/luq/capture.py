@@ -156,18 +156,24 @@ def run_layerwise(layers: nn.ModuleList, inputs: list[LayerInput], device: torch
 
 
 @torch.no_grad()
+def layerwise_hidden(model: nn.Module, adapter: Adapter, batches, device: torch.device | str | None = None,
+                     ) -> list[torch.Tensor]:
+    """The last decoder layer's output on each batch (before the final norm), computed layer by
+    layer (all batches through one layer, then the next): one decoder layer in memory at a time."""
+    first = capture_first_layer_inputs(model, adapter, list(batches))
+    hidden = [inp.hidden for inp in first]
+    for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, device or model_device(model)):
+        hidden = outputs
+    return hidden
+
+
 def layerwise_logits(model: nn.Module, adapter: Adapter, batches, device: torch.device | str | None = None,
                      ) -> Iterator[torch.Tensor]:
     """The model's logits on each batch, computed layer by layer (all batches through one
     layer, then the next): what a whole-model forward gives, with one decoder layer in memory
     at a time, so it works on a streamed model. Final norm and output head as the decoder's;
     one batch's logits are made at a time, as the caller asks for them."""
-    batches = list(batches)
-    device = device or model_device(model)
-    first = capture_first_layer_inputs(model, adapter, batches)
-    hidden = [inp.hidden for inp in first]
-    for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, device):
-        hidden = outputs
+    hidden = layerwise_hidden(model, adapter, batches, device)
     head, norm = model.get_output_embeddings(), adapter.decoder(model).norm
     where = model_device(model)
     with layer_on(head, where):

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_inputs, layer_forward, move,
-                         offload, run_layerwise)
+from luq.capture import (IMAGE, PAD, TEXT, DiskActivations, capture_first_layer_inputs, layer_forward,
+                         layerwise_hidden, move, offload, run_layerwise)
 from luq.entropy import entropy_by_kind, entropy_ranking, kendall_distance, select_k
 from luq.models import Adapter, Unit, quantizable_linears
 from luq.models.streaming import StoredWeights, is_streamed, layer_digest, model_device
@@ -273,10 +273,7 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
                 lambda module, args, name=name: accumulators[name].add_batch(args[0].reshape(-1, args[0].shape[-1]))))
     try:
         if is_streamed(model):  # layer by layer: the same activations, one decoder layer in memory
-            first = capture_first_layer_inputs(model, adapter, batches)  # the vision linears' hooks fire here
-            hidden = [inp.hidden for inp in first]
-            for _, _, outputs, _ in run_layerwise(adapter.decoder_layers(model), first, model_device(model)):
-                hidden = outputs
+            hidden = layerwise_hidden(model, adapter, batches)  # the vision linears' hooks fire at layer 0's input
             norm = adapter.decoder(model).norm
             for h, (_, kinds) in zip(hidden, batches):
                 state["keep"] = kinds != PAD
