@@ -266,3 +266,35 @@ def test_threshold_rule_streams_to_the_in_memory_plan(tmp_path):
     assert reports[True]["search"] == reports[False]["search"] and len(reports[True]["search"]) > 1
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "qTrue" / name).read_bytes() == (tmp_path / "qFalse" / name).read_bytes()
+
+
+def test_a_released_streamed_layer_keeps_no_kernel(tmp_path):
+    """A forward through a streamed layer with a plan in it builds each QuantLinear's fast kernel
+    from the bytes read for that use; putting the layer back on disk frees the kernel too (it is
+    not a buffer, so swapping the buffers alone kept every layer's kernel resident)."""
+    from luq.assembly import Assembly, linear_names
+    from luq.calibration import calibration_batches
+    from luq.pipeline import layer_pass
+    from luq.quant.formats import get_format
+    from luq.quant.linear import QuantLinear
+    from luq.variants import VariantCache
+
+    model_dir = tiny_llama_dir(tmp_path / "model", layers=2)
+    streamed, tokenizer, adapter = load_model(model_dir, stream=True)
+    batches = calibration_batches(tokenizer, adapter, CalibrationConfig(samples=2, seq_len=16))
+    cache = VariantCache(tmp_path / "c", {})
+    layer_pass(streamed, adapter, batches, formats=[get_format("gptq4-g128")], cache=cache, progress=False)
+    Assembly(streamed, adapter, [cache], "cpu").apply(
+        {name: "gptq4-g128" for names in linear_names(streamed, adapter) for name in names})
+    layers = adapter.decoder_layers(streamed)
+    built = []
+    with layer_on(layers[0], "cpu"):
+        quantized = [m for m in layers[0].modules() if isinstance(m, QuantLinear)]
+        assert quantized
+        for m in quantized:
+            m.kernel
+            built.append(m.__dict__.get("_kernel") is not None)
+    assert all(built)
+    assert not any("_kernel" in m.__dict__ for m in layers.modules() if isinstance(m, QuantLinear))
+    layerwise_logits(streamed, adapter, batches)
+    assert not any("_kernel" in m.__dict__ for m in layers.modules() if isinstance(m, QuantLinear))

@@ -114,7 +114,17 @@ class LayerStream:
             if name in state:  # a module swapped meanwhile and swapped back keeps its own tensors
                 _set_tensor(layer, name, kept)
         self._kept = {}
+        _drop_derived(layer)
         release_freed_memory()
+
+
+def _drop_derived(layer: nn.Module) -> None:
+    """Free what modules built from the tensors just put back on disk (a QuantLinear's fast
+    kernel): it is not a parameter or buffer, so swapping those does not free it."""
+    for module in layer.modules():
+        drop = getattr(module, "drop_derived", None)
+        if drop is not None:
+            drop()
 
 
 def _libc():

@@ -87,12 +87,17 @@ class PackedModule(nn.Module):
         """Moves follow `.to(device)`, but the packed tensors keep their stored dtypes:
         `model.to(torch.bfloat16)` must not round fp16 scales to bf16 (the bias follows)."""
         stored = {n: b for n, b in self._buffers.items() if b is not None and n != "bias"}
+        self.drop_derived()  # built for one device: rebuilt after a move
         super()._apply(fn, recurse)
         for name, before in stored.items():
             after = self._buffers[name]
             if after.dtype != before.dtype:
                 self._buffers[name] = before.to(after.device)
         return self
+
+    def drop_derived(self) -> None:
+        """Free what was built from the buffers (a fast kernel). `.to()` does it itself; whoever
+        swaps the buffers otherwise (a streamed layer going back to disk) calls this."""
 
     @property
     def quantized_weight(self) -> QuantizedWeight:

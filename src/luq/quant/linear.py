@@ -40,9 +40,8 @@ class QuantLinear(PackedModule):
             raise ValueError(f"quantized weight {qweight.shape} does not fit {linear}")
         return cls(qweight.to(linear.weight.device), linear.bias, dtype=dtype)
 
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_kernel", None)  # the kernel is packed for one device: rebuilt after a move
-        return super()._apply(fn, recurse)
+    def drop_derived(self) -> None:
+        self.__dict__.pop("_kernel", None)
 
     @property
     def nbytes(self) -> int:
