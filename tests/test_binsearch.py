@@ -1,4 +1,5 @@
-"""BiLLM's closed-form searches (luq.quant.binsearch) against binarizing every candidate."""
+"""BiLLM's closed-form searches (luq.quant.binsearch) against binarizing every candidate, in
+both forms: the compiled one (luq.quant.native) and the torch one it falls back to."""
 
 import pytest
 import torch
@@ -26,8 +27,16 @@ def rows_with_lopsided_tails(rows=40, cols=70, seed=0):
     return w
 
 
+@pytest.fixture(params=["native", "torch"])
+def search_form(request, monkeypatch):
+    if request.param == "native" and not binsearch.native.available("binsearch"):
+        pytest.skip("no C compiler: the torch form serves")
+    monkeypatch.setattr(binsearch, "use_native", lambda x: request.param == "native")
+    return request.param
+
+
 @pytest.mark.parametrize("row_chunk", [7, 256])
-def test_split_errors_match_binarizing_each_break_point(row_chunk, monkeypatch):
+def test_split_errors_match_binarizing_each_break_point(row_chunk, search_form, monkeypatch):
     monkeypatch.setattr(binsearch, "ROW_CHUNK", row_chunk)
     w = rows_with_lopsided_tails()
     splits = w.abs().flatten().sort().values[torch.linspace(100, w.numel() - 100, 15).long()]
@@ -36,10 +45,15 @@ def test_split_errors_match_binarizing_each_break_point(row_chunk, monkeypatch):
     torch.testing.assert_close(fast, torch.tensor(slow, dtype=torch.float64), rtol=1e-5, atol=1e-9)
     per_row = splits[None, :].expand(w.shape[0], -1).clone()   # one break point per row and candidate
     torch.testing.assert_close(binsearch.split_errors(w, per_row), fast, rtol=1e-5, atol=1e-9)
+    per_row[::2, 3] = float("inf")   # no sparse group on those rows
+    whole = torch.ones_like(w, dtype=torch.bool)
+    expected = loop_error(w[::2], [whole[::2]], 1) + loop_error(w[1::2], [w[1::2].abs() < splits[3],
+                                                                         w[1::2].abs() >= splits[3]], 1)
+    assert binsearch.split_errors(w, per_row)[3].item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("row_chunk", [7, 256])
-def test_leading_split_errors_match_binarizing_each_count(row_chunk, monkeypatch):
+def test_leading_split_errors_match_binarizing_each_count(row_chunk, search_form, monkeypatch):
     monkeypatch.setattr(binsearch, "ROW_CHUNK", row_chunk)
     w = rows_with_lopsided_tails(seed=1)
     counts = torch.tensor([1, 2, 5, 9, 20, 33])
@@ -47,8 +61,8 @@ def test_leading_split_errors_match_binarizing_each_count(row_chunk, monkeypatch
     lead = torch.arange(w.shape[1])[None, :]
     slow = [loop_error(w, [(lead < n).expand_as(w), (lead >= n).expand_as(w)], 2) for n in counts.tolist()]
     torch.testing.assert_close(fast, torch.tensor(slow, dtype=torch.float64), rtol=1e-5, atol=1e-9)
-    # a subset of counts reads the same table rows
-    torch.testing.assert_close(binsearch.leading_split_errors(w, counts[[1, 4]]), fast[[1, 4]])
+    # a subset of counts, in any order, gives the same errors
+    torch.testing.assert_close(binsearch.leading_split_errors(w, counts[[4, 1]]), fast[[4, 1]])
 
 
 def test_sort_rows_and_pack_bool_match_torch():

@@ -7,7 +7,13 @@ Tolerances come from measurement (bench/solvers.py prints the same figures):
   the issue's bound is 5%.
 - GPTQ-4 vs RTN-4 (g128): RTN's error is 2.9x to 65x GPTQ's on these layers; we ask for 2x.
 - BiLLM vs the sign baseline and 1-bit RTN: BiLLM's error is 8x-50x below both; we ask for 2x.
-- BiLLM vs the loop searches it replaced: bench/pin_billm.py pinned their stored bytes.
+- BiLLM vs the loop searches it replaced: bench/pin_billm.py pinned their stored bytes and
+  errors. Those move with the machine's float32 BLAS (its Cholesky and block updates): on an
+  AVX-512 CPU, 1 vs 2 threads, 0 of 21 layers keep the pinned bytes and single layers' errors
+  move by up to 2.8% (a near-tie of two salient columns flips and the rest of the layer
+  follows), while the mean over the 21 stays within 0.2%. So the pins bound the mean (0.5%)
+  and each layer (5%), and the searches themselves are checked, on the real layers' blocks,
+  against binarizing every candidate (the same choice, or a tie to 1e-6).
 - Compact BiLLM formats, mean over the 21 linears (true bits, error / BiLLM's mean error),
   measured: billm-k16g64 2.06 bits, 0.85x; billm-k8g64 1.81, 1.14x; billm-k4g64 1.60, 1.55x.
   The bounds below leave 0.05 bit and ~5% of error; billm-k5g64r (1.5995 bits, 1.142x) is
@@ -133,16 +139,57 @@ def stored_digest(q):
             for k, v in sorted(q.state_dict().items())}
 
 
-def test_billm_stores_what_the_loop_searches_stored():
-    """The vectorised searches pick what the loop searches of commit 18a96d5 picked
-    (bench/pin_billm.py pinned their stored bytes): the same bytes on every layer, or, where
-    a near-tie of the candidates' errors orders differently in float64 than in the loop's
-    float32, the same error within 0.1% (the issue's bound)."""
-    same = 0
+def test_billm_errors_stay_at_the_loop_searches_pins():
+    """The vectorised searches keep what the loop searches of commit 18a96d5 gave
+    (bench/pin_billm.py): the mean relative output error within 0.5% of the pins' mean, each
+    layer within 5% (the machine's BLAS rounding moves single layers, module docstring)."""
+    same, ratios = 0, []
     for name, pin in BILLM_PINS.items():
         q = billm(name)
-        err = output_error(problems()[name], q)
-        assert err == pytest.approx(pin["relative_output_error"], rel=1e-3), name
+        ratios.append(output_error(problems()[name], q) / pin["relative_output_error"])
         same += stored_digest(q) == pin["sha256"]
-    print(f"identical stored bytes on {same} of {len(BILLM_PINS)} layers")  # 21 of 21 measured
-    assert same >= len(BILLM_PINS) // 2  # a flipped near-tie is the exception
+    print(f"identical stored bytes on {same} of {len(BILLM_PINS)} layers; error / pin "
+          f"{min(ratios):.4f}..{max(ratios):.4f}, mean {sum(ratios) / len(ratios):.4f}")
+    assert sum(ratios) / len(ratios) == pytest.approx(1.0, abs=5e-3)
+    assert all(0.95 < r < 1.05 for r in ratios)
+
+
+def _brute_leading(w, counts):
+    cols = torch.arange(w.shape[1])[None, :]
+    return [_binarized_error(w, [(cols < n).expand_as(w), (cols >= n).expand_as(w)], 2) for n in counts.tolist()]
+
+
+def _brute_split(plain, splits):
+    return [_binarized_error(plain, [plain.abs() < t, plain.abs() >= t], 1) for t in splits.tolist()]
+
+
+def _binarized_error(w, masks, order):
+    from luq.quant.billm import binarize
+    return sum(float(((w - binarize(w, m, order)[0]) ** 2 * m).double().sum()) for m in masks)
+
+
+@pytest.mark.parametrize("name", ["layers.0.self_attn.q_proj", "layers.15.mlp.down_proj"])
+def test_billm_searches_choose_what_binarizing_each_candidate_chooses(name, monkeypatch):
+    """On a real layer's blocks, as BiLLM meets them (after the earlier blocks' updates), both
+    searches pick the candidate that binarizing every candidate picks, or one whose error ties
+    with it to 1e-6."""
+    import luq.quant.billm as billm_module
+
+    checked = []
+
+    def checking(search, brute):
+        def wrapped(w, candidates):
+            fast = search(w, candidates)
+            slow = torch.tensor(brute(w, candidates), dtype=torch.float64)
+            pick = int(fast.argmin())
+            assert slow[pick] <= slow.min() * (1 + 1e-6), (search.__name__, pick, int(slow.argmin()))
+            checked.append(search.__name__)
+            return fast
+        return wrapped
+
+    monkeypatch.setattr(billm_module, "leading_split_errors", checking(billm_module.leading_split_errors, _brute_leading))
+    monkeypatch.setattr(billm_module, "split_errors", checking(billm_module.split_errors, _brute_split))
+    p = problems()[name]
+    BiLLM().quantize(p.weight, p.hessian)
+    blocks = -(-p.weight.shape[1] // 128)
+    assert checked.count("leading_split_errors") == blocks and checked.count("split_errors") == blocks

@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from luq.quant import native
+
 # rows scored at once (bounds the [rows, candidates, columns] temporaries)
 ROW_CHUNK = 256
 # dtype of the per-row sums (the loop summed in float32 too)
@@ -95,11 +97,18 @@ def order2_error(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, below: Bel
     return sr2 - n * m2 * m2 - d2 * d2 / n
 
 
+def use_native(x: torch.Tensor) -> bool:
+    """The compiled searches (luq.quant.native, binsearch.c) serve CPU tensors where they build."""
+    return x.device.type == "cpu" and native.available("binsearch")
+
+
 def split_errors(plain: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
     """Order-1 error of the concentrated (|w| < t) plus the sparse (|w| >= t) group, per row
     binarized separately, summed over rows, for each break point t of `splits`: [K] (one
     per candidate) or [rows, K] (one per row and candidate; inf: no sparse group)."""
     t_all = splits.to(DT)
+    if use_native(plain):
+        return native.split_errors(sort_rows(plain.to(DT)), t_all.cpu(), ROW_CHUNK)
     return over_row_chunks(plain.shape[0], lambda r0, r1: _split_errors_rows(
         plain[r0:r1], t_all if t_all.dim() == 1 else t_all[r0:r1]))
 
@@ -155,6 +164,9 @@ def leading_split_errors(ranked: torch.Tensor, counts: torch.Tensor) -> torch.Te
     """Order-2 error of the first n columns of `ranked` plus that of the other columns (each
     group binarized per row), summed over rows, for each n of `counts` [K] (1 <= n < cols)."""
     counts = counts.to(ranked.device)
+    if use_native(ranked):
+        x = ranked.to(DT)
+        return native.leading_split_errors(x, sort_rows(x), counts.to(torch.int64), ROW_CHUNK)
     return over_row_chunks(ranked.shape[0], lambda r0, r1: _leading_split_errors_rows(ranked[r0:r1], counts))
 
 

@@ -1,10 +1,14 @@
-"""Compiled helpers of the fast kernels, built at first use with the system C compiler.
+"""Compiled helpers, built at first use with the system C compiler.
 
-`expand_int4` (expand_int4.c): one pass from torch's CPU int4 packing to a bfloat16 W^T, the
-terms of each input column summed (the dense prompt path of luq.quant.kernels). Built once per
-source version into ~/.cache/luq/native (LUQ_NATIVE_DIR moves it; LUQ_NATIVE=0 turns it off);
-where no compiler works, `available()` is False and the callers use torch ops instead. The
-work is split over torch.get_num_threads() Python threads (ctypes releases the GIL).
+- `expand_int4` (expand_int4.c): one pass from torch's CPU int4 packing to a bfloat16 W^T, the
+  terms of each input column summed (the dense prompt path of luq.quant.kernels).
+- `split_errors`, `leading_split_errors` (binsearch.c): BiLLM's two searches row by row
+  (luq.quant.binsearch).
+
+Each source is built once per version into ~/.cache/luq/native (LUQ_NATIVE_DIR moves it;
+LUQ_NATIVE=0 turns it off); where no compiler works, `available(name)` is False and the callers
+use torch ops instead. The work is split over torch.get_num_threads() Python threads (ctypes
+releases the GIL).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("expand_int4.c")
+HERE = Path(__file__).parent
 _POOL: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -34,7 +38,7 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _build(target: Path) -> None:
+def _build(source: Path, target: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler")
@@ -44,33 +48,48 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: concurrent builds do not collide
         lib = Path(tmp) / target.name
-        subprocess.run([cc, *flags, str(SOURCE), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *flags, str(source), "-o", str(lib)], check=True, capture_output=True, timeout=120)
         os.replace(lib, target)
 
 
+_I, _P = ctypes.c_int64, ctypes.c_void_p
+# the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
+SIGNATURES = {
+    "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
+    "binsearch": {"luq_split_errors": [_P, _I, _P, _I, _I, _I, _I, _P],
+                  "luq_leading_split_errors": [_P, _P, _I, _P, _I, _I, _I, _P]},
+}
+
+
 @lru_cache(maxsize=None)
-def _library():
+def _library(name: str):
+    """The functions of `name`.c by name, or None where it cannot be built or is turned off."""
     if os.environ.get("LUQ_NATIVE", "1") == "0":
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr(sorted(_cpu_flags() & {"avx2", "fma"})).encode()).hexdigest()[:16]
+    source = HERE / f"{name}.c"
+    digest = hashlib.sha256(source.read_bytes() + repr(sorted(_cpu_flags() & {"avx2", "fma"})).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LUQ_NATIVE_DIR") or Path.home() / ".cache" / "luq" / "native")
-    target = root / f"expand_int4-{digest}.so"
+    target = root / f"{name}-{digest}.so"
     try:
         if not target.is_file():
-            _build(target)
+            _build(source, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
         return None
-    fn = lib.luq_expand_int4
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    return fn
+    functions = {}
+    for fname, argtypes in SIGNATURES[name].items():
+        fn = getattr(lib, fname)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        functions[fname] = fn
+    return functions
 
 
-def available() -> bool:
-    return _library() is not None
+def available(name: str = "expand_int4") -> bool:
+    return _library(name) is not None
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads))
 
 
 def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, starts: torch.Tensor | None,
@@ -79,7 +98,7 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
     packing (`packed` [N, kt/2], `scales_zeros` [kt/group, N, 2] bfloat16). Input column c sums
     the kernel columns terms[starts[c]:starts[c + 1]] (int64); starts/terms None: column c is
     kernel column c alone."""
-    fn = _library()
+    fn = _library("expand_int4")["luq_expand_int4"]
     n_rows, kt = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(cols, r1 - r0, dtype=torch.bfloat16)
     args = (packed.data_ptr(), scales_zeros.data_ptr(), kt, n_rows, group,
@@ -94,8 +113,49 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
     if threads == 1:
         failed = run(0)
     else:
-        pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads))
-        failed = any(pool.map(run, range(threads)))
+        failed = any(_pool(threads).map(run, range(threads)))
     if failed:
         raise MemoryError("luq.quant.native.expand_int4: no memory for its row accumulator")
     return out
+
+
+def _row_chunks(score, rows: int, row_chunk: int, n_out: int) -> torch.Tensor:
+    """sum over chunks of `row_chunk` rows, in chunk order, of score(r0, r1, out) (which adds
+    each row's errors into the float64 out [n_out]): the same sum whatever the thread count."""
+    bounds = [(r0, min(r0 + row_chunk, rows)) for r0 in range(0, rows, row_chunk)]
+    parts = torch.zeros(len(bounds), n_out, dtype=torch.float64)
+
+    def run(i: int) -> int:
+        return score(*bounds[i], parts[i].data_ptr())
+
+    threads = min(torch.get_num_threads(), len(bounds))
+    failed = any(map(run, range(len(bounds)))) if threads <= 1 else any(_pool(threads).map(run, range(len(bounds))))
+    if failed:
+        raise MemoryError("luq.quant.native: no memory for a search's row buffers")
+    total = torch.zeros(n_out, dtype=torch.float64)
+    for part in parts:
+        total += part
+    return total
+
+
+def split_errors(sorted_rows: torch.Tensor, splits: torch.Tensor, row_chunk: int) -> torch.Tensor:
+    """luq.quant.binsearch.split_errors from the rows sorted ascending (float32 [rows, cols]) and
+    the break points (float32 [K], or [rows, K] one per row): float64 [K]."""
+    fn = _library("binsearch")["luq_split_errors"]
+    s, t = sorted_rows.contiguous(), splits.contiguous()
+    rows, cols = s.shape
+    n_splits = t.shape[-1]
+    stride = n_splits if t.dim() == 2 else 0
+    return _row_chunks(lambda r0, r1, out: fn(s.data_ptr(), cols, t.data_ptr(), stride, n_splits, r0, r1, out),
+                       rows, row_chunk, n_splits)
+
+
+def leading_split_errors(x: torch.Tensor, sorted_rows: torch.Tensor, counts: torch.Tensor,
+                         row_chunk: int) -> torch.Tensor:
+    """luq.quant.binsearch.leading_split_errors from the rows (float32 [rows, cols], columns in
+    rank order), the same rows sorted, and the counts (int64 [K], 1 <= n < cols): float64 [K]."""
+    fn = _library("binsearch")["luq_leading_split_errors"]
+    x, s, counts = x.contiguous(), sorted_rows.contiguous(), counts.contiguous()
+    rows, cols = x.shape
+    return _row_chunks(lambda r0, r1, out: fn(x.data_ptr(), s.data_ptr(), cols, counts.data_ptr(), len(counts),
+                                              r0, r1, out), rows, row_chunk, len(counts))
