@@ -273,9 +273,11 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
     files = TensorFiles.in_dir(path)  # read one tensor at a time: memory ends near the artifact's size
     remaining = set(files.keys())
 
-    def take(key: str) -> torch.Tensor:
+    def take(key: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored tensor `key` (with as_dtype: a floating one converted as it is read, so its
+        stored copy is never whole in memory beside the converted one)."""
         remaining.discard(key)
-        return files.read(key)
+        return files.read(key, as_dtype)
 
     tied_heads = qconfig.get("tied_heads", {})
     for name, wconfig in qconfig.get("embeddings", {}).items():
@@ -290,27 +292,26 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
         _set_module(model, name, quantized)
         for head, source in tied_heads.items():
             if source == name:
-                bias = take(head + ".bias") if head + ".bias" in remaining else None
-                _set_module(model, head, TiedQuantHead(quantized, None if bias is None else bias.to(dtype)))
+                bias = take(head + ".bias", dtype) if head + ".bias" in remaining else None
+                _set_module(model, head, TiedQuantHead(quantized, bias))
     modules = qconfig["modules"]
     for name, wconfig in modules.items():
         prefix = name + "."
         own = {k[len(prefix):]: take(k) for k in sorted(remaining) if k.startswith(prefix) and k != prefix + "bias"}
-        bias = take(prefix + "bias") if prefix + "bias" in remaining else None
+        bias = take(prefix + "bias", dtype) if prefix + "bias" in remaining else None
         linear = model.get_submodule(name)
         if (linear.out_features, linear.in_features) != tuple(wconfig["shape"]):
             raise LuqError(f"corrupt artifact {path}: {name} is {wconfig['shape']}, the model expects "
                            f"{[linear.out_features, linear.in_features]}")
         owner, _, attr = name.rpartition(".")
-        qlinear = QuantLinear(weight_from_state_dict(own, wconfig), None if bias is None else bias.to(dtype))
+        qlinear = QuantLinear(weight_from_state_dict(own, wconfig), bias)
         setattr(model.get_submodule(owner), attr, qlinear)
     state = model.state_dict(keep_vars=True)
     unexpected = sorted(remaining - set(state))
     if unexpected:
         raise LuqError(f"corrupt artifact {path}: unexpected tensors {unexpected[:3]}")
     for key in sorted(remaining):
-        t = take(key)
-        _set_tensor(model, key, t.to(dtype) if t.is_floating_point() else t)
+        _set_tensor(model, key, take(key, dtype))  # integer tensors are read as stored
     if not tied_heads:  # a head tied to a packed embedding was rebuilt above
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
