@@ -1,11 +1,12 @@
 """Fast forwards for packed weights, chosen per format and device.
 
 A *kernel* is built once from a QuantizedWeight (at the first forward on a device, because
-the packed layout of torch's int4 CPU kernel depends on the CPU) and then computes
+the packed layout of torch's int4 kernels depends on the device) and then computes
 y = x W_hat^T without materialising W_hat for a few tokens:
 
-- `Int4Kernel`: torch's int4 matmul (`_weight_int4pack_mm_for_cpu`, CPU), whose weight is
-  w = (q - 8)·s + z with q in 0..15 and one (s, z) per row per group of 32..256 columns.
+- `Int4Kernel`: torch's int4 matmul (`_weight_int4pack_mm_for_cpu` on CPU, tinygemm's
+  `_weight_int4pack_mm` on CUDA: `Int4Ops`), whose weight is w = (q - 8)·s + z with q in
+  0..15 and one (s, z) per row per group of 32..256 columns.
   Every stored format is transcoded into a sum of such *terms*, concatenated along the inner
   dimension, each term reading its own gather of the input columns (`Int4Terms`):
     GPTQ <= 4 bits: one term (act-order `g_idx` groups: the input columns are permuted
@@ -26,8 +27,17 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   compiled pass that also sums the terms of each input column (luq.quant.native), or with
   torch ops where no C compiler is found (the terms side by side, ~3x slower); where the
   packing is another (checked once at build), prompts stay on the int4 kernel.
+  CUDA (compute capability 8.0+): the codes go to tinygemm nibble-packed (`pack_nibbles`: two
+  columns per byte, the even one high) with the widest inner k-tiling that divides the inner
+  dimension (`inner_k_tiles`); its dense prompt path reads tinygemm's tiled packing back with
+  torch ops (`_expand_tinygemm`), from `DENSE_FROM_TOKENS_CUDA` tokens (a guess: never measured on
+  a GPU). No GPU ran any of it here, so each CUDA kernel is probed once at build
+  (`probed_kernel`): a fixed random input through the op must match the terms' exact weight to
+  SELF_CHECK_TOL, else (or if the op raises: old GPU, missing op) one warning line and the tiled
+  kernel. `python bench/cuda_check.py` checks and times it on a GPU.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
-  columns, other devices): de-quantize a tile of rows and multiply, tile by tile.
+  columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
+  multiply, tile by tile.
 
 `kernel_for(qweight, device)` picks one; `QuantLinear` caches it (not in the state dict).
 `Int4Kernel.nbytes` is what the transcoded form holds in memory (reported by benches beside
@@ -265,8 +275,8 @@ class Int4Kernel(nn.Module):
     def _expand_tinygemm(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """tinygemm's packing (int32 [N / 8, K / (16·t), 32, t / 2], t inner k-tiles), read from
         torch's int4mm.cu: word [n_tile, k_outer, lane, j] holds 8 codes of row 8·n_tile + lane // 4;
-        its byte b (little-endian) holds, in its low and high nibbles, columns
-        k = 16·t·k_outer + 32·j + 16·(b % 2) + 8·(nibble) + 2·(lane % 4) + b // 2.
+        its byte b (little-endian) holds columns k = 16·t·k_outer + 32·j + 16·(b % 2) + 8·h + 2·(lane % 4)
+        + b // 2, h = 0 in the low nibble and 1 in the high one.
         Undone here by one strided copy per nibble (the `bench/cuda_check.py` probe and the build's
         round trip check it on the device)."""
         t = inner_k_tiles(self.kt)
@@ -510,4 +520,4 @@ def _probe_error(y: torch.Tensor, x: torch.Tensor, terms: Int4Terms, in_features
     rows = terms.codes.shape[0]
     ref = torch.cat([x @ terms.rows(r0, min(r0 + ROW_TILE, rows)).dense(in_features).t()
                      for r0 in range(0, rows, ROW_TILE)], 1)
-    return ((y.float() - ref).norm() / ref.norm()).item()
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()   # a zero weight: 0, not NaN
