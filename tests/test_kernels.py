@@ -15,6 +15,11 @@ bfloat16 once (twice with torch ops where a group has a zero); over these layers
 `dense_from` and 64 tokens it measured 1.6e-3 to 3.9e-3 (compiled) and up to 4.6e-3 (torch ops),
 within the same bound. The compiled expansion itself equals the kernel's weight (its
 bfloat16 scales and zeros, terms summed) rounded once to bfloat16 (relative 2^-8 per value).
+
+CUDA's int4 kernel (tinygemm) cannot run here: its two ops are written in torch below from their
+documentation in torch's int4mm.cu and handed to `kernel_for` as a device's ops, which checks the
+nibble packing, the dense path's read-back of that layout, the build probe and the fallback to
+the tiled kernel (one warning) when the op raises or disagrees. On a GPU: `python bench/cuda_check.py`.
 """
 
 from functools import lru_cache
@@ -127,3 +132,127 @@ def test_unsupported_shapes_fall_back_to_the_tiled_kernel():
     assert isinstance(kernel, TiledKernel)
     x = p.inputs[:4, :560]
     torch.testing.assert_close(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize()))
+
+
+# --------------------------------------------------------------------------- CUDA (tinygemm), without a GPU
+# tinygemm's two ops written in torch from their documentation in torch's int4mm.cu (the index arithmetic of
+# its packing kernel, w = (q - 8)·s + z rounded once to bfloat16, float32 sums): `kernel_for` is given them
+# as a device's ops, so that the packing, the dense path's read-back, the probe and the fallback run on CPU.
+
+
+def _grid(*sizes):
+    return torch.meshgrid(*(torch.arange(s) for s in sizes), indexing="ij")
+
+
+def fake_convert(w, tiles):
+    """uint8 [N, K / 2] -> int32 [N / 8, K / (16·tiles), 32, tiles / 2]: lane l of a word reads row
+    8·n_tile + l // 4, bytes base + l % 4 + {0, 4, 8, 12}; their high nibbles go to bits 0..15, low to 16..31."""
+    assert w.dtype == torch.uint8 and w.dim() == 2 and w.is_contiguous() and tiles in (2, 4, 8)
+    n, k = w.shape[0], 2 * w.shape[1]
+    assert k % (16 * tiles) == 0
+    nt, ko, lane, j = _grid(n // 8, k // (16 * tiles), 32, tiles // 2)
+    row, base = nt * 8 + lane // 4, (ko * tiles + 2 * j) * 8 + lane % 4
+    v = [w[row, base + off].long() for off in (0, 4, 8, 12)]
+    word = sum(((v[i] & 15) << (16 + 4 * i)) | ((v[i] >> 4) << (4 * i)) for i in range(4))
+    return ((word + 2 ** 31) % 2 ** 32 - 2 ** 31).to(torch.int32)
+
+
+def fake_unpack(packed):
+    """Inverse of `fake_convert`, as codes [N, K]."""
+    n_tiles, k_outer, _, half = packed.shape
+    nt, ko, lane, j, nib = _grid(n_tiles, k_outer, 32, half, 8)
+    code = (packed.long()[nt, ko, lane, j] >> (4 * nib)) & 15
+    byte = (ko * 2 * half + 2 * j) * 8 + lane % 4 + 4 * (nib % 4)
+    out = torch.zeros(n_tiles * 8, k_outer * 32 * half, dtype=torch.long)
+    out[nt * 8 + lane // 4, 2 * byte + nib // 4] = code   # a high nibble is the even column
+    return out
+
+
+def fake_mm(x, packed, group, scales_zeros):
+    assert x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous() and packed.dtype == torch.int32
+    q = fake_unpack(packed)
+    assert scales_zeros.shape == (q.shape[1] // group, q.shape[0], 2) and scales_zeros.dtype == torch.bfloat16
+    s, z = (scales_zeros[..., i].float().t().repeat_interleave(group, 1) for i in (0, 1))
+    return (x.float() @ ((q - 8) * s + z).bfloat16().float().t()).bfloat16()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """kernel_for(.., CPU) gets tinygemm's ops (the fakes above; replace them through the returned dict)."""
+    ops = {"convert": fake_convert, "mm": fake_mm}
+    monkeypatch.setattr(K, "_int4_ops", lambda device: K.tinygemm_ops(lambda w, t: ops["convert"](w, t),
+                                                                      lambda *a: ops["mm"](*a)))
+    monkeypatch.setattr(K, "_WARNED", set())
+    return ops
+
+
+def test_nibble_packing_and_its_inverse():
+    q = torch.randint(0, 16, (6, 10), generator=torch.Generator().manual_seed(0))
+    p = K.pack_nibbles(q)
+    assert p.dtype == torch.uint8 and p.shape == (6, 5) and p.is_contiguous()
+    assert int(p[2, 3]) == 16 * int(q[2, 6]) + int(q[2, 7])   # even column high, odd column low
+    assert torch.equal(K.unpack_nibbles(p), q.to(torch.uint8))
+    assert torch.equal(fake_unpack(fake_convert(K.pack_nibbles(q.repeat(4, 7)[:, :64]), 2)), q.repeat(4, 7)[:, :64])
+
+
+def test_inner_k_tiles_is_the_widest_that_divides_k():
+    assert [K.inner_k_tiles(k) for k in (4096, 1536, 576, 96, 32)] == [8, 8, 4, 2, 2]
+    with pytest.raises(ValueError):
+        K.inner_k_tiles(48)
+
+
+@pytest.mark.parametrize("fmt", ["gptq4-g128", "gptq3-g64-gidx", "gptq8-g32", "billm", "billm-k4g64"])
+def test_tinygemm_path_on_fake_ops(fmt, fake_cuda, monkeypatch):
+    layer = LAYERS[1]
+    q = quantized(layer, fmt)
+    monkeypatch.setattr(K, "DENSE_FROM_TOKENS_CUDA", 16)   # the real inputs hold 64 tokens
+    kernel = kernel_for(q, CPU)
+    assert isinstance(kernel, Int4Kernel) and kernel.layout == "tinygemm" and kernel.dense_from == 16
+    assert kernel.dense_ok and not kernel.native          # the expansion reads tinygemm's packing back exactly
+    x = problems()[layer].inputs[:64]
+    W = q.dequantize()
+    for n in (1, 15, 16, 64):                             # tinygemm, then the dense path
+        assert rel_error(kernel(x[:n], torch.float32), torch.nn.functional.linear(x[:n], W)) < TOL
+    monkeypatch.setattr(K, "DENSE_TILE_BYTES", 1)         # one tile of 8 rows at a time
+    assert kernel.tile_rows == K.TINYGEMM_N_TILE
+    assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, W)) < TOL
+
+
+def test_tinygemm_that_disagrees_falls_back_with_one_warning(fake_cuda):
+    fake_cuda["convert"] = lambda w, t: fake_convert(((w & 15) << 4 | w >> 4).contiguous(), t)   # nibbles swapped
+    q = quantized(LAYERS[0], "gptq4-g128")
+    with pytest.warns(RuntimeWarning, match="off by") as caught:
+        assert isinstance(kernel_for(q, CPU), TiledKernel)
+        assert isinstance(kernel_for(q, CPU), TiledKernel)
+    assert len(caught) == 1
+
+
+def test_tinygemm_that_raises_falls_back(fake_cuda):
+    def no_image(*args):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
+    fake_cuda["mm"] = no_image
+    q = quantized(LAYERS[0], "billm")
+    with pytest.warns(RuntimeWarning, match="RuntimeError: CUDA error: no kernel image"):
+        kernel = kernel_for(q, CPU)
+    assert isinstance(kernel, TiledKernel)
+    x = problems()[LAYERS[0]].inputs[:4]
+    torch.testing.assert_close(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize()))
+
+
+def test_a_packing_other_than_tinygemms_keeps_prompts_on_the_op(fake_cuda):
+    # right products from another layout (rows reversed): the probe passes, the dense read-back does not apply
+    fake_cuda["convert"] = lambda w, t: fake_convert(w.flip(0).contiguous(), t)
+    fake_cuda["mm"] = lambda x, p, g, sz: fake_mm(x, p, g, sz.flip(1)).flip(1)
+    q = quantized(LAYERS[0], "gptq4-g64")
+    kernel = kernel_for(q, CPU)
+    assert isinstance(kernel, Int4Kernel) and not kernel.dense_ok and kernel.transient_nbytes == 0
+    x = problems()[LAYERS[0]].inputs[:64]
+    assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize())) < TOL
+
+
+def test_gpus_before_sm80_are_not_given_tinygemm(monkeypatch):
+    monkeypatch.setattr(K, "_WARNED", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.warns(RuntimeWarning, match=r"compute capability \(7, 5\)"):
+        assert K._int4_ops(torch.device("cuda", 0)) is None

@@ -1,11 +1,12 @@
 """Fast forwards for packed weights, chosen per format and device.
 
 A *kernel* is built once from a QuantizedWeight (at the first forward on a device, because
-the packed layout of torch's int4 CPU kernel depends on the CPU) and then computes
+the packed layout of torch's int4 kernels depends on the device) and then computes
 y = x W_hat^T without materialising W_hat for a few tokens:
 
-- `Int4Kernel`: torch's int4 matmul (`_weight_int4pack_mm_for_cpu`, CPU), whose weight is
-  w = (q - 8)·s + z with q in 0..15 and one (s, z) per row per group of 32..256 columns.
+- `Int4Kernel`: torch's int4 matmul (`_weight_int4pack_mm_for_cpu` on CPU, tinygemm's
+  `_weight_int4pack_mm` on CUDA: `Int4Ops`), whose weight is w = (q - 8)·s + z with q in
+  0..15 and one (s, z) per row per group of 32..256 columns.
   Every stored format is transcoded into a sum of such *terms*, concatenated along the inner
   dimension, each term reading its own gather of the input columns (`Int4Terms`):
     GPTQ <= 4 bits: one term (act-order `g_idx` groups: the input columns are permuted
@@ -26,8 +27,17 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   compiled pass that also sums the terms of each input column (luq.quant.native), or with
   torch ops where no C compiler is found (the terms side by side, ~3x slower); where the
   packing is another (checked once at build), prompts stay on the int4 kernel.
+  CUDA (compute capability 8.0+): the codes go to tinygemm nibble-packed (`pack_nibbles`: two
+  columns per byte, the even one high) with the widest inner k-tiling that divides the inner
+  dimension (`inner_k_tiles`); its dense prompt path reads tinygemm's tiled packing back with
+  torch ops (`_expand_tinygemm`), from `DENSE_FROM_TOKENS_CUDA` tokens (a guess: never measured on
+  a GPU). No GPU ran any of it here, so each CUDA kernel is probed once at build
+  (`probed_kernel`): a fixed random input through the op must match the terms' exact weight to
+  SELF_CHECK_TOL, else (or if the op raises: old GPU, missing op) one warning line and the tiled
+  kernel. `python bench/cuda_check.py` checks and times it on a GPU.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
-  columns, other devices): de-quantize a tile of rows and multiply, tile by tile.
+  columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
+  multiply, tile by tile.
 
 `kernel_for(qweight, device)` picks one; `QuantLinear` caches it (not in the state dict).
 `Int4Kernel.nbytes` is what the transcoded form holds in memory (reported by benches beside
@@ -37,6 +47,8 @@ the stored bytes: for binarized weights it is larger than what is stored).
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,14 +66,78 @@ TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / othe
 DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
+TINYGEMM_N_TILE, TINYGEMM_K_TILE = 8, 16   # rows and columns per tile of tinygemm's (CUDA) packing
+# On CUDA, prompts from this many tokens take the dense path (expand + cuBLAS): tinygemm dequantizes the
+# whole weight again for every 16 tokens. UNMEASURED (no GPU here): `python bench/cuda_check.py` times both.
+DENSE_FROM_TOKENS_CUDA = 128
+SELF_CHECK_TOL = 2e-2   # relative output error the build probe accepts: bf16 rounding is ~3e-3, a wrong layout ~1
 
 
-def _int4_ops(device: torch.device):
+@dataclass(frozen=True)
+class Int4Ops:
+    """One device's int4 matmul. pack(q): codes int32 [N, K] in 0..15 -> the packed weight;
+    mm(x bfloat16 [M, K], packed, group, scales_zeros bfloat16 [K / group, N, 2]) -> bfloat16 [M, N],
+    with w = (q - 8)·s + z. layout: "cpu" (torch's CPU kernel, checked by the tests) or "tinygemm"
+    (CUDA, probed once per kernel at build: `kernel_for`)."""
+
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    mm: Callable
+    layout: str
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] in 0..15 as tinygemm's input: uint8 [N, K / 2], column 2i in the high nibble
+    of byte i and column 2i + 1 in the low one."""
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: uint8 [N, K / 2] -> uint8 [N, K]."""
+    return torch.stack([p >> 4, p & 15], -1).reshape(p.shape[0], -1)
+
+
+def inner_k_tiles(k: int) -> int:
+    """tinygemm's inner k-tiles for K columns: the widest load (8, 4 or 2 tiles of 16 columns) that divides K."""
+    tiles = next((t for t in (8, 4, 2) if k % (TINYGEMM_K_TILE * t) == 0), None)
+    if tiles is None:
+        raise ValueError(f"tinygemm needs K % 32 == 0, got K = {k}")
+    return tiles
+
+
+def tinygemm_ops(convert, mm) -> Int4Ops:
+    """Int4Ops over tinygemm's two ops: convert(uint8 [N, K / 2], inner_k_tiles) -> int32
+    [N / 8, K / (16·inner_k_tiles), 32, inner_k_tiles / 2], and mm."""
+    return Int4Ops(lambda q: convert(pack_nibbles(q), inner_k_tiles(q.shape[1])), mm, "tinygemm")
+
+
+def _int4_ops(device: torch.device) -> Int4Ops | None:
     if device.type == "cpu":
-        return (getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None),
-                getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None))
-    # CUDA's int4 op wants another packed layout (tinygemm's, inner-k tiles): not wired; the tiled path serves it
-    return None, None
+        convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+        mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+        return None if convert is None or mm is None else Int4Ops(lambda q: convert(q, 1), mm, "cpu")
+    if device.type == "cuda":
+        convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack", None)
+        mm = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
+        if convert is None or mm is None:
+            _warn_once(device, "torch has no tinygemm ops")
+            return None
+        # tinygemm's bfloat16 mma needs sm_80+; older NVIDIA GPUs get its kernel compiled empty (garbage, no error)
+        if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
+            _warn_once(device, f"compute capability {torch.cuda.get_device_capability(device)} < (8, 0)")
+            return None
+        return tinygemm_ops(convert, mm)
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(device: torch.device, why: str) -> None:
+    """One line per device: its int4 kernel is not used, and why."""
+    if str(device) not in _WARNED:
+        _WARNED.add(str(device))
+        warnings.warn(f"luq: the int4 kernel (tinygemm) is not used on {device} ({why}); "
+                      "the tiled de-quantizing kernel serves it", RuntimeWarning, stacklevel=3)
 
 
 class TiledKernel(nn.Module):
@@ -119,13 +195,18 @@ class Int4Terms:
         out = torch.zeros(rows, cols + 1, device=w.device).index_add_(1, index, w)[:, :cols]
         return out if self.col_scale is None else out * self.col_scale[None, :]
 
+    def rows(self, r0: int, r1: int) -> "Int4Terms":
+        """The terms of output rows [r0, r1)."""
+        return Int4Terms(self.codes[r0:r1], self.scale[r0:r1], self.zero[r0:r1], self.index, self.group,
+                         self.col_scale)
+
 
 class Int4Kernel(nn.Module):
-    """A weight transcoded into int4 terms (`Int4Terms`), packed once for this device."""
+    """A weight transcoded into int4 terms (`Int4Terms`), packed once for this device by `ops`."""
 
     name = "int4"
 
-    def __init__(self, terms: Int4Terms, in_features: int, convert, mm):
+    def __init__(self, terms: Int4Terms, in_features: int, ops: Int4Ops):
         super().__init__()
         rows, kt = terms.codes.shape
         g = terms.codes.reshape(rows, kt // terms.group, terms.group).to(torch.int32)
@@ -136,17 +217,19 @@ class Int4Kernel(nn.Module):
         k = torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi)
         q = (g + 8 + k[..., None]).reshape(rows, kt)
         zero = terms.zero - k * terms.scale
-        self.packed = convert(q.contiguous(), 1)
+        self.packed = ops.pack(q.contiguous())
         self.scales_zeros = torch.stack([terms.scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.group, self.index, self.col_scale = terms.group, terms.index, terms.col_scale
-        self._mm = mm
+        self._mm, self.layout = ops.mm, ops.layout
+        self.block = PACK_BLOCK if ops.layout == "cpu" else TINYGEMM_N_TILE   # rows the expansion reads at a time
         self.pad = terms.index is not None and bool((terms.index == in_features).any())
         self.rows, self.kt, self.in_features = rows, kt, in_features
-        self.dense_from = DENSE_FROM_TOKENS["one term" if kt == in_features else "several terms"]
+        self.dense_from = (DENSE_FROM_TOKENS["one term" if kt == in_features else "several terms"]
+                           if ops.layout == "cpu" else DENSE_FROM_TOKENS_CUDA)
         self.zero_free = not bool(self.scales_zeros[..., 1].any())
         # the dense path reads the packing back: only where it is the layout `expand_codes` knows
-        self.dense_ok = rows % PACK_BLOCK == 0 and torch.equal(self.expand_codes(0, rows), q.t().to(torch.uint8))
-        self.native = self.dense_ok and native.available()
+        self.dense_ok = self._layout_known() and torch.equal(self.expand_codes(0, rows), q.t().to(torch.uint8))
+        self.native = self.dense_ok and ops.layout == "cpu" and native.available()
         self.starts = self.by_column = None          # input column c sums kernel columns by_column[starts[c]:starts[c+1]]
         if self.native and terms.index is not None:
             self.by_column = torch.argsort(terms.index, stable=True)
@@ -159,18 +242,53 @@ class Int4Kernel(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.index, self.col_scale,
                                                           self.starts, self.by_column) if t is not None)
 
+    def _layout_known(self) -> bool:
+        """Whether the packed weight has the shape of the layout `expand_codes` reads (its values are checked after)."""
+        if self.rows % self.block:
+            return False
+        if self.layout == "cpu":
+            return self.packed.dtype == torch.uint8 and self.packed.numel() == self.rows * self.kt // 2
+        tiles = inner_k_tiles(self.kt)
+        shape = (self.rows // TINYGEMM_N_TILE, self.kt // (TINYGEMM_K_TILE * tiles), 32, tiles // 2)
+        return self.packed.dtype == torch.int32 and tuple(self.packed.shape) == shape and self.packed.is_contiguous()
+
     def expand_codes(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The packed codes of rows [r0, r1) (multiples of PACK_BLOCK), transposed: [kt, r1 - r0],
-        uint8 (or written into `out`, converting). The CPU packing holds, per block of 64 rows
-        and per column, 32 bytes: row j of the block in the low nibbles, row 32 + j in the high."""
+        """The packed codes of rows [r0, r1) (multiples of `block`), transposed: [kt, r1 - r0],
+        uint8 (or written into `out`, converting)."""
+        if out is None:
+            out = torch.empty(self.kt, r1 - r0, dtype=torch.uint8, device=self.packed.device)
+        if self.layout == "cpu":
+            return self._expand_cpu(r0, r1, out)
+        return self._expand_tinygemm(r0, r1, out)
+
+    def _expand_cpu(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """The CPU packing holds, per block of 64 rows and per column, 32 bytes: row j of the block
+        in the low nibbles, row 32 + j in the high."""
         b0, b1 = r0 // PACK_BLOCK, r1 // PACK_BLOCK
         p = self.packed.view(-1, self.kt, PACK_BLOCK // 2)[b0:b1]
-        if out is None:
-            out = torch.empty(self.kt, r1 - r0, dtype=torch.uint8, device=p.device)
         half = PACK_BLOCK // 2
         blocks = out.view(self.kt, b1 - b0, PACK_BLOCK).permute(1, 0, 2)
         blocks[..., :half] = p & 15
         blocks[..., half:] = p >> 4
+        return out
+
+    def _expand_tinygemm(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """tinygemm's packing (int32 [N / 8, K / (16·t), 32, t / 2], t inner k-tiles), read from
+        torch's int4mm.cu: word [n_tile, k_outer, lane, j] holds 8 codes of row 8·n_tile + lane // 4;
+        its byte b (little-endian) holds columns k = 16·t·k_outer + 32·j + 16·(b % 2) + 8·h + 2·(lane % 4)
+        + b // 2, h = 0 in the low nibble and 1 in the high one.
+        Undone here by one strided copy per nibble (the `bench/cuda_check.py` probe and the build's
+        round trip check it on the device)."""
+        t = inner_k_tiles(self.kt)
+        n_tiles, k_outer = (r1 - r0) // TINYGEMM_N_TILE, self.kt // (TINYGEMM_K_TILE * t)
+        # bytes as [n_tile, k_outer, lane // 4, lane % 4, j, b // 2, b % 2]
+        p = self.packed[r0 // TINYGEMM_N_TILE:r1 // TINYGEMM_N_TILE].view(torch.uint8)
+        p = p.view(n_tiles, k_outer, TINYGEMM_N_TILE, 4, t // 2, 2, 2)
+        # out as [k_outer, j, b % 2, nibble, lane % 4, b // 2, n_tile, lane // 4]
+        dst = out.view(k_outer, t // 2, 2, 2, 4, 2, n_tiles, TINYGEMM_N_TILE)
+        order = (1, 4, 6, 3, 5, 0, 2)
+        dst[:, :, :, 0].copy_((p & 15).permute(order))
+        dst[:, :, :, 1].copy_((p >> 4).permute(order))
         return out
 
     def dense_tile(self, r0: int, r1: int) -> torch.Tensor:
@@ -195,9 +313,9 @@ class Int4Kernel(nn.Module):
 
     @property
     def tile_rows(self) -> int:
-        """Rows per transient tile of the dense path (a multiple of PACK_BLOCK, DENSE_TILE_BYTES at most)."""
+        """Rows per transient tile of the dense path (a multiple of `block`, DENSE_TILE_BYTES at most)."""
         inner = self.in_features if self.native else self.kt
-        return max(PACK_BLOCK, DENSE_TILE_BYTES // (2 * inner) // PACK_BLOCK * PACK_BLOCK)
+        return max(self.block, DENSE_TILE_BYTES // (2 * inner) // self.block * self.block)
 
     @property
     def transient_nbytes(self) -> int:
@@ -227,16 +345,20 @@ class Int4Kernel(nn.Module):
             return x2
         return x2.t().index_select(0, self.index).t() if transposed else x2.index_select(1, self.index)
 
-    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+    def prepare(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [tokens, in_features] as both paths take it: column-scaled, bfloat16."""
         if self.col_scale is not None:
             x2 = x2 * self.col_scale
-        x2 = x2.to(torch.bfloat16)
-        if self.dense_ok and x2.shape[0] >= self.dense_from:
-            y = self.dense(x2)
-        else:
-            y = self._mm(self.gather(x2).contiguous(), self.packed, self.group, self.scales_zeros)
+        return x2.to(torch.bfloat16)
+
+    def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (`prepare`d) times W^T through the device's int4 kernel."""
+        return self._mm(self.gather(x2).contiguous(), self.packed, self.group, self.scales_zeros)
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = self.prepare(x.reshape(-1, x.shape[-1]))
+        y = self.dense(x2) if self.dense_ok and x2.shape[0] >= self.dense_from else self.packed_mm(x2)
         return y.to(dtype).reshape(*lead, -1)
 
 
@@ -355,9 +477,47 @@ def int4_terms(qweight: QuantizedWeight) -> Int4Terms | None:
 def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
     """The fastest kernel that computes this weight exactly (up to bfloat16 rounding) on `device`.
     LUQ_KERNEL=tiled forces the generic path (for comparisons)."""
-    convert, mm = _int4_ops(device)
-    if os.environ.get("LUQ_KERNEL", "auto") != "tiled" and convert is not None:
+    ops = _int4_ops(device) if os.environ.get("LUQ_KERNEL", "auto") != "tiled" else None
+    if ops is not None:
         terms = int4_terms(qweight.to(device))
+        if terms is not None and ops.layout == "cpu":
+            return Int4Kernel(terms, qweight.shape[1], ops)
         if terms is not None:
-            return Int4Kernel(terms, qweight.shape[1], convert, mm)
+            kernel = probed_kernel(terms, qweight.shape[1], ops, device)
+            if kernel is not None:
+                return kernel
     return TiledKernel(qweight)
+
+
+def probed_kernel(terms: Int4Terms, in_features: int, ops: Int4Ops, device: torch.device) -> Int4Kernel | None:
+    """An Int4Kernel on ops that no test here ran (CUDA's tinygemm), kept only where a probe input
+    through it matches the terms' exact weight (`Int4Terms.dense`) to SELF_CHECK_TOL; else None and
+    one warning line per device. A dense path that fails its own probe is turned off."""
+    try:
+        kernel = Int4Kernel(terms, in_features, ops)
+        x = _probe_input(in_features, device)
+        x2 = kernel.prepare(x)
+        error = _probe_error(kernel.packed_mm(x2), x, terms, in_features)
+    except Exception as e:  # a missing op, a GPU or build without the kernel: the tiled path serves it
+        _warn_once(device, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+    if not error < SELF_CHECK_TOL:   # `not <`: NaN fails too
+        _warn_once(device, f"its output is off by {error:.3g} relative on a probe input")
+        return None
+    if kernel.dense_ok and not _probe_error(kernel.dense(x2), x, terms, in_features) < SELF_CHECK_TOL:
+        kernel.dense_ok = False
+    return kernel
+
+
+def _probe_input(in_features: int, device: torch.device, tokens: int = 3) -> torch.Tensor:
+    """A fixed random input (3 tokens: a partial tile of 16), bfloat16 values in float32."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(tokens, in_features, generator=g, device=device).bfloat16().float()
+
+
+def _probe_error(y: torch.Tensor, x: torch.Tensor, terms: Int4Terms, in_features: int) -> float:
+    """||y - x W^T|| / ||x W^T|| with W the terms' exact float32 weight, built ROW_TILE rows at a time."""
+    rows = terms.codes.shape[0]
+    ref = torch.cat([x @ terms.rows(r0, min(r0 + ROW_TILE, rows)).dense(in_features).t()
+                     for r0 in range(0, rows, ROW_TILE)], 1)
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()   # a zero weight: 0, not NaN
