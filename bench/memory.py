@@ -125,8 +125,15 @@ def child_load(args) -> dict:
         AutoModelForCausalLM.from_config(config)
     baseline = vm_kb("VmRSS")
     t0 = time.perf_counter()
-    model, tokenizer, _ = luq.load(args.out, dtype=parse_dtype(args.dtype))
+    if args.loader == "from_pretrained":  # transformers' loader through luq's HfQuantizer
+        model = AutoModelForCausalLM.from_pretrained(args.out, dtype=parse_dtype(args.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(args.out)
+    else:
+        model, tokenizer, _ = luq.load(args.out, dtype=parse_dtype(args.dtype))
     wall = time.perf_counter() - t0
+    for t in model.state_dict().values():  # every page resident (from_pretrained may map files lazily)
+        if t.numel():
+            int(t.detach().reshape(-1).view(torch.uint8)[::4096].max())   # one byte a page, no copy
     peak = vm_kb("VmHWM")
     ids = tokenizer("Memory is what a layer-by-layer pass saves.", return_tensors="pt").input_ids
     logits = model(input_ids=ids).logits
@@ -170,6 +177,9 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--cache")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--loader", choices=["luq", "from_pretrained"], default="luq")
+    ap.add_argument("--load-only", action="store_true",
+                    help="redo only the load rows, on the artifact and quantize rows a run with --dir left")
     ap.add_argument("--reproject", action="store_true", help="redo the projection in --json from its measured rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -185,6 +195,13 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.load_only:
+        if not args.dir:
+            raise SystemExit("--load-only needs the --dir of an earlier run")
+        earlier = json.loads(Path(args.json).read_text())
+        rows = {mode: {k: v for k, v in r.items() if k != "peak_gb"} for mode, r in earlier["quantize"].items()}
+        report(args, rows, Path(args.dir), command=earlier["command"])
+        return
     work = Path(args.dir or tempfile.mkdtemp(prefix="luq-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free
@@ -215,8 +232,11 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def report(args, rows: dict, work: Path) -> None:
-    out = {"command": "python -m bench.memory " + " ".join(sys.argv[1:]),
+def report(args, rows: dict, work: Path, command: str | None = None) -> None:
+    """The table, the load rows and the projection; `command`: the run that measured `rows`
+    (when only the load rows are redone, --load-only)."""
+    this = "python -m bench.memory " + " ".join(sys.argv[1:])
+    out = {"command": command or this, **({"load_command": this} if command else {}),
            "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
                      "heads": args.heads},
            "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "threads": args.threads,
@@ -244,16 +264,21 @@ def _report(args, rows: dict, work: Path, out: dict) -> None:
               f"{', index' if a.exists() and b.exists() else ''})")
     mode = "stream" if "stream" in rows else next(iter(rows))
     artifact_dir = work / f"q-{mode}"
-    print("\nluq.load of the artifact (fresh process):\n")
-    print("| dtype | artifact GB | baseline GB | peak GB | (peak - baseline) / artifact | load s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\nloading the artifact (a fresh process each):\n")
+    print("| loader | dtype | artifact GB | baseline GB | peak GB (every tensor touched) | (peak - baseline) / artifact "
+          "| load s | peak GB after one forward (kernels built) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     artifact = rows[mode]["total_bytes"]
-    for dtype in ("float32", "float16"):
-        r = run_child("--child", "load", "--out", str(artifact_dir), "--dtype", dtype, "--threads", str(args.threads))
-        ratio = (r["peak_kb"] - r["baseline_kb"]) * 1024 / artifact
-        out["load"][dtype] = dict(r, artifact_bytes=artifact, ratio_over_baseline=ratio)
-        print(f"| {dtype} | {artifact / 1e9:.3f} | {r['baseline_kb'] * 1024 / 1e9:.2f} | "
-              f"{r['peak_kb'] * 1024 / 1e9:.2f} | {ratio:.2f} | {r['wall_s']:.1f} |")
+    for loader in ("luq", "from_pretrained"):
+        for dtype in ("float32", "float16"):
+            r = run_child("--child", "load", "--loader", loader, "--out", str(artifact_dir), "--dtype", dtype,
+                          "--threads", str(args.threads))
+            ratio = (r["peak_kb"] - r["baseline_kb"]) * 1024 / artifact
+            key = dtype if loader == "luq" else f"from_pretrained {dtype}"
+            out["load"][key] = dict(r, artifact_bytes=artifact, ratio_over_baseline=ratio)
+            print(f"| {loader} | {dtype} | {artifact / 1e9:.3f} | {r['baseline_kb'] * 1024 / 1e9:.2f} | "
+                  f"{r['peak_kb'] * 1024 / 1e9:.2f} | {ratio:.2f} | {r['wall_s']:.1f} | "
+                  f"{r['after_forward_peak_kb'] * 1024 / 1e9:.2f} |")
 
     out["projection_llava_1_5_7b"] = project(out["model"], rows[mode], args.no_final_pass, args.threads)
 
