@@ -56,7 +56,7 @@ from torch import nn
 
 from luq.quant import native
 from luq.quant.base import ROW_TILE, QuantizedWeight
-from luq.quant.packing import unpack_bits
+from luq.quant.packing import pack_bool, unpack_bits
 
 INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
@@ -64,6 +64,8 @@ TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / othe
 # kernel, for weights of one int4 term (GPTQ <= 4 bits) and of several (8-bit GPTQ, BiLLM): the crossovers
 # measured by `python -m bench.kernels` (2 threads; one term: 24-64 tokens by shape, mostly 32; BiLLM: 12).
 DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
+# BinaryKernel: from this many tokens on, the bfloat16 tile + GEMM instead of the subset-sum lookups
+BINARY_DENSE_FROM_TOKENS = 8
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
 TINYGEMM_N_TILE, TINYGEMM_K_TILE = 8, 16   # rows and columns per tile of tinygemm's (CUDA) packing
@@ -362,6 +364,95 @@ class Int4Kernel(nn.Module):
         return y.to(dtype).reshape(*lead, -1)
 
 
+class BinaryKernel(nn.Module):
+    """A binarized weight (anything with `binary_parts`) as three bit planes in stored column order,
+    1 bit per weight each, little-endian within bytes: the first sign (`s1`), the second sign on
+    salient columns (`s2`, else 0) and the sparse mask on the other columns (`sp`, else 0); the salient
+    mask as bits (`sal`); the per-row-per-block scales and means (`params` [rows, n_blocks, 8]: float16
+    where that holds them exactly, as BiLLM stores them, else float32); the input gather
+    (`order`: act-order) and the column scales. Few tokens: subset-sum lookups in float32
+    (native.binary_gemv); from `dense_from` tokens: a transient bfloat16 tile of W^T and one bfloat16
+    GEMM (native.binary_expand). Needs the compiled helper (`supports`)."""
+
+    name = "binary"
+
+    def __init__(self, qweight, row_chunk: int = ROW_TILE):
+        super().__init__()
+        rows, cols = qweight.shape
+        planes, params = [], []
+        for r0 in range(0, rows, row_chunk):   # a chunk of rows unpacked at a time
+            p = qweight.binary_parts(r0, min(r0 + row_chunk, rows))
+            sal = p.salient.cpu()
+            planes.append([pack_bool(p.sign1.cpu()), pack_bool(p.sign2.cpu() & sal), pack_bool(p.sparse.cpu() & ~sal)])
+            params.append(torch.cat([p.scales, p.means], -1).float().cpu())
+        self.s1, self.s2, self.sp = (torch.cat(plane).contiguous() for plane in zip(*planes))
+        self.sal = pack_bool(sal)
+        params = torch.cat(params)
+        half = params.half()
+        self.params = (half if torch.equal(half.float(), params) else params).contiguous()
+        self.block_bytes = p.block_size // 8
+        self.order = None if p.column_order is None else p.column_order.cpu()
+        self.col_scale = None if p.col_scale is None else p.col_scale.float().cpu()
+        self.rows, self.in_features = rows, cols
+        self.dense_from = BINARY_DENSE_FROM_TOKENS
+
+    @staticmethod
+    def supports(qweight) -> bool:
+        """Byte-aligned columns and blocks, and the compiled helper."""
+        cols = qweight.shape[1]
+        return cols % 8 == 0 and qweight.block_size % 8 == 0 and native.available("binary_gemm")
+
+    @property
+    def planes(self) -> tuple[torch.Tensor, ...]:
+        return self.s1, self.s2, self.sp, self.sal
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this kernel holds (planes, mask, scales and means, gather, column scales)."""
+        return sum(t.numel() * t.element_size() for t in (*self.planes, self.params, self.order, self.col_scale)
+                   if t is not None)
+
+    @property
+    def tile_rows(self) -> int:
+        """Rows per transient tile of the prompt path (DENSE_TILE_BYTES at most)."""
+        return max(8, DENSE_TILE_BYTES // (2 * self.in_features) // 8 * 8)
+
+    @property
+    def transient_nbytes(self) -> int:
+        return 2 * self.in_features * min(self.rows, self.tile_rows)
+
+    def prepare(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [tokens, in] as the planes read it: float32, stored column order, column-scaled."""
+        x2 = x2.float()
+        if self.order is not None:
+            x2 = x2.index_select(1, self.order)
+        return x2 if self.col_scale is None else x2 * self.col_scale
+
+    def lookup(self, x2: torch.Tensor) -> torch.Tensor:
+        """Few tokens: float32 [tokens, rows] (x2 `prepare`d)."""
+        return native.binary_gemv(self.planes, self.params, self.block_bytes, x2, torch.get_num_threads())
+
+    def weight_t(self, r0: int, r1: int) -> torch.Tensor:
+        return native.binary_expand(self.planes, self.params, self.block_bytes, r0, r1)
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        """Prompts: bfloat16 [tokens, rows], tile by tile of rows (x2 `prepare`d)."""
+        xb, step = x2.to(torch.bfloat16), self.tile_rows
+        if step >= self.rows:
+            return xb @ self.weight_t(0, self.rows)
+        out = torch.empty(xb.shape[0], self.rows, dtype=torch.bfloat16)
+        for r0 in range(0, self.rows, step):
+            r1 = min(r0 + step, self.rows)
+            out[:, r0:r1] = xb @ self.weight_t(r0, r1)
+        return out
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = self.prepare(x.reshape(-1, x.shape[-1]))
+        y = self.dense(x2) if x2.shape[0] >= self.dense_from else self.lookup(x2)
+        return y.to(dtype).reshape(*lead, -1)
+
+
 # --------------------------------------------------------------------------- transcoders
 
 
@@ -476,8 +567,13 @@ def int4_terms(qweight: QuantizedWeight) -> Int4Terms | None:
 
 def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
     """The fastest kernel that computes this weight exactly (up to bfloat16 rounding) on `device`.
-    LUQ_KERNEL=tiled forces the generic path (for comparisons)."""
-    ops = _int4_ops(device) if os.environ.get("LUQ_KERNEL", "auto") != "tiled" else None
+    LUQ_KERNEL=tiled forces the generic path, LUQ_KERNEL=int4 the int4 terms and LUQ_KERNEL=binary the
+    bit planes for binarized weights (for comparisons; the default is `BinaryKernel` on CPU)."""
+    choice = os.environ.get("LUQ_KERNEL", "auto")
+    if (device.type == "cpu" and choice in ("auto", "binary") and hasattr(qweight, "binary_parts")
+            and BinaryKernel.supports(qweight)):
+        return BinaryKernel(qweight)
+    ops = _int4_ops(device) if choice != "tiled" else None
     if ops is not None:
         terms = int4_terms(qweight.to(device))
         if terms is not None and ops.layout == "cpu":

@@ -2,6 +2,8 @@
 
 - `expand_int4` (expand_int4.c): one pass from torch's CPU int4 packing to a bfloat16 W^T, the
   terms of each input column summed (the dense prompt path of luq.quant.kernels).
+- `binary_gemv`, `binary_expand` (binary_gemm.c): binarized weights from their bit planes, few
+  tokens by subset-sum lookups, prompts by a bfloat16 W^T tile (luq.quant.kernels.BinaryKernel).
 - `split_errors`, `leading_split_errors` (binsearch.c): BiLLM's two searches row by row
   (luq.quant.binsearch).
 
@@ -56,6 +58,9 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p
 # the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
 SIGNATURES = {
     "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
+    "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
+                    "luq_binary_gemv": [_P, _P, _P, _P, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I],
+                    "luq_binary_expand": [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _P, _I]},
     "binsearch": {"luq_split_errors": [_P, _I, _P, _I, _I, _I, _I, _P],
                   "luq_leading_split_errors": [_P, _P, _I, _P, _I, _I, _I, _P]},
 }
@@ -116,6 +121,51 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
         failed = any(_pool(threads).map(run, range(threads)))
     if failed:
         raise MemoryError("luq.quant.native.expand_int4: no memory for its row accumulator")
+    return out
+
+
+def _run_parts(run, parts: int, what: str) -> None:
+    """run(i) for i < parts, over the thread pool when parts > 1; any nonzero return: MemoryError."""
+    failed = run(0) if parts == 1 else any(_pool(parts).map(run, range(parts)))
+    if failed:
+        raise MemoryError(f"luq.quant.native.{what}: no memory for its buffers")
+
+
+def _plane_args(planes, params: torch.Tensor, block_bytes: int) -> tuple:
+    s1, s2, sp, sal = planes
+    return (s1.data_ptr(), s2.data_ptr(), sp.data_ptr(), sal.data_ptr(), s1.shape[1], params.data_ptr(),
+            int(params.dtype == torch.float16), block_bytes, params.shape[1])
+
+
+def binary_gemv(planes, params: torch.Tensor, block_bytes: int, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """x (float32 [T, 8 * nbytes], stored column order, column-scaled) times W^T -> float32 [T, rows], W
+    binarized as three bit planes and a salient mask (`planes` = (s1, s2, sp) uint8 [rows, nbytes], sal
+    uint8 [nbytes]) with `params` [rows, n_blocks, 8] (float32 or float16) per block of block_bytes bytes."""
+    lib = _library("binary_gemm")
+    x = x.contiguous()
+    T, rows, nbytes = x.shape[0], planes[0].shape[0], planes[0].shape[1]
+    tables = torch.empty(T, nbytes, 256)
+    lib["luq_binary_tables"](x.data_ptr(), T, nbytes, tables.data_ptr())
+    out = torch.empty(T, rows)
+    args = _plane_args(planes, params, block_bytes)
+    threads = max(1, min(threads, rows // 16))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    _run_parts(lambda i: lib["luq_binary_gemv"](*args, tables.data_ptr(), T, bounds[i], bounds[i + 1],
+                                                out.data_ptr(), rows), threads, "binary_gemv")
+    return out
+
+
+def binary_expand(planes, params: torch.Tensor, block_bytes: int, r0: int, r1: int) -> torch.Tensor:
+    """bfloat16 W^T [8 * nbytes, r1 - r0] of weight rows [r0, r1) from the planes of `binary_gemv`."""
+    lib = _library("binary_gemm")
+    nbytes = planes[0].shape[1]
+    out = torch.empty(8 * nbytes, r1 - r0, dtype=torch.bfloat16)
+    args = _plane_args(planes, params, block_bytes)
+    threads = max(1, min(torch.get_num_threads(), nbytes // 8))
+    bounds = [nbytes * i // threads for i in range(threads + 1)]
+    _run_parts(lambda i: lib["luq_binary_expand"](*args, bounds[i], bounds[i + 1], r0, r1,
+                                                  out.data_ptr() + 8 * bounds[i] * out.stride(0) * 2, out.stride(0)),
+               threads, "binary_expand")
     return out
 
 

@@ -1,0 +1,170 @@
+/* Binarized weights (BiLLM, compact BiLLM) multiplied straight from three bit planes: the
+   BinaryKernel of luq.quant.kernels. Hand-written because no torch op reads 1-bit planes; the
+   decode path turns each 8-column byte into a few lookups of precomputed subset sums.
+
+   Planes: uint8 [rows][nbytes] (nbytes = in / 8), bit i of byte p is column 8p + i:
+     s1  first sign; s2  second sign (salient columns, else 0); sp  sparse (plain columns, else 0).
+   sal: uint8 [nbytes], the salient columns as bits. Blocks: block_bytes bytes of columns each.
+   params: [rows][n_blocks][8] float32 (half = 0) or float16 bits (half = 1): the scales of slots
+     SALIENT_1, SALIENT_2, CONCENTRATED, SPARSE, then their means. A value is a * s + m, s = +-1. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float half_to_f32(uint16_t h) {  /* IEEE half to float: normals, subnormals, zeros */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 0x3FFu;
+    uint32_t u;
+    if (exp == 31)
+        u = sign | 0x7F800000u | (man << 13);
+    else if (exp)
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    else if (man) {  /* subnormal: man * 2^-24, exact in float */
+        float f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else
+        u = sign;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (values here are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* the 8 parameters of (row, block) as float */
+static inline void load_params(const void *params, int64_t half, int64_t index, float p[8]) {
+    if (half) {
+        const uint16_t *h = (const uint16_t *)params + index * 8;
+        for (int i = 0; i < 8; i++)
+            p[i] = half_to_f32(h[i]);
+    } else
+        memcpy(p, (const float *)params + index * 8, sizeof(float) * 8);
+}
+
+/* tables[t][p][v] = sum of x[t][8p + i] over the bits i set in v (T tokens of `cols` = 8 * nbytes values) */
+int luq_binary_tables(const float *x, int64_t T, int64_t nbytes, float *tables) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t p = 0; p < nbytes; p++) {
+            const float *v = x + t * nbytes * 8 + p * 8;
+            float *tab = tables + (t * nbytes + p) * 256;
+            tab[0] = 0.0f;
+            for (int i = 0; i < 8; i++)
+                for (int j = 0; j < (1 << i); j++)
+                    tab[(1 << i) + j] = tab[j] + v[i];
+        }
+    return 0;
+}
+
+/* out[t * ld + r] = sum over columns of w[r][c] * x[t][c] for rows r0 <= r < r1, from the tables of
+   luq_binary_tables. Per row and block, five subset sums: S1 (sign1), S1s (sign1 on salient columns),
+   Q (sparse), S1q (sign1 and sparse), S2 (sign2); with X (all columns) and Xs (salient ones):
+     salient:      a1 (2 S1s - Xs) + a2 (2 S2 - Xs) + (m1 + m2) Xs
+     sparse:       asp (2 S1q - Q) + msp Q
+     concentrated: ac (2 (S1 - S1s - S1q) - (X - Xs - Q)) + mc (X - Xs - Q) */
+int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes,
+                    const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, const float *tables,
+                    int64_t T, int64_t r0, int64_t r1, float *out, int64_t ld) {
+    float *totals = malloc(sizeof(float) * 2 * (size_t)(T * n_blocks));   /* [t][b]: X, Xs */
+    int64_t *sal_bytes = malloc(sizeof(int64_t) * (size_t)(nbytes + 1));   /* bytes holding salient columns */
+    int64_t *sal_start = malloc(sizeof(int64_t) * (size_t)(n_blocks + 1)); /* ... of block b: [sal_start[b], [b+1]) */
+    if (!totals || !sal_bytes || !sal_start) {
+        free(totals), free(sal_bytes), free(sal_start);
+        return 1;
+    }
+    int64_t n_sal = 0;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        sal_start[b] = n_sal;
+        const int64_t p1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
+        for (int64_t p = b * block_bytes; p < p1; p++)
+            if (sal[p])
+                sal_bytes[n_sal++] = p;
+    }
+    sal_start[n_blocks] = n_sal;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t b = 0; b < n_blocks; b++) {
+            const int64_t p1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
+            float x = 0.0f, xs = 0.0f;
+            for (int64_t p = b * block_bytes; p < p1; p++) {
+                x += tables[(t * nbytes + p) * 256 + 255];
+                xs += tables[(t * nbytes + p) * 256 + sal[p]];
+            }
+            totals[2 * (t * n_blocks + b)] = x;
+            totals[2 * (t * n_blocks + b) + 1] = xs;
+        }
+    for (int64_t t = 0; t < T; t++)
+        memset(out + t * ld + r0, 0, sizeof(float) * (size_t)(r1 - r0));
+    /* block by block over all rows: the tables of one block stay in cache */
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const int64_t q0 = b * block_bytes, q1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *u1 = s1 + r * nbytes, *u2 = s2 + r * nbytes, *uq = sp + r * nbytes;
+            float p[8];
+            load_params(params, half, r * n_blocks + b, p);
+            for (int64_t t = 0; t < T; t++) {
+                const float *tab = tables + t * nbytes * 256;
+                float S1 = 0.0f, Q = 0.0f, S1q = 0.0f, S1s = 0.0f, S2 = 0.0f;
+                for (int64_t q = q0; q < q1; q++) {
+                    const uint8_t a = u1[q], c = uq[q];
+                    const float *tq = tab + q * 256;
+                    S1 += tq[a];
+                    Q += tq[c];
+                    S1q += tq[a & c];
+                }
+                for (int64_t k = sal_start[b]; k < sal_start[b + 1]; k++) {
+                    const int64_t q = sal_bytes[k];
+                    S1s += tab[q * 256 + (u1[q] & sal[q])];
+                    S2 += tab[q * 256 + u2[q]];
+                }
+                const float X = totals[2 * (t * n_blocks + b)], Xs = totals[2 * (t * n_blocks + b) + 1];
+                const float Pc = X - Xs - Q, S1c = S1 - S1s - S1q;
+                out[t * ld + r] += p[0] * (2.0f * S1s - Xs) + p[1] * (2.0f * S2 - Xs) + (p[4] + p[5]) * Xs
+                                   + p[3] * (2.0f * S1q - Q) + p[7] * Q + p[2] * (2.0f * S1c - Pc) + p[6] * Pc;
+            }
+        }
+    }
+    free(totals), free(sal_bytes), free(sal_start);
+    return 0;
+}
+
+/* The dense prompt path's tile: out[(8p + i - 8 p0) * ld + (r - r0)] = bfloat16(w[r][8p + i]) for column
+   bytes p0 <= p < p1 and rows r0 <= r < r1. Per (row, block), the 8 possible values are computed once,
+   indexed by (salient, sign1, sign2 or sparse) as block_values adds them. */
+int luq_binary_expand(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes,
+                      const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, int64_t p0, int64_t p1,
+                      int64_t r0, int64_t r1, uint16_t *out, int64_t ld) {
+    const int64_t width = r1 - r0;
+    uint16_t *vals = malloc(sizeof(uint16_t) * 8 * (size_t)width);   /* [r][index] bfloat16 */
+    if (!vals)
+        return 1;
+    int64_t block = -1;
+    for (int64_t p = p0; p < p1; p++) {
+        if (p / block_bytes != block) {
+            block = p / block_bytes;
+            for (int64_t r = 0; r < width; r++) {
+                float a[8];
+                load_params(params, half, (r0 + r) * n_blocks + block, a);
+                uint16_t *v = vals + 8 * r;
+                v[0] = f32_to_bf16(-a[2] + a[6]), v[1] = f32_to_bf16(-a[3] + a[7]);
+                v[2] = f32_to_bf16(a[2] + a[6]), v[3] = f32_to_bf16(a[3] + a[7]);
+                v[4] = f32_to_bf16((-a[0] + a[4]) + (-a[1] + a[5])), v[5] = f32_to_bf16((-a[0] + a[4]) + (a[1] + a[5]));
+                v[6] = f32_to_bf16((a[0] + a[4]) + (-a[1] + a[5])), v[7] = f32_to_bf16((a[0] + a[4]) + (a[1] + a[5]));
+            }
+        }
+        const unsigned salient = sal[p];
+        uint16_t *o = out + (p - p0) * 8 * ld;
+        for (int64_t r = 0; r < width; r++) {
+            const int64_t at = (r0 + r) * nbytes + p;
+            const unsigned a = s1[at], c = s2[at] | sp[at];
+            const uint16_t *v = vals + 8 * r;
+            for (int i = 0; i < 8; i++)
+                o[i * ld + r] = v[(((salient >> i) & 1u) << 2) | (((a >> i) & 1u) << 1) | ((c >> i) & 1u)];
+        }
+    }
+    free(vals);
+    return 0;
+}
