@@ -432,18 +432,19 @@ class BinaryKernel(nn.Module):
         """Few tokens: float32 [tokens, rows] (x2 `prepare`d)."""
         return native.binary_gemv(self.planes, self.params, self.block_bytes, x2, torch.get_num_threads())
 
-    def weight_t(self, r0: int, r1: int) -> torch.Tensor:
+    def weight(self, r0: int, r1: int) -> torch.Tensor:
+        """The transient tile of the prompt path: bfloat16 W [r1 - r0, in] in stored column order."""
         return native.binary_expand(self.planes, self.params, self.block_bytes, r0, r1)
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
         """Prompts: bfloat16 [tokens, rows], tile by tile of rows (x2 `prepare`d)."""
         xb, step = x2.to(torch.bfloat16), self.tile_rows
         if step >= self.rows:
-            return xb @ self.weight_t(0, self.rows)
+            return nn.functional.linear(xb, self.weight(0, self.rows))
         out = torch.empty(xb.shape[0], self.rows, dtype=torch.bfloat16)
         for r0 in range(0, self.rows, step):
             r1 = min(r0 + step, self.rows)
-            out[:, r0:r1] = xb @ self.weight_t(r0, r1)
+            out[:, r0:r1] = nn.functional.linear(xb, self.weight(r0, r1))
         return out
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -47,6 +47,8 @@ def _build(source: Path, target: Path) -> None:
     flags = ["-O3", "-shared", "-fPIC"]
     if {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
+    if "f16c" in _cpu_flags():
+        flags += ["-mf16c"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: concurrent builds do not collide
         lib = Path(tmp) / target.name
@@ -60,7 +62,7 @@ SIGNATURES = {
     "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
     "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
                     "luq_binary_gemv": [_P, _P, _P, _P, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I],
-                    "luq_binary_expand": [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _I, _I, _P, _I]},
+                    "luq_binary_expand": [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _P, _I]},
     "binsearch": {"luq_split_errors": [_P, _I, _P, _I, _I, _I, _I, _P],
                   "luq_leading_split_errors": [_P, _P, _I, _P, _I, _I, _I, _P]},
 }
@@ -72,7 +74,7 @@ def _library(name: str):
     if os.environ.get("LUQ_NATIVE", "1") == "0":
         return None
     source = HERE / f"{name}.c"
-    digest = hashlib.sha256(source.read_bytes() + repr(sorted(_cpu_flags() & {"avx2", "fma"})).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + repr(sorted(_cpu_flags() & {"avx2", "fma", "f16c"})).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LUQ_NATIVE_DIR") or Path.home() / ".cache" / "luq" / "native")
     target = root / f"{name}-{digest}.so"
     try:
@@ -156,15 +158,15 @@ def binary_gemv(planes, params: torch.Tensor, block_bytes: int, x: torch.Tensor,
 
 
 def binary_expand(planes, params: torch.Tensor, block_bytes: int, r0: int, r1: int) -> torch.Tensor:
-    """bfloat16 W^T [8 * nbytes, r1 - r0] of weight rows [r0, r1) from the planes of `binary_gemv`."""
+    """bfloat16 W [r1 - r0, 8 * nbytes] of weight rows [r0, r1) from the planes of `binary_gemv`."""
     lib = _library("binary_gemm")
     nbytes = planes[0].shape[1]
-    out = torch.empty(8 * nbytes, r1 - r0, dtype=torch.bfloat16)
+    out = torch.empty(r1 - r0, 8 * nbytes, dtype=torch.bfloat16)
     args = _plane_args(planes, params, block_bytes)
-    threads = max(1, min(torch.get_num_threads(), nbytes // 8))
-    bounds = [nbytes * i // threads for i in range(threads + 1)]
-    _run_parts(lambda i: lib["luq_binary_expand"](*args, bounds[i], bounds[i + 1], r0, r1,
-                                                  out.data_ptr() + 8 * bounds[i] * out.stride(0) * 2, out.stride(0)),
+    threads = max(1, min(torch.get_num_threads(), (r1 - r0) // 8))
+    bounds = [r0 + (r1 - r0) * i // threads for i in range(threads + 1)]
+    _run_parts(lambda i: lib["luq_binary_expand"](*args, bounds[i], bounds[i + 1],
+                                                  out[bounds[i] - r0:].data_ptr(), out.stride(0)),
                threads, "binary_expand")
     return out
 
