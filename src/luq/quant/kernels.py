@@ -65,7 +65,7 @@ TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / othe
 # measured by `python -m bench.kernels` (2 threads; one term: 24-64 tokens by shape, mostly 32; BiLLM: 12).
 DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
 # BinaryKernel: from this many tokens on, the bfloat16 tile + GEMM instead of the subset-sum lookups
-BINARY_DENSE_FROM_TOKENS = 8
+BINARY_DENSE_FROM_TOKENS = 4
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
 TINYGEMM_N_TILE, TINYGEMM_K_TILE = 8, 16   # rows and columns per tile of tinygemm's (CUDA) packing
@@ -366,7 +366,7 @@ class Int4Kernel(nn.Module):
 
 class BinaryKernel(nn.Module):
     """A binarized weight (anything with `binary_parts`) as three bit planes in stored column order,
-    1 bit per weight each, little-endian within bytes: the first sign (`s1`), the second sign on
+    1 bit per weight each, little-endian within bytes, stored block by block (`_by_block`): the first sign (`s1`), the second sign on
     salient columns (`s2`, else 0) and the sparse mask on the other columns (`sp`, else 0); the salient
     mask as bits (`sal`); the per-row-per-block scales and means (`params` [rows, n_blocks, 8]: float16
     where that holds them exactly, as BiLLM stores them, else float32); the input gather
@@ -383,18 +383,26 @@ class BinaryKernel(nn.Module):
         for r0 in range(0, rows, row_chunk):   # a chunk of rows unpacked at a time
             p = qweight.binary_parts(r0, min(r0 + row_chunk, rows))
             sal = p.salient.cpu()
-            planes.append([pack_bool(p.sign1.cpu()), pack_bool(p.sign2.cpu() & sal), pack_bool(p.sparse.cpu() & ~sal)])
+            planes.append([self._by_block(m, p.block_size) for m in (p.sign1.cpu(), p.sign2.cpu() & sal,
+                                                                        p.sparse.cpu() & ~sal)])
             params.append(torch.cat([p.scales, p.means], -1).float().cpu())
-        self.s1, self.s2, self.sp = (torch.cat(plane).contiguous() for plane in zip(*planes))
+        self.s1, self.s2, self.sp = (torch.cat(plane, 1).contiguous() for plane in zip(*planes))
         self.sal = pack_bool(sal)
         params = torch.cat(params)
-        half = params.half()
+        half = params.half()   # exact for BiLLM's stored float16; as fast as float32 (F16C: `bench/kernels.py`)
         self.params = (half if torch.equal(half.float(), params) else params).contiguous()
-        self.block_bytes = p.block_size // 8
         self.order = None if p.column_order is None else p.column_order.cpu()
         self.col_scale = None if p.col_scale is None else p.col_scale.float().cpu()
         self.rows, self.in_features = rows, cols
         self.dense_from = BINARY_DENSE_FROM_TOKENS
+
+    @staticmethod
+    def _by_block(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+        """bool [rows, in] as packed bytes block by block: uint8 [n_blocks, rows, block_size / 8]
+        (the last block zero-padded), so that the decode path reads each block of all rows as one stream."""
+        rows, cols = mask.shape
+        packed = nn.functional.pad(pack_bool(mask), (0, -cols % block_size // 8))
+        return packed.view(rows, -1, block_size // 8).transpose(0, 1)
 
     @staticmethod
     def supports(qweight) -> bool:
@@ -430,11 +438,11 @@ class BinaryKernel(nn.Module):
 
     def lookup(self, x2: torch.Tensor) -> torch.Tensor:
         """Few tokens: float32 [tokens, rows] (x2 `prepare`d)."""
-        return native.binary_gemv(self.planes, self.params, self.block_bytes, x2, torch.get_num_threads())
+        return native.binary_gemv(self.planes, self.params, x2, torch.get_num_threads())
 
     def weight(self, r0: int, r1: int) -> torch.Tensor:
         """The transient tile of the prompt path: bfloat16 W [r1 - r0, in] in stored column order."""
-        return native.binary_expand(self.planes, self.params, self.block_bytes, r0, r1)
+        return native.binary_expand(self.planes, self.params, r0, r1)
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
         """Prompts: bfloat16 [tokens, rows], tile by tile of rows (x2 `prepare`d)."""

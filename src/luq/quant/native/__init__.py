@@ -61,8 +61,8 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
     "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
-                    "luq_binary_gemv": [_P, _P, _P, _P, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I],
-                    "luq_binary_expand": [_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _P, _I]},
+                    "luq_binary_gemv": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I],
+                    "luq_binary_expand": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _I]},
     "binsearch": {"luq_split_errors": [_P, _I, _P, _I, _I, _I, _I, _P],
                   "luq_leading_split_errors": [_P, _P, _I, _P, _I, _I, _I, _P]},
 }
@@ -133,23 +133,23 @@ def _run_parts(run, parts: int, what: str) -> None:
         raise MemoryError(f"luq.quant.native.{what}: no memory for its buffers")
 
 
-def _plane_args(planes, params: torch.Tensor, block_bytes: int) -> tuple:
+def _plane_args(planes, params: torch.Tensor) -> tuple:
     s1, s2, sp, sal = planes
-    return (s1.data_ptr(), s2.data_ptr(), sp.data_ptr(), sal.data_ptr(), s1.shape[1], params.data_ptr(),
-            int(params.dtype == torch.float16), block_bytes, params.shape[1])
+    return (s1.data_ptr(), s2.data_ptr(), sp.data_ptr(), sal.data_ptr(), sal.numel(), s1.shape[1], params.data_ptr(),
+            int(params.dtype == torch.float16), s1.shape[2], params.shape[1])
 
 
-def binary_gemv(planes, params: torch.Tensor, block_bytes: int, x: torch.Tensor, threads: int) -> torch.Tensor:
+def binary_gemv(planes, params: torch.Tensor, x: torch.Tensor, threads: int) -> torch.Tensor:
     """x (float32 [T, 8 * nbytes], stored column order, column-scaled) times W^T -> float32 [T, rows], W
-    binarized as three bit planes and a salient mask (`planes` = (s1, s2, sp) uint8 [rows, nbytes], sal
-    uint8 [nbytes]) with `params` [rows, n_blocks, 8] (float32 or float16) per block of block_bytes bytes."""
+    binarized as three bit planes and a salient mask (`planes` = (s1, s2, sp) uint8 [n_blocks, rows,
+    block_bytes], sal uint8 [nbytes]: binary_gemm.c) with `params` [rows, n_blocks, 8] (float32 or float16)."""
     lib = _library("binary_gemm")
     x = x.contiguous()
-    T, rows, nbytes = x.shape[0], planes[0].shape[0], planes[0].shape[1]
+    T, rows, nbytes = x.shape[0], planes[0].shape[1], planes[3].numel()
     tables = torch.empty(T, nbytes, 256)
     lib["luq_binary_tables"](x.data_ptr(), T, nbytes, tables.data_ptr())
     out = torch.empty(T, rows)
-    args = _plane_args(planes, params, block_bytes)
+    args = _plane_args(planes, params)
     threads = max(1, min(threads, rows // 16))
     bounds = [rows * i // threads for i in range(threads + 1)]
     _run_parts(lambda i: lib["luq_binary_gemv"](*args, tables.data_ptr(), T, bounds[i], bounds[i + 1],
@@ -157,12 +157,11 @@ def binary_gemv(planes, params: torch.Tensor, block_bytes: int, x: torch.Tensor,
     return out
 
 
-def binary_expand(planes, params: torch.Tensor, block_bytes: int, r0: int, r1: int) -> torch.Tensor:
+def binary_expand(planes, params: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     """bfloat16 W [r1 - r0, 8 * nbytes] of weight rows [r0, r1) from the planes of `binary_gemv`."""
     lib = _library("binary_gemm")
-    nbytes = planes[0].shape[1]
-    out = torch.empty(r1 - r0, 8 * nbytes, dtype=torch.bfloat16)
-    args = _plane_args(planes, params, block_bytes)
+    out = torch.empty(r1 - r0, 8 * planes[3].numel(), dtype=torch.bfloat16)
+    args = _plane_args(planes, params)
     threads = max(1, min(torch.get_num_threads(), (r1 - r0) // 8))
     bounds = [r0 + (r1 - r0) * i // threads for i in range(threads + 1)]
     _run_parts(lambda i: lib["luq_binary_expand"](*args, bounds[i], bounds[i + 1],

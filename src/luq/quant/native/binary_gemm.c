@@ -2,9 +2,11 @@
    BinaryKernel of luq.quant.kernels. Hand-written because no torch op reads 1-bit planes; the
    decode path turns each 8-column byte into a few lookups of precomputed subset sums.
 
-   Planes: uint8 [rows][nbytes] (nbytes = in / 8), bit i of byte p is column 8p + i:
+   Planes: uint8 [n_blocks][n_rows][block_bytes], block by block (a block's bytes of all rows are one
+   stream: the decode path walks them so; the last block zero-padded), bit i of byte p (p < nbytes =
+   in / 8, at [p / block_bytes][row][p % block_bytes]) is column 8p + i:
      s1  first sign; s2  second sign (salient columns, else 0); sp  sparse (plain columns, else 0).
-   sal: uint8 [nbytes], the salient columns as bits. Blocks: block_bytes bytes of columns each.
+   sal: uint8 [nbytes], the salient columns as bits.
    params: [rows][n_blocks][8] float32 (half = 0) or float16 bits (half = 1): the scales of slots
      SALIENT_1, SALIENT_2, CONCENTRATED, SPARSE, then their means. A value is a * s + m, s = +-1. */
 #include <stdint.h>
@@ -73,7 +75,7 @@ int luq_binary_tables(const float *x, int64_t T, int64_t nbytes, float *tables) 
      salient:      a1 (2 S1s - Xs) + a2 (2 S2 - Xs) + (m1 + m2) Xs
      sparse:       asp (2 S1q - Q) + msp Q
      concentrated: ac (2 (S1 - S1s - S1q) - (X - Xs - Q)) + mc (X - Xs - Q) */
-int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes,
+int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes, int64_t n_rows,
                     const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, const float *tables,
                     int64_t T, int64_t r0, int64_t r1, float *out, int64_t ld) {
     float *totals = malloc(sizeof(float) * 2 * (size_t)(T * n_blocks));   /* [t][b]: X, Xs */
@@ -109,7 +111,9 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
     for (int64_t b = 0; b < n_blocks; b++) {
         const int64_t q0 = b * block_bytes, q1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
         for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *u1 = s1 + r * nbytes, *u2 = s2 + r * nbytes, *uq = sp + r * nbytes;
+            /* indexed by the column byte q: this row's bytes of block b sit at (b n_rows + r) block_bytes */
+            const int64_t at = (b * n_rows + r) * block_bytes - q0;
+            const uint8_t *u1 = s1 + at, *u2 = s2 + at, *uq = sp + at;
             float p[8];
             load_params(params, half, r * n_blocks + b, p);
             for (int64_t t = 0; t < T; t++) {
@@ -163,6 +167,7 @@ static void row_values(const void *params, int64_t half, int64_t index, uint16_t
 }
 
 int luq_binary_expand(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes,
+                      int64_t n_rows,
                       const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, int64_t r0, int64_t r1,
                       uint16_t *out, int64_t ld) {
 #ifdef __AVX2__
@@ -170,9 +175,10 @@ int luq_binary_expand(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, c
     const __m128i bit = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128), odd = _mm_set1_epi16(0x0100);
 #endif
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *u1 = s1 + r * nbytes, *u2 = s2 + r * nbytes, *uq = sp + r * nbytes;
         uint16_t *o = out + (r - r0) * ld;
         for (int64_t b = 0; b < n_blocks; b++) {
+            const int64_t at = (b * n_rows + r) * block_bytes - b * block_bytes;   /* indexed by column byte */
+            const uint8_t *u1 = s1 + at, *u2 = s2 + at, *uq = sp + at;
             uint16_t v[8];
             row_values(params, half, r * n_blocks + b, v);
             const int64_t q1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
