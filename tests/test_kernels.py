@@ -161,7 +161,7 @@ def test_binary_kernel_matches_dequantize(layer, fmt):
     q = quantized(layer, fmt)
     kernel = kernel_for(q, CPU)
     assert isinstance(kernel, BinaryKernel)
-    assert (kernel.order is not None) == (fmt == "billm-k5g64r") and (kernel.col_scale is None) == (fmt == "billm")
+    assert torch.equal(kernel.order.sort().values, torch.arange(q.shape[1])) and (kernel.col_scale is None) == (fmt == "billm")
     assert kernel.nbytes * 8 / (q.shape[0] * q.shape[1]) < 6.5   # bits per weight held (4.0 to 6.1 measured)
     W = q.dequantize()
     for n in (1, 3, 40, 200):   # lookups, then the bfloat16 tile + GEMM
@@ -177,11 +177,9 @@ def test_binary_kernel_prompt_tiles_and_exact_tile(fmt, monkeypatch):
     layer = LAYERS[1]
     q = quantized(layer, fmt)
     kernel = kernel_for(q, CPU)
-    p = q.binary_parts(0, q.shape[0])
-    stored = p.values() if p.column_order is None else q.dequantize()[:, p.column_order]
-    # the tile is the stored-order weight rounded once to bfloat16 (before the column scales)
+    # the tile: the weight in kernel column order (input column order[k]), before the column scales, in bfloat16
     cs = torch.ones(q.shape[1]) if kernel.col_scale is None else kernel.col_scale
-    torch.testing.assert_close(kernel.weight(8, 40).float(), (stored[8:40] / cs).bfloat16().float(),
+    torch.testing.assert_close(kernel.weight(8, 40).float(), (q.dequantize()[8:40, kernel.order] / cs).bfloat16().float(),
                                rtol=2 ** -7, atol=1e-6)
     monkeypatch.setattr(K, "DENSE_TILE_BYTES", 1)   # tiles of 8 rows
     assert kernel.tile_rows == 8

@@ -364,13 +364,22 @@ class Int4Kernel(nn.Module):
         return y.to(dtype).reshape(*lead, -1)
 
 
+def salient_first(salient: torch.Tensor, block_size: int) -> torch.Tensor:
+    """long [in]: the columns of each block, its salient ones first (stable): the kernel's column order,
+    so that most bytes of the planes hold only salient or only plain columns (fewer lookups per byte)."""
+    cols = salient.numel()
+    key = torch.arange(cols) // block_size * 2 + (~salient).long()
+    return torch.argsort(key, stable=True)
+
+
 class BinaryKernel(nn.Module):
-    """A binarized weight (anything with `binary_parts`) as three bit planes in stored column order,
-    1 bit per weight each, little-endian within bytes, stored block by block (`_by_block`): the first sign (`s1`), the second sign on
+    """A binarized weight (anything with `binary_parts`) as three bit planes, 1 bit per weight each,
+    little-endian within bytes, block by block (`_by_block`), the columns of each stored block in
+    `salient_first` order: the first sign (`s1`), the second sign on
     salient columns (`s2`, else 0) and the sparse mask on the other columns (`sp`, else 0); the salient
     mask as bits (`sal`); the per-row-per-block scales and means (`params` [rows, n_blocks, 8]: float16
-    where that holds them exactly, as BiLLM stores them, else float32); the input gather
-    (`order`: act-order) and the column scales. Few tokens: subset-sum lookups in float32
+    where that holds them exactly, as BiLLM stores them, else float32); the input column of each kernel
+    column (`order`: that order, and act-order where stored) and the column scales. Few tokens: subset-sum lookups in float32
     (native.binary_gemv); from `dense_from` tokens: a transient bfloat16 tile of W^T and one bfloat16
     GEMM (native.binary_expand). Needs the compiled helper (`supports`)."""
 
@@ -379,20 +388,22 @@ class BinaryKernel(nn.Module):
     def __init__(self, qweight, row_chunk: int = ROW_TILE):
         super().__init__()
         rows, cols = qweight.shape
-        planes, params = [], []
+        planes, params, perm = [], [], None
         for r0 in range(0, rows, row_chunk):   # a chunk of rows unpacked at a time
             p = qweight.binary_parts(r0, min(r0 + row_chunk, rows))
-            sal = p.salient.cpu()
-            planes.append([self._by_block(m, p.block_size) for m in (p.sign1.cpu(), p.sign2.cpu() & sal,
-                                                                        p.sparse.cpu() & ~sal)])
+            if perm is None:
+                perm = salient_first(p.salient.cpu(), p.block_size)
+                sal = p.salient.cpu()[perm]
+            s1, s2, sp = (m.cpu()[:, perm] for m in (p.sign1, p.sign2, p.sparse))
+            planes.append([self._by_block(m, p.block_size) for m in (s1, s2 & sal, sp & ~sal)])
             params.append(torch.cat([p.scales, p.means], -1).float().cpu())
         self.s1, self.s2, self.sp = (torch.cat(plane, 1).contiguous() for plane in zip(*planes))
         self.sal = pack_bool(sal)
         params = torch.cat(params)
         half = params.half()   # exact for BiLLM's stored float16; as fast as float32 (F16C: `bench/kernels.py`)
         self.params = (half if torch.equal(half.float(), params) else params).contiguous()
-        self.order = None if p.column_order is None else p.column_order.cpu()
-        self.col_scale = None if p.col_scale is None else p.col_scale.float().cpu()
+        self.order = perm if p.column_order is None else p.column_order.cpu()[perm]   # kernel column -> input
+        self.col_scale = None if p.col_scale is None else p.col_scale.float().cpu()[perm]
         self.rows, self.in_features = rows, cols
         self.dense_from = BINARY_DENSE_FROM_TOKENS
 
@@ -430,10 +441,8 @@ class BinaryKernel(nn.Module):
         return 2 * self.in_features * min(self.rows, self.tile_rows)
 
     def prepare(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [tokens, in] as the planes read it: float32, stored column order, column-scaled."""
-        x2 = x2.float()
-        if self.order is not None:
-            x2 = x2.index_select(1, self.order)
+        """x2 [tokens, in] as the planes read it: float32, kernel column order, column-scaled."""
+        x2 = x2.float().index_select(1, self.order)
         return x2 if self.col_scale is None else x2 * self.col_scale
 
     def lookup(self, x2: torch.Tensor) -> torch.Tensor:
@@ -441,7 +450,7 @@ class BinaryKernel(nn.Module):
         return native.binary_gemv(self.planes, self.params, x2, torch.get_num_threads())
 
     def weight(self, r0: int, r1: int) -> torch.Tensor:
-        """The transient tile of the prompt path: bfloat16 W [r1 - r0, in] in stored column order."""
+        """The transient tile of the prompt path: bfloat16 W [r1 - r0, in] in kernel column order."""
         return native.binary_expand(self.planes, self.params, r0, r1)
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:

@@ -70,30 +70,32 @@ int luq_binary_tables(const float *x, int64_t T, int64_t nbytes, float *tables) 
 }
 
 /* out[t * ld + r] = sum over columns of w[r][c] * x[t][c] for rows r0 <= r < r1, from the tables of
-   luq_binary_tables. Per row and block, five subset sums: S1 (sign1), S1s (sign1 on salient columns),
+   luq_binary_tables. Per row and block, five subset sums: S1 (sign1 on plain columns), S1s (on salient ones),
    Q (sparse), S1q (sign1 and sparse), S2 (sign2); with X (all columns) and Xs (salient ones):
      salient:      a1 (2 S1s - Xs) + a2 (2 S2 - Xs) + (m1 + m2) Xs
      sparse:       asp (2 S1q - Q) + msp Q
-     concentrated: ac (2 (S1 - S1s - S1q) - (X - Xs - Q)) + mc (X - Xs - Q) */
+     concentrated: ac (2 (S1 - S1q) - (X - Xs - Q)) + mc (X - Xs - Q) */
 int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes, int64_t n_rows,
                     const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, const float *tables,
                     int64_t T, int64_t r0, int64_t r1, float *out, int64_t ld) {
     float *totals = malloc(sizeof(float) * 2 * (size_t)(T * n_blocks));   /* [t][b]: X, Xs */
-    int64_t *sal_bytes = malloc(sizeof(int64_t) * (size_t)(nbytes + 1));   /* bytes holding salient columns */
-    int64_t *sal_start = malloc(sizeof(int64_t) * (size_t)(n_blocks + 1)); /* ... of block b: [sal_start[b], [b+1]) */
-    if (!totals || !sal_bytes || !sal_start) {
-        free(totals), free(sal_bytes), free(sal_start);
+    int64_t *ranges = malloc(sizeof(int64_t) * 2 * (size_t)n_blocks);      /* [b]: qa, qb */
+    if (!totals || !ranges) {
+        free(totals), free(ranges);
         return 1;
     }
-    int64_t n_sal = 0;
+    /* block b's bytes [q0, qa) are all salient columns and [qb, q1) none (BinaryKernel puts a block's
+       salient columns first): the salient sums read [q0, qb), the plain ones [qa, q1) */
     for (int64_t b = 0; b < n_blocks; b++) {
-        sal_start[b] = n_sal;
-        const int64_t p1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
-        for (int64_t p = b * block_bytes; p < p1; p++)
-            if (sal[p])
-                sal_bytes[n_sal++] = p;
+        const int64_t q0 = b * block_bytes, q1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
+        int64_t qa = q0, qb = q0;
+        while (qa < q1 && sal[qa] == 0xFF)
+            qa++;
+        for (int64_t q = q0; q < q1; q++)
+            if (sal[q])
+                qb = q + 1;
+        ranges[2 * b] = qa, ranges[2 * b + 1] = qb;
     }
-    sal_start[n_blocks] = n_sal;
     for (int64_t t = 0; t < T; t++)
         for (int64_t b = 0; b < n_blocks; b++) {
             const int64_t p1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
@@ -120,9 +122,10 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
                 const float *tab = tables + t * nbytes * 256;
                 /* two interleaved sets of sums: the float additions' latency, not the loads, bounds one set */
                 float S1 = 0.0f, Q = 0.0f, S1q = 0.0f, S1s = 0.0f, S2 = 0.0f, S1b = 0.0f, Qb = 0.0f, S1qb = 0.0f;
-                int64_t q = q0;
+                const int64_t qa = ranges[2 * b], qb = ranges[2 * b + 1];
+                int64_t q = qa;
                 for (; q + 1 < q1; q += 2) {
-                    const unsigned a = u1[q], c = uq[q], a2 = u1[q + 1], c2 = uq[q + 1];
+                    const unsigned a = u1[q] & ~sal[q], c = uq[q], a2 = u1[q + 1] & ~sal[q + 1], c2 = uq[q + 1];
                     const float *tq = tab + q * 256;
                     S1 += tq[a];
                     Q += tq[c];
@@ -132,25 +135,24 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
                     S1qb += tq[256 + (a2 & c2)];
                 }
                 if (q < q1) {
-                    const unsigned a = u1[q], c = uq[q];
+                    const unsigned a = u1[q] & ~sal[q], c = uq[q];
                     S1 += tab[q * 256 + a];
                     Q += tab[q * 256 + c];
                     S1q += tab[q * 256 + (a & c)];
                 }
                 S1 += S1b, Q += Qb, S1q += S1qb;
-                for (int64_t k = sal_start[b]; k < sal_start[b + 1]; k++) {
-                    const int64_t q = sal_bytes[k];
+                for (q = q0; q < qb; q++) {
                     S1s += tab[q * 256 + (u1[q] & sal[q])];
                     S2 += tab[q * 256 + u2[q]];
                 }
                 const float X = totals[2 * (t * n_blocks + b)], Xs = totals[2 * (t * n_blocks + b) + 1];
-                const float Pc = X - Xs - Q, S1c = S1 - S1s - S1q;
+                const float Pc = X - Xs - Q, S1c = S1 - S1q;
                 out[t * ld + r] += p[0] * (2.0f * S1s - Xs) + p[1] * (2.0f * S2 - Xs) + (p[4] + p[5]) * Xs
                                    + p[3] * (2.0f * S1q - Q) + p[7] * Q + p[2] * (2.0f * S1c - Pc) + p[6] * Pc;
             }
         }
     }
-    free(totals), free(sal_bytes), free(sal_start);
+    free(totals), free(ranges);
     return 0;
 }
 
