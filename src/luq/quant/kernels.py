@@ -12,7 +12,7 @@ y = x W_hat^T without materialising W_hat for a few tokens:
     GPTQ <= 4 bits: one term (act-order `g_idx` groups: the input columns are permuted
       into group order);
     GPTQ 5..8 bits: two terms, the high and low 4-bit digits of each code (16·s and s);
-    BiLLM and compact BiLLM: in each block, salient columns and the others are gathered
+    BiLLM and compact BiLLM (on CUDA; on CPU with LUQ_KERNEL=int4 or no compiler): in each block, salient columns and the others are gathered
       into separate groups of 32; three terms (two when the means are zero): the first
       sign, the second sign (salient) or the signed sparse mask (others), and the sparse
       mask times the difference of the means. The column scales of compact BiLLM multiply
@@ -35,13 +35,29 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   (`probed_kernel`): a fixed random input through the op must match the terms' exact weight to
   SELF_CHECK_TOL, else (or if the op raises: old GPU, missing op) one warning line and the tiled
   kernel. `python bench/cuda_check.py` checks and times it on a GPU.
+- `BinaryKernel` (CPU, binarized weights: the default where the compiled helper builds): BiLLM and
+  compact BiLLM kept as three 1-bit planes (first sign; second sign on salient columns; sparse mask
+  on the others), the salient column mask, the per-row-per-block scales and means (float16 where
+  exact, as BiLLM stores them: with F16C as fast as float32; else float32) and the input gather
+  (each block's salient columns first, then act-order) and column scales: 4.0 bits per weight held
+  for a 4096x4096 BiLLM layer (4.0-4.8 on SmolLM2's shapes, 5.2-6.1 compact: float32 scales), against
+  ~18 for its int4 terms. Few tokens (< `BINARY_DENSE_FROM_TOKENS`): per token, a table of the 256
+  subset sums of the 8 inputs of each byte position; per row and block, five sums by lookups (one
+  per byte of each plane and two on salient bytes) combined with the block's 4 scales and means, in
+  float32 from float32 inputs (matches `dequantize()` to ~3e-7 relative). Prompts: a transient
+  bfloat16 tile of W (DENSE_TILE_BYTES at most) expanded from the planes, one bfloat16 GEMM.
+  Both in C (luq.quant.native, binary_gemm.c). `python -m bench.kernels --only binary` (2 threads,
+  shared machine) measured, 1 token: lookups ~1.0-1.2x the int4 terms' time (hot caches), a
+  prompt of 128 tokens ~0.6-0.8x the int4 terms' and ~0.4-0.7x float32 F.linear's; on SmolLM2 with 70
+  binarized linears (10 layers, the rest GPTQ-4) decode 1.16x and prefill 1.21x dense float32
+  (int4 terms: 1.24x and 1.11x), resident 223 vs 284 MB. LUQ_KERNEL=int4 keeps the int4 terms.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
   multiply, tile by tile.
 
-`kernel_for(qweight, device)` picks one; `QuantLinear` caches it (not in the state dict).
-`Int4Kernel.nbytes` is what the transcoded form holds in memory (reported by benches beside
-the stored bytes: for binarized weights it is larger than what is stored).
+`kernel_for(qweight, device)` picks one (LUQ_KERNEL=int4 / tiled / binary forces one); `QuantLinear`
+caches it (not in the state dict). A kernel's `nbytes` is what it holds in memory beside the
+stored weight (reported by benches next to the stored bytes).
 """
 
 from __future__ import annotations

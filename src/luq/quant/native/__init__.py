@@ -57,6 +57,11 @@ def _build(source: Path, target: Path) -> None:
 
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
+# binary_gemv: plane bytes (8 weights each) per thread at least. Handing a call to the thread pool costs
+# ~50 us, a single-thread call on SmolLM2's largest linear (110,592 bytes) ~160 us: measured with 2
+# threads on the shared 2-core machine, where a second thread sped no shape up (4096x4096: 4.2 ms on
+# one thread, 4.6 on two), so SmolLM2's linears take one thread and a 4096x4096 layer (2M bytes) several.
+GEMV_BYTES_PER_THREAD = 2 ** 19
 # the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
 SIGNATURES = {
     "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
@@ -150,7 +155,7 @@ def binary_gemv(planes, params: torch.Tensor, x: torch.Tensor, threads: int) -> 
     lib["luq_binary_tables"](x.data_ptr(), T, nbytes, tables.data_ptr())
     out = torch.empty(T, rows)
     args = _plane_args(planes, params)
-    threads = max(1, min(threads, rows // 16))
+    threads = max(1, min(threads, rows * nbytes // GEMV_BYTES_PER_THREAD))
     bounds = [rows * i // threads for i in range(threads + 1)]
     _run_parts(lambda i: lib["luq_binary_gemv"](*args, tables.data_ptr(), T, bounds[i], bounds[i + 1],
                                                 out.data_ptr(), rows), threads, "binary_gemv")
