@@ -47,10 +47,11 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   float32 from float32 inputs (matches `dequantize()` to ~3e-7 relative). Prompts: a transient
   bfloat16 tile of W (DENSE_TILE_BYTES at most) expanded from the planes, one bfloat16 GEMM.
   Both in C (luq.quant.native, binary_gemm.c). `python -m bench.kernels --only binary` (2 threads,
-  shared machine) measured, 1 token: lookups ~1.0-1.2x the int4 terms' time (hot caches), a
-  prompt of 128 tokens ~0.6-0.8x the int4 terms' and ~0.4-0.7x float32 F.linear's; on SmolLM2 with 70
-  binarized linears (10 layers, the rest GPTQ-4) decode 1.16x and prefill 1.21x dense float32
-  (int4 terms: 1.24x and 1.11x), resident 223 vs 284 MB. LUQ_KERNEL=int4 keeps the int4 terms.
+  shared machine, hot caches; bench/results/kernels-binary.json), against the int4 terms: 1 token
+  0.7-0.9x their time on SmolLM2's shapes but 1.3x on 4096x4096 (5.3 vs 4.1 ms); 128 tokens 0.7-0.9x
+  (1.2x on 576x576); crossover lookups -> tile at 3-4 tokens (8 on 576x576). On SmolLM2 with 70
+  binarized linears (10 layers, the rest GPTQ-4; 5 alternating runs) decode 1.43x and prefill 1.27x
+  dense float32 (int4 terms: 1.41x, 1.23x), resident 223 vs 284 MB. LUQ_KERNEL=int4 keeps the terms.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
   multiply, tile by tile.
@@ -81,6 +82,7 @@ TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / othe
 # measured by `python -m bench.kernels` (2 threads; one term: 24-64 tokens by shape, mostly 32; BiLLM: 12).
 DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
 # BinaryKernel: from this many tokens on, the bfloat16 tile + GEMM instead of the subset-sum lookups
+# (`python -m bench.kernels --only binary`: 3-4 tokens by shape, 8 on 576x576 where 4 costs 0.31 vs 0.40 ms)
 BINARY_DENSE_FROM_TOKENS = 4
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
