@@ -104,7 +104,8 @@ def measure_binary(rows: int, cols: int) -> dict:
     W = q.dequantize()
     out = {"format": "billm", "rows": rows, "cols": cols, "params": str(binary.params.dtype),
            "binary_bits_per_weight": 8 * binary.nbytes / W.numel(), "int4_bits_per_weight": 8 * int4.nbytes / W.numel(),
-           "stored_bits_per_weight": 8 * q.nbytes / W.numel(), "lookup_ms": [], "tile_ms": [], "int4_ms": [], "fp32_ms": []}
+           "stored_bits_per_weight": 8 * q.nbytes / W.numel(),
+           "lookup_ms": [], "tile_ms": [], "int4_ms": [], "fp32_ms": []}
     for n in BINARY_TOKENS:
         x = torch.randn(n, cols)
         x2 = binary.prepare(x)
@@ -165,7 +166,8 @@ def main(argv=None) -> None:
                     cross = m["crossover"] if path == "dense" else ""
                     print(f"| {fmt} | {r}x{c} | {path} ms | {cells} | {cross} |", flush=True)
         binary = binary_table() if args.only is None else []
-    result = {"binary": binary, "binary_dense_from_tokens": K.BINARY_DENSE_FROM_TOKENS, "threads": args.threads, "tokens": list(TOKENS), "dense_from_tokens": K.DENSE_FROM_TOKENS,
+    result = {"binary": binary, "binary_dense_from_tokens": K.BINARY_DENSE_FROM_TOKENS,
+              "threads": args.threads, "tokens": list(TOKENS), "dense_from_tokens": K.DENSE_FROM_TOKENS,
               "torch": torch.__version__, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

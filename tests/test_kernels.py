@@ -161,7 +161,8 @@ def test_binary_kernel_matches_dequantize(layer, fmt):
     q = quantized(layer, fmt)
     kernel = kernel_for(q, CPU)
     assert isinstance(kernel, BinaryKernel)
-    assert torch.equal(kernel.order.sort().values, torch.arange(q.shape[1])) and (kernel.col_scale is None) == (fmt == "billm")
+    assert torch.equal(kernel.order.sort().values, torch.arange(q.shape[1]))   # a permutation of the inputs
+    assert (kernel.col_scale is None) == (fmt == "billm")
     assert kernel.nbytes * 8 / (q.shape[0] * q.shape[1]) < 6.5   # bits per weight held (4.0 to 6.1 measured)
     W = q.dequantize()
     for n in (1, 3, 40, 200):   # lookups, then the bfloat16 tile + GEMM
@@ -179,7 +180,8 @@ def test_binary_kernel_prompt_tiles_and_exact_tile(fmt, monkeypatch):
     kernel = kernel_for(q, CPU)
     # the tile: the weight in kernel column order (input column order[k]), before the column scales, in bfloat16
     cs = torch.ones(q.shape[1]) if kernel.col_scale is None else kernel.col_scale
-    torch.testing.assert_close(kernel.weight(8, 40).float(), (q.dequantize()[8:40, kernel.order] / cs).bfloat16().float(),
+    tile = (q.dequantize()[8:40, kernel.order] / cs).bfloat16().float()
+    torch.testing.assert_close(kernel.weight(8, 40).float(), tile,
                                rtol=2 ** -7, atol=1e-6)
     monkeypatch.setattr(K, "DENSE_TILE_BYTES", 1)   # tiles of 8 rows
     assert kernel.tile_rows == 8
@@ -214,7 +216,8 @@ def test_shapes_the_binary_kernel_refuses_fall_back():
     q = BiLLM().quantize(p.weight[:, :570], p.hessian[:570, :570])   # 570 columns: not whole bytes, tiled
     kernel = kernel_for(q, CPU)
     assert isinstance(kernel, TiledKernel)
-    torch.testing.assert_close(kernel(x[:, :570], torch.float32), torch.nn.functional.linear(x[:, :570], q.dequantize()))
+    x = x[:, :570]
+    torch.testing.assert_close(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize()))
 
 
 # --------------------------------------------------------------------------- CUDA (tinygemm), without a GPU

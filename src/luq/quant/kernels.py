@@ -12,7 +12,8 @@ y = x W_hat^T without materialising W_hat for a few tokens:
     GPTQ <= 4 bits: one term (act-order `g_idx` groups: the input columns are permuted
       into group order);
     GPTQ 5..8 bits: two terms, the high and low 4-bit digits of each code (16·s and s);
-    BiLLM and compact BiLLM (on CUDA; on CPU with LUQ_KERNEL=int4 or no compiler): in each block, salient columns and the others are gathered
+    BiLLM and compact BiLLM (on CUDA; on CPU with LUQ_KERNEL=int4 or no compiler): in each block,
+      salient columns and the others are gathered
       into separate groups of 32; three terms (two when the means are zero): the first
       sign, the second sign (salient) or the signed sparse mask (others), and the sparse
       mask times the difference of the means. The column scales of compact BiLLM multiply
@@ -397,7 +398,8 @@ class BinaryKernel(nn.Module):
     salient columns (`s2`, else 0) and the sparse mask on the other columns (`sp`, else 0); the salient
     mask as bits (`sal`); the per-row-per-block scales and means (`params` [rows, n_blocks, 8]: float16
     where that holds them exactly, as BiLLM stores them, else float32); the input column of each kernel
-    column (`order`: that order, and act-order where stored) and the column scales. Few tokens: subset-sum lookups in float32
+    column (`order`: that order, and act-order where stored) and the column scales. Few tokens:
+    subset-sum lookups in float32
     (native.binary_gemv); from `dense_from` tokens: a transient bfloat16 tile of W^T and one bfloat16
     GEMM (native.binary_expand). Needs the compiled helper (`supports`)."""
 

@@ -75,7 +75,8 @@ int luq_binary_tables(const float *x, int64_t T, int64_t nbytes, float *tables) 
      salient:      a1 (2 S1s - Xs) + a2 (2 S2 - Xs) + (m1 + m2) Xs
      sparse:       asp (2 S1q - Q) + msp Q
      concentrated: ac (2 (S1 - S1q) - (X - Xs - Q)) + mc (X - Xs - Q) */
-int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes, int64_t n_rows,
+int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes,
+                    int64_t n_rows,
                     const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, const float *tables,
                     int64_t T, int64_t r0, int64_t r1, float *out, int64_t ld) {
     float *totals = malloc(sizeof(float) * 2 * (size_t)(T * n_blocks));   /* [t][b]: X, Xs */
