@@ -12,6 +12,12 @@ the dense path (expand the packed terms to a bfloat16 tile, one bfloat16 GEMM) a
 machine may be shared), the best of 5 rounds. The crossover printed per row is the smallest token
 count from which the dense path is faster at every larger count measured; `DENSE_FROM_TOKENS` in
 luq/quant/kernels.py is set from this table.
+
+Then `BinaryKernel` (BiLLM as bit planes; 576x576, 1536x576, 576x1536, 4096x4096), its few-token
+path (subset-sum lookups) and its prompt path (bfloat16 tile + GEMM) against the int4 terms kernel
+(`Int4Kernel`, as LUQ_KERNEL=int4 serves it) and float32 `F.linear`, by token count: wall-clock
+median of 7 rounds, the four alternating inside every round; the crossover (lookups -> tile) sets
+`BINARY_DENSE_FROM_TOKENS`; and the bytes per weight each kernel holds. `--only binary` runs this part.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def quantized(fmt: str, rows: int, cols: int):
 
 def measure(fmt: str, rows: int, cols: int) -> dict:
     q = quantized(fmt, rows, cols)
-    kernel = K.kernel_for(q, torch.device("cpu"))
+    kernel = K.Int4Kernel(K.int4_terms(q), cols, K._int4_ops(torch.device("cpu")))   # BiLLM too (its int4 terms)
     assert isinstance(kernel, K.Int4Kernel) and kernel.dense_ok, "the shape is served by the int4 kernel"
     W = q.dequantize()
     calls = max(1, int(2e8 // (rows * cols)))
@@ -73,12 +79,80 @@ def measure(fmt: str, rows: int, cols: int) -> dict:
     return out
 
 
+BINARY_TOKENS = (1, 2, 3, 4, 8, 16, 128)
+BINARY_SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]
+
+
+def wall_medians(fns: dict, calls: int, rounds: int = 7) -> dict:
+    """Median wall ms per call of each fn, the fns alternating inside every round."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[k].append(1e3 * (time.perf_counter() - t) / calls)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def measure_binary(rows: int, cols: int) -> dict:
+    q = quantized("billm", rows, cols)
+    binary = K.BinaryKernel(q)
+    int4 = K.Int4Kernel(K.int4_terms(q), cols, K._int4_ops(torch.device("cpu")))
+    W = q.dequantize()
+    out = {"format": "billm", "rows": rows, "cols": cols, "params": str(binary.params.dtype),
+           "binary_bits_per_weight": 8 * binary.nbytes / W.numel(), "int4_bits_per_weight": 8 * int4.nbytes / W.numel(),
+           "stored_bits_per_weight": 8 * q.nbytes / W.numel(),
+           "lookup_ms": [], "tile_ms": [], "int4_ms": [], "fp32_ms": []}
+    for n in BINARY_TOKENS:
+        x = torch.randn(n, cols)
+        x2 = binary.prepare(x)
+        calls = max(1, int(3e7 // (rows * cols) // max(1, n // 4)))
+        med = wall_medians({"lookup": lambda: binary.lookup(x2), "tile": lambda: binary.dense(x2),
+                            "int4": lambda: int4(x, torch.float32),
+                            "fp32": lambda: torch.nn.functional.linear(x, W)}, calls)
+        for k, v in med.items():
+            out[f"{k}_ms"].append(v)
+    faster = [d <= i for d, i in zip(out["tile_ms"], out["lookup_ms"])]
+    out["crossover"] = next((BINARY_TOKENS[j] for j in range(len(BINARY_TOKENS)) if all(faster[j:])), None)
+    return out
+
+
+def binary_table() -> list[dict]:
+    rows = []
+    print("| BiLLM shape | bits/weight held: binary, int4 terms (stored) | path | "
+          + " | ".join(f"{n} tok" for n in BINARY_TOKENS) + " | crossover |")
+    print("|---|---|---|" + "---:|" * (len(BINARY_TOKENS) + 1))
+    for r, c in BINARY_SHAPES:
+        m = measure_binary(r, c)
+        rows.append(m)
+        bits = f"{m['binary_bits_per_weight']:.2f}, {m['int4_bits_per_weight']:.2f} ({m['stored_bits_per_weight']:.2f})"
+        for path in ("lookup", "tile", "int4", "fp32"):
+            cells = " | ".join(f"{v:.3f}" for v in m[f"{path}_ms"])
+            print(f"| {r}x{c} | {bits} | {path} ms | {cells} | {m['crossover'] if path == 'tile' else ''} |",
+                  flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
+    p.add_argument("--only", choices=("int4", "binary"), default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.only == "binary":
+        with torch.inference_mode():
+            binary = binary_table()
+        path = args.json.with_name(args.json.stem + "-binary.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"threads": args.threads, "tokens": list(BINARY_TOKENS), "torch": torch.__version__,
+                                    "binary_dense_from_tokens": K.BINARY_DENSE_FROM_TOKENS, "rows": binary},
+                                   indent=1) + "\n")
+        print(f"wrote {path}")
+        return
     rows = []
     print("| format | shape | path | " + " | ".join(f"{n} tok" for n in TOKENS) + " | crossover |")
     print("|---|---|---|" + "---:|" * (len(TOKENS) + 1))
@@ -91,7 +165,9 @@ def main(argv=None) -> None:
                     cells = " | ".join(f"{v:.3f}" for v in m[f"{path}_ms"])
                     cross = m["crossover"] if path == "dense" else ""
                     print(f"| {fmt} | {r}x{c} | {path} ms | {cells} | {cross} |", flush=True)
-    result = {"threads": args.threads, "tokens": list(TOKENS), "dense_from_tokens": K.DENSE_FROM_TOKENS,
+        binary = binary_table() if args.only is None else []
+    result = {"binary": binary, "binary_dense_from_tokens": K.BINARY_DENSE_FROM_TOKENS,
+              "threads": args.threads, "tokens": list(TOKENS), "dense_from_tokens": K.DENSE_FROM_TOKENS,
               "torch": torch.__version__, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

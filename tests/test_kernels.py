@@ -29,7 +29,8 @@ import torch
 
 from luq.quant import GPTQ, QuantLinear, get_format, native
 from luq.quant import kernels as K
-from luq.quant.kernels import Int4Kernel, TiledKernel, int4_terms, kernel_for
+from luq.quant import BiLLM
+from luq.quant.kernels import BinaryKernel, Int4Kernel, TiledKernel, int4_terms, kernel_for
 from test_solvers_real import problems  # the real layers, their Hessians and inputs (cached)
 
 TOL = 6e-3
@@ -56,7 +57,8 @@ BINARY_FORMATS = ["billm", "billm-k16g64", "billm-k4g64", "billm-k5g64r"]
 
 @pytest.mark.parametrize("fmt", GPTQ_FORMATS + BINARY_FORMATS)
 @pytest.mark.parametrize("layer", LAYERS)
-def test_int4_kernel_matches_dequantize(layer, fmt):
+def test_int4_kernel_matches_dequantize(layer, fmt, monkeypatch):
+    monkeypatch.setenv("LUQ_KERNEL", "int4")   # binarized weights: the int4 terms, not the default BinaryKernel
     q = quantized(layer, fmt)
     if fmt.endswith("-gidx"):
         assert q.g_idx is not None
@@ -75,6 +77,7 @@ def test_int4_kernel_matches_dequantize(layer, fmt):
 @pytest.mark.parametrize("fmt", ["gptq4-g128", "gptq3-g64-gidx", "gptq8-g32", "billm", "billm-k4g64"])
 @pytest.mark.parametrize("expansion", ["compiled", "torch"])
 def test_dense_prompt_path_on_real_weights(fmt, expansion, monkeypatch):
+    monkeypatch.setenv("LUQ_KERNEL", "int4")
     layer = LAYERS[1]   # 576 x 1536: several row tiles below
     q = quantized(layer, fmt)
     kernel = kernel_for(q, CPU)
@@ -134,6 +137,89 @@ def test_unsupported_shapes_fall_back_to_the_tiled_kernel():
     torch.testing.assert_close(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize()))
 
 
+# --------------------------------------------------------------------------- BinaryKernel (bit planes)
+# Its few-token path sums float32 inputs by subset-sum lookups and float32 arithmetic: against
+# x @ dequantize().T in float32 it measured 1.4e-7 to 3.5e-7 relative (billm, billm-k5g64r, billm-k8g64
+# on both layers, 1..3 tokens); the bound is 2e-6. From `dense_from` tokens it rounds the inputs and
+# each weight to bfloat16 (one GEMM): 2.1e-3 to 3.3e-3 measured, within TOL.
+LOOKUP_TOL = 2e-6
+# billm: neither gather nor column scales; billm-k8g64: column scales; billm-k5g64r: act-order and column scales
+BINARY_KERNEL_FORMATS = ["billm", "billm-k8g64", "billm-k5g64r"]
+needs_native = pytest.mark.skipif(not native.available("binary_gemm"), reason="no C compiler: no BinaryKernel")
+
+
+def tokens(layer, n):
+    """n real input rows (the 64 cached ones, then sign-flipped and scaled copies)."""
+    x = problems()[layer].inputs
+    return torch.cat([x, -x, 0.5 * x, x.flip(0)])[:n]
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", BINARY_KERNEL_FORMATS)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_binary_kernel_matches_dequantize(layer, fmt):
+    q = quantized(layer, fmt)
+    kernel = kernel_for(q, CPU)
+    assert isinstance(kernel, BinaryKernel)
+    assert torch.equal(kernel.order.sort().values, torch.arange(q.shape[1]))   # a permutation of the inputs
+    assert (kernel.col_scale is None) == (fmt == "billm")
+    assert kernel.nbytes * 8 / (q.shape[0] * q.shape[1]) < 6.5   # bits per weight held (4.0 to 6.1 measured)
+    W = q.dequantize()
+    for n in (1, 3, 40, 200):   # lookups, then the bfloat16 tile + GEMM
+        x = tokens(layer, n)
+        y, ref = kernel(x, torch.float32), torch.nn.functional.linear(x, W)
+        assert y.dtype == torch.float32 and y.shape == ref.shape
+        assert rel_error(y, ref) < (LOOKUP_TOL if n < kernel.dense_from else TOL), n
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["billm", "billm-k5g64r"])
+def test_binary_kernel_prompt_tiles_and_exact_tile(fmt, monkeypatch):
+    layer = LAYERS[1]
+    q = quantized(layer, fmt)
+    kernel = kernel_for(q, CPU)
+    # the tile: the weight in kernel column order (input column order[k]), before the column scales, in bfloat16
+    cs = torch.ones(q.shape[1]) if kernel.col_scale is None else kernel.col_scale
+    tile = (q.dequantize()[8:40, kernel.order] / cs).bfloat16().float()
+    torch.testing.assert_close(kernel.weight(8, 40).float(), tile,
+                               rtol=2 ** -7, atol=1e-6)
+    monkeypatch.setattr(K, "DENSE_TILE_BYTES", 1)   # tiles of 8 rows
+    assert kernel.tile_rows == 8
+    x = tokens(layer, 40)
+    assert rel_error(kernel(x.reshape(2, 20, -1), torch.float32).reshape(40, -1),
+                     torch.nn.functional.linear(x, q.dequantize())) < TOL
+    assert kernel(x[:2], torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_binary_kernel_selection_and_fallbacks(monkeypatch):
+    q = quantized(LAYERS[0], "billm")
+    x, W = tokens(LAYERS[0], 3), q.dequantize()
+    monkeypatch.setenv("LUQ_KERNEL", "int4")
+    assert isinstance(kernel_for(q, CPU), Int4Kernel)
+    monkeypatch.setenv("LUQ_KERNEL", "tiled")
+    assert isinstance(kernel_for(q, CPU), TiledKernel)
+    monkeypatch.delenv("LUQ_KERNEL")
+    monkeypatch.setattr(native, "available", lambda name="expand_int4": False)   # no compiler
+    kernel = kernel_for(q, CPU)
+    assert isinstance(kernel, Int4Kernel) and not kernel.native
+    assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, W)) < TOL
+
+
+@needs_native
+def test_shapes_the_binary_kernel_refuses_fall_back():
+    p = problems()[LAYERS[0]]
+    q = BiLLM(block_size=100).quantize(p.weight, p.hessian)          # blocks not byte-aligned: int4 terms
+    kernel = kernel_for(q, CPU)
+    assert not BinaryKernel.supports(q) and isinstance(kernel, Int4Kernel)
+    x = p.inputs[:3]
+    assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize())) < TOL
+    q = BiLLM().quantize(p.weight[:, :570], p.hessian[:570, :570])   # 570 columns: not whole bytes, tiled
+    kernel = kernel_for(q, CPU)
+    assert isinstance(kernel, TiledKernel)
+    x = x[:, :570]
+    torch.testing.assert_close(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize()))
+
+
 # --------------------------------------------------------------------------- CUDA (tinygemm), without a GPU
 # tinygemm's two ops written in torch from their documentation in torch's int4mm.cu (the index arithmetic of
 # its packing kernel, w = (q - 8)·s + z rounded once to bfloat16, float32 sums): `kernel_for` is given them
@@ -180,6 +266,7 @@ def fake_mm(x, packed, group, scales_zeros):
 def fake_cuda(monkeypatch):
     """kernel_for(.., CPU) gets tinygemm's ops (the fakes above; replace them through the returned dict)."""
     ops = {"convert": fake_convert, "mm": fake_mm}
+    monkeypatch.setenv("LUQ_KERNEL", "int4")   # on CPU, binarized weights would get BinaryKernel
     monkeypatch.setattr(K, "_int4_ops", lambda device: K.tinygemm_ops(lambda w, t: ops["convert"](w, t),
                                                                       lambda *a: ops["mm"](*a)))
     monkeypatch.setattr(K, "_WARNED", set())

@@ -12,7 +12,8 @@ y = x W_hat^T without materialising W_hat for a few tokens:
     GPTQ <= 4 bits: one term (act-order `g_idx` groups: the input columns are permuted
       into group order);
     GPTQ 5..8 bits: two terms, the high and low 4-bit digits of each code (16·s and s);
-    BiLLM and compact BiLLM: in each block, salient columns and the others are gathered
+    BiLLM and compact BiLLM (on CUDA; on CPU with LUQ_KERNEL=int4 or no compiler): in each block,
+      salient columns and the others are gathered
       into separate groups of 32; three terms (two when the means are zero): the first
       sign, the second sign (salient) or the signed sparse mask (others), and the sparse
       mask times the difference of the means. The column scales of compact BiLLM multiply
@@ -35,13 +36,30 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   (`probed_kernel`): a fixed random input through the op must match the terms' exact weight to
   SELF_CHECK_TOL, else (or if the op raises: old GPU, missing op) one warning line and the tiled
   kernel. `python bench/cuda_check.py` checks and times it on a GPU.
+- `BinaryKernel` (CPU, binarized weights: the default where the compiled helper builds): BiLLM and
+  compact BiLLM kept as three 1-bit planes (first sign; second sign on salient columns; sparse mask
+  on the others), the salient column mask, the per-row-per-block scales and means (float16 where
+  exact, as BiLLM stores them: with F16C as fast as float32; else float32) and the input gather
+  (each block's salient columns first, then act-order) and column scales: 4.0 bits per weight held
+  for a 4096x4096 BiLLM layer (4.0-4.8 on SmolLM2's shapes, 5.2-6.1 compact: float32 scales), against
+  ~18 for its int4 terms. Few tokens (< `BINARY_DENSE_FROM_TOKENS`): per token, a table of the 256
+  subset sums of the 8 inputs of each byte position; per row and block, five sums by lookups (one
+  per byte of each plane and two on salient bytes) combined with the block's 4 scales and means, in
+  float32 from float32 inputs (matches `dequantize()` to ~3e-7 relative). Prompts: a transient
+  bfloat16 tile of W (DENSE_TILE_BYTES at most) expanded from the planes, one bfloat16 GEMM.
+  Both in C (luq.quant.native, binary_gemm.c). `python -m bench.kernels --only binary` (2 threads,
+  shared machine, hot caches; bench/results/kernels-binary.json), against the int4 terms: 1 token
+  0.7-0.9x their time on SmolLM2's shapes but 1.3x on 4096x4096 (5.3 vs 4.1 ms); 128 tokens 0.7-0.9x
+  (1.2x on 576x576); crossover lookups -> tile at 3-4 tokens (8 on 576x576). On SmolLM2 with 70
+  binarized linears (10 layers, the rest GPTQ-4; 5 alternating runs) decode 1.43x and prefill 1.27x
+  dense float32 (int4 terms: 1.41x, 1.23x), resident 223 vs 284 MB. LUQ_KERNEL=int4 keeps the terms.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
   multiply, tile by tile.
 
-`kernel_for(qweight, device)` picks one; `QuantLinear` caches it (not in the state dict).
-`Int4Kernel.nbytes` is what the transcoded form holds in memory (reported by benches beside
-the stored bytes: for binarized weights it is larger than what is stored).
+`kernel_for(qweight, device)` picks one (LUQ_KERNEL=int4 / tiled / binary forces one); `QuantLinear`
+caches it (not in the state dict). A kernel's `nbytes` is what it holds in memory beside the
+stored weight (reported by benches next to the stored bytes).
 """
 
 from __future__ import annotations
@@ -56,7 +74,7 @@ from torch import nn
 
 from luq.quant import native
 from luq.quant.base import ROW_TILE, QuantizedWeight
-from luq.quant.packing import unpack_bits
+from luq.quant.packing import pack_bool, unpack_bits
 
 INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
@@ -64,6 +82,9 @@ TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / othe
 # kernel, for weights of one int4 term (GPTQ <= 4 bits) and of several (8-bit GPTQ, BiLLM): the crossovers
 # measured by `python -m bench.kernels` (2 threads; one term: 24-64 tokens by shape, mostly 32; BiLLM: 12).
 DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
+# BinaryKernel: from this many tokens on, the bfloat16 tile + GEMM instead of the subset-sum lookups
+# (`python -m bench.kernels --only binary`: 3-4 tokens by shape, 8 on 576x576 where 4 costs 0.31 vs 0.40 ms)
+BINARY_DENSE_FROM_TOKENS = 4
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
 TINYGEMM_N_TILE, TINYGEMM_K_TILE = 8, 16   # rows and columns per tile of tinygemm's (CUDA) packing
@@ -362,6 +383,114 @@ class Int4Kernel(nn.Module):
         return y.to(dtype).reshape(*lead, -1)
 
 
+def salient_first(salient: torch.Tensor, block_size: int) -> torch.Tensor:
+    """long [in]: the columns of each block, its salient ones first (stable): the kernel's column order,
+    so that most bytes of the planes hold only salient or only plain columns (fewer lookups per byte)."""
+    cols = salient.numel()
+    key = torch.arange(cols) // block_size * 2 + (~salient).long()
+    return torch.argsort(key, stable=True)
+
+
+class BinaryKernel(nn.Module):
+    """A binarized weight (anything with `binary_parts`) as three bit planes, 1 bit per weight each,
+    little-endian within bytes, block by block (`_by_block`), the columns of each stored block in
+    `salient_first` order: the first sign (`s1`), the second sign on salient columns (`s2`, else 0)
+    and the sparse mask on the other columns (`sp`, else 0); the salient mask as bits (`sal`); the
+    per-row-per-block scales and means (`params` [rows, n_blocks, 8]: float16 where that holds them
+    exactly, as BiLLM stores them, else float32); the input column of each kernel column (`order`:
+    that order, and act-order where stored) and the column scales. Few tokens: subset-sum lookups in
+    float32 (native.binary_gemv); from `dense_from` tokens: a transient bfloat16 tile of W and one
+    bfloat16 GEMM (native.binary_expand). Needs the compiled helper (`supports`)."""
+
+    name = "binary"
+
+    def __init__(self, qweight, row_chunk: int = ROW_TILE):
+        super().__init__()
+        rows, cols = qweight.shape
+        planes, params, perm = [], [], None
+        for r0 in range(0, rows, row_chunk):   # a chunk of rows unpacked at a time
+            p = qweight.binary_parts(r0, min(r0 + row_chunk, rows))
+            if perm is None:
+                perm = salient_first(p.salient.cpu(), p.block_size)
+                sal = p.salient.cpu()[perm]
+            s1, s2, sp = (m.cpu()[:, perm] for m in (p.sign1, p.sign2, p.sparse))
+            planes.append([self._by_block(m, p.block_size) for m in (s1, s2 & sal, sp & ~sal)])
+            params.append(torch.cat([p.scales, p.means], -1).float().cpu())
+        self.s1, self.s2, self.sp = (torch.cat(plane, 1).contiguous() for plane in zip(*planes))
+        self.sal = pack_bool(sal)
+        params = torch.cat(params)
+        # float16: exact for BiLLM's stored float16, and (F16C) as fast: 209 vs 211 us per 576x1536 token
+        half = params.half()
+        self.params = (half if torch.equal(half.float(), params) else params).contiguous()
+        self.order = perm if p.column_order is None else p.column_order.cpu()[perm]   # kernel column -> input
+        self.col_scale = None if p.col_scale is None else p.col_scale.float().cpu()[perm]
+        self.rows, self.in_features = rows, cols
+        self.dense_from = BINARY_DENSE_FROM_TOKENS
+
+    @staticmethod
+    def _by_block(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+        """bool [rows, in] as packed bytes block by block: uint8 [n_blocks, rows, block_size / 8]
+        (the last block zero-padded), so that the decode path reads each block of all rows as one stream."""
+        rows, cols = mask.shape
+        packed = nn.functional.pad(pack_bool(mask), (0, -cols % block_size // 8))
+        return packed.view(rows, -1, block_size // 8).transpose(0, 1)
+
+    @staticmethod
+    def supports(qweight) -> bool:
+        """Byte-aligned columns and blocks, and the compiled helper."""
+        cols = qweight.shape[1]
+        return cols % 8 == 0 and qweight.block_size % 8 == 0 and native.available("binary_gemm")
+
+    @property
+    def planes(self) -> tuple[torch.Tensor, ...]:
+        return self.s1, self.s2, self.sp, self.sal
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this kernel holds (planes, mask, scales and means, gather, column scales)."""
+        return sum(t.numel() * t.element_size() for t in (*self.planes, self.params, self.order, self.col_scale)
+                   if t is not None)
+
+    @property
+    def tile_rows(self) -> int:
+        """Rows per transient tile of the prompt path (DENSE_TILE_BYTES at most)."""
+        return max(8, DENSE_TILE_BYTES // (2 * self.in_features) // 8 * 8)
+
+    @property
+    def transient_nbytes(self) -> int:
+        return 2 * self.in_features * min(self.rows, self.tile_rows)
+
+    def prepare(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [tokens, in] as the planes read it: float32, kernel column order, column-scaled."""
+        x2 = x2.float().index_select(1, self.order)
+        return x2 if self.col_scale is None else x2 * self.col_scale
+
+    def lookup(self, x2: torch.Tensor) -> torch.Tensor:
+        """Few tokens: float32 [tokens, rows] (x2 `prepare`d)."""
+        return native.binary_gemv(self.planes, self.params, x2, torch.get_num_threads())
+
+    def weight(self, r0: int, r1: int) -> torch.Tensor:
+        """The transient tile of the prompt path: bfloat16 W [r1 - r0, in] in kernel column order."""
+        return native.binary_expand(self.planes, self.params, r0, r1)
+
+    def dense(self, x2: torch.Tensor) -> torch.Tensor:
+        """Prompts: bfloat16 [tokens, rows], tile by tile of rows (x2 `prepare`d)."""
+        xb, step = x2.to(torch.bfloat16), self.tile_rows
+        if step >= self.rows:
+            return nn.functional.linear(xb, self.weight(0, self.rows))
+        out = torch.empty(xb.shape[0], self.rows, dtype=torch.bfloat16)
+        for r0 in range(0, self.rows, step):
+            r1 = min(r0 + step, self.rows)
+            out[:, r0:r1] = nn.functional.linear(xb, self.weight(r0, r1))
+        return out
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = self.prepare(x.reshape(-1, x.shape[-1]))
+        y = self.dense(x2) if x2.shape[0] >= self.dense_from else self.lookup(x2)
+        return y.to(dtype).reshape(*lead, -1)
+
+
 # --------------------------------------------------------------------------- transcoders
 
 
@@ -476,8 +605,13 @@ def int4_terms(qweight: QuantizedWeight) -> Int4Terms | None:
 
 def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
     """The fastest kernel that computes this weight exactly (up to bfloat16 rounding) on `device`.
-    LUQ_KERNEL=tiled forces the generic path (for comparisons)."""
-    ops = _int4_ops(device) if os.environ.get("LUQ_KERNEL", "auto") != "tiled" else None
+    LUQ_KERNEL=tiled forces the generic path, LUQ_KERNEL=int4 the int4 terms and LUQ_KERNEL=binary the
+    bit planes for binarized weights (for comparisons; the default is `BinaryKernel` on CPU)."""
+    choice = os.environ.get("LUQ_KERNEL", "auto")
+    if (device.type == "cpu" and choice in ("auto", "binary") and hasattr(qweight, "binary_parts")
+            and BinaryKernel.supports(qweight)):
+        return BinaryKernel(qweight)
+    ops = _int4_ops(device) if choice != "tiled" else None
     if ops is not None:
         terms = int4_terms(qweight.to(device))
         if terms is not None and ops.layout == "cpu":

@@ -13,8 +13,9 @@ from luq.quant.kernels import kernel_for
 
 class QuantLinear(PackedModule):
     """y = x W_hat^T + b, computed by the fastest kernel of the weight's format
-    (luq.quant.kernels: torch's int4 matmul for GPTQ <= 4 bits, else one tile of output
-    rows unpacked at a time).
+    (luq.quant.kernels: torch's int4 matmul for GPTQ and, off CPU, binarized weights; on CPU
+    binarized weights from their bit planes (BinaryKernel); else one tile of output rows
+    unpacked at a time).
 
     The packed tensors are buffers (they follow `.to(device)` and appear in the
     state dict under their stored names); no full-precision copy of the weight is

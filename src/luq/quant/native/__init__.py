@@ -2,6 +2,8 @@
 
 - `expand_int4` (expand_int4.c): one pass from torch's CPU int4 packing to a bfloat16 W^T, the
   terms of each input column summed (the dense prompt path of luq.quant.kernels).
+- `binary_gemv`, `binary_expand` (binary_gemm.c): binarized weights from their bit planes, few
+  tokens by subset-sum lookups, prompts by a bfloat16 W^T tile (luq.quant.kernels.BinaryKernel).
 - `split_errors`, `leading_split_errors` (binsearch.c): BiLLM's two searches row by row
   (luq.quant.binsearch).
 
@@ -45,6 +47,8 @@ def _build(source: Path, target: Path) -> None:
     flags = ["-O3", "-shared", "-fPIC"]
     if {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
+    if "f16c" in _cpu_flags():
+        flags += ["-mf16c"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: concurrent builds do not collide
         lib = Path(tmp) / target.name
@@ -53,9 +57,17 @@ def _build(source: Path, target: Path) -> None:
 
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
+# binary_gemv: plane bytes (8 weights each) per thread at least. Handing a call to the thread pool costs
+# ~50 us, a single-thread call on SmolLM2's largest linear (110,592 bytes) ~160 us: measured with 2
+# threads on the shared 2-core machine, where a second thread sped no shape up (4096x4096: 4.2 ms on
+# one thread, 4.6 on two), so SmolLM2's linears take one thread and a 4096x4096 layer (2M bytes) several.
+GEMV_BYTES_PER_THREAD = 2 ** 19
 # the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
 SIGNATURES = {
     "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
+    "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
+                    "luq_binary_gemv": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I],
+                    "luq_binary_expand": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _I]},
     "binsearch": {"luq_split_errors": [_P, _I, _P, _I, _I, _I, _I, _P],
                   "luq_leading_split_errors": [_P, _P, _I, _P, _I, _I, _I, _P]},
 }
@@ -67,7 +79,7 @@ def _library(name: str):
     if os.environ.get("LUQ_NATIVE", "1") == "0":
         return None
     source = HERE / f"{name}.c"
-    digest = hashlib.sha256(source.read_bytes() + repr(sorted(_cpu_flags() & {"avx2", "fma"})).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + repr(sorted(_cpu_flags() & {"avx2", "fma", "f16c"})).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LUQ_NATIVE_DIR") or Path.home() / ".cache" / "luq" / "native")
     target = root / f"{name}-{digest}.so"
     try:
@@ -116,6 +128,50 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
         failed = any(_pool(threads).map(run, range(threads)))
     if failed:
         raise MemoryError("luq.quant.native.expand_int4: no memory for its row accumulator")
+    return out
+
+
+def _run_parts(run, parts: int, what: str) -> None:
+    """run(i) for i < parts, over the thread pool when parts > 1; any nonzero return: MemoryError."""
+    failed = run(0) if parts == 1 else any(_pool(parts).map(run, range(parts)))
+    if failed:
+        raise MemoryError(f"luq.quant.native.{what}: no memory for its buffers")
+
+
+def _plane_args(planes, params: torch.Tensor) -> tuple:
+    s1, s2, sp, sal = planes
+    return (s1.data_ptr(), s2.data_ptr(), sp.data_ptr(), sal.data_ptr(), sal.numel(), s1.shape[1], params.data_ptr(),
+            int(params.dtype == torch.float16), s1.shape[2], params.shape[1])
+
+
+def binary_gemv(planes, params: torch.Tensor, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """x (float32 [T, 8 * nbytes], stored column order, column-scaled) times W^T -> float32 [T, rows], W
+    binarized as three bit planes and a salient mask (`planes` = (s1, s2, sp) uint8 [n_blocks, rows,
+    block_bytes], sal uint8 [nbytes]: binary_gemm.c) with `params` [rows, n_blocks, 8] (float32 or float16)."""
+    lib = _library("binary_gemm")
+    x = x.contiguous()
+    T, rows, nbytes = x.shape[0], planes[0].shape[1], planes[3].numel()
+    tables = torch.empty(T, nbytes, 256)
+    lib["luq_binary_tables"](x.data_ptr(), T, nbytes, tables.data_ptr())
+    out = torch.empty(T, rows)
+    args = _plane_args(planes, params)
+    threads = max(1, min(threads, rows * nbytes // GEMV_BYTES_PER_THREAD))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    _run_parts(lambda i: lib["luq_binary_gemv"](*args, tables.data_ptr(), T, bounds[i], bounds[i + 1],
+                                                out.data_ptr(), rows), threads, "binary_gemv")
+    return out
+
+
+def binary_expand(planes, params: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """bfloat16 W [r1 - r0, 8 * nbytes] of weight rows [r0, r1) from the planes of `binary_gemv`."""
+    lib = _library("binary_gemm")
+    out = torch.empty(r1 - r0, 8 * planes[3].numel(), dtype=torch.bfloat16)
+    args = _plane_args(planes, params)
+    threads = max(1, min(torch.get_num_threads(), (r1 - r0) // 8))
+    bounds = [r0 + (r1 - r0) * i // threads for i in range(threads + 1)]
+    _run_parts(lambda i: lib["luq_binary_expand"](*args, bounds[i], bounds[i + 1],
+                                                  out[bounds[i] - r0:].data_ptr(), out.stride(0)),
+               threads, "binary_expand")
     return out
 
 
