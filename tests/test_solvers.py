@@ -171,8 +171,15 @@ def test_quant_linear_matches_dequantized_matmul(solver, dtype):
     module.row_tile = 128  # several tiles
     x = X[:20].reshape(4, 5, -1)
     expected = x.to(dtype) @ q.dequantize(dtype).T + linear.bias.to(dtype)
-    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(module(x), expected, **tol)
+    got = module(x)
+    assert got.dtype == dtype
+    if module.kernel.name == "tiled" and dtype == torch.float32:  # de-quantized rows: float32 throughout
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    else:
+        # the fast kernels round activations and weights to bfloat16 on their prompt paths (20 tokens here):
+        # 2.9e-3 measured for BiLLM and compact BiLLM; 6e-3 is tests/test_kernels.py's bound
+        error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+        assert error < (6e-3 if dtype == torch.float32 else 1e-2), (module.kernel.name, error)
     # no full-precision weight is held: only the packed buffers and the bias
     assert set(dict(module.named_buffers())) == set(q.state_dict()) | {"bias"}
 
