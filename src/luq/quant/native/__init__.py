@@ -79,7 +79,9 @@ def _library(name: str):
     if os.environ.get("LUQ_NATIVE", "1") == "0":
         return None
     source = HERE / f"{name}.c"
-    digest = hashlib.sha256(source.read_bytes() + repr(sorted(_cpu_flags() & {"avx2", "fma", "f16c"})).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # included by the sources
+    flags = repr(sorted(_cpu_flags() & {"avx2", "fma", "f16c"})).encode()
+    digest = hashlib.sha256(source.read_bytes() + headers + flags).hexdigest()[:16]
     root = Path(os.environ.get("LUQ_NATIVE_DIR") or Path.home() / ".cache" / "luq" / "native")
     target = root / f"{name}-{digest}.so"
     try:

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "floatbits.h"
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -29,16 +31,7 @@ static inline float half_to_f32(uint16_t h) {  /* IEEE half to float: normals, s
         u |= sign;
     } else
         u = sign;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (values here are finite) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    return bits_to_f32(u);
 }
 
 /* the 8 parameters of (row, block) as float */

@@ -12,18 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bits_to_f32(uint32_t u) {
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (values here are finite) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "floatbits.h"
 
 int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64_t n_rows, int64_t group,
                     const int64_t *starts, const int64_t *terms, int64_t c0, int64_t c1,
