@@ -18,6 +18,9 @@ path (subset-sum lookups) and its prompt path (bfloat16 tile + GEMM) against the
 (`Int4Kernel`, as LUQ_KERNEL=int4 serves it) and float32 `F.linear`, by token count: wall-clock
 median of 7 rounds, the four alternating inside every round; the crossover (lookups -> tile) sets
 `BINARY_DENSE_FROM_TOKENS`; and the bytes per weight each kernel holds. `--only binary` runs this part.
+
+`--only threads`: one token through torch's int4 CPU op at --threads threads and at one, per GPTQ-4
+shape (wall clock: waking the other OpenMP threads is the cost); sets `INT4_ONE_THREAD_BELOW`.
 """
 
 from __future__ import annotations
@@ -136,13 +139,49 @@ def binary_table() -> list[dict]:
     return rows
 
 
+THREAD_SHAPES = [(192, 576), (576, 576), (1536, 576), (576, 1536), (1024, 1024), (2048, 2048), (4096, 4096),
+                 (11008, 4096)]
+
+
+def threads_table(threads: int) -> list[dict]:
+    """One token through torch's int4 CPU op on a GPTQ-4 weight, at `threads` threads and at one:
+    wall-clock medians (alternating), which set INT4_ONE_THREAD_BELOW."""
+    rows_out = []
+    print(f"| GPTQ-4 shape | weights | {threads} threads us | 1 thread us | one thread faster |")
+    print("|---|---:|---:|---:|---|")
+    for r, c in THREAD_SHAPES:
+        k = K.Int4Kernel(K.int4_terms(quantized("gptq4-g128", r, c)), c, K._int4_ops(torch.device("cpu")))
+        x2 = k.prepare(torch.randn(1, c))
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+        def at(n):
+            def run():
+                torch.set_num_threads(n)
+                op(x2, k.packed, k.group, k.scales_zeros)
+            return run
+        med = wall_medians({"many": at(threads), "one": at(1)}, max(1, int(3e8 // (r * c))))
+        torch.set_num_threads(threads)
+        rows_out.append({"rows": r, "cols": c, "threads_us": 1e3 * med["many"], "one_thread_us": 1e3 * med["one"]})
+        print(f"| {r}x{c} | {r * c:,} | {1e3 * med['many']:.1f} | {1e3 * med['one']:.1f} | "
+              f"{med['one'] < med['many']} |", flush=True)
+    return rows_out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
-    p.add_argument("--only", choices=("int4", "binary"), default=None)
+    p.add_argument("--only", choices=("int4", "binary", "threads"), default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.only == "threads":
+        with torch.inference_mode():
+            table = threads_table(args.threads)
+        path = args.json.with_name(args.json.stem + "-threads.json")
+        path.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__,
+                                    "int4_one_thread_below": K.INT4_ONE_THREAD_BELOW, "rows": table}, indent=1) + "\n")
+        print(f"wrote {path}")
+        return
     if args.only == "binary":
         with torch.inference_mode():
             binary = binary_table()

@@ -86,6 +86,11 @@ DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
 # (`python -m bench.kernels --only binary`: 3-4 tokens by shape, 8 on 576x576 where 4 costs 0.31 vs 0.40 ms)
 BINARY_DENSE_FROM_TOKENS = 4
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
+# Below this many kernel weights (rows x inner columns), the CPU int4 op runs on one thread: waking
+# torch's other OpenMP threads (OMP_WAIT_POLICY=PASSIVE) costs ~50 us a call, more than a small product
+# takes. `python -m bench.kernels --only threads` (one token, 2 threads vs 1): 576x576 69 vs 24 us,
+# 1536x576 106 vs 52, 1024^2 111 vs 68; from 2048^2 (4.2 M weights) the two are within noise.
+INT4_ONE_THREAD_BELOW = 2 * 2 ** 20
 PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
 TINYGEMM_N_TILE, TINYGEMM_K_TILE = 8, 16   # rows and columns per tile of tinygemm's (CUDA) packing
 # On CUDA, prompts from this many tokens take the dense path (expand + cuBLAS): tinygemm dequantizes the
@@ -373,8 +378,17 @@ class Int4Kernel(nn.Module):
         return x2.to(torch.bfloat16)
 
     def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (`prepare`d) times W^T through the device's int4 kernel."""
-        return self._mm(self.gather(x2).contiguous(), self.packed, self.group, self.scales_zeros)
+        """x2 (`prepare`d) times W^T through the device's int4 kernel (one CPU thread for a small
+        weight: INT4_ONE_THREAD_BELOW)."""
+        x2 = self.gather(x2).contiguous()
+        threads = torch.get_num_threads()
+        if self.layout != "cpu" or threads == 1 or self.rows * self.kt >= INT4_ONE_THREAD_BELOW:
+            return self._mm(x2, self.packed, self.group, self.scales_zeros)
+        torch.set_num_threads(1)
+        try:
+            return self._mm(x2, self.packed, self.group, self.scales_zeros)
+        finally:
+            torch.set_num_threads(threads)
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lead = x.shape[:-1]
