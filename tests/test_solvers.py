@@ -180,8 +180,10 @@ def test_quant_linear_matches_dequantized_matmul(solver, dtype):
         # 2.9e-3 measured for BiLLM and compact BiLLM; 6e-3 is tests/test_kernels.py's bound
         error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
         assert error < (6e-3 if dtype == torch.float32 else 1e-2), (module.kernel.name, error)
-    # no full-precision weight is held: only the packed buffers and the bias
-    assert set(dict(module.named_buffers())) == set(q.state_dict()) | {"bias"}
+    # no full-precision weight is held: the module's tensors are the stored ones (some handed over to the
+    # kernel, tests/test_kernels.py) and the bias
+    assert set(module.state_dict()) == set(q.state_dict()) | {"bias"}
+    assert set(dict(module.named_buffers())) | set(module.handed_over) == set(q.state_dict()) | {"bias"}
 
 
 @pytest.mark.parametrize("bad, message", [

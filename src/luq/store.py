@@ -88,7 +88,7 @@ def _stored_items(model: nn.Module, storage_dtype: torch.dtype):
     buffers of QuantLinear modules as they are, every other floating tensor at
     `storage_dtype`, tensors tied to an earlier one (lm_head and the embedding) once."""
     packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
-              for b, t in m.named_buffers(recurse=False) if b != "bias" and t is not None}
+              for b in m.stored_names}
     seen: set[tuple] = set()
     for name, t in model.state_dict(keep_vars=True).items():
         # a meta tensor (a streamed layer) has no storage: ties are the same tensor object

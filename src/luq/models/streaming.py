@@ -19,6 +19,7 @@ header, the module configs) works on the skeleton as it is.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -47,6 +48,17 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
     else:
         raise KeyError(name)
+
+
+def _holds(root: nn.Module, name: str) -> bool:
+    """Whether `name` (relative to `root`) is a parameter or buffer slot, even an empty one (a
+    QuantLinear's buffer handed over to its kernel)."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = root.get_submodule(owner) if owner else root
+    except AttributeError:
+        return False
+    return attr in module._parameters or attr in module._buffers
 
 
 class LayerStream:
@@ -109,9 +121,8 @@ class LayerStream:
         self._depth -= 1
         if self._depth > 0:
             return
-        state = dict(layer.named_parameters()) | dict(layer.named_buffers())
         for name, kept in self._kept.items():
-            if name in state:  # a module swapped meanwhile and swapped back keeps its own tensors
+            if _holds(layer, name):  # a module swapped meanwhile and swapped back keeps its own tensors
                 _set_tensor(layer, name, kept)
         self._kept = {}
         _drop_derived(layer)
@@ -176,7 +187,7 @@ def layer_on(layer: nn.Module, device: torch.device | str) -> Iterator[nn.Module
     is moved there and back; a streamed layer is read from disk and freed afterwards."""
     stream = stream_of(layer)
     if stream is None:
-        homes = [t.device for t in layer.state_dict(keep_vars=True).values()]
+        homes = [t.device for t in itertools.chain(layer.parameters(), layer.buffers())]
         if not homes:  # nothing of its own (a head tied to a packed embedding)
             yield layer
             return
@@ -196,7 +207,7 @@ def layer_on(layer: nn.Module, device: torch.device | str) -> Iterator[nn.Module
 
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's materialized tensors are (the first one not on the meta device)."""
-    return next(t.device for t in model.state_dict(keep_vars=True).values() if t.device.type != "meta")
+    return next(t.device for t in itertools.chain(model.parameters(), model.buffers()) if t.device.type != "meta")
 
 
 class StoredWeights(Mapping):

@@ -86,8 +86,8 @@ class PackedModule(nn.Module):
     def _apply(self, fn, recurse=True):
         """Moves follow `.to(device)`, but the packed tensors keep their stored dtypes:
         `model.to(torch.bfloat16)` must not round fp16 scales to bf16 (the bias follows)."""
+        self.drop_derived()  # built for one device: rebuilt after a move (what it held given back first)
         stored = {n: b for n, b in self._buffers.items() if b is not None and n != "bias"}
-        self.drop_derived()  # built for one device: rebuilt after a move
         super()._apply(fn, recurse)
         for name, before in stored.items():
             after = self._buffers[name]
@@ -100,7 +100,15 @@ class PackedModule(nn.Module):
         swaps the buffers otherwise (a streamed layer going back to disk) calls this."""
 
     @property
+    def stored_names(self) -> list[str]:
+        """The names of the stored tensors (buffers), whether held now or not."""
+        return [name for name in self._buffers if name != "bias"]
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (this module's buffers)."""
+        return {name: buf for name, buf in self._buffers.items() if name != "bias" and buf is not None}
+
+    @property
     def quantized_weight(self) -> QuantizedWeight:
-        """The packed weight, as views of this module's buffers."""
-        tensors = {name: buf for name, buf in self.named_buffers(recurse=False) if name != "bias" and buf is not None}
-        return self._weight_cls.from_state_dict(tensors, self.weight_config)
+        """The packed weight, over this module's stored tensors."""
+        return self._weight_cls.from_state_dict(self.stored_tensors(), self.weight_config)

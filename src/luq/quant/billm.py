@@ -196,6 +196,15 @@ class BiLLMWeight(QuantizedWeight):
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.binary_parts(start, stop).values(dtype)
 
+    @staticmethod
+    def stored_from_parts(parts: BinaryParts) -> dict[str, torch.Tensor]:
+        """Inverse of `binary_parts` over all rows: the stored tensors of every weight and of every
+        (row, block) (the column mask, a bit per column, is left to its owner)."""
+        salient = parts.salient
+        return {"signs": pack_bool(parts.sign1), "residual_signs": pack_bool(parts.sign2[:, salient]),
+                "sparse_bitmap": pack_bool(parts.sparse[:, ~salient]), "scales": parts.scales.half(),
+                "means": parts.means.half()}
+
 
 def order_statistics(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """x.sort().values[ranks] for a 1-D x (on the CPU by numpy's vectorised sort: 10x faster

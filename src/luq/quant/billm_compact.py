@@ -203,6 +203,25 @@ class CompactBiLLMWeight(QuantizedWeight):
         mcodes = unpack_bits(self.mean_codes[start:stop], self.mean_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
         return a, decode_means(a, mcodes, self.mean_bits)
 
+    def parameter_codes(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """The scales and means of rows [start, stop) as codes and what decodes them: (row_ref float32
+        [rows], codes int64 [rows, n_blocks, 8] (the 4 scale codes, then the 4 mean codes), scale_table,
+        mean_table float32 [max code + 1]), with a = row_ref * scale_table[code] and m = a *
+        mean_table[code]: the computation of `parameters_rows`, a table entry per code."""
+        codes = unpack_scale_codes(self.scale_codes[start:stop], self.scale2_delta, start, stop, self.n_blocks,
+                                   self.scale_bits, self.delta_bits)
+        ref = self.row_ref[start:stop] if self.ref_top is None else decode_row_refs(self.row_ref[start:stop], self.ref_top)
+        top = int(codes.max()) + 1 if codes.numel() else 1
+        scale_table = decode_scales(torch.ones(1, device=codes.device), torch.arange(top, device=codes.device)[None],
+                                    self.scale_bits, self.scale_octaves)[0]
+        if self.mean_codes is None:
+            mcodes, mean_table = torch.zeros_like(codes), torch.zeros(1, device=codes.device)
+        else:
+            mcodes = unpack_bits(self.mean_codes[start:stop], self.mean_bits, self.n_blocks * N_GROUPS).reshape(codes.shape)
+            mean_table = decode_means(torch.ones(2 ** self.mean_bits, device=codes.device),
+                                      torch.arange(2 ** self.mean_bits, device=codes.device), self.mean_bits)
+        return ref.float(), torch.cat([codes, mcodes], -1), scale_table, mean_table
+
     def _sparse_code_bits(self, runs_bk: list[list[int]]) -> int:
         """Bits per row of all blocks' sparse codes."""
         return sum(_sparse_bits(min(self.block_size, self.shape[1] - b * self.block_size), 1 << log2g, k)
@@ -248,6 +267,12 @@ class CompactBiLLMWeight(QuantizedWeight):
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.binary_parts(start, stop).values(dtype)
+
+    @staticmethod
+    def stored_from_parts(parts: BinaryParts) -> dict[str, torch.Tensor]:
+        """The stored tensors `binary_parts` (all rows) gives back exactly: the signs (the sparse codes
+        and the scale codes are not rebuilt from their decoded values)."""
+        return {"signs": pack_bool(parts.sign1), "residual_signs": pack_bool(parts.sign2[:, parts.salient])}
 
     def column_order(self) -> torch.Tensor:
         """int64 [in]: the input column of each stored column (act-order)."""

@@ -74,7 +74,7 @@ from torch import nn
 
 from luq.quant import native
 from luq.quant.base import ROW_TILE, QuantizedWeight
-from luq.quant.packing import pack_bool, unpack_bits
+from luq.quant.packing import pack_bits, pack_bool, unpack_bits, unpack_bool
 
 INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
@@ -203,7 +203,8 @@ class Int4Terms:
 
     codes: integers [rows, K_t], each group's codes spanning at most 16 values; index: long
     [K_t], the input column read by each kernel column (in_features = a zero column), None
-    for the identity; col_scale: float [in] or None."""
+    for the identity; col_scale: float [in] or None. stored: where the codes determine stored
+    tensors, the map from codes (int32 [rows, K_t]) to them (holding nothing large of its own)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -211,6 +212,7 @@ class Int4Terms:
     index: torch.Tensor | None
     group: int
     col_scale: torch.Tensor | None = None
+    stored: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     def dense(self, cols: int) -> torch.Tensor:
         """W_hat [rows, cols] as these terms compute it (float32; for tests)."""
@@ -243,6 +245,7 @@ class Int4Kernel(nn.Module):
         k = torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi)
         q = (g + 8 + k[..., None]).reshape(rows, kt)
         zero = terms.zero - k * terms.scale
+        self._stored, self.shift = terms.stored, (None if terms.stored is None else k.to(torch.int8))
         self.packed = ops.pack(q.contiguous())
         self.scales_zeros = torch.stack([terms.scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.group, self.index, self.col_scale = terms.group, terms.index, terms.col_scale
@@ -266,7 +269,16 @@ class Int4Kernel(nn.Module):
     def nbytes(self) -> int:
         """Bytes this kernel holds beyond the stored weight (packed codes, scales, gathers)."""
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.index, self.col_scale,
-                                                          self.starts, self.by_column) if t is not None)
+                                                          self.starts, self.by_column, self.shift) if t is not None)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors the packed codes give back exactly (the terms' `stored` map), where the
+        packing is one `expand_codes` reads."""
+        if self._stored is None or not self.dense_ok:
+            return {}
+        q = self.expand_codes(0, self.rows).t().to(torch.int32)
+        g = q.view(self.rows, -1, self.group) - 8 - self.shift[..., None].to(torch.int32)
+        return self._stored(g.view(self.rows, self.kt))
 
     def _layout_known(self) -> bool:
         """Whether the packed weight has the shape of the layout `expand_codes` reads (its values are checked after)."""
@@ -406,40 +418,90 @@ def salient_first(salient: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 class BinaryKernel(nn.Module):
-    """A binarized weight (anything with `binary_parts`) as three bit planes, 1 bit per weight each,
+    """A binarized weight (anything with `binary_parts`) as two bit planes, 1 bit per weight each,
     little-endian within bytes, block by block (`_by_block`), the columns of each stored block in
-    `salient_first` order: the first sign (`s1`), the second sign on salient columns (`s2`, else 0)
-    and the sparse mask on the other columns (`sp`, else 0); the salient mask as bits (`sal`); the
-    per-row-per-block scales and means (`params` [rows, n_blocks, 8]: float16 where that holds them
-    exactly, as BiLLM stores them, else float32); the input column of each kernel column (`order`:
-    that order, and act-order where stored) and the column scales. Few tokens: subset-sum lookups in
-    float32 (native.binary_gemv); from `dense_from` tokens: a transient bfloat16 tile of W and one
-    bfloat16 GEMM (native.binary_expand). Needs the compiled helper (`supports`)."""
+    `salient_first` order: the first sign (`s1`) and one second plane (`s2`: the second sign on salient
+    columns, the sparse mask on the others: the two bits per weight BiLLM stores); the salient mask as
+    bits (`sal`); the per-row-per-block scales and means (`params` [rows, n_blocks, 8]: float16 where
+    that holds them exactly, as BiLLM stores them, else float32); the input column of each kernel
+    column (`order`: that order, and act-order where stored) and the column scales. Few tokens:
+    subset-sum lookups in float32 (native.binary_gemv); from `dense_from` tokens: a transient bfloat16
+    tile of W and one bfloat16 GEMM (native.binary_expand). Needs the compiled helper (`supports`).
+
+    `stored_tensors()` gives back the stored tensors these planes determine exactly (the weight's
+    `stored_from_parts`), so that a QuantLinear need not keep its own copy of them."""
 
     name = "binary"
 
     def __init__(self, qweight, row_chunk: int = ROW_TILE):
         super().__init__()
         rows, cols = qweight.shape
-        planes, params, perm = [], [], None
+        s1_chunks, s2_chunks, params, perm = [], [], [], None
         for r0 in range(0, rows, row_chunk):   # a chunk of rows unpacked at a time
             p = qweight.binary_parts(r0, min(r0 + row_chunk, rows))
             if perm is None:
                 perm = salient_first(p.salient.cpu(), p.block_size)
                 sal = p.salient.cpu()[perm]
             s1, s2, sp = (m.cpu()[:, perm] for m in (p.sign1, p.sign2, p.sparse))
-            planes.append([self._by_block(m, p.block_size) for m in (s1, s2 & sal, sp & ~sal)])
+            s1_chunks.append(self._by_block(s1, p.block_size))
+            s2_chunks.append(self._by_block(torch.where(sal, s2, sp), p.block_size))
             params.append(torch.cat([p.scales, p.means], -1).float().cpu())
-        self.s1, self.s2, self.sp = (torch.cat(plane, 1).contiguous() for plane in zip(*planes))
+        self.s1, self.s2 = torch.cat(s1_chunks, 1).contiguous(), torch.cat(s2_chunks, 1).contiguous()
         self.sal = pack_bool(sal)
-        params = torch.cat(params)
-        # float16: exact for BiLLM's stored float16, and (F16C) as fast: 209 vs 211 us per 576x1536 token
-        half = params.half()
-        self.params = (half if torch.equal(half.float(), params) else params).contiguous()
-        self.order = perm if p.column_order is None else p.column_order.cpu()[perm]   # kernel column -> input
+        self.params, self.row_ref, self.scale_table, self.mean_table = self._param_values(qweight, torch.cat(params))
+        self.perm = perm.to(torch.int32)   # kernel column -> stored column (to give the stored bits back)
+        self.order = self.perm if p.column_order is None else p.column_order.cpu()[perm].to(torch.int32)  # -> input
         self.col_scale = None if p.col_scale is None else p.col_scale.float().cpu()[perm]
-        self.rows, self.in_features = rows, cols
+        self.rows, self.in_features, self.block_size = rows, cols, p.block_size
         self.dense_from = BINARY_DENSE_FROM_TOKENS
+        self._stored_from_parts = getattr(type(qweight), "stored_from_parts", None)
+
+    @staticmethod
+    def _param_values(qweight, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(values, row_ref, scale_table, mean_table) for the C kernel: uint8 codes [rows, n_blocks, 8] with
+        their row references and tables where the weight has them (`parameter_codes`, compact BiLLM: 1 byte
+        a parameter instead of 4) and they decode to exactly `params`; else float16 where that is exact
+        (BiLLM stores float16; with F16C as fast as float32: 209 vs 211 us per 576x1536 token), else float32."""
+        codes = getattr(qweight, "parameter_codes", None)
+        if codes is not None:
+            ref, c, scale_table, mean_table = (t.cpu() for t in codes(0, qweight.shape[0]))
+            if int(c.max()) < 256 and len(scale_table) <= 256 and len(mean_table) <= 256:
+                scales = ref[:, None, None] * scale_table[c[..., :4]]
+                decoded = torch.cat([scales, scales * mean_table[c[..., 4:]]], -1)
+                if torch.equal(decoded, params):
+                    pad = lambda t: nn.functional.pad(t.float(), (0, 256 - len(t))).contiguous()   # noqa: E731
+                    return c.to(torch.uint8).contiguous(), ref.contiguous(), pad(scale_table), pad(mean_table)
+        half = params.half()
+        return (half if torch.equal(half.float(), params) else params).contiguous(), None, None, None
+
+    @property
+    def param_args(self) -> tuple:
+        return self.params, self.row_ref, self.scale_table, self.mean_table
+
+    def parts(self) -> "BinaryParts":
+        """The weight's bits, scales and means as `binary_parts(0, rows)` gives them (stored column
+        order; column scales and order left out): the inverse of the plane layout."""
+        from luq.quant.billm import BinaryParts
+
+        def unblock(plane: torch.Tensor) -> torch.Tensor:   # [n_blocks, rows, bytes] -> bool [rows, in], stored order
+            bits = unpack_bool(plane.transpose(0, 1).reshape(self.rows, -1), self.in_features)  # padding cut
+            return torch.empty_like(bits).index_copy_(1, self.perm.long(), bits)
+
+        salient = torch.empty(self.in_features, dtype=torch.bool)
+        salient[self.perm.long()] = unpack_bool(self.sal, self.in_features)
+        s1, second = unblock(self.s1), unblock(self.s2)
+        if self.row_ref is None:
+            params = self.params.float()
+        else:
+            c = self.params.long()
+            scales = self.row_ref[:, None, None] * self.scale_table[c[..., :4]]
+            params = torch.cat([scales, scales * self.mean_table[c[..., 4:]]], -1)
+        return BinaryParts(s1, second & salient, second & ~salient, salient, params[..., :4], params[..., 4:],
+                           None, self.block_size)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors these planes give back exactly (by the weight class's `stored_from_parts`)."""
+        return {} if self._stored_from_parts is None else self._stored_from_parts(self.parts())
 
     @staticmethod
     def _by_block(mask: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -457,13 +519,14 @@ class BinaryKernel(nn.Module):
 
     @property
     def planes(self) -> tuple[torch.Tensor, ...]:
-        return self.s1, self.s2, self.sp, self.sal
+        return self.s1, self.s2, self.sal
 
     @property
     def nbytes(self) -> int:
-        """Bytes this kernel holds (planes, mask, scales and means, gather, column scales)."""
-        return sum(t.numel() * t.element_size() for t in (*self.planes, self.params, self.order, self.col_scale)
-                   if t is not None)
+        """Bytes this kernel holds (planes, mask, scales and means, gathers, column scales)."""
+        held = {id(t): t for t in (*self.planes, *self.param_args, self.perm, self.order, self.col_scale)
+                if t is not None}
+        return sum(t.numel() * t.element_size() for t in held.values())
 
     @property
     def tile_rows(self) -> int:
@@ -481,11 +544,11 @@ class BinaryKernel(nn.Module):
 
     def lookup(self, x2: torch.Tensor) -> torch.Tensor:
         """Few tokens: float32 [tokens, rows] (x2 `prepare`d)."""
-        return native.binary_gemv(self.planes, self.params, x2, torch.get_num_threads())
+        return native.binary_gemv(self.planes, self.param_args, x2, torch.get_num_threads())
 
     def weight(self, r0: int, r1: int) -> torch.Tensor:
         """The transient tile of the prompt path: bfloat16 W [r1 - r0, in] in kernel column order."""
-        return native.binary_expand(self.planes, self.params, r0, r1)
+        return native.binary_expand(self.planes, self.param_args, r0, r1)
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
         """Prompts: bfloat16 [tokens, rows], tile by tile of rows (x2 `prepare`d)."""
@@ -541,11 +604,33 @@ def gptq_terms(q) -> Int4Terms | None:
         gc = cd.reshape(rows, -1, group) - zd[..., None]
         parts_c.append(gc.reshape(rows, cols))
         parts_s.append(scale * float(16 ** d))
+    stored = _gptq_stored(q, index, kgroup, group, digits)
     if digits == 2:
         index = torch.arange(cols, device=codes.device) if index is None else index
         index = torch.cat([index, index])
     return Int4Terms(torch.cat(parts_c, 1), torch.cat(parts_s, 1), torch.zeros_like(torch.cat(parts_s, 1)),
-                     index, group)
+                     index, group, stored=stored)
+
+
+def _gptq_stored(q, index: torch.Tensor | None, kgroup: torch.Tensor, group: int,
+                 digits: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """The inverse of `gptq_terms`: its codes (codes minus zeros, digit by digit, kernel column
+    order) -> GPTQ's `qweight`. Holds the weight's own packed `qzeros`, not the weight."""
+    rows, cols = q.shape
+    qzeros, bits, n_groups = q.qzeros, q.bits, q.n_groups
+
+    def stored(codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        zero = (torch.full((rows, len(kgroup)), 2 ** bits // 2, dtype=torch.int32, device=codes.device)
+                if qzeros is None else unpack_bits(qzeros, bits, n_groups).to(torch.int32)[:, kgroup])
+        c = torch.zeros(rows, cols, dtype=torch.int32, device=codes.device)
+        for i, d in enumerate(reversed(range(digits))):   # high digit first, as gptq_terms
+            zd = (zero >> (4 * d)) & 15 if digits > 1 else zero
+            c += ((codes[:, i * cols:(i + 1) * cols].view(rows, -1, group) + zd[..., None]) << (4 * d)).view(rows, cols)
+        if index is not None:
+            c = torch.empty_like(c).index_copy_(1, index, c)
+        return {"qweight": pack_bits(c, bits)}
+
+    return stored
 
 
 def binary_terms(qweight, group: int = TERM_GROUP) -> Int4Terms:

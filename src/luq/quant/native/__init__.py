@@ -66,8 +66,8 @@ GEMV_BYTES_PER_THREAD = 2 ** 19
 SIGNATURES = {
     "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
     "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
-                    "luq_binary_gemv": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I, _I, _I, _P, _I],
-                    "luq_binary_expand": [_P, _P, _P, _P, _I, _I, _P, _I, _I, _I, _I, _I, _P, _I]},
+                    "luq_binary_gemv": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I],
+                    "luq_binary_expand": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I]},
     "binsearch": {"luq_split_errors": [_P, _I, _P, _I, _I, _I, _I, _P],
                   "luq_leading_split_errors": [_P, _P, _I, _P, _I, _I, _I, _P]},
 }
@@ -140,19 +140,24 @@ def _run_parts(run, parts: int, what: str) -> None:
         raise MemoryError(f"luq.quant.native.{what}: no memory for its buffers")
 
 
-def _plane_args(planes, params: torch.Tensor) -> tuple:
-    s1, s2, sp, sal = planes
-    return (s1.data_ptr(), s2.data_ptr(), sp.data_ptr(), sal.data_ptr(), sal.numel(), s1.shape[1], params.data_ptr(),
-            int(params.dtype == torch.float16), s1.shape[2], params.shape[1])
+def _plane_args(planes, params) -> tuple:
+    """planes (s1, s2, sal); params (values [rows, n_blocks, 8], row_ref, scale_table, mean_table), the last
+    three None unless the values are uint8 codes."""
+    s1, s2, sal = planes
+    values, row_ref, scale_table, mean_table = params
+    kind = 2 if values.dtype == torch.uint8 else int(values.dtype == torch.float16)
+    return (s1.data_ptr(), s2.data_ptr(), sal.data_ptr(), sal.numel(), s1.shape[1], values.data_ptr(), kind,
+            *(0 if t is None else t.data_ptr() for t in (row_ref, scale_table, mean_table)), s1.shape[2],
+            values.shape[1])
 
 
-def binary_gemv(planes, params: torch.Tensor, x: torch.Tensor, threads: int) -> torch.Tensor:
+def binary_gemv(planes, params: tuple, x: torch.Tensor, threads: int) -> torch.Tensor:
     """x (float32 [T, 8 * nbytes], stored column order, column-scaled) times W^T -> float32 [T, rows], W
-    binarized as three bit planes and a salient mask (`planes` = (s1, s2, sp) uint8 [n_blocks, rows,
-    block_bytes], sal uint8 [nbytes]: binary_gemm.c) with `params` [rows, n_blocks, 8] (float32 or float16)."""
+    binarized as two bit planes and a salient mask (`planes` = (s1, s2) uint8 [n_blocks, rows,
+    block_bytes], sal uint8 [nbytes]: binary_gemm.c) with `params` (`_plane_args`)."""
     lib = _library("binary_gemm")
     x = x.contiguous()
-    T, rows, nbytes = x.shape[0], planes[0].shape[1], planes[3].numel()
+    T, rows, nbytes = x.shape[0], planes[0].shape[1], planes[2].numel()
     tables = torch.empty(T, nbytes, 256)
     lib["luq_binary_tables"](x.data_ptr(), T, nbytes, tables.data_ptr())
     out = torch.empty(T, rows)
@@ -164,10 +169,10 @@ def binary_gemv(planes, params: torch.Tensor, x: torch.Tensor, threads: int) -> 
     return out
 
 
-def binary_expand(planes, params: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+def binary_expand(planes, params: tuple, r0: int, r1: int) -> torch.Tensor:
     """bfloat16 W [r1 - r0, 8 * nbytes] of weight rows [r0, r1) from the planes of `binary_gemv`."""
     lib = _library("binary_gemm")
-    out = torch.empty(r1 - r0, 8 * planes[3].numel(), dtype=torch.bfloat16)
+    out = torch.empty(r1 - r0, 8 * planes[2].numel(), dtype=torch.bfloat16)
     args = _plane_args(planes, params)
     threads = max(1, min(torch.get_num_threads(), (r1 - r0) // 8))
     bounds = [r0 + (r1 - r0) * i // threads for i in range(threads + 1)]

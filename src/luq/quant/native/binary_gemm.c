@@ -1,14 +1,16 @@
-/* Binarized weights (BiLLM, compact BiLLM) multiplied straight from three bit planes: the
+/* Binarized weights (BiLLM, compact BiLLM) multiplied straight from two bit planes: the
    BinaryKernel of luq.quant.kernels. Hand-written because no torch op reads 1-bit planes; the
    decode path turns each 8-column byte into a few lookups of precomputed subset sums.
 
    Planes: uint8 [n_blocks][n_rows][block_bytes], block by block (a block's bytes of all rows are one
    stream: the decode path walks them so; the last block zero-padded), bit i of byte p (p < nbytes =
    in / 8, at [p / block_bytes][row][p % block_bytes]) is column 8p + i:
-     s1  first sign; s2  second sign (salient columns, else 0); sp  sparse (plain columns, else 0).
+     s1  first sign; s2  second sign on salient columns, sparse (1) or concentrated (0) on the others:
+         one plane, read through the salient mask (the bits BiLLM stores, 2 per weight).
    sal: uint8 [nbytes], the salient columns as bits.
-   params: [rows][n_blocks][8] float32 (half = 0) or float16 bits (half = 1): the scales of slots
-     SALIENT_1, SALIENT_2, CONCENTRATED, SPARSE, then their means. A value is a * s + m, s = +-1. */
+   params: [rows][n_blocks][8], the scales of slots SALIENT_1, SALIENT_2, CONCENTRATED, SPARSE, then their
+     means, as float32 (kind 0), float16 bits (kind 1) or uint8 codes (kind 2: compact BiLLM's log-grid
+     scales, a = row_ref[row] * scale_table[code], m = a * mean_table[code]). A value is a * s + m, s = +-1. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,10 +36,24 @@ static inline float half_to_f32(uint16_t h) {  /* IEEE half to float: normals, s
     return bits_to_f32(u);
 }
 
+/* the per-(row, block) parameters: their values or codes, and what decodes codes */
+typedef struct {
+    const void *values;
+    int64_t kind;
+    const float *row_ref, *scale_table, *mean_table;
+} params_t;
+
 /* the 8 parameters of (row, block) as float */
-static inline void load_params(const void *params, int64_t half, int64_t index, float p[8]) {
-    if (half) {
-        const uint16_t *h = (const uint16_t *)params + index * 8;
+static inline void load_params(const params_t *P, int64_t row, int64_t index, float p[8]) {
+    if (P->kind == 2) {
+        const uint8_t *c = (const uint8_t *)P->values + index * 8;
+        const float ref = P->row_ref[row];
+        for (int i = 0; i < 4; i++) {
+            p[i] = ref * P->scale_table[c[i]];
+            p[4 + i] = p[i] * P->mean_table[c[4 + i]];
+        }
+    } else if (P->kind == 1) {
+        const uint16_t *h = (const uint16_t *)P->values + index * 8;
 #ifdef __F16C__  /* one instruction for the 8 (the scalar conversion costs ~30% of a decode) */
         _mm256_storeu_ps(p, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
 #else
@@ -45,7 +61,7 @@ static inline void load_params(const void *params, int64_t half, int64_t index, 
             p[i] = half_to_f32(h[i]);
 #endif
     } else
-        memcpy(p, (const float *)params + index * 8, sizeof(float) * 8);
+        memcpy(p, (const float *)P->values + index * 8, sizeof(float) * 8);
 }
 
 /* tables[t][p][v] = sum of x[t][8p + i] over the bits i set in v (T tokens of `cols` = 8 * nbytes values) */
@@ -68,10 +84,11 @@ int luq_binary_tables(const float *x, int64_t T, int64_t nbytes, float *tables) 
      salient:      a1 (2 S1s - Xs) + a2 (2 S2 - Xs) + (m1 + m2) Xs
      sparse:       asp (2 S1q - Q) + msp Q
      concentrated: ac (2 (S1 - S1q) - (X - Xs - Q)) + mc (X - Xs - Q) */
-int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes,
-                    int64_t n_rows,
-                    const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, const float *tables,
-                    int64_t T, int64_t r0, int64_t r1, float *out, int64_t ld) {
+int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sal, int64_t nbytes,
+                    int64_t n_rows, const void *params, int64_t kind, const float *row_ref,
+                    const float *scale_table, const float *mean_table, int64_t block_bytes, int64_t n_blocks,
+                    const float *tables, int64_t T, int64_t r0, int64_t r1, float *out, int64_t ld) {
+    const params_t P = {params, kind, row_ref, scale_table, mean_table};
     float *totals = malloc(sizeof(float) * 2 * (size_t)(T * n_blocks));   /* [t][b]: X, Xs */
     int64_t *ranges = malloc(sizeof(int64_t) * 2 * (size_t)n_blocks);      /* [b]: qa, qb */
     if (!totals || !ranges) {
@@ -109,9 +126,9 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
         for (int64_t r = r0; r < r1; r++) {
             /* indexed by the column byte q: this row's bytes of block b sit at (b n_rows + r) block_bytes */
             const int64_t at = (b * n_rows + r) * block_bytes - q0;
-            const uint8_t *u1 = s1 + at, *u2 = s2 + at, *uq = sp + at;
+            const uint8_t *u1 = s1 + at, *u2 = s2 + at;
             float p[8];
-            load_params(params, half, r * n_blocks + b, p);
+            load_params(&P, r, r * n_blocks + b, p);
             for (int64_t t = 0; t < T; t++) {
                 const float *tab = tables + t * nbytes * 256;
                 /* two interleaved sets of sums: the float additions' latency, not the loads, bounds one set */
@@ -119,7 +136,8 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
                 const int64_t qa = ranges[2 * b], qb = ranges[2 * b + 1];
                 int64_t q = qa;
                 for (; q + 1 < q1; q += 2) {
-                    const unsigned a = u1[q] & ~sal[q], c = uq[q], a2 = u1[q + 1] & ~sal[q + 1], c2 = uq[q + 1];
+                    const unsigned a = u1[q] & ~sal[q], c = u2[q] & ~sal[q];
+                    const unsigned a2 = u1[q + 1] & ~sal[q + 1], c2 = u2[q + 1] & ~sal[q + 1];
                     const float *tq = tab + q * 256;
                     S1 += tq[a];
                     Q += tq[c];
@@ -129,7 +147,7 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
                     S1qb += tq[256 + (a2 & c2)];
                 }
                 if (q < q1) {
-                    const unsigned a = u1[q] & ~sal[q], c = uq[q];
+                    const unsigned a = u1[q] & ~sal[q], c = u2[q] & ~sal[q];
                     S1 += tab[q * 256 + a];
                     Q += tab[q * 256 + c];
                     S1q += tab[q * 256 + (a & c)];
@@ -137,7 +155,7 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
                 S1 += S1b, Q += Qb, S1q += S1qb;
                 for (q = q0; q < qb; q++) {
                     S1s += tab[q * 256 + (u1[q] & sal[q])];
-                    S2 += tab[q * 256 + u2[q]];
+                    S2 += tab[q * 256 + (u2[q] & sal[q])];
                 }
                 const float X = totals[2 * (t * n_blocks + b)], Xs = totals[2 * (t * n_blocks + b) + 1];
                 const float Pc = X - Xs - Q, S1c = S1 - S1q;
@@ -153,19 +171,20 @@ int luq_binary_gemv(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, con
 /* The dense prompt path's tile: out[(r - r0) * ld + c] = bfloat16(w[r][c]) for rows r0 <= r < r1, all
    columns (W, not W^T: each row is written contiguously). Per (row, block), the 8 possible values,
    computed as block_values adds them, are indexed by (salient, sign1, sign2 or sparse). */
-static void row_values(const void *params, int64_t half, int64_t index, uint16_t v[8]) {
+static void row_values(const params_t *P, int64_t row, int64_t index, uint16_t v[8]) {
     float a[8];
-    load_params(params, half, index, a);
+    load_params(P, row, index, a);
     v[0] = f32_to_bf16(-a[2] + a[6]), v[1] = f32_to_bf16(-a[3] + a[7]);
     v[2] = f32_to_bf16(a[2] + a[6]), v[3] = f32_to_bf16(a[3] + a[7]);
     v[4] = f32_to_bf16((-a[0] + a[4]) + (-a[1] + a[5])), v[5] = f32_to_bf16((-a[0] + a[4]) + (a[1] + a[5]));
     v[6] = f32_to_bf16((a[0] + a[4]) + (-a[1] + a[5])), v[7] = f32_to_bf16((a[0] + a[4]) + (a[1] + a[5]));
 }
 
-int luq_binary_expand(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, const uint8_t *sal, int64_t nbytes,
-                      int64_t n_rows,
-                      const void *params, int64_t half, int64_t block_bytes, int64_t n_blocks, int64_t r0, int64_t r1,
-                      uint16_t *out, int64_t ld) {
+int luq_binary_expand(const uint8_t *s1, const uint8_t *s2, const uint8_t *sal, int64_t nbytes,
+                      int64_t n_rows, const void *params, int64_t kind, const float *row_ref,
+                      const float *scale_table, const float *mean_table, int64_t block_bytes, int64_t n_blocks,
+                      int64_t r0, int64_t r1, uint16_t *out, int64_t ld) {
+    const params_t P = {params, kind, row_ref, scale_table, mean_table};
 #ifdef __AVX2__
     /* lane i of a 16-bit vector tests bit i; a lane's two byte indices into the 8 values are 2k, 2k + 1 */
     const __m128i bit = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128), odd = _mm_set1_epi16(0x0100);
@@ -174,16 +193,16 @@ int luq_binary_expand(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, c
         uint16_t *o = out + (r - r0) * ld;
         for (int64_t b = 0; b < n_blocks; b++) {
             const int64_t at = (b * n_rows + r) * block_bytes - b * block_bytes;   /* indexed by column byte */
-            const uint8_t *u1 = s1 + at, *u2 = s2 + at, *uq = sp + at;
+            const uint8_t *u1 = s1 + at, *u2 = s2 + at;
             uint16_t v[8];
-            row_values(params, half, r * n_blocks + b, v);
+            row_values(&P, r, r * n_blocks + b, v);
             const int64_t q1 = (b + 1) * block_bytes < nbytes ? (b + 1) * block_bytes : nbytes;
 #ifdef __AVX2__
             const __m128i table = _mm_loadu_si128((const __m128i *)v);
             for (int64_t q = b * block_bytes; q < q1; q++) {
                 const __m128i ms = _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(sal[q]), bit), bit);
                 const __m128i ma = _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(u1[q]), bit), bit);
-                const __m128i mc = _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(u2[q] | uq[q]), bit), bit);
+                const __m128i mc = _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(u2[q]), bit), bit);
                 __m128i k = _mm_or_si128(_mm_and_si128(ms, _mm_set1_epi16(0x0808)),
                                          _mm_or_si128(_mm_and_si128(ma, _mm_set1_epi16(0x0404)),
                                                       _mm_and_si128(mc, _mm_set1_epi16(0x0202))));
@@ -191,7 +210,7 @@ int luq_binary_expand(const uint8_t *s1, const uint8_t *s2, const uint8_t *sp, c
             }
 #else
             for (int64_t q = b * block_bytes; q < q1; q++) {
-                const unsigned s = sal[q], a = u1[q], c = u2[q] | uq[q];
+                const unsigned s = sal[q], a = u1[q], c = u2[q];
                 for (int i = 0; i < 8; i++)
                     o[8 * q + i] = v[(((s >> i) & 1u) << 2) | (((a >> i) & 1u) << 1) | ((c >> i) & 1u)];
             }
