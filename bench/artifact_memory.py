@@ -1,6 +1,8 @@
 """Memory of a loaded luq artifact: resident size after load and one forward (RSS minus
-the baseline of a process that has imported everything and loaded the tokenizer) and on-disk size, each against the report's
-`total_bytes`; the full-precision model loaded the same way for comparison.
+the baseline of a process that has imported everything and loaded the tokenizer; it also counts
+what the forward leaves behind: allocator caches, library workspaces) and the bytes of the tensors
+the model then holds (parameters, buffers and the QuantLinear kernels), and on-disk size, each against
+the report's `total_bytes`; the full-precision model loaded the same way for comparison.
 
     python -m bench.artifact_memory out/demo [--base smollm2]
 
@@ -42,13 +44,19 @@ else:
     model = load_model(arg, "cpu", dtype)[0]
 with torch.no_grad():  # touch every weight: memory-mapped pages count once they are read
     model(input_ids=torch.tensor([[1, 2, 3, 4]]))
-print(json.dumps({"rss_delta": rss() - base}))
+delta = rss() - base
+storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in list(model.parameters()) + list(model.buffers())}   # tied tensors once
+kernels = sum(m.kernel.nbytes for m in model.modules() if isinstance(m, luq.quant.QuantLinear))
+print(json.dumps({"rss_delta": delta, "tensors": sum(storages.values()) + kernels}))
 """
 
 
-def probe(what: str, arg: str, dtype: str) -> int:
+def probe(what: str, arg: str, dtype: str) -> tuple[int, int]:
+    """(RSS over the baseline, bytes of the tensors the model holds: parameters, buffers, kernels)."""
     out = subprocess.run([sys.executable, "-c", PROBE, what, arg, dtype], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["rss_delta"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["rss_delta"], result["tensors"]
 
 
 def main(argv=None) -> None:
@@ -59,16 +67,17 @@ def main(argv=None) -> None:
     report = json.loads((args.artifact / "luq_report.json").read_text())
     total = report["total_bytes"]
     disk = sum(f.stat().st_size for f in args.artifact.glob("*.safetensors"))
-    rows = [("artifact on disk (safetensors files)", disk),
+    rows = [("artifact on disk (safetensors files)", (disk, None)),
             ("artifact loaded, float16 unquantized tensors", probe("artifact", str(args.artifact), "float16")),
             ("artifact loaded, float32 unquantized tensors", probe("artifact", str(args.artifact), "float32"))]
     base = args.base or report["model"]
     rows += [(f"{base} unquantized, float16", probe("model", base, "float16")),
              (f"{base} unquantized, float32", probe("model", base, "float32"))]
     print(f"report total_bytes = {total:,} ({report['k']} layers at low bit, {report['avg_bits']:.3f} true bits)\n")
-    print("| what | bytes | / total_bytes |\n|---|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value:,} | {value / total:.3f} |")
+    print("| what | bytes (RSS over baseline) | / total_bytes | tensors held | / total_bytes |\n|---|---:|---:|---:|---:|")
+    for name, (value, held) in rows:
+        tail = "| |" if held is None else f"| {held:,} | {held / total:.3f} |"
+        print(f"| {name} | {value:,} | {value / total:.3f} {tail}")
 
 
 if __name__ == "__main__":

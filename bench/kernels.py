@@ -13,11 +13,14 @@ machine may be shared), the best of 5 rounds. The crossover printed per row is t
 count from which the dense path is faster at every larger count measured; `DENSE_FROM_TOKENS` in
 luq/quant/kernels.py is set from this table.
 
-Then `BinaryKernel` (BiLLM as bit planes; 576x576, 1536x576, 576x1536, 4096x4096), its few-token
+Then `BinaryKernel` (BiLLM as bit planes; 576x576, 1536x576, 576x1536, 4096x4096; compact BiLLM
+billm-k5g64r on 1536x576 and 4096x4096), its few-token
 path (subset-sum lookups) and its prompt path (bfloat16 tile + GEMM) against the int4 terms kernel
 (`Int4Kernel`, as LUQ_KERNEL=int4 serves it) and float32 `F.linear`, by token count: wall-clock
 median of 7 rounds, the four alternating inside every round; the crossover (lookups -> tile) sets
-`BINARY_DENSE_FROM_TOKENS`; and the bytes per weight each kernel holds. `--only binary` runs this part.
+`BINARY_DENSE_FROM_TOKENS`; and the bits per weight stored, held by a QuantLinear after its first
+forward (its kernel and what it kept of the stored tensors: `QuantLinear.resident_nbytes`) and held by
+each kernel. `--only binary` runs this part.
 
 `--only threads`: one token through torch's int4 CPU op at --threads threads and at one, per GPTQ-4
 shape (wall clock: waking the other OpenMP threads is the cost); sets `INT4_ONE_THREAD_BELOW`.
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from luq.quant import RTN, BiLLM
+from luq.quant import RTN, QuantLinear, get_format
 from luq.quant import kernels as K
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,7 @@ def quantized(fmt: str, rows: int, cols: int):
     if fmt == "gptq4-g128":
         return RTN(bits=4, group_size=128).quantize(W)
     X = torch.randn(4 * cols, cols)
-    return BiLLM().quantize(W, X.t() @ X / X.shape[0])
+    return get_format(fmt).quantize(W, X.t() @ X / X.shape[0])
 
 
 def measure(fmt: str, rows: int, cols: int) -> dict:
@@ -83,7 +86,8 @@ def measure(fmt: str, rows: int, cols: int) -> dict:
 
 
 BINARY_TOKENS = (1, 2, 3, 4, 8, 16, 128)
-BINARY_SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]
+BINARY_SHAPES = {"billm": [(576, 576), (1536, 576), (576, 1536), (4096, 4096)],
+                 "billm-k5g64r": [(1536, 576), (4096, 4096)]}
 
 
 def wall_medians(fns: dict, calls: int, rounds: int = 7) -> dict:
@@ -100,14 +104,17 @@ def wall_medians(fns: dict, calls: int, rounds: int = 7) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def measure_binary(rows: int, cols: int) -> dict:
-    q = quantized("billm", rows, cols)
+def measure_binary(fmt: str, rows: int, cols: int) -> dict:
+    q = quantized(fmt, rows, cols)
     binary = K.BinaryKernel(q)
     int4 = K.Int4Kernel(K.int4_terms(q), cols, K._int4_ops(torch.device("cpu")))
     W = q.dequantize()
-    out = {"format": "billm", "rows": rows, "cols": cols, "params": str(binary.params.dtype),
+    module = QuantLinear(q)
+    module(torch.randn(1, cols))   # built its kernel and handed it what the kernel gives back
+    out = {"format": fmt, "rows": rows, "cols": cols, "params": str(binary.params.dtype),
            "binary_bits_per_weight": 8 * binary.nbytes / W.numel(), "int4_bits_per_weight": 8 * int4.nbytes / W.numel(),
            "stored_bits_per_weight": 8 * q.nbytes / W.numel(),
+           "module_bits_per_weight": 8 * module.resident_nbytes / W.numel(),
            "lookup_ms": [], "tile_ms": [], "int4_ms": [], "fp32_ms": []}
     for n in BINARY_TOKENS:
         x = torch.randn(n, cols)
@@ -125,17 +132,19 @@ def measure_binary(rows: int, cols: int) -> dict:
 
 def binary_table() -> list[dict]:
     rows = []
-    print("| BiLLM shape | bits/weight held: binary, int4 terms (stored) | path | "
+    print("| format | shape | bits/weight: stored, QuantLinear holds; kernels: binary, int4 terms | path | "
           + " | ".join(f"{n} tok" for n in BINARY_TOKENS) + " | crossover |")
-    print("|---|---|---|" + "---:|" * (len(BINARY_TOKENS) + 1))
-    for r, c in BINARY_SHAPES:
-        m = measure_binary(r, c)
-        rows.append(m)
-        bits = f"{m['binary_bits_per_weight']:.2f}, {m['int4_bits_per_weight']:.2f} ({m['stored_bits_per_weight']:.2f})"
-        for path in ("lookup", "tile", "int4", "fp32"):
-            cells = " | ".join(f"{v:.3f}" for v in m[f"{path}_ms"])
-            print(f"| {r}x{c} | {bits} | {path} ms | {cells} | {m['crossover'] if path == 'tile' else ''} |",
-                  flush=True)
+    print("|---|---|---|---|" + "---:|" * (len(BINARY_TOKENS) + 1))
+    for fmt, shapes in BINARY_SHAPES.items():
+        for r, c in shapes:
+            m = measure_binary(fmt, r, c)
+            rows.append(m)
+            bits = (f"{m['stored_bits_per_weight']:.2f}, {m['module_bits_per_weight']:.2f}; "
+                    f"{m['binary_bits_per_weight']:.2f}, {m['int4_bits_per_weight']:.2f}")
+            for path in ("lookup", "tile", "int4", "fp32"):
+                cells = " | ".join(f"{v:.3f}" for v in m[f"{path}_ms"])
+                print(f"| {fmt} | {r}x{c} | {bits} | {path} ms | {cells} | {m['crossover'] if path == 'tile' else ''} |",
+                      flush=True)
     return rows
 
 

@@ -37,29 +37,31 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   SELF_CHECK_TOL, else (or if the op raises: old GPU, missing op) one warning line and the tiled
   kernel. `python bench/cuda_check.py` checks and times it on a GPU.
 - `BinaryKernel` (CPU, binarized weights: the default where the compiled helper builds): BiLLM and
-  compact BiLLM kept as three 1-bit planes (first sign; second sign on salient columns; sparse mask
-  on the others), the salient column mask, the per-row-per-block scales and means (float16 where
-  exact, as BiLLM stores them: with F16C as fast as float32; else float32) and the input gather
-  (each block's salient columns first, then act-order) and column scales: 4.0 bits per weight held
-  for a 4096x4096 BiLLM layer (4.0-4.8 on SmolLM2's shapes, 5.2-6.1 compact: float32 scales), against
-  ~18 for its int4 terms. Few tokens (< `BINARY_DENSE_FROM_TOKENS`): per token, a table of the 256
-  subset sums of the 8 inputs of each byte position; per row and block, five sums by lookups (one
-  per byte of each plane and two on salient bytes) combined with the block's 4 scales and means, in
-  float32 from float32 inputs (matches `dequantize()` to ~3e-7 relative). Prompts: a transient
-  bfloat16 tile of W (DENSE_TILE_BYTES at most) expanded from the planes, one bfloat16 GEMM.
-  Both in C (luq.quant.native, binary_gemm.c). `python -m bench.kernels --only binary` (2 threads,
-  shared machine, hot caches; bench/results/kernels-binary.json), against the int4 terms: 1 token
-  0.7-0.9x their time on SmolLM2's shapes but 1.3x on 4096x4096 (5.3 vs 4.1 ms); 128 tokens 0.7-0.9x
-  (1.2x on 576x576); crossover lookups -> tile at 3-4 tokens (8 on 576x576). On SmolLM2 with 70
-  binarized linears (10 layers, the rest GPTQ-4; 5 alternating runs) decode 1.43x and prefill 1.27x
-  dense float32 (int4 terms: 1.41x, 1.23x), resident 223 vs 284 MB. LUQ_KERNEL=int4 keeps the terms.
+  compact BiLLM kept as two 1-bit planes (first sign; one second plane: the second sign on salient
+  columns, the sparse mask on the others), the salient column mask, the per-row-per-block scales and
+  means (BiLLM's float16; compact BiLLM's 1-byte codes, a row reference and two tables, decoded as
+  `dequantize` decodes them) and the input gather (each block's salient columns first, then
+  act-order) and column scales. It gives back the stored tensors its planes determine
+  (`stored_tensors`), so that its QuantLinear frees them: a 4096x4096 BiLLM layer holds 3.01 bits per
+  weight in all (stored: 3.00), compact BiLLM 3.02 (stored 1.51), against ~18 for int4 terms. Few
+  tokens (< `BINARY_DENSE_FROM_TOKENS`): per token, a table of the 256 subset sums of the 8 inputs of
+  each byte position; per row and block, five sums by lookups (one per byte of each plane and two on
+  salient bytes) combined with the block's 4 scales and means, in float32 from float32 inputs
+  (matches `dequantize()` to ~3e-7 relative). Prompts: a transient bfloat16 tile of W
+  (DENSE_TILE_BYTES at most) expanded from the planes, one bfloat16 GEMM. Both in C
+  (luq.quant.native, binary_gemm.c). `python -m bench.kernels --only binary` (2 threads, wall-clock
+  medians; bench/results/kernels-binary.json), one token against the int4 terms: 0.8-1.0x their time
+  on BiLLM (4096x4096: 1.79 vs 1.91 ms), 1.1-1.3x on compact BiLLM; crossover lookups -> tile at 4
+  tokens (8 on 576x576). LUQ_KERNEL=int4 keeps the terms.
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
   multiply, tile by tile.
 
 `kernel_for(qweight, device)` picks one (LUQ_KERNEL=int4 / tiled / binary forces one); `QuantLinear`
-caches it (not in the state dict). A kernel's `nbytes` is what it holds in memory beside the
-stored weight (reported by benches next to the stored bytes).
+caches it (not in the state dict). A kernel's `nbytes` is what it holds in memory; its
+`stored_tensors()` (Int4Kernel: GPTQ's codes where its packing is one `expand_codes` reads;
+BinaryKernel: what the weight's `stored_from_parts` rebuilds) are the stored tensors it gives back
+exactly, which `QuantLinear` then frees.
 """
 
 from __future__ import annotations
