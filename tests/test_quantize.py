@@ -282,3 +282,25 @@ def test_a_large_artifact_is_sharded_and_loads_the_same(tiny, by_layers, tmp_pat
     ids = tokenizer("Sharded weights load the same.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_menu_names_and_the_hint_below_gptq3(tiny):
+    """`--formats default,compact` names the two menus; a measured budget below a GPTQ-3 decoder's size
+    without the compact formats gets one hint line, and none once they are in the menu or above it."""
+    from luq.api import compact_hint
+    from luq.quant import COMPACT_MENU, DEFAULT_MENU, parse_formats
+    from luq.quant.formats import MENUS
+    assert parse_formats("default,compact") == DEFAULT_MENU + COMPACT_MENU
+    assert parse_formats("gptq3-g128,default") == ("gptq3-g128",) + tuple(f for f in DEFAULT_MENU if f != "gptq3-g128")
+    assert set(MENUS) == {"default", "compact"}
+    with pytest.raises(LuqError, match="twice"):
+        parse_formats("default,default")
+    net, _, adapter = load_model(str(tiny["model"]), "cpu", torch.float32)
+    gptq3 = luq.api.size_bounds(net, adapter, ["gptq3-g128"], torch.float16)[0]
+
+    def hint(budget_bytes, formats=None):
+        config = luq.LUQConfig(calibration=CALIBRATION, budget_gb=budget_bytes / 1e9, formats=formats)
+        return compact_hint(net, adapter, config, torch.float16)
+    assert hint(0.9 * gptq3).startswith("hint:") and "--formats default,compact" in hint(0.9 * gptq3)
+    assert hint(1.1 * gptq3) is None
+    assert hint(0.9 * gptq3, parse_formats("default,compact")) is None

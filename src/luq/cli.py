@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "entropy: the paper's entropy-ordered layers at --low, the rest at --high")
     p.add_argument("--formats", default=None, metavar="A,B,...",
                    help="the menu of --allocate measured (default: every gptq<b>-g<g>; see `luq formats`); "
-                        "one name makes the uniform model")
+                        "one name makes the uniform model; the menu names default and compact (the compact "
+                        "1-bit formats: best below GPTQ-3's size) stand for their formats")
     p.add_argument("--high", default=None, metavar="FORMAT",
                    help="--allocate entropy: the high format (default gptq4-g128)")
     p.add_argument("--low", default=None, metavar="FORMAT", help="--allocate entropy: the low format (default billm)")
@@ -180,7 +181,7 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_formats(args) -> None:
-    from luq.quant.formats import DEFAULT_MENU, list_formats, reference_bits
+    from luq.quant.formats import MENUS, list_formats, reference_bits
 
     try:
         shape = tuple(int(v) for v in args.shape.lower().split("x"))
@@ -188,12 +189,13 @@ def cmd_formats(args) -> None:
             raise ValueError
     except ValueError:
         raise LuqError(f"--shape takes OUTxIN like 4096x4096, not {args.shape!r}") from None
-    print(f"{'format':<14} {'true bits':>12}  {'menu':<5} description (true bits on a {shape[0]}x{shape[1]} layer)")
+    print(f"{'format':<14} {'true bits':>12}  {'menu':<8} description (true bits on a {shape[0]}x{shape[1]} layer)")
     for fmt in list_formats():
         bits = reference_bits(fmt, shape)
         text = "?" if bits is None else (f"{bits[0]:.3f}" if abs(bits[1] - bits[0]) < 5e-4
                                           else f"{bits[0]:.3f}-{bits[1]:.3f}")
-        print(f"{fmt.name:<14} {text:>12}  {'yes' if fmt.name in DEFAULT_MENU else '':<5} {fmt.description}")
+        menu = next((name for name, names in MENUS.items() if fmt.name in names), "")
+        print(f"{fmt.name:<14} {text:>12}  {menu:<8} {fmt.description}")
 
 
 def cmd_eval(args) -> None:

@@ -7,14 +7,14 @@ from luq.quant.billm_compact import CompactBiLLM, CompactBiLLMWeight
 from luq.quant.gptq import GPTQ, RTN, GPTQWeight
 from luq.quant.hessian import HessianAccumulator, relative_output_error
 from luq.quant.linear import QuantLinear
-from luq.quant.formats import (DEFAULT_MENU, Format, get_format, list_formats, parse_formats, reference_bits,
+from luq.quant.formats import (COMPACT_MENU, DEFAULT_MENU, Format, get_format, list_formats, parse_formats, reference_bits,
                                register_format)
 
 __all__ = ["GPTQ", "RTN", "BiLLM", "CompactBiLLM", "Sign", "QuantizedWeight", "GPTQWeight", "BiLLMWeight",
            "CompactBiLLMWeight", "SignWeight",
            "HessianAccumulator", "relative_output_error", "QuantLinear", "weight_from_state_dict",
            "register_weight_type", "Format", "register_format", "get_format", "list_formats", "parse_formats",
-           "reference_bits", "DEFAULT_MENU"]
+           "reference_bits", "DEFAULT_MENU", "COMPACT_MENU"]
 
 _WEIGHT_TYPES = {cls.method: cls for cls in (GPTQWeight, BiLLMWeight, CompactBiLLMWeight, SignWeight)}
 

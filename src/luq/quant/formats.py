@@ -88,16 +88,18 @@ def list_formats() -> list[Format]:
 
 
 def parse_formats(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """'a,b,c' (or a list) -> the format names, each checked; duplicates refused."""
+    """'a,b,c' (or a list) -> the format names, each checked; a menu name (`MENUS`: default,
+    compact) stands for its formats; a name written twice is refused."""
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     if not names:
         raise LuqError("--formats needs at least one format name (see `luq formats`)")
     if len(set(names)) != len(names):
         raise LuqError(f"--formats names a format twice: {','.join(names)}")
-    for n in names:
+    expanded = [f for n in names for f in MENUS.get(n, (n,))]
+    for n in expanded:
         get_format(n)
-    return tuple(names)
+    return tuple(dict.fromkeys(expanded))   # a format both named and in a menu once
 
 
 def reference_bits(fmt: Format, shape: tuple[int, int] = REFERENCE_SHAPE) -> tuple[float, float] | None:
@@ -152,3 +154,7 @@ for _group in GPTQ_MENU_GROUPS:
 # the default menu of the measured allocation: every GPTQ grid (BiLLM stores 3 true bits
 # per weight and loses to GPTQ-3 there, so it is offered only when asked for)
 DEFAULT_MENU = tuple(f"gptq{b}-g{g}" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_GROUPS)
+# the compact 1-bit formats (1.6, 1.8 and 2.1 true bits): below uniform GPTQ-3's size they lower the
+# measured allocation's perplexity many times over (docs/results.md, section 3); `--formats default,compact`
+COMPACT_MENU = ("billm-k5g64r", "billm-k8g64", "billm-k16g64")
+MENUS = {"default": DEFAULT_MENU, "compact": COMPACT_MENU}
