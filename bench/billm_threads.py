@@ -5,7 +5,7 @@ full-precision Hessians (16 x 256 calibration windows), scored as `bench.frontie
     python -m bench.billm_threads [--threads 1,2]
 
 The Hessians are bitwise the same at any thread count; the Cholesky factor, the triangular solve
-and the error-feedback matmul are not (a few 1e-6 relative, from BLAS/LAPACK's blocking), and that
+and the error-feedback matmul are not (their last bits follow BLAS/LAPACK's blocking), and that
 flips a salient column here and there, which BiLLM's error feedback carries into every later block.
 docs/results.md (section 3) quotes this to explain why two runs of the same code on other machines
 or thread counts gave 8,181 and 10,121. Writes --out (default bench/results/billm_threads.json).
