@@ -331,3 +331,13 @@ def test_a_model_that_ran_writes_the_same_artifact(tiny, by_layers):
     before, after = tensors(src), tensors(tiny["root"] / "resaved")
     assert set(before) == set(after)
     assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
+
+
+def test_each_cached_variant_says_where_it_was_solved(tiny, by_layers):
+    """The cache keys a result by the format's settings only; the file records the thread count and CPU
+    that solved it (BiLLM's results differ in rounding between them: docs/results.md, section 3)."""
+    files = [f for f in tiny["cache"].rglob("*.safetensors")]
+    assert files
+    with safe_open(str(files[0]), framework="pt") as f:
+        solved = json.loads(f.metadata()["luq"])["solved_on"]
+    assert solved["threads"] >= 1 and solved["torch"] == torch.__version__ and solved["cpu"]

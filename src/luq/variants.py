@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,14 @@ class FormatResult:
                 "nominal_bits": weight.nominal_bits_per_weight, "error": error}
 
 
+def solved_on() -> dict[str, Any]:
+    """Where a cached result was solved. Not part of its key: the same settings solved at another thread
+    count or on another CPU round differently (BiLLM's salient columns move; docs/results.md, section 3),
+    and this says which it was."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "cpu": platform.processor() or platform.machine()}
+
+
 class VariantCache:
     """A directory of per-(layer, format) files for one (model, calibration, Hessians) key."""
 
@@ -101,7 +110,7 @@ class VariantCache:
                    for name, weight in result.weights.items() for tname, t in weight.state_dict().items()}
         meta = {"index": index, "format": fmt.name, "settings": fmt.settings(), "layer_digest": layer_digest,
                 "configs": {name: w.config() for name, w in result.weights.items()},
-                "records": result.records, "seconds": result.seconds}
+                "records": result.records, "seconds": result.seconds, "solved_on": solved_on()}
         atomic_write(self.path(index, fmt), lambda tmp: save_file(tensors, str(tmp), {"luq": json.dumps(meta)}))
 
     def _meta(self, path: Path, layer_digest: str | None) -> dict | None:

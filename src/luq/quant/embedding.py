@@ -80,8 +80,9 @@ class TiedQuantHead(nn.Module):
     def _linear(self) -> QuantLinear:
         key = tuple(b.data_ptr() for b in self.embedding.buffers())
         if self._view is None or self._view_of != key:
+            # hand_over=False: its buffers are the embedding's, which the lookups read; freeing them frees nothing
             object.__setattr__(self, "_view", QuantLinear(self.embedding.quantized_weight, None,
-                                                          dtype=self.embedding.compute_dtype))
+                                                          dtype=self.embedding.compute_dtype, hand_over=False))
             self._view_of = key
         return self._view
 
