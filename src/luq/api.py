@@ -122,7 +122,7 @@ def compact_hint(net, adapter, config: LUQConfig, storage_dtype: torch.dtype,
                  units: dict[str, Unit] | None = None) -> str | None:
     """One line for a measured budget below the uniform GPTQ-3 g128 decoder's size (the other units at
     their smallest) whose menu has none of the compact 1-bit formats: there they lower the perplexity
-    many times over (SmolLM2 at 2.5 true bits: 101.5 against 19,595; docs/results.md, section 3)."""
+    many times over (SmolLM2 at 2.5 true bits: 92.6 against 19,595; docs/results.md, section 3)."""
     if config.budget_gb is None or config.allocate != "measured" or set(config.menu()) & set(COMPACT_MENU):
         return None
     units = units or {}

@@ -191,35 +191,37 @@ class CompactBiLLMWeight(QuantizedWeight):
         n_salient = int(self.salient_mask().sum())
         return (rows * cols + rows * n_salient + cols) / (rows * cols)
 
-    def parameters_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded scales and means [rows, n_blocks, 4] (float32) of rows [start, stop)."""
-        n = self.n_blocks * N_GROUPS
+    def _code_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Rows [start, stop): their scale grid's reference [rows], scale codes and mean codes (None
+        without means), int64 [rows, n_blocks, 4]."""
         codes = unpack_scale_codes(self.scale_codes[start:stop], self.scale2_delta, start, stop, self.n_blocks,
                                    self.scale_bits, self.delta_bits)
         ref = self.row_ref[start:stop] if self.ref_top is None else decode_row_refs(self.row_ref[start:stop], self.ref_top)
+        mcodes = None if self.mean_codes is None else unpack_bits(
+            self.mean_codes[start:stop], self.mean_bits, self.n_blocks * N_GROUPS).reshape(codes.shape)
+        return ref, codes, mcodes
+
+    def parameters_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded scales and means [rows, n_blocks, 4] (float32) of rows [start, stop)."""
+        ref, codes, mcodes = self._code_rows(start, stop)
         a = decode_scales(ref, codes, self.scale_bits, self.scale_octaves)
-        if self.mean_codes is None:
-            return a, torch.zeros_like(a)
-        mcodes = unpack_bits(self.mean_codes[start:stop], self.mean_bits, n).reshape(-1, self.n_blocks, N_GROUPS)
-        return a, decode_means(a, mcodes, self.mean_bits)
+        return a, (torch.zeros_like(a) if mcodes is None else decode_means(a, mcodes, self.mean_bits))
 
     def parameter_codes(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         """The scales and means of rows [start, stop) as codes and what decodes them: (row_ref float32
         [rows], codes int64 [rows, n_blocks, 8] (the 4 scale codes, then the 4 mean codes), scale_table,
         mean_table float32 [max code + 1]), with a = row_ref * scale_table[code] and m = a *
-        mean_table[code]: the computation of `parameters_rows`, a table entry per code."""
-        codes = unpack_scale_codes(self.scale_codes[start:stop], self.scale2_delta, start, stop, self.n_blocks,
-                                   self.scale_bits, self.delta_bits)
-        ref = self.row_ref[start:stop] if self.ref_top is None else decode_row_refs(self.row_ref[start:stop], self.ref_top)
+        mean_table[code]: `parameters_rows` with a table entry per code."""
+        ref, codes, mcodes = self._code_rows(start, stop)
+        device = codes.device
         top = int(codes.max()) + 1 if codes.numel() else 1
-        scale_table = decode_scales(torch.ones(1, device=codes.device), torch.arange(top, device=codes.device)[None],
+        scale_table = decode_scales(torch.ones(1, device=device), torch.arange(top, device=device)[None],
                                     self.scale_bits, self.scale_octaves)[0]
-        if self.mean_codes is None:
-            mcodes, mean_table = torch.zeros_like(codes), torch.zeros(1, device=codes.device)
+        if mcodes is None:
+            mcodes, mean_table = torch.zeros_like(codes), torch.zeros(1, device=device)
         else:
-            mcodes = unpack_bits(self.mean_codes[start:stop], self.mean_bits, self.n_blocks * N_GROUPS).reshape(codes.shape)
-            mean_table = decode_means(torch.ones(2 ** self.mean_bits, device=codes.device),
-                                      torch.arange(2 ** self.mean_bits, device=codes.device), self.mean_bits)
+            levels = torch.arange(2 ** self.mean_bits, device=device)
+            mean_table = decode_means(torch.ones(len(levels), device=device), levels, self.mean_bits)
         return ref.float(), torch.cat([codes, mcodes], -1), scale_table, mean_table
 
     def _sparse_code_bits(self, runs_bk: list[list[int]]) -> int:

@@ -467,14 +467,18 @@ class BinaryKernel(nn.Module):
         codes = getattr(qweight, "parameter_codes", None)
         if codes is not None:
             ref, c, scale_table, mean_table = (t.cpu() for t in codes(0, qweight.shape[0]))
-            if int(c.max()) < 256 and len(scale_table) <= 256 and len(mean_table) <= 256:
-                scales = ref[:, None, None] * scale_table[c[..., :4]]
-                decoded = torch.cat([scales, scales * mean_table[c[..., 4:]]], -1)
-                if torch.equal(decoded, params):
-                    pad = lambda t: nn.functional.pad(t.float(), (0, 256 - len(t))).contiguous()   # noqa: E731
-                    return c.to(torch.uint8).contiguous(), ref.contiguous(), pad(scale_table), pad(mean_table)
+            if int(c.max()) < 256 and torch.equal(BinaryKernel._decode(ref, c, scale_table, mean_table), params):
+                pad = lambda t: nn.functional.pad(t.float(), (0, 256 - len(t))).contiguous()   # noqa: E731
+                return c.to(torch.uint8).contiguous(), ref.contiguous(), pad(scale_table), pad(mean_table)
         half = params.half()
         return (half if torch.equal(half.float(), params) else params).contiguous(), None, None, None
+
+    @staticmethod
+    def _decode(ref: torch.Tensor, codes: torch.Tensor, scale_table: torch.Tensor, mean_table: torch.Tensor):
+        """Scales and means [rows, n_blocks, 8] from their codes, as the C kernel decodes them."""
+        codes = codes.long()
+        scales = ref[:, None, None] * scale_table[codes[..., :4]]
+        return torch.cat([scales, scales * mean_table[codes[..., 4:]]], -1)
 
     @property
     def param_args(self) -> tuple:
@@ -492,12 +496,8 @@ class BinaryKernel(nn.Module):
         salient = torch.empty(self.in_features, dtype=torch.bool)
         salient[self.perm.long()] = unpack_bool(self.sal, self.in_features)
         s1, second = unblock(self.s1), unblock(self.s2)
-        if self.row_ref is None:
-            params = self.params.float()
-        else:
-            c = self.params.long()
-            scales = self.row_ref[:, None, None] * self.scale_table[c[..., :4]]
-            params = torch.cat([scales, scales * self.mean_table[c[..., 4:]]], -1)
+        params = (self.params.float() if self.row_ref is None
+                  else self._decode(self.row_ref, self.params, self.scale_table, self.mean_table))
         return BinaryParts(s1, second & salient, second & ~salient, salient, params[..., :4], params[..., 4:],
                            None, self.block_size)
 
