@@ -2,10 +2,11 @@
 
     python -m bench.inference [--models smollm2,tiny-vlm] [--threads 2] [--repeats 3]
 
-For each model: dense float32, dense bfloat16, and three artifacts made with the public API
+For each model: dense float32, dense bfloat16, and four artifacts made with the public API
 (`luq.quantize`): uniform GPTQ-4 g128, uniform GPTQ-3 g128, and the paper's mix with 10
-BiLLM layers (`--allocate entropy --layers 10`, the rest GPTQ-4 g128). Artifacts are made
-once into --artifacts (default out/bench-inference) and reused.
+BiLLM layers (`--allocate entropy --layers 10`, the rest GPTQ-4 g128), the same with compact
+BiLLM (`--low billm-k5g64r`). Artifacts are made once into --artifacts (default
+out/bench-inference) and reused.
 
 Measured in ONE process at --threads threads, the variants alternating inside every repeat
 (the median of the repeats is reported):
@@ -52,11 +53,13 @@ def artifact_configs(model: str) -> dict[str, luq.LUQConfig]:
         "gptq3-g128": luq.LUQConfig(calibration=cal, formats=("gptq3-g128",), k_means=100),
         "mix-10-billm": luq.LUQConfig(calibration=cal, allocate="entropy", layers=10, high="gptq4-g128",
                                       low="billm", k_means=100),
+        "mix-10-k5g64r": luq.LUQConfig(calibration=cal, allocate="entropy", layers=10, high="gptq4-g128",
+                                       low="billm-k5g64r", k_means=100),
     }
 
 
 def make_artifacts(model: str, root: Path) -> dict[str, Path]:
-    """The three artifacts of `model` under root (made with luq.quantize when missing)."""
+    """The artifacts of `model` under root (made with luq.quantize when missing)."""
     out = {}
     for name, config in artifact_configs(model).items():
         path = root / f"{model}-{name}"

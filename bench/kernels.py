@@ -13,11 +13,13 @@ machine may be shared), the best of 5 rounds. The crossover printed per row is t
 count from which the dense path is faster at every larger count measured; `DENSE_FROM_TOKENS` in
 luq/quant/kernels.py is set from this table.
 
-Then `BinaryKernel` (BiLLM as bit planes; 576x576, 1536x576, 576x1536, 4096x4096; compact BiLLM
-billm-k5g64r on 1536x576 and 4096x4096), its few-token
-path (subset-sum lookups) and its prompt path (bfloat16 tile + GEMM) against the int4 terms kernel
-(`Int4Kernel`, as LUQ_KERNEL=int4 serves it) and float32 `F.linear`, by token count: wall-clock
-median of 7 rounds, the four alternating inside every round; the crossover (lookups -> tile) sets
+Then the binarized kernels `kernel_for` picks on CPU: `BinaryKernel` for BiLLM (bit planes; 576x576,
+1536x576, 576x1536, 4096x4096) and `CompactBinaryKernel` for compact BiLLM (its stored tensors read in
+place; billm-k5g64r on 192x576, 1536x576, 576x1536 and 4096x4096, billm-k16g64 on 1536x576 and
+4096x4096), with the planes kernel beside it (`planes_*`, as LUQ_KERNEL=binary serves compact BiLLM):
+the few-token path (subset-sum lookups) and the prompt path (bfloat16 tile + GEMM) against the int4 terms
+kernel (`Int4Kernel`, as LUQ_KERNEL=int4 serves it) and float32 `F.linear`, by token count: wall-clock
+median of 7 rounds, all paths alternating inside every round; the crossover (lookups -> tile) sets
 `BINARY_DENSE_FROM_TOKENS`; and the bits per weight stored, held by a QuantLinear after its first
 forward (its kernel and what it kept of the stored tensors: `QuantLinear.resident_nbytes`) and held by
 each kernel. `--only binary` runs this part.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -87,7 +90,8 @@ def measure(fmt: str, rows: int, cols: int) -> dict:
 
 BINARY_TOKENS = (1, 2, 3, 4, 8, 16, 128)
 BINARY_SHAPES = {"billm": [(576, 576), (1536, 576), (576, 1536), (4096, 4096)],
-                 "billm-k5g64r": [(1536, 576), (4096, 4096)]}
+                 "billm-k5g64r": [(192, 576), (1536, 576), (576, 1536), (4096, 4096)],
+                 "billm-k16g64": [(1536, 576), (4096, 4096)]}
 
 
 def wall_medians(fns: dict, calls: int, rounds: int = 7) -> dict:
@@ -106,23 +110,36 @@ def wall_medians(fns: dict, calls: int, rounds: int = 7) -> dict:
 
 def measure_binary(fmt: str, rows: int, cols: int) -> dict:
     q = quantized(fmt, rows, cols)
-    binary = K.BinaryKernel(q)
+    binary = K.kernel_for(q, torch.device("cpu"))   # BinaryKernel; compact BiLLM: CompactBinaryKernel
+    planes = K.BinaryKernel(q) if not type(binary) is K.BinaryKernel else None   # compact: the planes beside it
     int4 = K.Int4Kernel(K.int4_terms(q), cols, K._int4_ops(torch.device("cpu")))
     W = q.dequantize()
     module = QuantLinear(q)
     module(torch.randn(1, cols))   # built its kernel and handed it what the kernel gives back
-    out = {"format": fmt, "rows": rows, "cols": cols, "params": str(binary.params.dtype),
+    planes_module = None
+    if planes is not None:   # LUQ_KERNEL=binary: the planes, as the QuantLinear held them before CompactBinaryKernel
+        before, os.environ["LUQ_KERNEL"] = os.environ.get("LUQ_KERNEL"), "binary"
+        try:
+            planes_module = QuantLinear(q)
+            planes_module(torch.randn(1, cols))
+        finally:
+            os.environ.pop("LUQ_KERNEL") if before is None else os.environ.update(LUQ_KERNEL=before)
+    out = {"format": fmt, "rows": rows, "cols": cols, "kernel": type(binary).__name__,
            "binary_bits_per_weight": 8 * binary.nbytes / W.numel(), "int4_bits_per_weight": 8 * int4.nbytes / W.numel(),
            "stored_bits_per_weight": 8 * q.nbytes / W.numel(),
            "module_bits_per_weight": 8 * module.resident_nbytes / W.numel(),
-           "lookup_ms": [], "tile_ms": [], "int4_ms": [], "fp32_ms": []}
+           "planes_module_bits_per_weight": None if planes is None else 8 * planes_module.resident_nbytes / W.numel(),
+           "lookup_ms": [], "tile_ms": [], "int4_ms": [], "fp32_ms": [], "planes_lookup_ms": [], "planes_tile_ms": []}
     for n in BINARY_TOKENS:
         x = torch.randn(n, cols)
         x2 = binary.prepare(x)
         calls = max(1, int(3e7 // (rows * cols) // max(1, n // 4)))
-        med = wall_medians({"lookup": lambda: binary.lookup(x2), "tile": lambda: binary.dense(x2),
-                            "int4": lambda: int4(x, torch.float32),
-                            "fp32": lambda: torch.nn.functional.linear(x, W)}, calls)
+        fns = {"lookup": lambda: binary.lookup(x2), "tile": lambda: binary.dense(x2),
+               "int4": lambda: int4(x, torch.float32), "fp32": lambda: torch.nn.functional.linear(x, W)}
+        if planes is not None:
+            p2 = planes.prepare(x)
+            fns.update({"planes_lookup": lambda: planes.lookup(p2), "planes_tile": lambda: planes.dense(p2)})
+        med = wall_medians(fns, calls)
         for k, v in med.items():
             out[f"{k}_ms"].append(v)
     faster = [d <= i for d, i in zip(out["tile_ms"], out["lookup_ms"])]
@@ -141,9 +158,12 @@ def binary_table() -> list[dict]:
             rows.append(m)
             bits = (f"{m['stored_bits_per_weight']:.2f}, {m['module_bits_per_weight']:.2f}; "
                     f"{m['binary_bits_per_weight']:.2f}, {m['int4_bits_per_weight']:.2f}")
-            for path in ("lookup", "tile", "int4", "fp32"):
+            paths = ["lookup", "tile", "int4", "fp32"] + (["planes_lookup", "planes_tile"] if m["planes_lookup_ms"] else [])
+            for path in paths:
                 cells = " | ".join(f"{v:.3f}" for v in m[f"{path}_ms"])
-                print(f"| {fmt} | {r}x{c} | {bits} | {path} ms | {cells} | {m['crossover'] if path == 'tile' else ''} |",
+                label = path if not path.startswith("planes") else (
+                    f"{path} (BinaryKernel, QuantLinear holds {m['planes_module_bits_per_weight']:.2f})")
+                print(f"| {fmt} | {r}x{c} | {bits} | {label} ms | {cells} | {m['crossover'] if path == 'tile' else ''} |",
                       flush=True)
     return rows
 

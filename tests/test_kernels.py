@@ -22,6 +22,7 @@ nibble packing, the dense path's read-back of that layout, the build probe and t
 the tiled kernel (one warning) when the op raises or disagrees. On a GPU: `python bench/cuda_check.py`.
 """
 
+import dataclasses
 from functools import lru_cache
 
 import pytest
@@ -29,8 +30,9 @@ import torch
 
 from luq.quant import GPTQ, QuantLinear, get_format, native
 from luq.quant import kernels as K
-from luq.quant import BiLLM
-from luq.quant.kernels import BinaryKernel, Int4Kernel, TiledKernel, int4_terms, kernel_for
+from luq.quant import BiLLM, CompactBiLLM
+from luq.quant.kernels import BinaryKernel, CompactBinaryKernel, Int4Kernel, TiledKernel, int4_terms, kernel_for
+from luq.quant.packing import pack_bool
 from test_solvers_real import problems  # the real layers, their Hessians and inputs (cached)
 
 TOL = 6e-3
@@ -128,13 +130,15 @@ def test_quantlinear_uses_the_kernel_with_bias_and_dtypes():
 
 
 # Bytes a QuantLinear holds after its first forward, over its stored bytes, on these two real layers
-# (measured: GPTQ-4 g128 1.149 / 1.075, act-order 1.384 / 1.155; BiLLM 1.126 / 1.017; compact BiLLM
-# 2.465 / 2.077: its kernel's two bit planes cost 2 bits a weight against the 1.6 it stores). The small
-# layer (192 rows) pays more for what the kernels hold per column or per group.
-HELD_OVER_STORED = {"gptq4-g128": 1.2, "gptq3-g64-gidx": 1.85, "gptq8-g32": 1.55, "billm": 1.15,
-                    "billm-k5g64r": 2.55}
+# (measured: GPTQ-4 g128 1.149 / 1.075, act-order 1.384 / 1.155; BiLLM 1.144 / 1.024; compact BiLLM,
+# its stored tensors read in place: billm-k5g64r 1.444 / 1.272 (a byte per sparse weight, 0.63 bit, for
+# the 0.36 bit of its k-of-64 codes), billm-k16g64 1.252 / 1.169 (a bit per weight for 0.76 bit of codes);
+# on the planes kernel billm-k5g64r held 2.465 / 2.077). The small layer (192 rows) pays more for what
+# the kernels hold per column (gathers, column scales) or per group.
+HELD_OVER_STORED = {"gptq4-g128": 1.2, "gptq3-g64-gidx": 1.85, "gptq8-g32": 1.55, "billm": 1.2,
+                    "billm-k5g64r": 1.5, "billm-k16g64": 1.3}
 HANDED_OVER = {"gptq": ("qweight",), "billm": ("signs", "residual_signs", "sparse_bitmap", "scales", "means"),
-               "billm-compact": ("signs", "residual_signs")}
+               "billm-compact": ("sparse_codes",)}
 
 
 @pytest.mark.parametrize("fmt", list(HELD_OVER_STORED))
@@ -175,13 +179,17 @@ def test_unsupported_shapes_fall_back_to_the_tiled_kernel():
 
 
 # --------------------------------------------------------------------------- BinaryKernel (bit planes)
-# Its few-token path sums float32 inputs by subset-sum lookups and float32 arithmetic: against
-# x @ dequantize().T in float32 it measured 1.4e-7 to 3.5e-7 relative (billm, billm-k5g64r, billm-k8g64
-# on both layers, 1..3 tokens); the bound is 2e-6. From `dense_from` tokens it rounds the inputs and
-# each weight to bfloat16 (one GEMM): 2.1e-3 to 3.3e-3 measured, within TOL.
+# and CompactBinaryKernel (compact BiLLM's stored tensors in place)
+# Their few-token paths sum float32 inputs by subset-sum lookups and float32 arithmetic: against
+# x @ dequantize().T in float32 they measured 1.4e-7 to 3.5e-7 relative (billm, billm-k5g64r, billm-k8g64,
+# billm-k16g64 on both layers, 1..3 tokens); the bound is 2e-6. From `dense_from` tokens they round the
+# inputs and each weight to bfloat16 (one GEMM): 2.1e-3 to 3.3e-3 measured, within TOL.
 LOOKUP_TOL = 2e-6
-# billm: neither gather nor column scales; billm-k8g64: column scales; billm-k5g64r: act-order and column scales
-BINARY_KERNEL_FORMATS = ["billm", "billm-k8g64", "billm-k5g64r"]
+# (format, LUQ_KERNEL): billm: neither gather nor column scales; billm-k8g64: column scales, the sparse group
+# as positions or bits (8 of 64: as many bytes); billm-k5g64r: act-order and column scales, positions;
+# billm-k16g64: bits; and compact BiLLM on the planes kernel (LUQ_KERNEL=binary)
+BINARY_KERNEL_CASES = [("billm", "auto"), ("billm-k8g64", "auto"), ("billm-k5g64r", "auto"),
+                       ("billm-k16g64", "auto"), ("billm-k5g64r", "binary")]
 needs_native = pytest.mark.skipif(not native.available("binary_gemm"), reason="no C compiler: no BinaryKernel")
 
 
@@ -192,21 +200,72 @@ def tokens(layer, n):
 
 
 @needs_native
-@pytest.mark.parametrize("fmt", BINARY_KERNEL_FORMATS)
+@pytest.mark.parametrize("fmt,choice", BINARY_KERNEL_CASES)
 @pytest.mark.parametrize("layer", LAYERS)
-def test_binary_kernel_matches_dequantize(layer, fmt):
+def test_binary_kernel_matches_dequantize(layer, fmt, choice, monkeypatch):
+    monkeypatch.setenv("LUQ_KERNEL", choice)
     q = quantized(layer, fmt)
     kernel = kernel_for(q, CPU)
-    assert isinstance(kernel, BinaryKernel)
-    assert torch.equal(kernel.order.sort().values, torch.arange(q.shape[1]))   # a permutation of the inputs
+    assert type(kernel) is (CompactBinaryKernel if q.method == "billm-compact" and choice == "auto" else BinaryKernel)
+    if kernel.order is not None:
+        assert torch.equal(kernel.order.sort().values, torch.arange(q.shape[1]))   # a permutation of the inputs
+    assert (kernel.order is not None) == (fmt in ("billm", "billm-k5g64r"))      # the planes' or act-order's gather
     assert (kernel.col_scale is None) == (fmt == "billm")
-    assert kernel.nbytes * 8 / (q.shape[0] * q.shape[1]) < 6.5   # bits per weight held (4.0 to 6.1 measured)
+    if type(kernel) is CompactBinaryKernel:   # the sparse group as bits from 8 per 64 columns on, else positions
+        assert kernel.sparse_map == (fmt != "billm-k5g64r")
     W = q.dequantize()
     for n in (1, 3, 40, 200):   # lookups, then the bfloat16 tile + GEMM
         x = tokens(layer, n)
         y, ref = kernel(x, torch.float32), torch.nn.functional.linear(x, W)
         assert y.dtype == torch.float32 and y.shape == ref.shape
         assert rel_error(y, ref) < (LOOKUP_TOL if n < kernel.dense_from else TOL), n
+
+
+@needs_native
+def test_compact_kernel_on_codes_naming_no_sparse_weight():
+    """Stored codes may name a salient column or a column past the block's end (a run wider than what is
+    left of the block): no sparse weight. Blocks of 72 columns in runs of 64, codes edited to name such
+    columns: they are NO_POSITION in the kernel, kept for the codes it gives back, and the product is exact."""
+    from luq.quant.billm_compact import sparse_bits_from_positions
+
+    p = problems()[LAYERS[0]]
+    q = CompactBiLLM(block_size=72, sparse_runs=((64, 4),), max_salient_cols=30, lam=0.0,
+                     act_order=True).quantize(p.weight, p.hessian)
+    positions, _ = q.sparse_positions(0, q.shape[0])          # block b: 8 positions, two runs of 4
+    salient = torch.nonzero(q.salient_mask()[:64]).flatten()
+    assert len(salient) and positions.shape[1] == 8 * q.n_blocks
+    positions[::3, 4:8] = torch.tensor([64 + 4, 64 + 5, 64 + 6, 64 + 63])  # column 127: past the block's 72
+    first = torch.cat([positions[1::3, :3], salient[:1].expand(positions[1::3].shape[0], 1)], 1)
+    positions[1::3, :4] = first.sort(1).values if not (first[:, :3] == salient[0]).any() else positions[1::3, :4]
+    q = dataclasses.replace(q, sparse_codes=pack_bool(sparse_bits_from_positions(positions, q.sparse_runs.tolist(),
+                                                                                 q.block_widths())))
+    kernel = kernel_for(q, CPU)
+    assert type(kernel) is CompactBinaryKernel and not kernel.sparse_map
+    assert len(kernel.not_sparse[0]) >= q.shape[0] // 3
+    assert int((kernel.sparse == K.NO_POSITION).sum()) == len(kernel.not_sparse[0])
+    W = q.dequantize()
+    for n in (1, 3, 40):
+        x = tokens(LAYERS[0], n)
+        assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, W)) < (
+            LOOKUP_TOL if n < kernel.dense_from else TOL)
+    tile = (W[:, kernel.order.long()] / kernel.col_scale).bfloat16()
+    assert torch.equal(kernel.weight(0, q.shape[0]), tile)
+    module = QuantLinear(q)
+    module(x[:1])
+    assert module.handed_over == ("sparse_codes",)
+    assert all(torch.equal(t, q.state_dict()[n]) for n, t in module.state_dict().items())
+
+
+@needs_native
+def test_compact_kernel_falls_back_to_the_planes():
+    """Blocks wider than a byte's positions (> 248 columns) with few sparse weights: the planes kernel."""
+    p = problems()[LAYERS[0]]
+    q = CompactBiLLM(block_size=288, sparse_runs=((64, 5),)).quantize(p.weight, p.hessian)
+    assert CompactBinaryKernel.supports(q) and CompactBinaryKernel.build(q) is None
+    kernel = kernel_for(q, CPU)
+    assert type(kernel) is BinaryKernel
+    x = tokens(LAYERS[0], 2)
+    assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize())) < LOOKUP_TOL
 
 
 @needs_native

@@ -145,6 +145,27 @@ def test_compact_billm_layout_bytes_and_bounds():
     assert output_error(W, q, H) < 0.5 * output_error(W, Sign().quantize(W), H)
 
 
+@pytest.mark.parametrize("block_size,runs", [(128, ((64, 5),)), (96, ((64, 7), (32, 0))),
+                                              (32, ((64, 5), (16, 2), (8, 0)))])
+def test_compact_billm_sparse_positions_and_their_inverses(block_size, runs):
+    """The k-of-G codes as positions (what CompactBinaryKernel holds) and back, bit for bit; from the sparse
+    mask too, where runs hold too few plain columns (salient ones, or a block narrower than its runs)."""
+    from luq.quant.billm_compact import sparse_bits_from_positions, sparse_positions_from_mask
+    from luq.quant.packing import pack_bool
+
+    W, H, _ = make_problem(rows=48, cols=200 if block_size == 32 else 288)
+    q = CompactBiLLM(block_size=block_size, sparse_runs=runs, max_salient_cols=40, lam=0.0).quantize(W, H)
+    positions, offsets = q.sparse_positions(0, 48)
+    runs_bk, widths = q.sparse_runs.tolist(), q.block_widths()
+    assert offsets[0] == 0 and offsets[-1] == positions.shape[1]
+    assert offsets.diff().tolist() == [-(-w // (1 << g)) * k for w, (g, k) in zip(widths, runs_bk)]
+    assert torch.equal(pack_bool(sparse_bits_from_positions(positions, runs_bk, widths)), q.sparse_codes)
+    mask, salient = q.sparse_rows(0, 48), q.salient_mask()
+    assert torch.equal(sparse_positions_from_mask(mask, salient, runs_bk, widths), positions)
+    # rows cut from the middle decode as the same rows of the whole
+    assert torch.equal(q.sparse_positions(5, 17)[0], positions[5:17])
+
+
 def test_compact_billm_pays_for_bits_when_asked():
     """lam prices a stored bit: a larger lam never stores more, and lam = 0 is error only."""
     W, H, _ = make_problem(rows=64, cols=256)

@@ -229,27 +229,26 @@ class CompactBiLLMWeight(QuantizedWeight):
         return sum(_sparse_bits(min(self.block_size, self.shape[1] - b * self.block_size), 1 << log2g, k)
                    for b, (log2g, k) in enumerate(runs_bk))
 
+    def block_widths(self) -> list[int]:
+        cols = self.shape[1]
+        return [min(self.block_size, cols - c0) for c0 in range(0, cols, self.block_size)]
+
+    def sparse_positions(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sparse group of rows [start, stop) as positions (`sparse_positions_from_bits`)."""
+        runs_bk = self.sparse_runs.tolist()
+        bits = unpack_bool(self.sparse_codes[start:stop], self._sparse_code_bits(runs_bk))
+        return sparse_positions_from_bits(bits, runs_bk, self.block_widths())
+
     def sparse_rows(self, start: int, stop: int) -> torch.Tensor:
         """bool [rows, in]: the sparse group of rows [start, stop) (salient columns excluded)."""
         rows, cols = stop - start, self.shape[1]
-        mask = torch.zeros(rows, cols, dtype=torch.bool, device=self.signs.device)
-        runs_bk = self.sparse_runs.tolist()
-        bits = unpack_bool(self.sparse_codes[start:stop], self._sparse_code_bits(runs_bk))
-        offset = 0
-        for b, (log2g, k) in enumerate(runs_bk):
-            c0 = b * self.block_size
-            width = min(self.block_size, cols - c0)
-            if k == 0:
-                continue
-            g = 1 << log2g
-            runs, n_bits = -(-width // g), _sparse_bits(width, g, k)
-            codes = bits_to_codes(bits[:, offset:offset + n_bits], code_bits(g, k), runs)
-            offset += n_bits
-            idx = decode_combinations(codes, g, k)  # [rows, runs, k]
-            col = (idx + torch.arange(runs, device=idx.device)[None, :, None] * g).reshape(rows, -1)
-            sub = torch.zeros(rows, runs << log2g, dtype=torch.bool, device=mask.device)
-            mask[:, c0:c0 + width] = sub.scatter_(1, col, True)[:, :width]
-        return mask & ~self.salient_mask()[None, :]
+        positions, offsets = self.sparse_positions(start, stop)
+        device = positions.device
+        block = torch.repeat_interleave(torch.arange(self.n_blocks), offsets.diff()).to(device)
+        widths = torch.tensor(self.block_widths(), device=device)
+        col = torch.where(positions < widths[block], positions + block * self.block_size, cols)  # padding: a spare column
+        mask = torch.zeros(rows, cols + 1, dtype=torch.bool, device=self.signs.device)
+        return mask.scatter_(1, col, True)[:, :cols] & ~self.salient_mask()[None, :]
 
     def decoded_column_scales(self) -> torch.Tensor:
         """float32 [in]: the column scales (stored as fp16, or as 8-bit log codes)."""
@@ -589,6 +588,58 @@ def perm_bits(cols: int) -> int:
 def _sparse_bits(width: int, g: int, k: int) -> int:
     """Bits per row of the sparse codes of a block `width` columns wide, k per run of g."""
     return -(-width // g) * code_bits(g, k)
+
+
+def sparse_positions_from_bits(bits: torch.Tensor, runs_bk: list[list[int]], widths: list[int],
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-of-G codes of every block (bool [rows, bits], as stored before packing) -> positions int64
+    [rows, npos] and offsets int64 [n_blocks + 1]: block b's positions are [offsets[b], offsets[b + 1]), k_b
+    per run of G_b columns, run by run, each the column's offset in the block (ascending in a run). A
+    position past the block's end (its last run's padding) or on a salient column is not sparse.
+    Inverse: `sparse_bits_from_positions`."""
+    rows, out, offsets, at = bits.shape[0], [], [0], 0
+    for width, (log2g, k) in zip(widths, runs_bk):
+        if k:
+            g = 1 << log2g
+            runs, n_bits = -(-width // g), _sparse_bits(width, g, k)
+            idx = decode_combinations(bits_to_codes(bits[:, at:at + n_bits], code_bits(g, k), runs), g, k)
+            at += n_bits
+            out.append((idx + torch.arange(runs, device=idx.device)[None, :, None] * g).reshape(rows, -1))
+        offsets.append(offsets[-1] + (out[-1].shape[1] if k else 0))
+    positions = torch.cat(out, 1) if out else torch.zeros(rows, 0, dtype=torch.int64, device=bits.device)
+    return positions, torch.tensor(offsets, dtype=torch.int64)
+
+
+def sparse_positions_from_mask(mask: torch.Tensor, salient: torch.Tensor, runs_bk: list[list[int]],
+                               widths: list[int]) -> torch.Tensor:
+    """The positions `sparse_positions_from_bits` gives, from the sparse group as a mask (bool [rows, in],
+    `sparse_rows`), where a run holds fewer than k non-salient columns, filled as the solver's top-k fills
+    them (its salient columns, then the padding past the block's end: chosen by the same top-k call on
+    stand-in magnitudes, so equal where that call breaks the ties alike; callers check)."""
+    rows, out, c0 = mask.shape[0], [], 0
+    for width, (log2g, k) in zip(widths, runs_bk):
+        if k:
+            g = 1 << log2g
+            runs = -(-width // g)
+            stand_in = torch.where(mask[:, c0:c0 + width], 1.0, 0.0).masked_fill(salient[None, c0:c0 + width], -1.0)
+            padded = torch.nn.functional.pad(stand_in, (0, runs * g - width), value=-2.0)
+            idx = padded.reshape(rows, runs, g).topk(k, -1).indices.sort(-1).values
+            out.append((idx + torch.arange(runs, device=idx.device)[None, :, None] * g).reshape(rows, -1))
+        c0 += width
+    return torch.cat(out, 1) if out else torch.zeros(rows, 0, dtype=torch.int64, device=mask.device)
+
+
+def sparse_bits_from_positions(positions: torch.Tensor, runs_bk: list[list[int]], widths: list[int]) -> torch.Tensor:
+    """Inverse of `sparse_positions_from_bits`: positions [rows, npos] (any integer dtype) -> bool [rows, bits]."""
+    rows, out, at = positions.shape[0], [], 0
+    for width, (log2g, k) in zip(widths, runs_bk):
+        if k:
+            g = 1 << log2g
+            runs = -(-width // g)
+            idx = positions[:, at:at + runs * k].long().reshape(rows, runs, k) % g
+            at += runs * k
+            out.append(codes_to_bits(encode_combinations(idx, g), code_bits(g, k)))
+    return torch.cat(out, 1) if out else torch.zeros(rows, 0, dtype=torch.bool, device=positions.device)
 
 
 # --------------------------------------------------------------------------- k-of-G codes

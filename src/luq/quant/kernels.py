@@ -43,7 +43,8 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   `dequantize` decodes them) and the input gather (each block's salient columns first, then
   act-order) and column scales. It gives back the stored tensors its planes determine
   (`stored_tensors`), so that its QuantLinear frees them: a 4096x4096 BiLLM layer holds 3.01 bits per
-  weight in all (stored: 3.00), compact BiLLM 3.02 (stored 1.51), against ~18 for int4 terms. Few
+  weight in all (stored: 3.00), against ~18 for int4 terms; compact BiLLM on the planes (LUQ_KERNEL=binary)
+  3.02 (stored 1.51). Few
   tokens (< `BINARY_DENSE_FROM_TOKENS`): per token, a table of the 256 subset sums of the 8 inputs of
   each byte position; per row and block, five sums by lookups (one per byte of each plane and two on
   salient bytes) combined with the block's 4 scales and means, in float32 from float32 inputs
@@ -53,6 +54,11 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   medians; bench/results/kernels-binary.json), one token against the int4 terms: 0.8-1.0x their time
   on BiLLM (4096x4096: 1.79 vs 1.91 ms), 1.1-1.3x on compact BiLLM; crossover lookups -> tile at 4
   tokens (8 on 576x576). LUQ_KERNEL=int4 keeps the terms.
+- `CompactBinaryKernel` (CPU, compact BiLLM: the default where the compiled helpers build): the same two
+  paths read from the stored tensors themselves (signs, salient mask, second signs on salient columns,
+  scale codes: compact_gemm.c), plus the sparse group decoded once into a byte per sparse weight (or a
+  bit per weight where that is no larger), so that a layer holds about its stored bits rather than
+  twice them (figures in the class doc).
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
   multiply, tile by tile.
@@ -87,6 +93,9 @@ DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
 # BinaryKernel: from this many tokens on, the bfloat16 tile + GEMM instead of the subset-sum lookups
 # (`python -m bench.kernels --only binary`: 3-4 tokens by shape, 8 on 576x576 where 4 costs 0.31 vs 0.40 ms)
 BINARY_DENSE_FROM_TOKENS = 4
+# CompactBinaryKernel: a position in a block is one byte, NO_POSITION marking a stored code that names no
+# sparse weight (a salient column, or one past the block's end)
+NO_POSITION, MAX_POSITION_BLOCK = 255, 248
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 # Below this many kernel weights (rows x inner columns), the CPU int4 op runs on one thread: waking
 # torch's other OpenMP threads (OMP_WAIT_POLICY=PASSIVE) costs ~50 us a call, more than a small product
@@ -570,6 +579,136 @@ class BinaryKernel(nn.Module):
         return y.to(dtype).reshape(*lead, -1)
 
 
+class CompactBinaryKernel(BinaryKernel):
+    """A compact BiLLM weight (`CompactBiLLMWeight`) multiplied from its stored tensors in place
+    (compact_gemm.c): the signs, salient mask, second signs and scale (delta, mean) codes are the very
+    tensors its QuantLinear holds, read in stored column order, salient columns through the mask. What the
+    kernel adds: the sparse group decoded once (`sparse`), as positions (uint8 [rows, npos], one byte per
+    sparse weight: 0.63 bit per weight at 5 of 64) or, where that is no larger (8 or more of 64), as a bit
+    per weight (uint8 [rows, in / 8]): decoding the k-of-G codes at every token would cost more than the
+    product; each row's scale reference as float32, the two code tables, and the act-order gather and
+    column scales ([in]). It gives the sparse codes back (`stored_tensors`), so that its QuantLinear frees
+    them. Few tokens: per row and block, one lookup per byte of the signs and per salient byte, the second
+    signs by lookups in the salient inputs' own tables, two loads per sparse position (or two lookups per
+    byte of the bits), in float32 as BinaryKernel; prompts: a transient bfloat16 tile of W and one bfloat16
+    GEMM. `build` gives None where the C kernel's decoding of the scale codes would not give
+    `parameters_rows` exactly or a position does not fit a byte (BinaryKernel then serves the weight)."""
+
+    def __init__(self, qweight, sparse: torch.Tensor, offsets: torch.Tensor | None, ref: torch.Tensor,
+                 scale_table: torch.Tensor, mean_table: torch.Tensor,
+                 not_sparse: tuple[torch.Tensor, torch.Tensor] | None = None):
+        nn.Module.__init__(self)
+        self.not_sparse = not_sparse   # (flat indices, stored values) of the NO_POSITION entries
+        rows, cols = qweight.shape
+        salient_mask = qweight.salient_mask().cpu()
+        stored = {n: getattr(qweight, n) for n in ("signs", "salient_cols", "residual_signs", "scale_codes",
+                                                    "scale2_delta", "mean_codes") if getattr(qweight, n) is not None}
+        # the weight's own tensors, where they are laid out as the C kernel reads them (else copies, counted)
+        self._copies = {n: t.cpu().contiguous() for n, t in stored.items()
+                        if not (t.is_contiguous() and t.device.type == "cpu")}
+        self.stored = {**stored, **self._copies}
+        self.sparse, self.sparse_map = sparse, offsets is None
+        self.offsets = torch.zeros(qweight.n_blocks + 1, dtype=torch.int64) if offsets is None else offsets
+        self.row_ref, self.scale_table, self.mean_table = ref, scale_table, mean_table
+        self.salient = torch.nonzero(salient_mask).flatten().to(torch.int32)
+        per_block = nn.functional.pad(salient_mask, (0, -cols % qweight.block_size)).view(-1, qweight.block_size)
+        self.sal_start = nn.functional.pad(per_block.sum(1).cumsum(0), (1, 0))
+        order = qweight.column_order().cpu().to(torch.int32) if qweight.perm is not None else None
+        self.order = order   # None: the stored order is the input's
+        self.col_scale = None if qweight.col_scale is None else qweight.decoded_column_scales().cpu()
+        self.rows, self.in_features, self.block_size = rows, cols, qweight.block_size
+        self.dense_from = BINARY_DENSE_FROM_TOKENS
+        self._runs, self._widths = qweight.sparse_runs.tolist(), qweight.block_widths()
+        d, st = qweight.delta_bits, self.stored
+        dims = [rows, cols, cols // 8, qweight.block_size, qweight.n_blocks, st["residual_signs"].shape[1],
+                sparse.numel() // rows if rows else 0, st["scale_codes"].shape[1], qweight.scale_bits, 3 if d else 4,
+                st["scale2_delta"].shape[1] if d else 0, d,
+                st["mean_codes"].shape[1] if "mean_codes" in st else 0,
+                qweight.mean_bits if "mean_codes" in st else 0, int(self.sparse_map)]
+        ptrs = [st["signs"], st["salient_cols"], st["residual_signs"], sparse, self.offsets, self.sal_start,
+                st["scale_codes"], st.get("scale2_delta"), st.get("mean_codes"), ref, scale_table, mean_table]
+        self.dims = torch.tensor(dims, dtype=torch.int64)
+        self.ptrs = torch.tensor([0 if t is None else t.data_ptr() for t in ptrs], dtype=torch.int64)
+
+    @classmethod
+    def build(cls, qweight) -> "CompactBinaryKernel | None":
+        """The kernel, or None where the C kernel's decoding of the scale codes would not give
+        `parameters_rows` exactly or a sparse position does not fit a byte."""
+        rows, cols = qweight.shape
+        ref, codes, scale_table, mean_table = (t.cpu() for t in qweight.parameter_codes(0, rows))
+        scales, means = qweight.parameters_rows(0, rows)
+        if not torch.equal(BinaryKernel._decode(ref, codes, scale_table, mean_table),
+                           torch.cat([scales, means], -1).cpu()):
+            return None
+        del codes, scales, means
+        positions, offsets = qweight.sparse_positions(0, rows)
+        not_sparse = None
+        if positions.shape[1] >= cols // 8:   # as many bytes as a bit per weight: the bits (faster to read)
+            sparse, offsets = pack_bool(qweight.sparse_rows(0, rows).cpu()), None
+        elif qweight.block_size > MAX_POSITION_BLOCK:
+            return None
+        else:   # a code naming a salient column or one past its block's end: NO_POSITION (kept for the codes)
+            positions = positions.cpu()
+            block = torch.repeat_interleave(torch.arange(qweight.n_blocks), offsets.diff())
+            col = (positions + block * qweight.block_size).clamp_max(cols - 1)
+            invalid = ((positions >= torch.tensor(qweight.block_widths())[block]) | qweight.salient_mask().cpu()[col])
+            by_block = lambda t: torch.cat([t[:, a:b].flatten() for a, b in zip(offsets[:-1], offsets[1:])])  # noqa: E731
+            invalid, positions = by_block(invalid), by_block(positions.to(torch.uint8))
+            not_sparse = (torch.nonzero(invalid).flatten(), positions[invalid])
+            sparse = positions.masked_fill(invalid, NO_POSITION).contiguous()
+        return cls(qweight, sparse, offsets, ref.float().contiguous(), scale_table.float().contiguous(),
+                   mean_table.float().contiguous(), not_sparse)
+
+    @staticmethod
+    def supports(qweight) -> bool:
+        """Compact BiLLM with byte-aligned columns and blocks, and the compiled helpers."""
+        return (getattr(qweight, "method", None) == "billm-compact" and qweight.shape[1] % 8 == 0
+                and qweight.block_size % 8 == 0 and native.available("binary_gemm")
+                and native.available("compact_gemm"))
+
+    def parts(self):
+        raise NotImplementedError("CompactBinaryKernel reads the stored tensors: it has no planes to unpack")
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensor it holds in another form: the sparse codes, re-encoded from the positions
+        (or the bits: their QuantLinear checks the result equal before it frees its own)."""
+        from luq.quant.billm_compact import sparse_bits_from_positions, sparse_positions_from_mask
+
+        positions = self.sparse
+        if self.not_sparse is not None and len(self.not_sparse[0]):
+            positions = positions.index_put((self.not_sparse[0],), self.not_sparse[1])
+        if not self.sparse_map:   # block by block -> [rows, npos]
+            widths = self.offsets.diff().tolist()
+            positions = torch.cat([part.view(self.rows, -1) for part in positions.split([self.rows * w for w in widths])], 1)
+        else:
+            salient = unpack_bool(self.stored["salient_cols"], self.in_features)
+            positions = sparse_positions_from_mask(unpack_bool(self.sparse, self.in_features), salient,
+                                                   self._runs, self._widths)
+        return {"sparse_codes": pack_bool(sparse_bits_from_positions(positions, self._runs, self._widths))}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this kernel holds beyond its weight's stored tensors (sparse group, references, tables,
+        offsets, salient columns, gather, column scales, and any copy of a stored tensor it made)."""
+        own = (self.sparse, *(self.not_sparse or ()), self.offsets, self.row_ref, self.scale_table, self.mean_table,
+               self.salient, self.sal_start, self.order, self.col_scale, self.dims, self.ptrs,
+               *self._copies.values())
+        return sum(t.numel() * t.element_size() for t in own if t is not None)
+
+    def prepare(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [tokens, in] as the kernel reads it: float32, stored column order, column-scaled."""
+        x2 = x2.float()
+        if self.order is not None:
+            x2 = x2.index_select(1, self.order)
+        return x2 if self.col_scale is None else x2 * self.col_scale
+
+    def lookup(self, x2: torch.Tensor) -> torch.Tensor:
+        return native.compact_gemv(self.dims, self.ptrs, x2, self.salient, torch.get_num_threads())
+
+    def weight(self, r0: int, r1: int) -> torch.Tensor:
+        return native.compact_expand(self.dims, self.ptrs, r0, r1)
+
+
 # --------------------------------------------------------------------------- transcoders
 
 
@@ -707,11 +846,16 @@ def int4_terms(qweight: QuantizedWeight) -> Int4Terms | None:
 def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
     """The fastest kernel that computes this weight exactly (up to bfloat16 rounding) on `device`.
     LUQ_KERNEL=tiled forces the generic path, LUQ_KERNEL=int4 the int4 terms and LUQ_KERNEL=binary the
-    bit planes for binarized weights (for comparisons; the default is `BinaryKernel` on CPU)."""
+    bit planes for binarized weights, compact BiLLM included (for comparisons; the default on CPU is
+    `CompactBinaryKernel` for compact BiLLM and `BinaryKernel` for BiLLM)."""
     choice = os.environ.get("LUQ_KERNEL", "auto")
-    if (device.type == "cpu" and choice in ("auto", "binary") and hasattr(qweight, "binary_parts")
-            and BinaryKernel.supports(qweight)):
-        return BinaryKernel(qweight)
+    if device.type == "cpu" and choice in ("auto", "binary") and hasattr(qweight, "binary_parts"):
+        kernel = (CompactBinaryKernel.build(qweight) if choice == "auto" and CompactBinaryKernel.supports(qweight)
+                  else None)
+        if kernel is not None:
+            return kernel
+        if BinaryKernel.supports(qweight):
+            return BinaryKernel(qweight)
     ops = _int4_ops(device) if choice != "tiled" else None
     if ops is not None:
         terms = int4_terms(qweight.to(device))

@@ -4,6 +4,8 @@
   terms of each input column summed (the dense prompt path of luq.quant.kernels).
 - `binary_gemv`, `binary_expand` (binary_gemm.c): binarized weights from their bit planes, few
   tokens by subset-sum lookups, prompts by a bfloat16 W^T tile (luq.quant.kernels.BinaryKernel).
+- `compact_gemv`, `compact_expand` (compact_gemm.c): compact BiLLM read from its stored tensors in
+  place, the same two paths (luq.quant.kernels.CompactBinaryKernel).
 - `split_errors`, `leading_split_errors` (binsearch.c): BiLLM's two searches row by row
   (luq.quant.binsearch).
 
@@ -68,6 +70,8 @@ SIGNATURES = {
     "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
                     "luq_binary_gemv": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I],
                     "luq_binary_expand": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I]},
+    "compact_gemm": {"luq_compact_gemv": [_P, _P, _P, _P, _P, _I, _I, _I, _P, _I],
+                     "luq_compact_expand": [_P, _P, _I, _I, _P, _I]},
     "binsearch": {"luq_split_errors": [_P, _I, _P, _I, _I, _I, _I, _P],
                   "luq_leading_split_errors": [_P, _P, _I, _P, _I, _I, _I, _P]},
 }
@@ -179,6 +183,40 @@ def binary_expand(planes, params: tuple, r0: int, r1: int) -> torch.Tensor:
     _run_parts(lambda i: lib["luq_binary_expand"](*args, bounds[i], bounds[i + 1],
                                                   out[bounds[i] - r0:].data_ptr(), out.stride(0)),
                threads, "binary_expand")
+    return out
+
+
+def compact_gemv(dims: torch.Tensor, ptrs: torch.Tensor, x: torch.Tensor, salient: torch.Tensor,
+                 threads: int) -> torch.Tensor:
+    """x (float32 [T, cols], stored column order, column-scaled) times W^T -> float32 [T, rows], W a compact
+    BiLLM weight read in place: `dims` (int64) and `ptrs` (int64 addresses) in compact_gemm.c's order, held
+    alive by the caller; salient: long [n_salient], the salient columns in order (their inputs gathered)."""
+    tables_fn = _library("binary_gemm")["luq_binary_tables"]
+    fn = _library("compact_gemm")["luq_compact_gemv"]
+    x = x.contiguous()
+    T, rows, nbytes = x.shape[0], int(dims[0]), int(dims[2])
+    tables = torch.empty(T, nbytes, 256)
+    tables_fn(x.data_ptr(), T, nbytes, tables.data_ptr())
+    xs = torch.nn.functional.pad(x.index_select(1, salient), (0, -len(salient) % 8)).contiguous()
+    rtables = torch.empty(T, xs.shape[1] // 8, 256)
+    tables_fn(xs.data_ptr(), T, xs.shape[1] // 8, rtables.data_ptr())
+    out = torch.empty(T, rows)
+    threads = max(1, min(threads, rows * nbytes // GEMV_BYTES_PER_THREAD))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    _run_parts(lambda i: fn(dims.data_ptr(), ptrs.data_ptr(), x.data_ptr(), tables.data_ptr(), rtables.data_ptr(), T,
+                            bounds[i], bounds[i + 1], out.data_ptr(), rows), threads, "compact_gemv")
+    return out
+
+
+def compact_expand(dims: torch.Tensor, ptrs: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """bfloat16 W [r1 - r0, cols] of weight rows [r0, r1) (stored column order, before the column scales)
+    from the stored tensors `compact_gemv` reads."""
+    fn = _library("compact_gemm")["luq_compact_expand"]
+    out = torch.empty(r1 - r0, int(dims[1]), dtype=torch.bfloat16)
+    threads = max(1, min(torch.get_num_threads(), (r1 - r0) // 8))
+    bounds = [r0 + (r1 - r0) * i // threads for i in range(threads + 1)]
+    _run_parts(lambda i: fn(dims.data_ptr(), ptrs.data_ptr(), bounds[i], bounds[i + 1],
+                            out[bounds[i] - r0:].data_ptr(), out.stride(0)), threads, "compact_expand")
     return out
 
 

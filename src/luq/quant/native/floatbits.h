@@ -10,6 +10,12 @@ static inline float bits_to_f32(uint32_t u) {
     return f;
 }
 
+static inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even (values here are finite) */
     uint32_t u;
     memcpy(&u, &f, 4);
