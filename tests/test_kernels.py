@@ -138,7 +138,7 @@ def test_quantlinear_uses_the_kernel_with_bias_and_dtypes():
 HELD_OVER_STORED = {"gptq4-g128": 1.2, "gptq3-g64-gidx": 1.85, "gptq8-g32": 1.55, "billm": 1.2,
                     "billm-k5g64r": 1.5, "billm-k16g64": 1.3}
 HANDED_OVER = {"gptq": ("qweight",), "billm": ("signs", "residual_signs", "sparse_bitmap", "scales", "means"),
-               "billm-compact": ("sparse_codes",)}
+               "billm-compact": ("signs", "sparse_codes")}
 
 
 @pytest.mark.parametrize("fmt", list(HELD_OVER_STORED))
@@ -252,7 +252,7 @@ def test_compact_kernel_on_codes_naming_no_sparse_weight():
     assert torch.equal(kernel.weight(0, q.shape[0]), tile)
     module = QuantLinear(q)
     module(x[:1])
-    assert module.handed_over == ("sparse_codes",)
+    assert module.handed_over == ("signs", "sparse_codes")
     assert all(torch.equal(t, q.state_dict()[n]) for n, t in module.state_dict().items())
 
 

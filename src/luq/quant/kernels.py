@@ -601,12 +601,15 @@ class CompactBinaryKernel(BinaryKernel):
         self.not_sparse = not_sparse   # (flat indices, stored values) of the NO_POSITION entries
         rows, cols = qweight.shape
         salient_mask = qweight.salient_mask().cpu()
-        stored = {n: getattr(qweight, n) for n in ("signs", "salient_cols", "residual_signs", "scale_codes",
+        stored = {n: getattr(qweight, n) for n in ("salient_cols", "residual_signs", "scale_codes",
                                                     "scale2_delta", "mean_codes") if getattr(qweight, n) is not None}
         # the weight's own tensors, where they are laid out as the C kernel reads them (else copies, counted)
         self._copies = {n: t.cpu().contiguous() for n, t in stored.items()
                         if not (t.is_contiguous() and t.device.type == "cpu")}
         self.stored = {**stored, **self._copies}
+        # the signs block by block (`_by_block_bytes`: a block of all rows is one stream; read in stored order,
+        # they strided the rows and cost up to 2x the time): a copy, and the stored signs handed over
+        self.signs = self._by_block_bytes(qweight.signs.cpu(), qweight.block_size // 8)
         self.sparse, self.sparse_map = sparse, offsets is None
         self.offsets = torch.zeros(qweight.n_blocks + 1, dtype=torch.int64) if offsets is None else offsets
         self.row_ref, self.scale_table, self.mean_table = ref, scale_table, mean_table
@@ -625,7 +628,7 @@ class CompactBinaryKernel(BinaryKernel):
                 st["scale2_delta"].shape[1] if d else 0, d,
                 st["mean_codes"].shape[1] if "mean_codes" in st else 0,
                 qweight.mean_bits if "mean_codes" in st else 0, int(self.sparse_map)]
-        ptrs = [st["signs"], st["salient_cols"], st["residual_signs"], sparse, self.offsets, self.sal_start,
+        ptrs = [self.signs, st["salient_cols"], st["residual_signs"], sparse, self.offsets, self.sal_start,
                 st["scale_codes"], st.get("scale2_delta"), st.get("mean_codes"), ref, scale_table, mean_table]
         self.dims = torch.tensor(dims, dtype=torch.int64)
         self.ptrs = torch.tensor([0 if t is None else t.data_ptr() for t in ptrs], dtype=torch.int64)
@@ -644,7 +647,7 @@ class CompactBinaryKernel(BinaryKernel):
         positions, offsets = qweight.sparse_positions(0, rows)
         not_sparse = None
         if positions.shape[1] >= cols // 8:   # as many bytes as a bit per weight: the bits (faster to read)
-            sparse, offsets = pack_bool(qweight.sparse_rows(0, rows).cpu()), None
+            sparse, offsets = cls._by_block_bytes(pack_bool(qweight.sparse_rows(0, rows).cpu()), qweight.block_size // 8), None
         elif qweight.block_size > MAX_POSITION_BLOCK:
             return None
         else:   # a code naming a salient column or one past its block's end: NO_POSITION (kept for the codes)
@@ -682,15 +685,28 @@ class CompactBinaryKernel(BinaryKernel):
             positions = torch.cat([part.view(self.rows, -1) for part in positions.split([self.rows * w for w in widths])], 1)
         else:
             salient = unpack_bool(self.stored["salient_cols"], self.in_features)
-            positions = sparse_positions_from_mask(unpack_bool(self.sparse, self.in_features), salient,
-                                                   self._runs, self._widths)
-        return {"sparse_codes": pack_bool(sparse_bits_from_positions(positions, self._runs, self._widths))}
+            mask = unpack_bool(self._by_row_bytes(self.sparse), self.in_features)
+            positions = sparse_positions_from_mask(mask, salient, self._runs, self._widths)
+        return {"signs": self._by_row_bytes(self.signs),
+                "sparse_codes": pack_bool(sparse_bits_from_positions(positions, self._runs, self._widths))}
+
+    @staticmethod
+    def _by_block_bytes(packed: torch.Tensor, block_bytes: int) -> torch.Tensor:
+        """uint8 [rows, nbytes] -> block by block: block b's bytes of all rows, [rows, its bytes], one
+        after the other (1-D). Inverse: `_by_row_bytes`."""
+        return torch.cat([packed[:, q0:q0 + block_bytes].flatten() for q0 in range(0, packed.shape[1], block_bytes)])
+
+    def _by_row_bytes(self, by_block: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_by_block_bytes`: uint8 [rows, in / 8]."""
+        widths = [len(range(q0, min(q0 + self.block_size // 8, self.in_features // 8)))
+                  for q0 in range(0, self.in_features // 8, self.block_size // 8)]
+        return torch.cat([part.view(self.rows, -1) for part in by_block.split([self.rows * w for w in widths])], 1)
 
     @property
     def nbytes(self) -> int:
         """Bytes this kernel holds beyond its weight's stored tensors (sparse group, references, tables,
         offsets, salient columns, gather, column scales, and any copy of a stored tensor it made)."""
-        own = (self.sparse, *(self.not_sparse or ()), self.offsets, self.row_ref, self.scale_table, self.mean_table,
+        own = (self.signs, self.sparse, *(self.not_sparse or ()), self.offsets, self.row_ref, self.scale_table, self.mean_table,
                self.salient, self.sal_start, self.order, self.col_scale, self.dims, self.ptrs,
                *self._copies.values())
         return sum(t.numel() * t.element_size() for t in own if t is not None)

@@ -3,7 +3,9 @@
    few-token path turns each 8-column byte into one lookup of precomputed subset sums.
 
    What it reads, in stored column order (act-order and column scales are applied to the input):
-     signs     uint8 [rows][nbytes]     the first sign of every column (the stored `signs`)
+     signs     uint8, block by block      the first sign of every column: the stored `signs`, block b's
+                                        bytes of all rows ([rows][its bytes]) from rows * b * block / 8, so
+                                        that a block of all rows is one stream
      sal       uint8 [nbytes]           the salient columns (the stored `salient_cols`)
      resid     uint8 [rows][rbytes]     the second sign of each salient column, in salient order
                                         (the stored `residual_signs`)
@@ -127,9 +129,9 @@ int luq_compact_gemv(const int64_t *d, void *const *p, const float *x, const flo
         const unsigned head = 0xFFu << (rs0 & 7), tail = 0xFFu >> (7 - ((rs1 - 1) & 7));
         const int64_t nbp = pos_off[b + 1] - pos_off[b];
         for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *u1 = signs + r * nbytes, *u2 = resid + r * rbytes;
+            const uint8_t *u1 = signs + b * d[ROWS] * bb + r * (q1 - q0) - q0, *u2 = resid + r * rbytes;  /* by column byte */
             /* positions block by block ([rows][nbp] from rows * pos_off[b]); the bits row by row */
-            const uint8_t *pr = d[SPMAP] ? pos + r * nbytes : pos + d[ROWS] * pos_off[b] + r * nbp;
+            const uint8_t *pr = d[SPMAP] ? pos + b * d[ROWS] * bb + r * (q1 - q0) - q0 : pos + d[ROWS] * pos_off[b] + r * nbp;
             float a[8];
             load_params(d, p, r, b, a);
             uint64_t w[4] = {0, 0, 0, 0};   /* the block's first signs as 256 bits (zero past its end) */
@@ -209,10 +211,13 @@ int luq_compact_expand(const int64_t *d, void *const *p, int64_t r0, int64_t r1,
 #endif
     for (int64_t r = r0; r < r1; r++) {
         uint16_t *o = out + (r - r0) * ld;
-        const uint8_t *u1 = signs + r * nbytes, *u2 = resid + r * rbytes, *pr = pos + r * nbytes;  /* the bits */
+        const uint8_t *u2 = resid + r * rbytes;
         for (int64_t b = 0; b < nb; b++) {
             const int64_t q0 = b * bb, q1 = (b + 1) * bb < nbytes ? (b + 1) * bb : nbytes;
             const int64_t c0 = b * d[BLOCK], c1 = q1 * 8 < cols ? q1 * 8 : cols;
+            /* the block's first signs and sparse bits (spmap), indexed by column byte */
+            const uint8_t *u1 = signs + b * d[ROWS] * bb + r * (q1 - q0) - q0;
+            const uint8_t *pr = pos + b * d[ROWS] * bb + r * (q1 - q0) - q0;
             float a[8];
             load_params(d, p, r, b, a);
             const uint16_t vc[2] = {f32_to_bf16(-a[2] + a[6]), f32_to_bf16(a[2] + a[6])};
