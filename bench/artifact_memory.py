@@ -2,7 +2,8 @@
 the baseline of a process that has imported everything and loaded the tokenizer; it also counts
 what the forward leaves behind: allocator caches, library workspaces) and the bytes of the tensors
 the model then holds (parameters, buffers and the QuantLinear kernels), and on-disk size, each against
-the report's `total_bytes`; the full-precision model loaded the same way for comparison.
+the report's `total_bytes`; the full-precision model loaded the same way for comparison; then the
+quantized linears by method, bits per weight stored and held.
 
     python -m bench.artifact_memory out/demo [--base smollm2]
 
@@ -47,16 +48,23 @@ with torch.no_grad():  # touch every weight: memory-mapped pages count once they
 delta = rss() - base
 storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in list(model.parameters()) + list(model.buffers())}   # tied tensors once
-kernels = sum(m.kernel.nbytes for m in model.modules() if isinstance(m, luq.quant.QuantLinear))
-print(json.dumps({"rss_delta": delta, "tensors": sum(storages.values()) + kernels}))
+linears = [m for m in model.modules() if isinstance(m, luq.quant.QuantLinear)]
+kernels = sum(m.kernel.nbytes for m in linears)
+by_method = {}   # quantized linears by method: weights, stored bytes, bytes held (stored tensors kept + kernel)
+for m in linears:
+    bias = 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
+    row = by_method.setdefault(m.weight_config["method"], [0, 0, 0])
+    row[0] += m.in_features * m.out_features; row[1] += m.nbytes; row[2] += m.resident_nbytes - bias
+print(json.dumps({"rss_delta": delta, "tensors": sum(storages.values()) + kernels, "by_method": by_method}))
 """
 
 
-def probe(what: str, arg: str, dtype: str) -> tuple[int, int]:
-    """(RSS over the baseline, bytes of the tensors the model holds: parameters, buffers, kernels)."""
+def probe(what: str, arg: str, dtype: str) -> tuple[int, int, dict]:
+    """(RSS over the baseline, bytes of the tensors the model holds: parameters, buffers, kernels; the
+    quantized linears by method: [weights, stored bytes, bytes held])."""
     out = subprocess.run([sys.executable, "-c", PROBE, what, arg, dtype], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result["rss_delta"], result["tensors"]
+    return result["rss_delta"], result["tensors"], result["by_method"]
 
 
 def main(argv=None) -> None:
@@ -67,7 +75,7 @@ def main(argv=None) -> None:
     report = json.loads((args.artifact / "luq_report.json").read_text())
     total = report["total_bytes"]
     disk = sum(f.stat().st_size for f in args.artifact.glob("*.safetensors"))
-    rows = [("artifact on disk (safetensors files)", (disk, None)),
+    rows = [("artifact on disk (safetensors files)", (disk, None, {})),
             ("artifact loaded, float16 unquantized tensors", probe("artifact", str(args.artifact), "float16")),
             ("artifact loaded, float32 unquantized tensors", probe("artifact", str(args.artifact), "float32"))]
     base = args.base or report["model"]
@@ -75,9 +83,14 @@ def main(argv=None) -> None:
              (f"{base} unquantized, float32", probe("model", base, "float32"))]
     print(f"report total_bytes = {total:,} ({report['k']} layers at low bit, {report['avg_bits']:.3f} true bits)\n")
     print("| what | bytes (RSS over baseline) | / total_bytes | tensors held | / total_bytes |\n|---|---:|---:|---:|---:|")
-    for name, (value, held) in rows:
+    for name, (value, held, _) in rows:
         tail = "| |" if held is None else f"| {held:,} | {held / total:.3f} |"
         print(f"| {name} | {value:,} | {value / total:.3f} {tail}")
+    print("\nquantized linears after one forward (float16 load), by method: bits per weight stored and held "
+          "(the stored tensors they keep and their kernels')\n")
+    print("| method | weights | stored bits | held bits | held / stored |\n|---|---:|---:|---:|---:|")
+    for method, (weights, stored, held) in rows[1][1][2].items():
+        print(f"| {method} | {weights:,} | {8 * stored / weights:.3f} | {8 * held / weights:.3f} | {held / stored:.3f} |")
 
 
 if __name__ == "__main__":

@@ -123,14 +123,13 @@ int luq_compact_gemv(const int64_t *d, void *const *p, const float *x, const flo
         memset(out + t * ld + r0, 0, sizeof(float) * (size_t)(r1 - r0));
     for (int64_t b = 0; b < nb; b++) {   /* block by block over all rows: the tables of one block stay in cache */
         const int64_t q0 = b * bb, q1 = (b + 1) * bb < nbytes ? (b + 1) * bb : nbytes;
-        const int64_t c0 = b * d[BLOCK], c1 = q1 * 8 < cols ? q1 * 8 : cols;
         const int64_t rs0 = sal_start[b], rs1 = sal_start[b + 1];
         const int64_t rq0 = rs0 >> 3, rq1 = rs1 > rs0 ? (rs1 - 1) >> 3 : rq0 - 1;
         const unsigned head = 0xFFu << (rs0 & 7), tail = 0xFFu >> (7 - ((rs1 - 1) & 7));
         const int64_t nbp = pos_off[b + 1] - pos_off[b];
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *u1 = signs + b * d[ROWS] * bb + r * (q1 - q0) - q0, *u2 = resid + r * rbytes;  /* by column byte */
-            /* positions block by block ([rows][nbp] from rows * pos_off[b]); the bits row by row */
+            /* the sparse positions ([rows][nbp] from rows * pos_off[b]) or bits (as the signs) */
             const uint8_t *pr = d[SPMAP] ? pos + b * d[ROWS] * bb + r * (q1 - q0) - q0 : pos + d[ROWS] * pos_off[b] + r * nbp;
             float a[8];
             load_params(d, p, r, b, a);
