@@ -2,8 +2,9 @@
 
     python bench/cuda_check.py [--size 4096] [--formats gptq4 gptq3 billm] [--json out.json]
 
-No test here runs it (the machine the kernels were written on has no GPU). For GPTQ-4 g128,
-GPTQ-3 g128 and BiLLM QuantLinears of size x size random weights (luq's own solvers on a random W
+No test runs it (the machine the kernels were written on has no GPU); it ran on an H200
+(bench/results/cuda_check-4096.json, -576.json). For GPTQ-4 g128,
+GPTQ-3 g128, BiLLM and compact BiLLM (billm-k5g64r) QuantLinears of size x size random weights (luq's own solvers on a random W
 and H = X^T X), it reports the kernel `kernel_for` chose (the tinygemm Int4Kernel when its build probe
 passed, else the tiled fallback and the warning line), the relative error of its two paths (the
 tinygemm op, the dense prompt path) against float32 F.linear on the dequantized weight (the largest
@@ -11,8 +12,7 @@ over tokens of ||y_t - ref_t|| / ||ref_t||, for 1 and 128 tokens; bfloat16 round
 tests/test_kernels.py bounds it by 6e-3), and the time per call by token count of both paths, of
 dense bfloat16 F.linear and of the tiled kernel (CUDA events, median of 20 after 3 warm-up calls).
 The crossover printed is the smallest token count from which the dense path is faster at every larger
-count measured: `DENSE_FROM_TOKENS_CUDA` in luq/quant/kernels.py (now an unmeasured guess) should be set
-from it. Exits with one line when there is no CUDA device.
+count measured: `DENSE_FROM_TOKENS_CUDA` in luq/quant/kernels.py is set from it. Exits with one line when there is no CUDA device.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from luq.quant import GPTQ, BiLLM, QuantLinear
+from luq.quant import GPTQ, BiLLM, QuantLinear, get_format
 from luq.quant import kernels as K
 
 TOKENS = (1, 4, 16, 64, 128, 512, 2048)
 CHECK_TOKENS = (1, 128)
 SOLVERS = {"gptq4": lambda: GPTQ(bits=4, group_size=128), "gptq3": lambda: GPTQ(bits=3, group_size=128),
-           "billm": lambda: BiLLM()}
+           "billm": lambda: BiLLM(), "billm-k5g64r": lambda: get_format("billm-k5g64r")}
 
 
 def quantized_layer(fmt: str, size: int, device: torch.device) -> QuantLinear:

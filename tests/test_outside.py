@@ -17,7 +17,7 @@ from luq.models.loading import load_model
 from luq.plan import KEEP
 from luq.quant import get_format
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
-from luq.quant.linear import QuantLinear
+from luq.quant.linear import QuantLinear, dequantize_modules
 from tiny_models import tiny_llama_dir, tiny_llava_dir
 
 CALIBRATION = CalibrationConfig(samples=4, seq_len=32, seed=0)
@@ -47,6 +47,11 @@ def test_packed_embedding_and_tied_head_match_dequantize(smollm2_embedding):
     # the head runs QuantLinear's fast kernel (bfloat16 activations): the bound of tests/test_kernels.py
     assert float((head(x) - reference).norm() / reference.norm()) <= 6e-3
     assert embedding.nbytes == q.nbytes and not list(head.buffers())  # the head holds no copy
+    # dequantize_modules densifies the tied head too (evaluation speed): the exact dequantized weight
+    owner = torch.nn.Module()
+    owner.head = head
+    assert dequantize_modules(owner) == 1 and type(owner.head) is torch.nn.Linear
+    assert torch.equal(owner.head.weight, table)
 
 
 @pytest.fixture(scope="module")

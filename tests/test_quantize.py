@@ -341,3 +341,29 @@ def test_each_cached_variant_says_where_it_was_solved(tiny, by_layers):
     with safe_open(str(files[0]), framework="pt") as f:
         solved = json.loads(f.metadata()["luq"])["solved_on"]
     assert solved["threads"] >= 1 and solved["torch"] == torch.__version__ and solved["cpu"]
+
+
+def test_variant_cache_reads_a_file_once_and_refuses_torn_or_foreign_ones(tmp_path):
+    """A cached layer comes back whole (metadata and tensors from one open); a file of other weights is
+    None; a torn file is None with one warning (it is then recomputed)."""
+    import warnings
+
+    from luq.quant import get_format
+    from luq.variants import FormatResult, VariantCache
+
+    fmt = get_format("rtn4-g64")
+    q = fmt.quantize(torch.randn(64, 128), None)
+    cache = VariantCache(tmp_path, {"model": "test"})
+    cache.save(3, fmt, FormatResult(fmt.name, {"mlp.up_proj": q}, {"mlp.up_proj": FormatResult.record_of(q, 0.1)}, 1.5),
+               layer_digest="abc")
+    got = cache.load(3, fmt, layer_digest="abc")
+    assert torch.equal(got.weights["mlp.up_proj"].dequantize(), q.dequantize()) and got.seconds == 1.5
+    assert cache.record(3, fmt, layer_digest="abc").records["mlp.up_proj"]["error"] == 0.1
+    assert cache.load(3, fmt, layer_digest="other") is None and cache.record(3, fmt, layer_digest="other") is None
+    assert cache.load(4, fmt) is None   # absent
+    path = cache.path(3, fmt)
+    path.write_bytes(path.read_bytes()[:40])   # torn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cache.load(3, fmt, layer_digest="abc") is None
+    assert len(caught) == 1 and "unreadable cache file" in str(caught[0].message)

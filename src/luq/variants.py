@@ -113,40 +113,38 @@ class VariantCache:
                 "records": result.records, "seconds": result.seconds, "solved_on": solved_on()}
         atomic_write(self.path(index, fmt), lambda tmp: save_file(tensors, str(tmp), {"luq": json.dumps(meta)}))
 
-    def _meta(self, path: Path, layer_digest: str | None) -> dict | None:
+    def _read(self, path: Path, layer_digest: str | None, device: torch.device | str | None = None,
+              ) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """The file's metadata and, given a device, its tensors (else {}), in one open; None if the file
+        is absent, unreadable (a torn or foreign file: one warning, recomputed) or made from other weights."""
+        if not path.exists():
+            return None
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
                 meta = json.loads(f.metadata()["luq"])
-        except Exception as e:  # a torn or foreign file: recompute
+                if layer_digest is not None and meta["layer_digest"] != layer_digest:
+                    return None
+                tensors = {} if device is None else {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:
             warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}); recomputing it", stacklevel=3)
             return None
-        if layer_digest is not None and meta["layer_digest"] != layer_digest:
-            return None
-        return meta
+        return meta, tensors
 
     def record(self, index: int, fmt: Format, layer_digest: str | None = None) -> FormatResult | None:
         """What the file measured (bytes, errors, seconds), without reading its tensors; None if absent."""
-        path = self.path(index, fmt)
-        meta = self._meta(path, layer_digest) if path.exists() else None
-        if meta is None:
+        read = self._read(self.path(index, fmt), layer_digest)
+        if read is None:
             return None
+        meta = read[0]
         return FormatResult(fmt.name, {}, meta["records"], meta["seconds"])
 
     def load(self, index: int, fmt: Format, layer_digest: str | None = None,
              device: torch.device | str = "cpu") -> FormatResult | None:
         """The layer's linears in `fmt`, or None if absent, unreadable, or made from other weights."""
-        path = self.path(index, fmt)
-        if not path.exists():
+        read = self._read(self.path(index, fmt), layer_digest, device)
+        if read is None:
             return None
-        meta = self._meta(path, layer_digest)
-        if meta is None:
-            return None
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:
-            warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}); recomputing it", stacklevel=2)
-            return None
+        meta, tensors = read
         weights = {}
         for name, config in meta["configs"].items():
             prefix = f"{name}/"

@@ -189,13 +189,17 @@ def _module_device(module: nn.Module) -> torch.device:
 
 
 def dequantize_modules(model: nn.Module) -> int:
-    """Swap every QuantLinear under `model` for an nn.Linear holding its dequantized weight
-    (in the module's compute dtype or float32): the same function, without unpacking at each
-    forward, at full-precision memory. For evaluating many configurations fast; returns the count."""
+    """Swap every QuantLinear under `model` (and every head tied to a packed embedding) for an
+    nn.Linear holding its dequantized weight (in the module's compute dtype or float32): the same
+    function, without unpacking at each forward, at full-precision memory. For evaluating many
+    configurations fast; returns the count."""
+    from luq.quant.embedding import TiedQuantHead   # embedding builds on this module
+
     swapped = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            weight = module.quantized_weight.dequantize(module.compute_dtype or torch.float32)
+        if isinstance(module, (QuantLinear, TiedQuantHead)):
+            packed = module if isinstance(module, QuantLinear) else module.embedding
+            weight = packed.quantized_weight.dequantize(packed.compute_dtype or torch.float32)
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                               device=weight.device, dtype=weight.dtype)
             dense.weight.data = weight
