@@ -275,9 +275,10 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
         if is_streamed(model):  # layer by layer: the same activations, one decoder layer in memory
             hidden = layerwise_hidden(model, adapter, batches)  # the vision linears' hooks fire at layer 0's input
             norm = adapter.decoder(model).norm
+            where = next((p.device for p in norm.parameters()), None)   # the layers may have run elsewhere (a GPU)
             for h, (_, kinds) in zip(hidden, batches):
                 state["keep"] = kinds != PAD
-                norm(h)
+                norm(h if where is None else h.to(where))
         else:
             device = next(model.parameters()).device
             for inputs, kinds in batches:
