@@ -111,7 +111,7 @@ def wall_medians(fns: dict, calls: int, rounds: int = 7) -> dict:
 def measure_binary(fmt: str, rows: int, cols: int) -> dict:
     q = quantized(fmt, rows, cols)
     binary = K.kernel_for(q, torch.device("cpu"))   # BinaryKernel; compact BiLLM: CompactBinaryKernel
-    planes = K.BinaryKernel(q) if not type(binary) is K.BinaryKernel else None   # compact: the planes beside it
+    planes = K.BinaryKernel(q) if type(binary) is not K.BinaryKernel else None   # compact: the planes beside it
     int4 = K.Int4Kernel(K.int4_terms(q), cols, K._int4_ops(torch.device("cpu")))
     W = q.dequantize()
     module = QuantLinear(q)

@@ -239,16 +239,22 @@ class CompactBiLLMWeight(QuantizedWeight):
         bits = unpack_bool(self.sparse_codes[start:stop], self._sparse_code_bits(runs_bk))
         return sparse_positions_from_bits(bits, runs_bk, self.block_widths())
 
-    def sparse_rows(self, start: int, stop: int) -> torch.Tensor:
-        """bool [rows, in]: the sparse group of rows [start, stop) (salient columns excluded)."""
-        rows, cols = stop - start, self.shape[1]
-        positions, offsets = self.sparse_positions(start, stop)
+    def sparse_columns(self, positions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The input column each position of `sparse_positions` names, or -1 where it names no sparse
+        weight (past its block's end, or a salient column): int64 [rows, npos]."""
         device = positions.device
         block = torch.repeat_interleave(torch.arange(self.n_blocks), offsets.diff()).to(device)
         widths = torch.tensor(self.block_widths(), device=device)
-        col = torch.where(positions < widths[block], positions + block * self.block_size, cols)  # padding: a spare column
+        col = torch.where(positions < widths[block], positions + block * self.block_size, -1)
+        salient = torch.nn.functional.pad(self.salient_mask().to(device), (0, 1))   # column -1: the pad, not salient
+        return col.masked_fill(salient[col], -1)
+
+    def sparse_rows(self, start: int, stop: int) -> torch.Tensor:
+        """bool [rows, in]: the sparse group of rows [start, stop) (salient columns excluded)."""
+        rows, cols = stop - start, self.shape[1]
+        col = self.sparse_columns(*self.sparse_positions(start, stop))
         mask = torch.zeros(rows, cols + 1, dtype=torch.bool, device=self.signs.device)
-        return mask.scatter_(1, col, True)[:, :cols] & ~self.salient_mask()[None, :]
+        return mask.scatter_(1, col.masked_fill(col < 0, cols), True)[:, :cols]   # no sparse weight: a spare column
 
     def decoded_column_scales(self) -> torch.Tensor:
         """float32 [in]: the column scales (stored as fp16, or as 8-bit log codes)."""

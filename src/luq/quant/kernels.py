@@ -584,15 +584,16 @@ class BinaryKernel(nn.Module):
 
 
 class CompactBinaryKernel(BinaryKernel):
-    """A compact BiLLM weight (`CompactBiLLMWeight`) multiplied from its stored tensors in place
-    (compact_gemm.c): the signs, salient mask, second signs and scale (delta, mean) codes are the very
-    tensors its QuantLinear holds, read in stored column order, salient columns through the mask. What the
-    kernel adds: the sparse group decoded once (`sparse`), as positions (uint8 [rows, npos], one byte per
-    sparse weight: 0.63 bit per weight at 5 of 64) or, where that is no larger (8 or more of 64), as a bit
-    per weight (uint8 [rows, in / 8]): decoding the k-of-G codes at every token would cost more than the
-    product; each row's scale reference as float32, the two code tables, and the act-order gather and
-    column scales ([in]). It gives the sparse codes back (`stored_tensors`), so that its QuantLinear frees
-    them. Few tokens: per row and block, one lookup per byte of the signs and per salient byte, the second
+    """A compact BiLLM weight (`CompactBiLLMWeight`) multiplied from its stored tensors (compact_gemm.c):
+    the salient mask, second signs and scale (delta, mean) codes are the very tensors its QuantLinear holds,
+    read in stored column order, salient columns through the mask. What the kernel holds besides: the signs
+    block by block (`_by_block`: read in stored order they strided the rows, up to 2x the time); the sparse
+    group decoded once (`sparse`, block by block too), as positions (one byte per sparse weight: 0.63 bit per
+    weight at 5 of 64; NO_POSITION where a stored code names no sparse weight, its value kept in
+    `not_sparse`) or, where that is no larger (8 or more of 64), as a bit per weight: decoding the k-of-G
+    codes at every token would cost more than the product; each row's scale reference as float32, the two
+    code tables, and the act-order gather and column scales ([in]). It gives the signs and sparse codes back
+    (`stored_tensors`), so that its QuantLinear frees them. Few tokens: per row and block, one lookup per byte of the signs and per salient byte, the second
     signs by lookups in the salient inputs' own tables, two loads per sparse position (or two lookups per
     byte of the bits), in float32 as BinaryKernel; prompts: a transient bfloat16 tile of W and one bfloat16
     GEMM. `build` gives None where the C kernel's decoding of the scale codes would not give
@@ -613,9 +614,9 @@ class CompactBinaryKernel(BinaryKernel):
         self._copies = {n: t.cpu().contiguous() for n, t in stored.items()
                         if not (t.is_contiguous() and t.device.type == "cpu")}
         self.stored = {**stored, **self._copies}
-        # the signs block by block (`_by_block_bytes`: a block of all rows is one stream; read in stored order,
-        # they strided the rows and cost up to 2x the time): a copy, and the stored signs handed over
-        self.signs = self._by_block_bytes(qweight.signs.cpu(), qweight.block_size // 8)
+        # the signs block by block (`_by_block`): a copy, and the stored signs handed over
+        self._bytes = self._byte_widths(qweight)
+        self.signs = self._by_block(qweight.signs.cpu(), self._bytes)
         self.sparse, self.sparse_map = sparse, offsets is None
         self.offsets = torch.zeros(qweight.n_blocks + 1, dtype=torch.int64) if offsets is None else offsets
         self.row_ref, self.scale_table, self.mean_table = ref, scale_table, mean_table
@@ -653,16 +654,14 @@ class CompactBinaryKernel(BinaryKernel):
         positions, offsets = qweight.sparse_positions(0, rows)
         not_sparse = None
         if positions.shape[1] >= cols // 8:   # as many bytes as a bit per weight: the bits (faster to read)
-            sparse, offsets = cls._by_block_bytes(pack_bool(qweight.sparse_rows(0, rows).cpu()), qweight.block_size // 8), None
+            sparse = cls._by_block(pack_bool(qweight.sparse_rows(0, rows).cpu()), cls._byte_widths(qweight))
+            offsets = None
         elif qweight.block_size > MAX_POSITION_BLOCK:
             return None
         else:   # a code naming a salient column or one past its block's end: NO_POSITION (kept for the codes)
-            positions = positions.cpu()
-            block = torch.repeat_interleave(torch.arange(qweight.n_blocks), offsets.diff())
-            col = (positions + block * qweight.block_size).clamp_max(cols - 1)
-            invalid = ((positions >= torch.tensor(qweight.block_widths())[block]) | qweight.salient_mask().cpu()[col])
-            by_block = lambda t: torch.cat([t[:, a:b].flatten() for a, b in zip(offsets[:-1], offsets[1:])])  # noqa: E731
-            invalid, positions = by_block(invalid), by_block(positions.to(torch.uint8))
+            widths = offsets.diff().tolist()
+            invalid = cls._by_block(qweight.sparse_columns(positions, offsets).cpu() < 0, widths)
+            positions = cls._by_block(positions.cpu().to(torch.uint8), widths)
             not_sparse = (torch.nonzero(invalid).flatten(), positions[invalid])
             sparse = positions.masked_fill(invalid, NO_POSITION).contiguous()
         return cls(qweight, sparse, offsets, ref.float().contiguous(), scale_table.float().contiguous(),
@@ -686,27 +685,30 @@ class CompactBinaryKernel(BinaryKernel):
         positions = self.sparse
         if self.not_sparse is not None and len(self.not_sparse[0]):
             positions = positions.index_put((self.not_sparse[0],), self.not_sparse[1])
-        if not self.sparse_map:   # block by block -> [rows, npos]
-            widths = self.offsets.diff().tolist()
-            positions = torch.cat([part.view(self.rows, -1) for part in positions.split([self.rows * w for w in widths])], 1)
+        if not self.sparse_map:
+            positions = self._by_row(positions, self.rows, self.offsets.diff().tolist())
         else:
             salient = unpack_bool(self.stored["salient_cols"], self.in_features)
-            mask = unpack_bool(self._by_row_bytes(self.sparse), self.in_features)
+            mask = unpack_bool(self._by_row(self.sparse, self.rows, self._bytes), self.in_features)
             positions = sparse_positions_from_mask(mask, salient, self._runs, self._widths)
-        return {"signs": self._by_row_bytes(self.signs),
+        return {"signs": self._by_row(self.signs, self.rows, self._bytes),
                 "sparse_codes": pack_bool(sparse_bits_from_positions(positions, self._runs, self._widths))}
 
     @staticmethod
-    def _by_block_bytes(packed: torch.Tensor, block_bytes: int) -> torch.Tensor:
-        """uint8 [rows, nbytes] -> block by block: block b's bytes of all rows, [rows, its bytes], one
-        after the other (1-D). Inverse: `_by_row_bytes`."""
-        return torch.cat([packed[:, q0:q0 + block_bytes].flatten() for q0 in range(0, packed.shape[1], block_bytes)])
+    def _byte_widths(qweight) -> list[int]:
+        """Bytes of each block's columns in a packed row (whole bytes: `supports`)."""
+        return [w // 8 for w in qweight.block_widths()]
 
-    def _by_row_bytes(self, by_block: torch.Tensor) -> torch.Tensor:
-        """Inverse of `_by_block_bytes`: uint8 [rows, in / 8]."""
-        widths = [len(range(q0, min(q0 + self.block_size // 8, self.in_features // 8)))
-                  for q0 in range(0, self.in_features // 8, self.block_size // 8)]
-        return torch.cat([part.view(self.rows, -1) for part in by_block.split([self.rows * w for w in widths])], 1)
+    @staticmethod
+    def _by_block(t: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """[rows, sum(widths)] -> 1-D, block by block: block b's `widths[b]` columns of all rows ([rows, widths[b]])
+        after block b - 1's, so that the C kernel reads a block of all rows as one stream. Inverse: `_by_row`."""
+        return torch.cat([part.flatten() for part in t.split(widths, 1)])
+
+    @staticmethod
+    def _by_row(flat: torch.Tensor, rows: int, widths: list[int]) -> torch.Tensor:
+        """Inverse of `_by_block`: [rows, sum(widths)]."""
+        return torch.cat([part.view(rows, -1) for part in flat.split([rows * w for w in widths])], 1)
 
     @property
     def nbytes(self) -> int:
