@@ -33,8 +33,12 @@ $(BSTAMP): $(STAMP)
 
 venv: $(STAMP)
 
+# The kernel tests again on torch's AVX2 and portable int4 packings (they differ per CPU capability):
+# an AVX-512 machine checks the paths of AVX2 ones too.
 test: $(STAMP)
 	$(VPY) -m pytest -q
+	ATEN_CPU_CAPABILITY=avx2 $(VPY) -m pytest -q tests/test_kernels.py
+	ATEN_CPU_CAPABILITY=default $(VPY) -m pytest -q tests/test_kernels.py
 
 # the README's solver table (with the llmcompressor peer); ~8 minutes on 2 cores
 bench: $(BSTAMP)

@@ -58,10 +58,12 @@ def artifact_configs(model: str) -> dict[str, luq.LUQConfig]:
     }
 
 
-def make_artifacts(model: str, root: Path) -> dict[str, Path]:
-    """The artifacts of `model` under root (made with luq.quantize when missing)."""
+def make_artifacts(model: str, root: Path, variants: list[str] | None = None) -> dict[str, Path]:
+    """The artifacts of `model` under root (made with luq.quantize when missing): all, or `variants`."""
     out = {}
     for name, config in artifact_configs(model).items():
+        if variants and name not in variants:
+            continue
         path = root / f"{model}-{name}"
         if not (path / "luq_report.json").is_file():
             t0 = time.perf_counter()
@@ -231,15 +233,18 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-synthetic", action="store_true")
     p.add_argument("--make-only", action="store_true", help="make the artifacts and stop")
+    p.add_argument("--variants", default="", help="the artifacts to measure, comma-separated (default: all four)")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "inference.json")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
-    artifacts = {m: make_artifacts(m, args.artifacts) for m in models}
+    variants = [v for v in args.variants.split(",") if v]
+    artifacts = {m: make_artifacts(m, args.artifacts, variants) for m in models}
     if args.make_only:
         return
     torch.set_num_threads(args.threads)
     result = {"threads": args.threads, "repeats": args.repeats, "prompt_tokens": PROMPT_TOKENS,
-              "new_tokens": NEW_TOKENS, "torch": torch.__version__, "rows": []}
+              "new_tokens": NEW_TOKENS, "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": []}
     for m in models:
         rows = bench_model(m, artifacts[m], args.repeats)
         print_table(rows)

@@ -69,7 +69,7 @@ def quantized(fmt: str, rows: int, cols: int):
 
 def measure(fmt: str, rows: int, cols: int) -> dict:
     q = quantized(fmt, rows, cols)
-    kernel = K.Int4Kernel(K.int4_terms(q), cols, K._int4_ops(torch.device("cpu")))   # BiLLM too (its int4 terms)
+    kernel = K.Int4Kernel(K.int4_terms(q), cols, K.int4_ops(torch.device("cpu")))   # BiLLM too (its int4 terms)
     assert isinstance(kernel, K.Int4Kernel) and kernel.dense_ok, "the shape is served by the int4 kernel"
     W = q.dequantize()
     calls = max(1, int(2e8 // (rows * cols)))
@@ -112,7 +112,7 @@ def measure_binary(fmt: str, rows: int, cols: int) -> dict:
     q = quantized(fmt, rows, cols)
     binary = K.kernel_for(q, torch.device("cpu"))   # BinaryKernel; compact BiLLM: CompactBinaryKernel
     planes = K.BinaryKernel(q) if type(binary) is not K.BinaryKernel else None   # compact: the planes beside it
-    int4 = K.Int4Kernel(K.int4_terms(q), cols, K._int4_ops(torch.device("cpu")))
+    int4 = K.Int4Kernel(K.int4_terms(q), cols, K.int4_ops(torch.device("cpu")))
     W = q.dequantize()
     module = QuantLinear(q)
     module(torch.randn(1, cols))   # built its kernel and handed it what the kernel gives back
@@ -179,7 +179,7 @@ def threads_table(threads: int) -> list[dict]:
     print(f"| GPTQ-4 shape | weights | {threads} threads us | 1 thread us | one thread faster |")
     print("|---|---:|---:|---:|---|")
     for r, c in THREAD_SHAPES:
-        k = K.Int4Kernel(K.int4_terms(quantized("gptq4-g128", r, c)), c, K._int4_ops(torch.device("cpu")))
+        k = K.Int4Kernel(K.int4_terms(quantized("gptq4-g128", r, c)), c, K.int4_ops(torch.device("cpu")))
         x2 = k.prepare(torch.randn(1, c))
         op = torch.ops.aten._weight_int4pack_mm_for_cpu
 

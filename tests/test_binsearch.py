@@ -29,8 +29,10 @@ def rows_with_lopsided_tails(rows=40, cols=70, seed=0):
 
 @pytest.fixture(params=["native", "torch"])
 def search_form(request, monkeypatch):
-    if request.param == "native" and not binsearch.native.available("binsearch"):
+    if request.param == "native" and binsearch.native.compiler() is None:
         pytest.skip("no C compiler: the torch form serves")
+    if request.param == "native":   # a compile error fails, quoting the compiler
+        assert binsearch.native.build_error("binsearch") is None, binsearch.native.build_error("binsearch")
     monkeypatch.setattr(binsearch, "use_native", lambda x: request.param == "native")
     return request.param
 

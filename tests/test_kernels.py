@@ -28,6 +28,7 @@ from functools import lru_cache
 import pytest
 import torch
 
+from luq import errors
 from luq.quant import GPTQ, QuantLinear, get_format, native
 from luq.quant import kernels as K
 from luq.quant import BiLLM, CompactBiLLM
@@ -47,6 +48,21 @@ def quantized(layer, fmt):
         bits, group = fmt[4:].split("-g")[0], fmt.split("-g")[1].split("-")[0]
         return GPTQ(bits=int(bits), group_size=int(group), static_groups=False).quantize(p.weight, p.hessian)
     return get_format(fmt).quantize(p.weight, p.hessian)
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees the fallback warnings of its own kernels (they are given once per process)."""
+    monkeypatch.setattr(errors, "_WARNED", set())
+
+
+def require_native(name):
+    """Skip only where this machine has no C compiler at all; a helper that does not build fails, quoting
+    the compiler's error."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler: the torch ops serve")
+    error = native.build_error(name)
+    assert error is None, f"{name}.c did not build: {error}"
 
 
 def rel_error(y, ref):
@@ -84,12 +100,11 @@ def test_dense_prompt_path_on_real_weights(fmt, expansion, monkeypatch):
     q = quantized(layer, fmt)
     kernel = kernel_for(q, CPU)
     if expansion == "compiled":
-        if not native.available():
-            pytest.skip("no C compiler: the torch-ops expansion serves prompts")
+        require_native("expand_int4")
         assert kernel.native
         rows, cols = q.shape
         wt = native.expand_int4(kernel.packed, kernel.scales_zeros, kernel.group, kernel.starts, kernel.by_column,
-                                cols, 0, rows)
+                                cols, 0, rows, kernel.packing.block, kernel.packing.adjacent)
         # the kernel's own weight, (q - 8)·s + z with its bfloat16 s and z, summed per input column in float32
         sz = kernel.scales_zeros.float()[:, None]
         terms_t = ((kernel.expand_codes(0, rows).float().view(-1, kernel.group, rows) - 8) * sz[..., 0] + sz[..., 1])
@@ -99,7 +114,7 @@ def test_dense_prompt_path_on_real_weights(fmt, expansion, monkeypatch):
     else:
         kernel.native = False
     monkeypatch.setattr(K, "DENSE_TILE_BYTES", 1)   # one tile of 64 rows at a time
-    assert kernel.tile_rows == K.PACK_BLOCK < q.shape[0]
+    assert kernel.tile_rows == kernel.block < q.shape[0]
     x = problems()[layer].inputs[:64]
     ref = torch.nn.functional.linear(x, q.dequantize())
     assert rel_error(kernel(x, torch.float32), ref) < TOL
@@ -107,8 +122,9 @@ def test_dense_prompt_path_on_real_weights(fmt, expansion, monkeypatch):
 
 def test_rows_outside_the_packing_blocks_keep_the_int4_kernel_for_prompts():
     p = problems()[LAYERS[0]]
-    q = GPTQ(bits=4, group_size=64).quantize(p.weight[:48], p.hessian)   # 48 rows: int4 yes, 64-row blocks no
-    kernel = kernel_for(q, CPU)
+    q = GPTQ(bits=4, group_size=64).quantize(p.weight[:48], p.hessian)   # 48 rows: int4 yes, 32/64-row blocks no
+    with pytest.warns(errors.FallbackWarning, match="48 rows are not a multiple of the packing's block"):
+        kernel = kernel_for(q, CPU)
     assert isinstance(kernel, Int4Kernel) and not kernel.dense_ok
     x = p.inputs[:64]
     assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize())) < TOL
@@ -171,8 +187,11 @@ def test_quantlinear_hands_its_stored_tensors_to_the_kernel(layer, fmt):
 def test_unsupported_shapes_fall_back_to_the_tiled_kernel():
     p = problems()[LAYERS[0]]
     q = GPTQ(bits=4, group_size=32).quantize(p.weight[:, :560], p.hessian[:560, :560])  # 560 % 32 != 0
-    assert int4_terms(q) is None
-    kernel = kernel_for(q, CPU)
+    with pytest.raises(K.KernelRefused, match="560 columns"):
+        int4_terms(q)
+    with pytest.warns(errors.FallbackWarning, match=r"int4 kernel for gptq 4-bit g32 192x560: .*560 columns.*; "
+                                                    r"the tiled de-quantizing kernel serves it"):
+        kernel = kernel_for(q, CPU)
     assert isinstance(kernel, TiledKernel)
     x = p.inputs[:4, :560]
     torch.testing.assert_close(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize()))
@@ -190,7 +209,10 @@ LOOKUP_TOL = 2e-6
 # billm-k16g64: bits; and compact BiLLM on the planes kernel (LUQ_KERNEL=binary)
 BINARY_KERNEL_CASES = [("billm", "auto"), ("billm-k8g64", "auto"), ("billm-k5g64r", "auto"),
                        ("billm-k16g64", "auto"), ("billm-k5g64r", "binary")]
-needs_native = pytest.mark.skipif(not native.available("binary_gemm"), reason="no C compiler: no BinaryKernel")
+@pytest.fixture
+def needs_native():
+    for name in ("binary_gemm", "compact_gemm"):
+        require_native(name)
 
 
 def tokens(layer, n):
@@ -199,7 +221,7 @@ def tokens(layer, n):
     return torch.cat([x, -x, 0.5 * x, x.flip(0)])[:n]
 
 
-@needs_native
+@pytest.mark.usefixtures("needs_native")
 @pytest.mark.parametrize("fmt,choice", BINARY_KERNEL_CASES)
 @pytest.mark.parametrize("layer", LAYERS)
 def test_binary_kernel_matches_dequantize(layer, fmt, choice, monkeypatch):
@@ -221,7 +243,7 @@ def test_binary_kernel_matches_dequantize(layer, fmt, choice, monkeypatch):
         assert rel_error(y, ref) < (LOOKUP_TOL if n < kernel.dense_from else TOL), n
 
 
-@needs_native
+@pytest.mark.usefixtures("needs_native")
 def test_compact_kernel_on_codes_naming_no_sparse_weight():
     """Stored codes may name a salient column or a column past the block's end (a run wider than what is
     left of the block): no sparse weight. Blocks of 72 columns in runs of 64, codes edited to name such
@@ -256,19 +278,20 @@ def test_compact_kernel_on_codes_naming_no_sparse_weight():
     assert all(torch.equal(t, q.state_dict()[n]) for n, t in module.state_dict().items())
 
 
-@needs_native
+@pytest.mark.usefixtures("needs_native")
 def test_compact_kernel_falls_back_to_the_planes():
     """Blocks wider than a byte's positions (> 248 columns) with few sparse weights: the planes kernel."""
     p = problems()[LAYERS[0]]
     q = CompactBiLLM(block_size=288, sparse_runs=((64, 5),)).quantize(p.weight, p.hessian)
     assert CompactBinaryKernel.supports(q) and CompactBinaryKernel.build(q) is None
-    kernel = kernel_for(q, CPU)
+    with pytest.warns(errors.FallbackWarning, match="wider than 248 columns.*the bit-plane kernel serves it"):
+        kernel = kernel_for(q, CPU)
     assert type(kernel) is BinaryKernel
     x = tokens(LAYERS[0], 2)
     assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize())) < LOOKUP_TOL
 
 
-@needs_native
+@pytest.mark.usefixtures("needs_native")
 @pytest.mark.parametrize("fmt", ["billm", "billm-k5g64r"])
 def test_binary_kernel_prompt_tiles_and_exact_tile(fmt, monkeypatch):
     layer = LAYERS[1]
@@ -301,16 +324,18 @@ def test_binary_kernel_selection_and_fallbacks(monkeypatch):
     assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, W)) < TOL
 
 
-@needs_native
+@pytest.mark.usefixtures("needs_native")
 def test_shapes_the_binary_kernel_refuses_fall_back():
     p = problems()[LAYERS[0]]
     q = BiLLM(block_size=100).quantize(p.weight, p.hessian)          # blocks not byte-aligned: int4 terms
-    kernel = kernel_for(q, CPU)
+    with pytest.warns(errors.FallbackWarning, match=r"bit-plane kernel for billm 192x576: .*block 100.*int4 terms"):
+        kernel = kernel_for(q, CPU)
     assert not BinaryKernel.supports(q) and isinstance(kernel, Int4Kernel)
     x = p.inputs[:3]
     assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize())) < TOL
     q = BiLLM().quantize(p.weight[:, :570], p.hessian[:570, :570])   # 570 columns: not whole bytes, tiled
-    kernel = kernel_for(q, CPU)
+    with pytest.warns(errors.FallbackWarning, match="570 columns"):
+        kernel = kernel_for(q, CPU)
     assert isinstance(kernel, TiledKernel)
     x = x[:, :570]
     torch.testing.assert_close(kernel(x, torch.float32), torch.nn.functional.linear(x, q.dequantize()))
@@ -363,9 +388,8 @@ def fake_cuda(monkeypatch):
     """kernel_for(.., CPU) gets tinygemm's ops (the fakes above; replace them through the returned dict)."""
     ops = {"convert": fake_convert, "mm": fake_mm}
     monkeypatch.setenv("LUQ_KERNEL", "int4")   # on CPU, binarized weights would get BinaryKernel
-    monkeypatch.setattr(K, "_int4_ops", lambda device: K.tinygemm_ops(lambda w, t: ops["convert"](w, t),
+    monkeypatch.setattr(K, "int4_ops", lambda device: K.tinygemm_ops(lambda w, t: ops["convert"](w, t),
                                                                       lambda *a: ops["mm"](*a)))
-    monkeypatch.setattr(K, "_WARNED", set())
     return ops
 
 
@@ -407,7 +431,7 @@ def test_tinygemm_that_disagrees_falls_back_with_one_warning(fake_cuda):
     with pytest.warns(RuntimeWarning, match="off by") as caught:
         assert isinstance(kernel_for(q, CPU), TiledKernel)
         assert isinstance(kernel_for(q, CPU), TiledKernel)
-    assert len(caught) == 1
+    assert len([w for w in caught if "off by" in str(w.message)]) == 1
 
 
 def test_tinygemm_that_raises_falls_back(fake_cuda):
@@ -434,8 +458,64 @@ def test_a_packing_other_than_tinygemms_keeps_prompts_on_the_op(fake_cuda):
 
 
 def test_gpus_before_sm80_are_not_given_tinygemm(monkeypatch):
-    monkeypatch.setattr(K, "_WARNED", set())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.version, "hip", None)
     with pytest.warns(RuntimeWarning, match=r"compute capability \(7, 5\)"):
-        assert K._int4_ops(torch.device("cuda", 0)) is None
+        assert K.int4_ops(torch.device("cuda", 0)) is None
+
+
+# --------------------------------------------------------------------------- torch's CPU int4 packings
+
+
+@pytest.mark.parametrize("packing", K.CPU_PACKINGS)
+def test_every_cpu_packing_reads_back_and_expands(packing):
+    """Each packing torch uses on some CPU capability: `unpack` inverts `pack`, and the compiled
+    expansion reads it as the torch ops do (the same bfloat16 W^T), whatever this machine's own is."""
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    packed = packing.pack(q)
+    assert packed.shape == (128, 32) and packed.dtype == torch.uint8
+    assert torch.equal(packing.unpack(packed, torch.empty(64, 128, dtype=torch.uint8)), q.t().to(torch.uint8))
+    require_native("expand_int4")
+    group = 32
+    sz = torch.randn(64 // group, 128, 2).bfloat16()
+    wt = native.expand_int4(packed, sz, group, None, None, 64, 0, 128, packing.block, packing.adjacent)
+    s, z = (sz[..., i].float().repeat_interleave(group, 0) for i in (0, 1))
+    ref = ((q.t().float() - 8) * s + z).bfloat16()
+    assert torch.equal(wt, ref)
+    half = native.expand_int4(packed, sz, group, None, None, 64, packing.block, 128, packing.block, packing.adjacent)
+    assert torch.equal(half, ref[:, packing.block:])
+
+
+def test_this_process_packing_is_known_and_used():
+    """torch's CPU int4 packing of this process (AVX-512, AVX2 or the portable default) is one luq reads:
+    real SmolLM2 weights get the dense prompt path and the compiled expansion (on any capability; `make
+    test` runs this file again with ATEN_CPU_CAPABILITY=avx2)."""
+    packing = K.cpu_packing(torch.backends.cpu.get_cpu_capability())
+    assert packing in K.CPU_PACKINGS
+    kernel = kernel_for(quantized(LAYERS[1], "gptq4-g128"), CPU)
+    assert kernel.packing == packing and kernel.block == packing.block
+    assert kernel.dense_ok and kernel.native == native.available("expand_int4")
+
+
+def test_a_c_source_that_does_not_compile_warns_with_the_compilers_error(tmp_path, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    broken = tmp_path / "src"
+    broken.mkdir()
+    for f in native.HERE.glob("*.[ch]"):
+        (broken / f.name).write_text(f.read_text())
+    source = broken / "expand_int4.c"
+    source.write_text(source.read_text().replace("free(acc);", "free(acc) undeclared_name;", 1))
+    monkeypatch.setattr(native, "HERE", broken)
+    monkeypatch.setenv("LUQ_NATIVE_DIR", str(tmp_path / "build"))
+    native._library.cache_clear()
+    try:
+        with pytest.warns(errors.FallbackWarning, match=r"expand_int4\.c: .*error.*undeclared_name.*; int4 prompts "
+                                                         r"expand with torch ops") as caught:
+            assert not native.available("expand_int4")
+            kernel = kernel_for(quantized(LAYERS[1], "gptq4-g128"), CPU)
+        assert len([w for w in caught if "expand_int4" in str(w.message)]) == 1
+        assert kernel.dense_ok and not kernel.native          # the fallback named above serves prompts
+        assert isinstance(native.build_error("expand_int4"), native.BuildError)
+    finally:
+        native._library.cache_clear()

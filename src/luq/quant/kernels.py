@@ -24,10 +24,12 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   rows of input), so from `DENSE_FROM_TOKENS` tokens on (prompts) the same packed terms are
   expanded once per call into a transient bfloat16 tile of W^T, `DENSE_TILE_BYTES` at most,
   and multiplied by one dense bfloat16 GEMM (`Int4Kernel.dense`); nothing dense stays
-  resident. The expansion reads the CPU packing (blocks of 64 rows, two rows per byte) in one
-  compiled pass that also sums the terms of each input column (luq.quant.native), or with
-  torch ops where no C compiler is found (the terms side by side, ~3x slower); where the
-  packing is another (checked once at build), prompts stay on the int4 kernel.
+  resident. The expansion reads torch's CPU packing, which differs per CPU capability
+  (`CpuPacking`: blocks of 64 rows on AVX-512, 32 on AVX2 and the portable default, two rows
+  per byte; `cpu_packing` finds this process's by packing a probe), in one compiled pass that
+  also sums the terms of each input column (luq.quant.native), or with torch ops where the
+  helper does not build (the terms side by side, ~3x slower); where the packing is none of
+  these, prompts stay on the int4 kernel. Every such fallback warns once (FallbackWarning).
   CUDA (compute capability 8.0+): the codes go to tinygemm nibble-packed (`pack_nibbles`: two
   columns per byte, the even one high) with the widest inner k-tiling that divides the inner
   dimension (`inner_k_tiles`); its dense prompt path reads tinygemm's tiled packing back with
@@ -75,13 +77,14 @@ exactly, which `QuantLinear` then frees.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
 
+from luq.errors import warn_fallback
 from luq.quant import native
 from luq.quant.base import ROW_TILE, QuantizedWeight
 from luq.quant.packing import pack_bits, pack_bool, unpack_bits, unpack_bool
@@ -104,7 +107,6 @@ DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile 
 # takes. `python -m bench.kernels --only threads` (one token, 2 threads vs 1): 576x576 69 vs 24 us,
 # 1536x576 106 vs 52, 1024^2 111 vs 68; from 2048^2 (4.2 M weights) the two are within noise.
 INT4_ONE_THREAD_BELOW = 2 * 2 ** 20
-PACK_BLOCK = 64                   # rows per block of the CPU int4 packing (two rows per byte)
 TINYGEMM_N_TILE, TINYGEMM_K_TILE = 8, 16   # rows and columns per tile of tinygemm's (CUDA) packing
 # On CUDA, prompts from this many tokens take the dense path (expand + cuBLAS): tinygemm dequantizes the
 # whole weight again for every 16 tokens. `python bench/cuda_check.py` on an H200: from 512 tokens on
@@ -115,15 +117,72 @@ SELF_CHECK_TOL = 2e-2   # relative output error the build probe accepts: bf16 ro
 
 
 @dataclass(frozen=True)
+class CpuPacking:
+    """One of torch's CPU int4 packings (`_convert_weight_to_int4pack_for_cpu`), which differ per CPU
+    capability: uint8 [N, K / 2] holding, per block of `block` weight rows and per column, block / 2
+    bytes; byte j of a column holds two rows of the block, the first in the low nibble:
+    rows (2j, 2j + 1) where `adjacent`, else (j, j + block / 2). Measured with torch 2.13: AVX-512
+    (64, split), AVX2 (32, split), the portable default (32, adjacent). `cpu_packing()` finds the
+    one of this process by packing a probe."""
+
+    block: int
+    adjacent: bool
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """Codes int [N, K] in 0..15 (N a multiple of `block`) -> the packed uint8 [N, K / 2]."""
+        n, k = q.shape
+        low, high = self._pair(q.to(torch.uint8).view(n // self.block, self.block, k).transpose(1, 2))
+        return (low | (high << 4)).reshape(n, k // 2)
+
+    def unpack(self, packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Inverse of `pack`, transposed: packed rows (whole blocks) -> out [K, rows] (any dtype), in place."""
+        n, k = packed.shape[0], packed.shape[1] * 2
+        p = packed.reshape(n // self.block, k, self.block // 2)
+        low, high = self._pair(out.view(k, n // self.block, self.block).transpose(0, 1))
+        low.copy_(p & 15)
+        high.copy_(p >> 4)
+        return out
+
+    def _pair(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [..., block] (the rows of a block) -> views [..., block / 2]: the rows each byte holds in its
+        low nibble and in its high one."""
+        if self.adjacent:
+            pairs = t.unflatten(-1, (self.block // 2, 2))
+            return pairs[..., 0], pairs[..., 1]
+        halves = t.unflatten(-1, (2, self.block // 2))
+        return halves[..., 0, :], halves[..., 1, :]
+
+
+CPU_PACKINGS = (CpuPacking(64, False), CpuPacking(32, False), CpuPacking(32, True))
+
+
+@lru_cache(maxsize=None)
+def cpu_packing(capability: str) -> CpuPacking | None:
+    """The packing torch's CPU int4 op uses in this process (`capability`: torch's CPU capability,
+    the cache key): the first of CPU_PACKINGS that reproduces it on random codes, or None (one
+    warning: prompts then stay on the int4 op)."""
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = convert(q, 1)
+    for packing in CPU_PACKINGS:
+        if packed.dtype == torch.uint8 and packed.shape == (128, 32) and torch.equal(packing.pack(q), packed):
+            return packing
+    warn_fallback("int4 prompt path", f"torch's CPU int4 packing on {capability} is none luq knows "
+                  f"(shape {tuple(packed.shape)}, {packed.dtype})", "the int4 op serves prompts too")
+    return None
+
+
+@dataclass(frozen=True)
 class Int4Ops:
     """One device's int4 matmul. pack(q): codes int32 [N, K] in 0..15 -> the packed weight;
     mm(x bfloat16 [M, K], packed, group, scales_zeros bfloat16 [K / group, N, 2]) -> bfloat16 [M, N],
-    with w = (q - 8)·s + z. layout: "cpu" (torch's CPU kernel, checked by the tests) or "tinygemm"
-    (CUDA, probed once per kernel at build: `kernel_for`)."""
+    with w = (q - 8)·s + z. layout: "cpu" (torch's CPU kernel, its packing `packing`: None where none
+    of CPU_PACKINGS) or "tinygemm" (CUDA, probed once per kernel at build: `kernel_for`)."""
 
     pack: Callable[[torch.Tensor], torch.Tensor]
     mm: Callable
     layout: str
+    packing: CpuPacking | None = None
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -151,34 +210,35 @@ def tinygemm_ops(convert, mm) -> Int4Ops:
     return Int4Ops(lambda q: convert(pack_nibbles(q), inner_k_tiles(q.shape[1])), mm, "tinygemm")
 
 
-def _int4_ops(device: torch.device) -> Int4Ops | None:
+def int4_ops(device: torch.device) -> Int4Ops | None:
+    """The int4 matmul of `device`, or None (one warning where a device that has one in some torch cannot
+    use it here)."""
     if device.type == "cpu":
         convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
         mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
-        return None if convert is None or mm is None else Int4Ops(lambda q: convert(q, 1), mm, "cpu")
+        if convert is None or mm is None:
+            warn_fallback("int4 kernel on cpu", f"torch {torch.__version__} has no CPU int4 op",
+                          "the tiled de-quantizing kernel serves GPTQ")
+            return None
+        return Int4Ops(lambda q: convert(q, 1), mm, "cpu", cpu_packing(torch.backends.cpu.get_cpu_capability()))
     if device.type == "cuda":
         convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack", None)
         mm = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
         if convert is None or mm is None:
-            _warn_once(device, "torch has no tinygemm ops")
+            _warn_tiled(device, "torch has no tinygemm ops")
             return None
         # tinygemm's bfloat16 mma needs sm_80+; older NVIDIA GPUs get its kernel compiled empty (garbage, no error)
         if torch.version.hip is None and torch.cuda.get_device_capability(device) < (8, 0):
-            _warn_once(device, f"compute capability {torch.cuda.get_device_capability(device)} < (8, 0)")
+            _warn_tiled(device, f"compute capability {torch.cuda.get_device_capability(device)} < (8, 0)")
             return None
         return tinygemm_ops(convert, mm)
+    _warn_tiled(device, "luq has no int4 kernel for this device type")
     return None
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(device: torch.device, why: str) -> None:
-    """One line per device: its int4 kernel is not used, and why."""
-    if str(device) not in _WARNED:
-        _WARNED.add(str(device))
-        warnings.warn(f"luq: the int4 kernel (tinygemm) is not used on {device} ({why}); "
-                      "the tiled de-quantizing kernel serves it", RuntimeWarning, stacklevel=3)
+def _warn_tiled(device: torch.device, why: str) -> None:
+    """One line per device and cause: its int4 kernel is not used."""
+    warn_fallback(f"int4 kernel on {device}", why, "the tiled de-quantizing kernel serves it")
 
 
 class TiledKernel(nn.Module):
@@ -265,7 +325,9 @@ class Int4Kernel(nn.Module):
         self.scales_zeros = torch.stack([terms.scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.group, self.index, self.col_scale = terms.group, terms.index, terms.col_scale
         self._mm, self.layout = ops.mm, ops.layout
-        self.block = PACK_BLOCK if ops.layout == "cpu" else TINYGEMM_N_TILE   # rows the expansion reads at a time
+        self.packing = ops.packing
+        # rows the expansion reads at a time
+        self.block = TINYGEMM_N_TILE if ops.layout != "cpu" else ops.packing.block if ops.packing else 0
         self.pad = terms.index is not None and bool((terms.index == in_features).any())
         self.rows, self.kt, self.in_features = rows, kt, in_features
         self.dense_from = (DENSE_FROM_TOKENS["one term" if kt == in_features else "several terms"]
@@ -273,6 +335,10 @@ class Int4Kernel(nn.Module):
         self.zero_free = not bool(self.scales_zeros[..., 1].any())
         # the dense path reads the packing back: only where it is the layout `expand_codes` knows
         self.dense_ok = self._layout_known() and torch.equal(self.expand_codes(0, rows), q.t().to(torch.uint8))
+        if not self.dense_ok and self.block:
+            why = (f"{rows} rows are not a multiple of the packing's block of {self.block}" if rows % self.block
+                   else f"the {ops.layout} packing of a {rows}x{kt} weight does not read back")
+            warn_fallback("int4 prompt path", why, "the int4 op serves prompts too (slower from ~32 tokens)")
         self.native = self.dense_ok and ops.layout == "cpu" and native.available()
         self.starts = self.by_column = None          # input column c sums kernel columns by_column[starts[c]:starts[c+1]]
         if self.native and terms.index is not None:
@@ -297,7 +363,7 @@ class Int4Kernel(nn.Module):
 
     def _layout_known(self) -> bool:
         """Whether the packed weight has the shape of the layout `expand_codes` reads (its values are checked after)."""
-        if self.rows % self.block:
+        if not self.block or self.rows % self.block:
             return False
         if self.layout == "cpu":
             return self.packed.dtype == torch.uint8 and self.packed.numel() == self.rows * self.kt // 2
@@ -315,15 +381,8 @@ class Int4Kernel(nn.Module):
         return self._expand_tinygemm(r0, r1, out)
 
     def _expand_cpu(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
-        """The CPU packing holds, per block of 64 rows and per column, 32 bytes: row j of the block
-        in the low nibbles, row 32 + j in the high."""
-        b0, b1 = r0 // PACK_BLOCK, r1 // PACK_BLOCK
-        p = self.packed.view(-1, self.kt, PACK_BLOCK // 2)[b0:b1]
-        half = PACK_BLOCK // 2
-        blocks = out.view(self.kt, b1 - b0, PACK_BLOCK).permute(1, 0, 2)
-        blocks[..., :half] = p & 15
-        blocks[..., half:] = p >> 4
-        return out
+        """Rows [r0, r1) of torch's CPU packing of this process (`CpuPacking.unpack`)."""
+        return self.packing.unpack(self.packed[r0:r1], out)
 
     def _expand_tinygemm(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """tinygemm's packing (int32 [N / 8, K / (16·t), 32, t / 2], t inner k-tiles), read from
@@ -361,7 +420,7 @@ class Int4Kernel(nn.Module):
         (torch ops: the terms side by side; the input is gathered to match)."""
         if self.native:
             return native.expand_int4(self.packed, self.scales_zeros, self.group, self.starts, self.by_column,
-                                      self.in_features, r0, r1)
+                                      self.in_features, r0, r1, self.packing.block, self.packing.adjacent)
         return self.dense_tile(r0, r1)
 
     @property
@@ -736,8 +795,9 @@ class CompactBinaryKernel(BinaryKernel):
 # --------------------------------------------------------------------------- transcoders
 
 
-def gptq_terms(q) -> Int4Terms | None:
-    """GPTQ codes as int4 terms: one 4-bit digit per term (1 term up to 4 bits, 2 up to 8)."""
+def gptq_terms(q) -> Int4Terms:
+    """GPTQ codes as int4 terms: one 4-bit digit per term (1 term up to 4 bits, 2 up to 8); KernelRefused
+    where its groups have none."""
     rows, cols = q.shape
     index = col_group = None
     if q.g_idx is not None:
@@ -745,12 +805,12 @@ def gptq_terms(q) -> Int4Terms | None:
         index = torch.argsort(groups, stable=True)
         counts = torch.bincount(groups, minlength=q.n_groups)
         if bool((counts[:-1] != q.group_size).any()):
-            return None
+            raise KernelRefused("its act-order groups are of unequal sizes")
         col_group = groups[index]
     width = min(q.group_size, cols)
     group = next((g for g in INT4_GROUPS if width % g == 0 and cols % g == 0), None)
     if group is None:
-        return None
+        raise KernelRefused(f"no int4 group of {INT4_GROUPS} divides its groups of {width} and its {cols} columns")
     if col_group is None:
         col_group = torch.arange(cols, device=q.scales.device) // width
     codes = unpack_bits(q.qweight, q.bits, cols).to(torch.int32)
@@ -855,41 +915,65 @@ def binary_terms(qweight, group: int = TERM_GROUP) -> Int4Terms:
     return Int4Terms(torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1), index, group, col_scale)
 
 
-def int4_terms(qweight: QuantizedWeight) -> Int4Terms | None:
-    """The int4 transcoding of a stored weight, or None where its format or shape has none."""
+class KernelRefused(ValueError):
+    """A weight the int4 kernel cannot take (its shape or groups); the message says why."""
+
+
+def int4_terms(qweight: QuantizedWeight) -> Int4Terms:
+    """The int4 transcoding of a stored weight; KernelRefused where its format or shape has none."""
     rows, cols = qweight.shape
     if rows % 16 or cols % 32:
-        return None
+        raise KernelRefused(f"{rows} rows, {cols} columns: the int4 kernel needs multiples of 16 and 32")
     if qweight.method == "gptq":
         return gptq_terms(qweight)
     if hasattr(qweight, "binary_parts"):
         return binary_terms(qweight)
-    return None
+    raise KernelRefused("its format has no int4 transcoding")
+
+
+def describe(qweight: QuantizedWeight) -> str:
+    """A weight's kind in a warning: format and shape ("gptq 4-bit g128 576x1536")."""
+    config, (rows, cols) = qweight.config(), qweight.shape
+    bits = f" {config['bits']}-bit" if "bits" in config else ""
+    group = f" g{config['group_size']}" if config.get("group_size") else ""
+    return f"{qweight.method}{bits}{group} {rows}x{cols}"
 
 
 def kernel_for(qweight: QuantizedWeight, device: torch.device) -> nn.Module:
     """The fastest kernel that computes this weight exactly (up to bfloat16 rounding) on `device`.
     LUQ_KERNEL=tiled forces the generic path, LUQ_KERNEL=int4 the int4 terms and LUQ_KERNEL=binary the
     bit planes for binarized weights, compact BiLLM included (for comparisons; the default on CPU is
-    `CompactBinaryKernel` for compact BiLLM and `BinaryKernel` for BiLLM)."""
+    `CompactBinaryKernel` for compact BiLLM and `BinaryKernel` for BiLLM). Any other fallback to a slower
+    or larger path warns once per cause (`luq.errors.FallbackWarning`)."""
     choice = os.environ.get("LUQ_KERNEL", "auto")
     if device.type == "cpu" and choice in ("auto", "binary") and hasattr(qweight, "binary_parts"):
-        kernel = (CompactBinaryKernel.build(qweight) if choice == "auto" and CompactBinaryKernel.supports(qweight)
-                  else None)
-        if kernel is not None:
-            return kernel
-        if BinaryKernel.supports(qweight):
-            return BinaryKernel(qweight)
-    ops = _int4_ops(device) if choice != "tiled" else None
-    if ops is not None:
-        terms = int4_terms(qweight.to(device))
-        if terms is not None and ops.layout == "cpu":
-            return Int4Kernel(terms, qweight.shape[1], ops)
-        if terms is not None:
-            kernel = probed_kernel(terms, qweight.shape[1], ops, device)
+        if choice == "auto" and CompactBinaryKernel.supports(qweight):
+            kernel = CompactBinaryKernel.build(qweight)
             if kernel is not None:
                 return kernel
-    return TiledKernel(qweight)
+            warn_fallback(f"compact kernel for {describe(qweight)}",
+                          f"its blocks are wider than {MAX_POSITION_BLOCK} columns (a byte per sparse position) "
+                          "or its scale codes do not fit a byte",
+                          "the bit-plane kernel serves it (~2x the memory)")
+        if BinaryKernel.supports(qweight):
+            return BinaryKernel(qweight)
+        if native.available("binary_gemm"):   # else the helper's own build warning said so
+            warn_fallback(f"bit-plane kernel for {describe(qweight)}",
+                          f"its columns or blocks are not whole bytes (block {qweight.block_size})",
+                          "the int4 terms serve it (~6x the memory), or the tiled kernel where they refuse it too")
+    if choice == "tiled":
+        return TiledKernel(qweight)
+    ops = int4_ops(device)
+    if ops is None:
+        return TiledKernel(qweight)
+    try:
+        terms = int4_terms(qweight.to(device))
+    except KernelRefused as e:
+        warn_fallback(f"int4 kernel for {describe(qweight)}", str(e), "the tiled de-quantizing kernel serves it")
+        return TiledKernel(qweight)
+    if ops.layout == "cpu":
+        return Int4Kernel(terms, qweight.shape[1], ops)
+    return probed_kernel(terms, qweight.shape[1], ops, device) or TiledKernel(qweight)
 
 
 def probed_kernel(terms: Int4Terms, in_features: int, ops: Int4Ops, device: torch.device) -> Int4Kernel | None:
@@ -902,12 +986,14 @@ def probed_kernel(terms: Int4Terms, in_features: int, ops: Int4Ops, device: torc
         x2 = kernel.prepare(x)
         error = _probe_error(kernel.packed_mm(x2), x, terms, in_features)
     except Exception as e:  # a missing op, a GPU or build without the kernel: the tiled path serves it
-        _warn_once(device, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _warn_tiled(device, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return None
     if not error < SELF_CHECK_TOL:   # `not <`: NaN fails too
-        _warn_once(device, f"its output is off by {error:.3g} relative on a probe input")
+        _warn_tiled(device, f"its output is off by {error:.3g} relative on a probe input")
         return None
     if kernel.dense_ok and not _probe_error(kernel.dense(x2), x, terms, in_features) < SELF_CHECK_TOL:
+        warn_fallback(f"dense prompt path on {device}", "its read-back of the packing failed the build probe",
+                      "the int4 op serves prompts too")
         kernel.dense_ok = False
     return kernel
 

@@ -10,8 +10,9 @@
   (luq.quant.binsearch).
 
 Each source is built once per version into ~/.cache/luq/native (LUQ_NATIVE_DIR moves it;
-LUQ_NATIVE=0 turns it off); where no compiler works, `available(name)` is False and the callers
-use torch ops instead. The work is split over torch.get_num_threads() Python threads (ctypes
+LUQ_NATIVE=0 turns it off); where one does not build (no compiler, or a compile error), one
+FallbackWarning quotes the compiler's error and names what serves its work instead, `available(name)`
+is False and `build_error(name)` says why. The work is split over torch.get_num_threads() Python threads (ctypes
 releases the GIL).
 """
 
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from luq.errors import warn_fallback
+
 HERE = Path(__file__).parent
 _POOL: dict[int, ThreadPoolExecutor] = {}
 
@@ -42,10 +45,19 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def compiler() -> str | None:
+    """The C compiler the helpers are built with ($CC, else cc or gcc on the PATH), or None."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+class BuildError(OSError):
+    """A helper did not build or load; the message quotes the compiler's (or loader's) own error."""
+
+
 def _build(source: Path, target: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
-        raise OSError("no C compiler")
+        raise BuildError("no C compiler found (set CC, or install gcc)")
     flags = ["-O3", "-shared", "-fPIC"]
     if {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
@@ -54,8 +66,22 @@ def _build(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: concurrent builds do not collide
         lib = Path(tmp) / target.name
-        subprocess.run([cc, *flags, str(source), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+        try:
+            done = subprocess.run([cc, *flags, str(source), "-o", str(lib)], capture_output=True, text=True,
+                                  timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise BuildError(f"{cc} did not run: {e}") from e
+        if done.returncode:
+            errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines()[-1:]
+            raise BuildError(f"{cc} failed on {source.name}: {errors[0].strip() if errors else done.returncode}")
         os.replace(lib, target)
+
+
+# what serves each helper's work where it did not build
+FALLBACKS = {"expand_int4": "int4 prompts expand with torch ops (~3x slower)",
+             "binary_gemm": "binarized weights take the int4 terms (~6x the memory) or the tiled kernel",
+             "compact_gemm": "compact BiLLM takes the bit planes (~2x the memory)",
+             "binsearch": "BiLLM's searches run in torch ops (slower)"}
 
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
@@ -66,7 +92,7 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p
 GEMV_BYTES_PER_THREAD = 2 ** 19
 # the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
 SIGNATURES = {
-    "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I]},
+    "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I]},
     "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
                     "luq_binary_gemv": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I],
                     "luq_binary_expand": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I]},
@@ -79,7 +105,8 @@ SIGNATURES = {
 
 @lru_cache(maxsize=None)
 def _library(name: str):
-    """The functions of `name`.c by name, or None where it cannot be built or is turned off."""
+    """The functions of `name`.c by name, or the BuildError that kept it from building (one warning that
+    quotes it and names the fallback); None where LUQ_NATIVE=0 turns the helpers off."""
     if os.environ.get("LUQ_NATIVE", "1") == "0":
         return None
     source = HERE / f"{name}.c"
@@ -92,8 +119,10 @@ def _library(name: str):
         if not target.is_file():
             _build(source, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except OSError as e:
+        error = e if isinstance(e, BuildError) else BuildError(f"{target.name} did not load: {e}")
+        warn_fallback(f"compiled helper {name}.c", str(error), FALLBACKS[name])
+        return error
     functions = {}
     for fname, argtypes in SIGNATURES[name].items():
         fn = getattr(lib, fname)
@@ -102,8 +131,14 @@ def _library(name: str):
     return functions
 
 
+def build_error(name: str) -> BuildError | None:
+    """Why `name`.c is not available (None where it is, or where LUQ_NATIVE=0 turned it off)."""
+    lib = _library(name)
+    return lib if isinstance(lib, BuildError) else None
+
+
 def available(name: str = "expand_int4") -> bool:
-    return _library(name) is not None
+    return isinstance(_library(name), dict)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -111,11 +146,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, starts: torch.Tensor | None,
-                terms: torch.Tensor | None, cols: int, r0: int, r1: int) -> torch.Tensor:
-    """bfloat16 W^T [cols, r1 - r0] of weight rows [r0, r1) (multiples of 64) from an int4 CPU
-    packing (`packed` [N, kt/2], `scales_zeros` [kt/group, N, 2] bfloat16). Input column c sums
-    the kernel columns terms[starts[c]:starts[c + 1]] (int64); starts/terms None: column c is
-    kernel column c alone."""
+                terms: torch.Tensor | None, cols: int, r0: int, r1: int, block: int, adjacent: bool) -> torch.Tensor:
+    """bfloat16 W^T [cols, r1 - r0] of weight rows [r0, r1) (multiples of `block`) from an int4 CPU
+    packing (`packed` [N, kt/2] in blocks of `block` rows, a byte holding rows 2j and 2j + 1 where
+    `adjacent`, else j and j + block/2: kernels.CpuPacking; `scales_zeros` [kt/group, N, 2] bfloat16).
+    Input column c sums the kernel columns terms[starts[c]:starts[c + 1]] (int64); starts/terms None:
+    column c is kernel column c alone."""
     fn = _library("expand_int4")["luq_expand_int4"]
     n_rows, kt = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(cols, r1 - r0, dtype=torch.bfloat16)
@@ -126,7 +162,8 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
 
     def run(i: int) -> int:
         c0, c1 = bounds[i], bounds[i + 1]
-        return fn(*args, c0, c1, r0, r1, out.data_ptr() + c0 * out.stride(0) * out.element_size(), out.stride(0))
+        return fn(*args, c0, c1, r0, r1, out.data_ptr() + c0 * out.stride(0) * out.element_size(), out.stride(0),
+                  block, int(adjacent))
 
     if threads == 1:
         failed = run(0)

@@ -1,23 +1,28 @@
 /* One pass from torch's CPU int4 packing to a bfloat16 W^T: the dense path of luq.quant.kernels.
 
-   packed: uint8, blocks of 64 weight rows: [N/64][kt][32], row j of a block in the low nibble of
-           byte j, row 32 + j in the high nibble; w = (q - 8) * scale + zero, per group of `group`
-           kernel columns.
+   packed: uint8, blocks of `block` weight rows: [N/block][kt][block/2]; byte j of a column holds two
+           rows of its block, the first in the low nibble: rows (2j, 2j + 1) where `adjacent`, else
+           (j, j + block/2) (torch's packing differs per CPU capability: kernels.CpuPacking);
+           w = (q - 8) * scale + zero, per group of `group` kernel columns.
    sz:     bfloat16 bits [kt/group][N][2] (scale, zero) of those groups.
    starts, terms: the kernel columns k that add into input column c are terms[starts[c] .. starts[c+1]);
            both NULL: input column c is kernel column c alone.
    Writes out[(c - c0) * ld + (n - n0)] = bfloat16(sum over those k of w[n, k]) for input columns
-   c0 <= c < c1 and weight rows n0 <= n < n1 (multiples of 64), summing in float32. */
+   c0 <= c < c1 and weight rows n0 <= n < n1 (multiples of `block`), summing in float32. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "floatbits.h"
 
+static inline float weight(int code, uint32_t pair) {  /* (q - 8) * scale + zero */
+    return (float)(code - 8) * bits_to_f32(pair << 16) + bits_to_f32(pair & 0xFFFF0000u);
+}
+
 int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64_t n_rows, int64_t group,
                     const int64_t *starts, const int64_t *terms, int64_t c0, int64_t c1,
-                    int64_t n0, int64_t n1, uint16_t *out, int64_t ld) {
-    const int64_t width = n1 - n0, blocks = width / 64;
+                    int64_t n0, int64_t n1, uint16_t *out, int64_t ld, int64_t block, int64_t adjacent) {
+    const int64_t width = n1 - n0, blocks = width / block, half = block / 2;
     /* a (scale, zero) pair of bfloat16 is one little-endian 32-bit word: scale in the low half */
     const uint32_t *pairs = (const uint32_t *)sz;
     float *acc = malloc(sizeof(float) * (size_t)width);
@@ -30,13 +35,19 @@ int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64
             const int64_t k = terms ? terms[t] : t;
             const uint32_t *w = pairs + (k / group) * n_rows + n0;
             for (int64_t b = 0; b < blocks; b++) {
-                const uint8_t *p = packed + ((n0 / 64 + b) * kt + k) * 32;
-                const uint32_t *wb = w + b * 64;
-                float *a = acc + b * 64;
-                for (int j = 0; j < 32; j++) {
-                    a[j] += (float)((int)(p[j] & 15) - 8) * bits_to_f32(wb[j] << 16) + bits_to_f32(wb[j] & 0xFFFF0000u);
-                    a[j + 32] += (float)((int)(p[j] >> 4) - 8) * bits_to_f32(wb[j + 32] << 16)
-                                 + bits_to_f32(wb[j + 32] & 0xFFFF0000u);
+                const uint8_t *p = packed + ((n0 / block + b) * kt + k) * half;
+                const uint32_t *wb = w + b * block;
+                float *a = acc + b * block;
+                if (adjacent) {
+                    for (int64_t j = 0; j < half; j++) {
+                        a[2 * j] += weight(p[j] & 15, wb[2 * j]);
+                        a[2 * j + 1] += weight(p[j] >> 4, wb[2 * j + 1]);
+                    }
+                } else {
+                    for (int64_t j = 0; j < half; j++) {
+                        a[j] += weight(p[j] & 15, wb[j]);
+                        a[j + half] += weight(p[j] >> 4, wb[j + half]);
+                    }
                 }
             }
         }
