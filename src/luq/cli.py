@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_entropy(args) -> None:
     from luq.calibration import CalibrationConfig, calibration_batches, multimodal_fraction
+    from luq.checks import check_out_dir
     from luq.models.loading import load_model, parse_dtype
     from luq.pipeline import measure_entropy
     from luq.report import plot_entropy
@@ -142,6 +143,7 @@ def cmd_entropy(args) -> None:
 
     config = CalibrationConfig(text=args.calib_text, images=args.calib_images, alpha=args.alpha,
                                samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    check_out_dir(args.out)
     model, tokenizer, adapter = load_model(args.model, args.device, parse_dtype(args.dtype))
     batches = calibration_batches(tokenizer, adapter, config)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,25 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
     }
 
 
+def kernel_report(net, adapter, plan: dict, device) -> dict:
+    """Which kernel serves each format of `plan` on `device` ({format: {kernel: linears}}), each decoder
+    layer brought in (a streamed one read from its shards) while its kernels are built."""
+    import torch
+
+    from luq.models.streaming import layer_on
+    from luq.plan import layer_plan
+    from luq.quant.linear import kernels_by_format
+
+    by_format: dict[str, dict[str, int]] = {}
+    for i, layer in enumerate(adapter.decoder_layers(net)):
+        with layer_on(layer, device):
+            for fmt, kinds in kernels_by_format(layer, layer_plan(plan, adapter.layer_prefix(i))).items():
+                for kernel, n in kinds.items():
+                    by_format.setdefault(fmt, {})[kernel] = by_format.get(fmt, {}).get(kernel, 0) + n
+    return {"device": str(torch.device(device)), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "by_format": by_format}
+
+
 def summary_rows(report: dict) -> list[dict]:
     """One row per configuration the run evaluated (each searched k or budget), else the chosen one."""
     chosen = {"avg_bits": report["avg_bits"], "nominal_avg_bits": report["nominal_avg_bits"],

@@ -24,7 +24,8 @@ from torch import nn
 
 from luq.errors import LuqError
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead, embed_scale
-from luq.quant.linear import QuantLinear
+from luq.models.loading import check_device
+from luq.quant.linear import QuantLinear, kernel_line, kernels_by_format
 from luq.tensorfile import TensorFiles, write_safetensors
 
 
@@ -233,13 +234,15 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-         verify: bool = True):
+         verify: bool = True, log: Callable[[str], None] | None = None):
     """A quantized model from its artifact directory: (model, processor or tokenizer, adapter).
 
     Quantized linears come back as QuantLinear modules holding the packed tensors
     (their stored dtypes kept); every other floating tensor is cast to `dtype`. The
     artifact is checked against its manifest first (`verify=False` skips the sha256s
-    but not the format checks).
+    but not the format checks). Each linear's kernel is built here, for `device`, so that any
+    slower path warns at load (luq.errors.FallbackWarning); `model.luq_kernels` says which kernel
+    serves each format ({format: {kernel: linears}}), and `log`, if given, gets that as one line.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -317,7 +320,10 @@ def load(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtyp
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise LuqError(f"corrupt or partial artifact {path}: no stored value for {missing[:3]}")
-    model = model.to(device).eval()
+    model = model.to(check_device(device)).eval()
+    model.luq_kernels = kernels_by_format(model, qconfig.get("plan", {}))
+    if log is not None:
+        log(kernel_line(model.luq_kernels))
     return model, auto_pre.from_pretrained(path), adapter
 
 

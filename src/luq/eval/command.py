@@ -78,7 +78,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from luq.eval.datasets import task_spec
     from luq.eval.distributed import data_parallel_from_env
     from luq.eval.runner import load_for_eval
-    from luq.models.loading import parse_dtype
+    from luq.checks import check_out_file
+    from luq.models.loading import check_device, parse_dtype
     from luq.store import write_json
 
     task = args.task
@@ -87,10 +88,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise LuqError(f"--limit must be at least 1, got {args.limit}")
     dtype = parse_dtype(args.dtype)
-    parallel = data_parallel_from_env(args.device)
+    out = args.out or Path(f"luq-eval-{task}.json")
+    check_out_file(out)   # before any model is loaded
+    parallel = data_parallel_from_env(check_device(args.device))
     device = parallel.device(args.device)
     model_name = args.model or "smollm2"
-    out = args.out or Path(f"luq-eval-{task}.json")
     progress = _Progress(f"{task} on {model_name}", parallel.is_main)
 
     if task == PERPLEXITY:

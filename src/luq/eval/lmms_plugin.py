@@ -10,7 +10,8 @@ change to lmms-eval.
 model_args: ``path`` (a quantized luq directory, a model directory, a hub id or a built-in
 name such as ``tiny-vlm``), ``device`` (default cpu; "cuda" becomes each process's own GPU
 under ``accelerate launch``), ``dtype`` (float32, bfloat16, float16), ``batch_size``
-(default 1), ``max_new_tokens`` (default 32, when a task does not set it).
+(default 1), ``max_new_tokens`` (default 32, when a task does not set it). Any other model_arg
+is refused in one line (a misspelt one would otherwise change nothing without a word).
 
 Generation is luq's own (``luq.eval.runner.AnswerGenerator``): greedy, the model's chat
 template, the images of each request before its text; a task's ``max_new_tokens`` caps the
@@ -28,6 +29,8 @@ class exists on a plain base (for luq's own tests), and only lmms-eval can drive
 from __future__ import annotations
 
 from typing import Any
+
+from luq.errors import LuqError
 
 try:  # lmms-eval is an optional extra
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -67,7 +70,11 @@ class LuqLMM(_LmmsBase):
     is_simple = True
 
     def __init__(self, path: str | None = None, device: str = "cpu", dtype: str = "float32", batch_size: int = 1,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, model=None, processor=None, **unused: Any) -> None:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, model=None, processor=None,
+                 max_batch_size: int | None = None, **unknown: Any) -> None:
+        if unknown:   # a misspelt model_arg would otherwise be dropped without a word
+            raise LuqError(f"unknown luq model_args {', '.join(sorted(unknown))}; known: path, device, dtype, "
+                           "batch_size, max_new_tokens")
         if _LmmsBase is not object:
             super().__init__()
         from luq.eval.distributed import data_parallel_from_env
@@ -81,7 +88,7 @@ class LuqLMM(_LmmsBase):
             model, processor, _ = load_for_eval(path, self.parallel.device(device), parse_dtype(dtype))
         self.batch_size_per_device = _int_arg(batch_size, "batch_size")
         self.generator = AnswerGenerator(model, processor, _int_arg(max_new_tokens, "max_new_tokens"))
-        self.ignored_args = sorted(unused)
+        self.max_batch_size = max_batch_size   # lmms-eval passes it to every model; luq's batches are fixed
 
     @property
     def rank(self) -> int:

@@ -16,6 +16,7 @@ scale (per subtask acc + acc+ in points, summed into perception and cognition).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,7 @@ def load_for_eval(model: str | None, device: str | torch.device, dtype: torch.dt
         load = getattr(luq, "load", None)
         if load is None:
             raise LuqError(f"{model} is a quantized luq model, but this luq has no luq.load() to open it")
-        return load(model, device=device, dtype=dtype)
+        return load(model, device=device, dtype=dtype, log=lambda line: print(f"luq: {line}", file=sys.stderr))
     from luq.models.loading import load_model
 
     return load_model(model, device, dtype)

@@ -23,6 +23,24 @@ def parse_dtype(name: str) -> torch.dtype:
         raise LuqError(f"unknown dtype {name!r}; choose from {', '.join(_DTYPES)}") from None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device `device` names, refused in one line where it is malformed or absent here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LuqError(f"--device {device!r} is not a torch device ({str(e).splitlines()[0]}); "
+                       "use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LuqError(f"--device {device}: no CUDA GPU is available to this torch ({torch.__version__}); "
+                           "use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LuqError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise LuqError(f"--device {device}: MPS is not available here; use --device cpu")
+    return parsed
+
+
 def resolve(model: str | None) -> str:
     """The local directory or hub id behind MODEL (a built-in name maps to its offline copy)."""
     model = model or DEFAULT_MODEL
@@ -51,6 +69,7 @@ def load_model(model: str | None, device: str | torch.device = "cpu", dtype: tor
     when a stage reaches it (`luq.models.streaming`); memory then holds one layer at a time."""
     from transformers import AutoConfig
 
+    device = check_device(device)
     source = resolve(model)
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local and not Path(source).expanduser().is_dir():

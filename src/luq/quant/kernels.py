@@ -660,6 +660,8 @@ class CompactBinaryKernel(BinaryKernel):
     `python -m bench.kernels --only binary`: billm-k5g64r on 4096x4096 holds 1.79 bits per weight with its
     QuantLinear (stored 1.51; 3.02 on the planes), one token 1.0-1.4x the planes' time by shape."""
 
+    name = "compact"
+
     def __init__(self, qweight, sparse: torch.Tensor, offsets: torch.Tensor | None, ref: torch.Tensor,
                  scale_table: torch.Tensor, mean_table: torch.Tensor,
                  not_sparse: tuple[torch.Tensor, torch.Tensor] | None = None):

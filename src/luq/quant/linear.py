@@ -209,3 +209,22 @@ def dequantize_modules(model: nn.Module) -> int:
             setattr(model.get_submodule(owner) if owner else model, attr, dense)
             swapped += 1
     return swapped
+
+
+def kernels_by_format(model: nn.Module, plan: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Format name -> {kernel name: linears} for the QuantLinears of `plan` (linear name -> format) in
+    `model`, each kernel built here for its module's device (as its first forward would: any fallback
+    warns now, not in the middle of a generation)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and name in plan:
+            kinds = out.setdefault(plan[name], {})
+            kinds[module.kernel.name] = kinds.get(module.kernel.name, 0) + 1
+    return out
+
+
+def kernel_line(kernels: dict[str, dict[str, int]]) -> str:
+    """One line saying which kernel serves each format ("gptq4-g128: int4 x210; billm: binary x70")."""
+    return "kernels: " + "; ".join(f"{fmt}: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+                                   for fmt, kinds in sorted(kernels.items()))
+
