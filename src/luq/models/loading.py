@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -9,8 +10,20 @@ import torch
 from luq.errors import LuqError
 from luq.models import Adapter, adapter_for
 
-BUILTIN = ("smollm2", "tiny-vlm")
+# Built-in offline models: name -> "module:function" returning its local directory (built once into the
+# cache). Named as strings and imported when asked for, so that this room imports nothing from the zoo of
+# demo and test models; `register_builtin` adds one.
+BUILTIN = {"smollm2": "luq.assets:smollm2_dir",
+           "smollm2-offgrid": "luq.zoo.offgrid:smollm2_offgrid_dir",
+           "tiny-vlm": "luq.tinyvlm:trained_dir"}
 DEFAULT_MODEL = "smollm2"
+
+
+def register_builtin(name: str, target: str) -> None:
+    """Let MODEL `name` stand for the directory `target` ("module:function") returns."""
+    if ":" not in target:
+        raise LuqError(f"a built-in model is registered as 'module:function', got {target!r}")
+    BUILTIN[name] = target
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -44,13 +57,11 @@ def check_device(device: str | torch.device) -> torch.device:
 def resolve(model: str | None) -> str:
     """The local directory or hub id behind MODEL (a built-in name maps to its offline copy)."""
     model = model or DEFAULT_MODEL
-    if model == "smollm2":
-        from luq.assets import smollm2_dir
-        return str(smollm2_dir())
-    if model == "tiny-vlm":
-        from luq.tinyvlm import trained_dir
-        return str(trained_dir())
-    return model
+    target = BUILTIN.get(model)
+    if target is None:
+        return model
+    module, _, function = target.partition(":")
+    return str(getattr(import_module(module), function)())
 
 
 def can_stream(model: str | None) -> bool:
