@@ -4,6 +4,7 @@ from luq.quant.base import QuantizedWeight
 from luq.quant.baselines import Sign, SignWeight
 from luq.quant.billm import BiLLM, BiLLMWeight
 from luq.quant.billm_compact import CompactBiLLM, CompactBiLLMWeight
+from luq.quant.ggml import GGML, GGMLRTN, GGMLWeight, to_gguf_bytes
 from luq.quant.gptq import GPTQ, RTN, GPTQWeight
 from luq.quant.hessian import HessianAccumulator, relative_output_error
 from luq.quant.linear import QuantLinear
@@ -14,9 +15,9 @@ __all__ = ["GPTQ", "RTN", "BiLLM", "CompactBiLLM", "Sign", "QuantizedWeight", "G
            "CompactBiLLMWeight", "SignWeight",
            "HessianAccumulator", "relative_output_error", "QuantLinear", "weight_from_state_dict",
            "register_weight_type", "Format", "register_format", "get_format", "list_formats", "parse_formats",
-           "reference_bits", "DEFAULT_MENU", "COMPACT_MENU"]
+           "reference_bits", "DEFAULT_MENU", "COMPACT_MENU", "GGML", "GGMLRTN", "GGMLWeight", "to_gguf_bytes"]
 
-_WEIGHT_TYPES = {cls.method: cls for cls in (GPTQWeight, BiLLMWeight, CompactBiLLMWeight, SignWeight)}
+_WEIGHT_TYPES = {cls.method: cls for cls in (GPTQWeight, BiLLMWeight, CompactBiLLMWeight, SignWeight, GGMLWeight)}
 
 
 def register_weight_type(cls: type[QuantizedWeight]) -> type[QuantizedWeight]:

@@ -27,6 +27,7 @@ from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
 from luq.quant.billm import BiLLM
 from luq.quant.billm_compact import CompactBiLLM
+from luq.quant.ggml import GGML, GGML_BITS, GGMLRTN
 from luq.quant.gptq import GPTQ, RTN
 
 # the shape `luq formats` quotes true bits on (a 7B model's attention projection)
@@ -54,6 +55,12 @@ class Format:
         """Short hash of `settings()`: a cached weight is reused only under the same settings."""
         blob = json.dumps(self.settings(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def supports(self, shape: tuple[int, int]) -> bool:
+        """Whether this format can store a weight of `shape` [out, in] (a ggml type only when its block
+        divides `in`); a solver without `supports` takes every shape."""
+        check = getattr(self.solver, "supports", None)
+        return True if check is None else bool(check(tuple(shape)))
 
     def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int] | None:
         """(least, most) stored bytes of a weight of `shape`, known before quantizing; None if
@@ -158,3 +165,16 @@ DEFAULT_MENU = tuple(f"gptq{b}-g{g}" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_
 # measured allocation's perplexity many times over (docs/results.md, section 3); `--formats default,compact`
 COMPACT_MENU = ("billm-k5g64r", "billm-k8g64", "billm-k16g64")
 MENUS = {"default": DEFAULT_MENU, "compact": COMPACT_MENU}
+
+# llama.cpp's block formats (luq.quant.ggml), named as ggml names its types: GPTQ inside each type's grid,
+# stored byte for byte as ggml stores it (a plan over them exports to GGUF without quantizing again), and
+# `rtn-<type>`: the same grids, round-to-nearest. A type stores only weights whose input columns its block
+# (32, or 256 for the K-quants and tq*) divides: `Format.supports`. tq2_0 / tq1_0 (ternary, one grid stored two
+# ways) are registered but not in the menu: on SmolLM2's down_projs they measured 5-7x q2_k's output error.
+GGML_MENU = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "iq4_nl", "q3_k", "q2_k")
+for _type in GGML_MENU + ("tq2_0", "tq1_0"):
+    register_format(Format(_type, GGML(_type), f"llama.cpp {_type.upper()} ({GGML_BITS[_type]:g} bits): GPTQ "
+                                               "inside ggml's grid, stored as ggml's blocks"))
+    register_format(Format(f"rtn-{_type}", GGMLRTN(_type), f"llama.cpp {_type.upper()}: the same grid fitted "
+                                                           "per block, round-to-nearest"))
+MENUS["ggml"] = GGML_MENU
