@@ -172,6 +172,26 @@ def cpu_packing(capability: str) -> CpuPacking | None:
     return None
 
 
+def gemm_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the prompt paths' GEMM: bfloat16 on GPUs and on CPUs with bfloat16 dot products
+    (avx512_bf16, AMX, Arm's bf16), float32 elsewhere. On an AVX2 CPU torch's bfloat16 GEMM is emulated:
+    `python -m bench.inference` measured SmolLM2's 128-token prefill in bfloat16 at 0.24x float32's speed."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if _bf16_dot_products() else torch.float32
+
+
+def _tile_bytes(weights: int, device: torch.device) -> int:
+    """Bytes of a transient prompt tile of `weights` weights: bfloat16, plus its copy in the GEMM's dtype."""
+    gemm = gemm_dtype(device)
+    return weights * (2 + (0 if gemm == torch.bfloat16 else gemm.itemsize))
+
+
+@lru_cache(maxsize=1)
+def _bf16_dot_products() -> bool:
+    return bool(native.cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 @dataclass(frozen=True)
 class Int4Ops:
     """One device's int4 matmul. pack(q): codes int32 [N, K] in 0..15 -> the packed weight;
@@ -420,32 +440,44 @@ class Int4Kernel(nn.Module):
         (torch ops: the terms side by side; the input is gathered to match)."""
         if self.native:
             return native.expand_int4(self.packed, self.scales_zeros, self.group, self.starts, self.by_column,
-                                      self.in_features, r0, r1, self.packing.block, self.packing.adjacent)
+                                      self.in_features, r0, r1, self.packing.block, self.packing.adjacent,
+                                      gemm_dtype(self.packed.device))
         return self.dense_tile(r0, r1)
 
     @property
     def tile_rows(self) -> int:
         """Rows per transient tile of the dense path (a multiple of `block`, DENSE_TILE_BYTES at most)."""
         inner = self.in_features if self.native else self.kt
-        return max(self.block, DENSE_TILE_BYTES // (2 * inner) // self.block * self.block)
+        return max(self.block, DENSE_TILE_BYTES // (self._tile_itemsize * inner) // self.block * self.block)
+
+    @property
+    def _tile_itemsize(self) -> int:
+        """Bytes per weight of the transient tile: the compiled expansion writes the GEMM's dtype; the torch
+        ops write bfloat16, copied to the GEMM's dtype where that is another."""
+        gemm = gemm_dtype(self.packed.device)
+        return gemm.itemsize if self.native else 2 + (0 if gemm == torch.bfloat16 else gemm.itemsize)
 
     @property
     def transient_nbytes(self) -> int:
-        """Peak bytes of the transient weight tile of the dense path (0 where prompts stay on int4)."""
+        """Peak bytes of the transient weight tile of the dense path (0 where prompts stay on int4): the
+        bfloat16 tile, and its float32 copy where the GEMM runs in float32."""
         inner = self.in_features if self.native else self.kt
-        return 2 * inner * min(self.rows, self.tile_rows) if self.dense_ok else 0
+        return self._tile_itemsize * inner * min(self.rows, self.tile_rows) if self.dense_ok else 0
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [tokens, in_features] (bfloat16, column-scaled) times W^T, tile by tile of rows."""
+        """x2 [tokens, in_features] (bfloat16, column-scaled) times W^T, tile by tile of rows, the GEMM in
+        `gemm_dtype(device)` (float32 on CPUs without bfloat16 dot products: there a bfloat16 GEMM is
+        several times slower than float32's)."""
         if not self.native:
             x2 = self.gather(x2, transposed=True)
-        step = self.tile_rows
+        gemm = gemm_dtype(x2.device)
+        x2, step = x2.to(gemm), self.tile_rows
         if step >= self.rows:
-            return x2 @ self.weight_t(0, self.rows)
-        out = torch.empty(x2.shape[0], self.rows, dtype=torch.bfloat16, device=x2.device)
+            return x2 @ self.weight_t(0, self.rows).to(gemm)
+        out = torch.empty(x2.shape[0], self.rows, dtype=gemm, device=x2.device)
         for r0 in range(0, self.rows, step):
             r1 = min(r0 + step, self.rows)
-            out[:, r0:r1] = x2 @ self.weight_t(r0, r1)
+            out[:, r0:r1] = x2 @ self.weight_t(r0, r1).to(gemm)
         return out
 
     def gather(self, x2: torch.Tensor, transposed: bool = False) -> torch.Tensor:
@@ -609,7 +641,7 @@ class BinaryKernel(nn.Module):
 
     @property
     def transient_nbytes(self) -> int:
-        return 2 * self.in_features * min(self.rows, self.tile_rows)
+        return _tile_bytes(self.in_features * min(self.rows, self.tile_rows), torch.device("cpu"))
 
     def prepare(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [tokens, in] as the planes read it: float32, kernel column order, column-scaled."""
@@ -625,14 +657,16 @@ class BinaryKernel(nn.Module):
         return native.binary_expand(self.planes, self.param_args, r0, r1)
 
     def dense(self, x2: torch.Tensor) -> torch.Tensor:
-        """Prompts: bfloat16 [tokens, rows], tile by tile of rows (x2 `prepare`d)."""
-        xb, step = x2.to(torch.bfloat16), self.tile_rows
+        """Prompts: [tokens, rows], tile by tile of rows (x2 `prepare`d): each tile expanded in bfloat16, the
+        GEMM in `gemm_dtype` (the inputs rounded to bfloat16 as the tile's weights are)."""
+        gemm = gemm_dtype(x2.device)
+        xb, step = x2.to(torch.bfloat16).to(gemm), self.tile_rows
         if step >= self.rows:
-            return nn.functional.linear(xb, self.weight(0, self.rows))
-        out = torch.empty(xb.shape[0], self.rows, dtype=torch.bfloat16)
+            return nn.functional.linear(xb, self.weight(0, self.rows).to(gemm))
+        out = torch.empty(xb.shape[0], self.rows, dtype=gemm)
         for r0 in range(0, self.rows, step):
             r1 = min(r0 + step, self.rows)
-            out[:, r0:r1] = nn.functional.linear(xb, self.weight(r0, r1))
+            out[:, r0:r1] = nn.functional.linear(xb, self.weight(r0, r1).to(gemm))
         return out
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -36,7 +36,7 @@ HERE = Path(__file__).parent
 _POOL: dict[int, ThreadPoolExecutor] = {}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -59,9 +59,9 @@ def _build(source: Path, target: Path) -> None:
     if cc is None:
         raise BuildError("no C compiler found (set CC, or install gcc)")
     flags = ["-O3", "-shared", "-fPIC"]
-    if {"avx2", "fma"} <= _cpu_flags():
+    if {"avx2", "fma"} <= cpu_flags():
         flags += ["-mavx2", "-mfma"]
-    if "f16c" in _cpu_flags():
+    if "f16c" in cpu_flags():
         flags += ["-mf16c"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: concurrent builds do not collide
@@ -92,7 +92,7 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p
 GEMV_BYTES_PER_THREAD = 2 ** 19
 # the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
 SIGNATURES = {
-    "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I]},
+    "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I, _I]},
     "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
                     "luq_binary_gemv": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I],
                     "luq_binary_expand": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I]},
@@ -111,7 +111,7 @@ def _library(name: str):
         return None
     source = HERE / f"{name}.c"
     headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # included by the sources
-    flags = repr(sorted(_cpu_flags() & {"avx2", "fma", "f16c"})).encode()
+    flags = repr(sorted(cpu_flags() & {"avx2", "fma", "f16c"})).encode()
     digest = hashlib.sha256(source.read_bytes() + headers + flags).hexdigest()[:16]
     root = Path(os.environ.get("LUQ_NATIVE_DIR") or Path.home() / ".cache" / "luq" / "native")
     target = root / f"{name}-{digest}.so"
@@ -146,15 +146,16 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, starts: torch.Tensor | None,
-                terms: torch.Tensor | None, cols: int, r0: int, r1: int, block: int, adjacent: bool) -> torch.Tensor:
+                terms: torch.Tensor | None, cols: int, r0: int, r1: int, block: int, adjacent: bool,
+                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """bfloat16 W^T [cols, r1 - r0] of weight rows [r0, r1) (multiples of `block`) from an int4 CPU
     packing (`packed` [N, kt/2] in blocks of `block` rows, a byte holding rows 2j and 2j + 1 where
     `adjacent`, else j and j + block/2: kernels.CpuPacking; `scales_zeros` [kt/group, N, 2] bfloat16).
     Input column c sums the kernel columns terms[starts[c]:starts[c + 1]] (int64); starts/terms None:
-    column c is kernel column c alone."""
+    column c is kernel column c alone. dtype: bfloat16 (each value rounded once) or float32."""
     fn = _library("expand_int4")["luq_expand_int4"]
     n_rows, kt = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty(cols, r1 - r0, dtype=torch.bfloat16)
+    out = torch.empty(cols, r1 - r0, dtype=dtype)
     args = (packed.data_ptr(), scales_zeros.data_ptr(), kt, n_rows, group,
             None if starts is None else starts.data_ptr(), None if terms is None else terms.data_ptr())
     threads = max(1, min(torch.get_num_threads(), cols // 64))
@@ -163,7 +164,7 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
     def run(i: int) -> int:
         c0, c1 = bounds[i], bounds[i + 1]
         return fn(*args, c0, c1, r0, r1, out.data_ptr() + c0 * out.stride(0) * out.element_size(), out.stride(0),
-                  block, int(adjacent))
+                  block, int(adjacent), int(dtype == torch.float32))
 
     if threads == 1:
         failed = run(0)

@@ -7,8 +7,9 @@
    sz:     bfloat16 bits [kt/group][N][2] (scale, zero) of those groups.
    starts, terms: the kernel columns k that add into input column c are terms[starts[c] .. starts[c+1]);
            both NULL: input column c is kernel column c alone.
-   Writes out[(c - c0) * ld + (n - n0)] = bfloat16(sum over those k of w[n, k]) for input columns
-   c0 <= c < c1 and weight rows n0 <= n < n1 (multiples of `block`), summing in float32. */
+   Writes out[(c - c0) * ld + (n - n0)] = sum over those k of w[n, k] for input columns c0 <= c < c1 and
+   weight rows n0 <= n < n1 (multiples of `block`), summing in float32; `out` holds float32 where
+   `float_out`, else bfloat16 (rounded once). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,7 +22,8 @@ static inline float weight(int code, uint32_t pair) {  /* (q - 8) * scale + zero
 
 int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64_t n_rows, int64_t group,
                     const int64_t *starts, const int64_t *terms, int64_t c0, int64_t c1,
-                    int64_t n0, int64_t n1, uint16_t *out, int64_t ld, int64_t block, int64_t adjacent) {
+                    int64_t n0, int64_t n1, void *out, int64_t ld, int64_t block, int64_t adjacent,
+                    int64_t float_out) {
     const int64_t width = n1 - n0, blocks = width / block, half = block / 2;
     /* a (scale, zero) pair of bfloat16 is one little-endian 32-bit word: scale in the low half */
     const uint32_t *pairs = (const uint32_t *)sz;
@@ -51,9 +53,13 @@ int luq_expand_int4(const uint8_t *packed, const uint16_t *sz, int64_t kt, int64
                 }
             }
         }
-        uint16_t *o = out + (c - c0) * ld;
-        for (int64_t n = 0; n < width; n++)
-            o[n] = f32_to_bf16(acc[n]);
+        if (float_out) {
+            memcpy((float *)out + (c - c0) * ld, acc, sizeof(float) * (size_t)width);
+        } else {
+            uint16_t *o = (uint16_t *)out + (c - c0) * ld;
+            for (int64_t n = 0; n < width; n++)
+                o[n] = f32_to_bf16(acc[n]);
+        }
     }
     free(acc);
     return 0;
