@@ -7,8 +7,9 @@ LOCK    := constraints.txt
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.luq-installed
 BSTAMP  := $(VENV)/.luq-bench-installed
+include mk/llama.mk
 
-.PHONY: demo test bench results venv clean lock
+.PHONY: demo test bench results venv clean lock docs
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -90,3 +91,7 @@ lock:
 
 clean:
 	rm -rf $(VENV) .luq-cache
+
+# The results tables of README.md and docs/*.md, rendered from bench/results/*.json (`--check`: exit 1 if any differs)
+docs: $(STAMP)
+	$(VPY) -m bench.docs

@@ -2,6 +2,9 @@
 
 A stored weight goes to GGUF only where a GGUF block type holds the same numbers:
 
+- A weight of one of llama.cpp's own block formats (method "ggml", luq.quant.ggml: q8_0, q6_k, q5_k,
+  q5_1, q5_0, q4_k, q4_1, q4_0, iq4_nl, q3_k, q2_k, tq2_0, tq1_0) -> its own type, its stored bytes
+  as they are (they are ggml's blocks byte for byte): exact.
 - GPTQ 4-bit, asymmetric, contiguous groups of a multiple of 32 columns -> Q4_1: per block of
   32 weights d = scale (the stored fp16, exact) and m = -scale * zero rounded once to fp16, so
   d * q + m = scale * (q - zero) up to that one rounding of m (half an fp16 ulp of |scale * zero|).
@@ -9,33 +12,66 @@ A stored weight goes to GGUF only where a GGUF block type holds the same numbers
 - GPTQ 8-bit -> Q8_0 (d * q, q in int8), exact, when every code minus its zero fits int8: always for
   a symmetric grid (zero 128); for an asymmetric one only if the data happen to.
 - Unquantized tensors as stored: 2-D at their stored float type (f16 or f32; bf16 -> f32,
-  exact), 1-D (norms) at f32 as llama.cpp wants them.
+  exact), 1-D (norms, biases) at f32 as llama.cpp wants them.
 
 Anything else is refused with one line naming the first such linear and why: binarized weights
 (BiLLM, sign) and 2/3-bit grids with free fp16 scales have no GGUF type; act-order groups (`g_idx`)
 are not contiguous; groups not a multiple of 32 columns cross GGUF's blocks.
 
-The model must be a Llama (llama.cpp's `llama` architecture: SmolLM2, Llama 2/3, ...), with a
-byte-level BPE tokenizer. Tensors take llama.cpp's names (the `gguf` package's tensor name map),
-and the q and k projections' rows are reordered from transformers' rotary layout (halves) to
-llama.cpp's (interleaved pairs), as llama.cpp's own converter does.
+Architectures (config.json's model_type -> llama.cpp's architecture), written as llama.cpp's own
+`convert_hf_to_gguf.py` writes them, with its tensor names (the `gguf` package's tensor name map):
+
+- `llama` -> llama (SmolLM2, Llama 2, Llama 3.0; default or linear rope): the q and k projections'
+  rows (and biases) are reordered from transformers' rotary layout (halves) to llama.cpp's
+  (interleaved pairs), as the converter does; `llama.vocab_size`, `llama.rope.dimension_count`.
+- `qwen2` -> qwen2 (Qwen2, Qwen2.5 text): q/k/v biases; no reordering (llama.cpp's NEOX rope is
+  transformers' layout).
+- `gemma3_text` -> gemma3 (Gemma3ForCausalLM): every norm weight (input, post-attention,
+  pre/post-feedforward, q/k norms, final) is written as 1 + w, since Gemma3RMSNorm computes
+  x * (1 + w) and llama.cpp x * w (added in float32, as transformers computes it; the converter adds
+  in the stored dtype); no reordering; the embedding unscaled (llama.cpp multiplies by sqrt(hidden)
+  itself); the rope base of the global layers and of the sliding ones (`rope.freq_base_swa`), linear
+  rope scaling of the global layers, `attention.sliding_window`, and the per-layer sliding pattern as
+  an array where the model's layer_types differ from the one llama.cpp assumes (every 6th global).
+
+What llama.cpp would compute differently is refused up front, in one line: other rope scalings
+(llama3, yarn, ...), Qwen2's sliding window, Gemma 3 with attention biases, attention logit
+softcapping, bidirectional attention, another activation, or a query scale llama.cpp does not use.
+
+Tokenizers, from the artifact's tokenizer.json:
+
+- byte-level BPE -> `gpt2` with the pre-tokenizer llama.cpp names, recognised from its structure:
+  GPT-2's split (`gpt-2`), with single digits first (`smollm`), Qwen2's regex (`qwen2`) or
+  Llama 3's (`llama-bpe`); merges as stored.
+- SentencePiece-style BPE (byte fallback, spaces as "▁": Gemma, Llama 2) -> `llama` (SentencePiece),
+  each piece scored by minus the rank of the first merge that makes it (SentencePiece merges the
+  best-scored adjacent pair first, BPE applies the lowest-ranked merge first, and the merges of such
+  a tokenizer.json were generated in score order), byte tokens typed BYTE, `add_space_prefix` from
+  the normalizer. llama.cpp's converter reads tokenizer.model with sentencepiece instead; a luq
+  artifact holds the tokenizer.json that transformers saves.
+
+Special tokens, add_bos/add_eos and the chat template (`tokenizer.chat_template`) come from the
+tokenizer files through the `gguf` package's SpecialVocab, as in the converter.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from luq.errors import LuqError
-from luq.quant import GPTQWeight, QuantizedWeight, weight_from_state_dict
+from luq.quant import GGMLWeight, GPTQWeight, QuantizedWeight, weight_from_state_dict
+from luq.quant.ggml import ggml_nbytes, to_gguf_bytes
 from luq.quant.packing import unpack_bits
 from luq.store import read_tensors, verify_artifact
 
-BLOCK = 32  # weights per block of Q4_0, Q4_1 and Q8_0
+BLOCK = 32  # weights per block of Q4_0, Q4_1 and Q8_0 (the GPTQ mappings)
 
 
 class NoGgufType(Exception):
@@ -82,6 +118,13 @@ def encode_weight(weight: QuantizedWeight):
     """(GGUF type, [rows, bytes per row] uint8) of a stored weight, exactly; NoGgufType if none holds it."""
     from gguf import GGMLQuantizationType as T
 
+    if isinstance(weight, GGMLWeight):  # ggml's own blocks: written as they are
+        qtype, data = to_gguf_bytes(weight)
+        rows, row_bytes = weight.shape[0], ggml_nbytes(weight.shape, weight.type) // weight.shape[0]
+        if data.shape != (rows, row_bytes):
+            raise NoGgufType(f"its stored {weight.type} blocks are {list(data.shape)} bytes, a {list(weight.shape)} "
+                             f"weight needs [{rows}, {row_bytes}] (corrupt artifact)")
+        return qtype, data
     if not isinstance(weight, GPTQWeight):
         kind = "binarized" if weight.method in ("billm", "billm-compact", "sign") else weight.method
         raise NoGgufType(f"it is {kind} ({weight.method}): no GGUF type holds {kind} weights")
@@ -114,10 +157,20 @@ def rope_permutation(n_heads: int, rows: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_heads, 2, head_dim // 2).transpose(1, 2).reshape(-1)
 
 
+# ---------------------------------------------------------------------------------------- tokenizers
+
+# byte-level BPE pre-tokenizers whose Split regex llama.cpp knows by name (tokenizer.json's text): Qwen2's
+# splits digits one by one, Llama 3's in runs of up to three
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_REGEXES = {_WORDS + r"\p{N}" + _REST: "qwen2", _WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe"}
+SPACE = "\u2581"  # SentencePiece's "▁"
+
+
 def _pre_tokenizer(spec: dict | None) -> str:
     """llama.cpp's name for a byte-level pre-tokenizer of tokenizer.json, from its structure."""
-    def byte_level(p):
-        return p.get("type") == "ByteLevel" and p.get("use_regex", True)
+    def byte_level(p, use_regex=True):
+        return p.get("type") == "ByteLevel" and p.get("use_regex", True) == use_regex
 
     if spec and byte_level(spec):
         return "gpt-2"
@@ -126,19 +179,114 @@ def _pre_tokenizer(spec: dict | None) -> str:
         if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
                 and byte_level(parts[1])):
             return "smollm"
+        if (len(parts) == 2 and parts[0].get("type") == "Split" and not parts[0].get("invert")
+                and parts[0].get("behavior") == "Isolated" and byte_level(parts[1], use_regex=False)):
+            name = _SPLIT_REGEXES.get((parts[0].get("pattern") or {}).get("Regex"))
+            if name is not None:
+                return name
     raise LuqError(f"GGUF export: the tokenizer's pre-tokenizer {json.dumps(spec)[:80]} has no llama.cpp name "
-                   "known to luq (byte-level BPE with the GPT-2 split, with or without single digits)")
+                   "known to luq (byte-level BPE with the GPT-2 split, with or without single digits, or Qwen2's "
+                   "or Llama 3's split)")
 
 
-def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
+def _parts(spec: dict | None, key: str) -> list[dict]:
+    """A normalizer / pre-tokenizer of tokenizer.json as its flat list of steps."""
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        return [q for p in spec.get(key, []) for q in _parts(p, key)]
+    return [spec]
+
+
+def _sentencepiece_style(spec: dict) -> bool | None:
+    """For a BPE tokenizer.json made from a SentencePiece model (byte fallback, spaces as "▁"): whether it
+    prepends "▁" to the text (llama.cpp's add_space_prefix); None for any other tokenizer."""
+    model = spec["model"]
+    norm = _parts(spec.get("normalizer"), "normalizers")
+    pre = _parts(spec.get("pre_tokenizer"), "pretokenizers")
+    metaspace = [p for p in pre if p.get("type") == "Metaspace"]
+    spaces = any(p.get("type") == "Replace" and p.get("content") == SPACE for p in norm) or metaspace
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not spaces:
+        return None
+    other = [p for p in pre if p.get("type") != "Metaspace"
+             and not (p.get("type") == "Split" and (p.get("pattern") or {}).get("String") == " ")]
+    if other:  # a split before the pieces (digits, punctuation) that llama.cpp's SentencePiece does not make
+        raise LuqError(f"GGUF export: the SentencePiece-style tokenizer splits its text first ({other[0].get('type')}),"
+                       " which llama.cpp's SentencePiece tokenizer does not do")
+    prepend = any(p.get("type") == "Prepend" and p.get("prepend") == SPACE for p in norm)
+    for m in metaspace:
+        scheme = m.get("prepend_scheme", "always" if m.get("add_prefix_space", True) else "never")
+        prepend = prepend or scheme in ("always", "first")
+    return prepend
+
+
+def _sentencepiece_vocab(spec: dict, vocab_size: int):
+    """(tokens, scores, types) for llama.cpp's SentencePiece tokenizer ("llama") from tokenizer.json:
+    a piece made by merges scores minus the rank of the first merge that makes it (SentencePiece
+    merges the best-scored adjacent pair first, BPE the lowest-ranked merge); other pieces score below
+    every merge; byte tokens are BYTE, added tokens CONTROL (special) or USER_DEFINED, as the converter."""
+    import gguf
+
+    model = spec["model"]
+    merges = model.get("merges") or []
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    unknown = model.get("unk_token")
+    for piece, i in model["vocab"].items():
+        if i >= vocab_size:
+            continue
+        tokens[i] = piece
+        scores[i] = -float(rank[piece]) if piece in rank else -float(len(merges) + 1)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            types[i] = gguf.TokenType.BYTE
+        elif piece == unknown:
+            types[i] = gguf.TokenType.UNKNOWN
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        i = added["id"]
+        if i >= vocab_size:
+            continue
+        if added.get("special"):
+            tokens[i], types[i] = added["content"], gguf.TokenType.CONTROL
+        else:  # pre-normalized, as the converter writes user-defined tokens
+            tokens[i], types[i] = added["content"].replace(SPACE, " "), gguf.TokenType.USER_DEFINED
+        scores[i] = -1000.0
+    return tokens, scores, types
+
+
+def _tokenizer_writer(folder: Path, vocab_size: int) -> Callable[[Any], None]:
+    """Checks the artifact's tokenizer now (one LuqError if llama.cpp has no equal of it); returns the
+    function that writes it into a GGUFWriter."""
     import gguf
 
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise LuqError(f"GGUF export: {folder} has no tokenizer.json")
     spec = json.loads(path.read_text(encoding="utf-8"))
-    if spec["model"].get("type") != "BPE":
-        raise LuqError(f"GGUF export: only byte-level BPE tokenizers are supported, not {spec['model'].get('type')}")
+    kind = spec["model"].get("type")
+    if kind != "BPE":
+        raise LuqError(f"GGUF export: only BPE tokenizers (byte-level, or SentencePiece-style with byte fallback) "
+                       f"are supported, not {kind}")
+    prefix = _sentencepiece_style(spec)
+    if prefix is not None:
+        tokens, scores, types = _sentencepiece_vocab(spec, vocab_size)
+
+        def add(writer) -> None:
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre("default")
+            writer.add_token_list(tokens)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
+            writer.add_add_space_prefix(prefix)
+            gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+        return add
+
     pre = _pre_tokenizer(spec.get("pre_tokenizer"))
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
@@ -149,40 +297,198 @@ def _add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
         if added["id"] < vocab_size:
             tokens[added["id"]] = added["content"]
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+    def add(writer) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    return add
 
 
-def _add_llama_metadata(writer, config: dict) -> None:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise LuqError(f"GGUF export: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+# ------------------------------------------------------------------------------------- architectures
+
+def _rope_params(config: dict) -> dict:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def _rope_kind(params: dict) -> str:
+    return params.get("rope_type") or params.get("type") or "default"
+
+
+def _check_rope(params: dict, what: str = "") -> None:
+    kind = _rope_kind(params)
+    if kind not in ("default", "linear"):
+        raise LuqError(f"GGUF export: {what}rope scaling {kind!r} is not supported (luq writes default and linear "
+                       "rope)")
+
+
+def _add_rope(writer, params: dict, theta: float) -> None:
+    import gguf
+
+    writer.add_rope_freq_base(float(theta))
+    if _rope_kind(params) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+
+
+def _theta(config: dict, default: float = 10000.0) -> float:
+    return float(_rope_params(config).get("rope_theta", config.get("rope_theta", default)))
+
+
+def _check_activation(config: dict, key: str, expected: str, arch: str) -> None:
+    act = config.get(key)
+    if act is not None and act != expected:
+        raise LuqError(f"GGUF export: llama.cpp's {arch} computes {expected}; this model's {key} is {act!r}")
+
+
+def _common_metadata(writer, config: dict) -> None:
+    """What llama.cpp's converter writes for every text model (TextModel.set_gguf_parameters)."""
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config["hidden_size"] // heads:
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+
+
+def _check_llama(config: dict) -> None:
+    _check_rope(_rope_params(config))
+    _check_activation(config, "hidden_act", "silu", "llama")
+
+
+def _llama_metadata(writer, config: dict) -> None:
+    _common_metadata(writer, config)
+    _add_rope(writer, _rope_params(config), _theta(config))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _check_qwen2(config: dict) -> None:
+    _check_rope(_rope_params(config))
+    _check_activation(config, "hidden_act", "silu", "qwen2")
+    if config.get("use_sliding_window"):
+        raise LuqError("GGUF export: llama.cpp's qwen2 has no sliding-window attention; this model uses it")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        raise LuqError("GGUF export: llama.cpp's qwen2 needs heads x head_dim = hidden size")
+
+
+def _qwen2_metadata(writer, config: dict) -> None:
+    _common_metadata(writer, config)
+    _add_rope(writer, _rope_params(config), _theta(config))
+
+
+def _gemma3_rope(config: dict) -> tuple[dict, dict]:
+    """(rope of the global layers, rope of the sliding ones), each with its rope_theta: transformers 5
+    nests them by layer type; transformers 4 had rope_theta + rope_scaling (global) and
+    rope_local_base_freq (sliding)."""
+    params = _rope_params(config)
+    if "full_attention" in params or "sliding_attention" in params:
+        return ({"rope_theta": 1_000_000.0, **params.get("full_attention", {})},
+                {"rope_theta": 10000.0, **params.get("sliding_attention", {})})
+    return ({**params, "rope_theta": params.get("rope_theta", config.get("rope_theta", 1_000_000.0))},
+            {"rope_theta": config.get("rope_local_base_freq", 10000.0)})
+
+
+def _gemma3_sliding(config: dict) -> list[bool]:
+    """Per layer: does it use sliding-window attention."""
+    types = config.get("layer_types")
+    if types:
+        return [t == "sliding_attention" for t in types]
+    pattern = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6
+    return [bool((i + 1) % pattern) for i in range(config["num_hidden_layers"])]
+
+
+def _check_gemma3(config: dict) -> None:
+    full, sliding = _gemma3_rope(config)
+    _check_rope(full, "the global layers' ")
+    if _rope_kind(sliding) != "default":
+        raise LuqError(f"GGUF export: the sliding layers' rope scaling {_rope_kind(sliding)!r} has no GGUF key")
+    _check_activation(config, "hidden_activation", "gelu_pytorch_tanh", "gemma3")
+    if config.get("attention_bias"):
+        raise LuqError("GGUF export: llama.cpp's gemma3 has no attention biases; this model has them")
+    if config.get("attn_logit_softcapping") is not None:
+        raise LuqError("GGUF export: llama.cpp's gemma3 has no attention logit softcapping; this model uses it")
+    if config.get("use_bidirectional_attention"):
+        raise LuqError("GGUF export: this Gemma 3 attends bidirectionally; llama.cpp's gemma3 is causal")
+    types = config.get("layer_types") or []
+    if any(t not in ("sliding_attention", "full_attention") for t in types):
+        raise LuqError(f"GGUF export: layer types {sorted(set(types))} are not Gemma 3's")
+    # llama.cpp scales queries by 1/sqrt(head_dim) (27B: 1/sqrt(hidden / heads)); transformers by
+    # query_pre_attn_scalar^-1/2
+    heads, head_dim = config["num_attention_heads"], config.get("head_dim") or 256
+    implied = config["hidden_size"] / heads if config["num_hidden_layers"] == 62 else head_dim
+    scalar = config.get("query_pre_attn_scalar", implied)
+    if abs(float(scalar) - implied) > 1e-6 * implied:
+        raise LuqError(f"GGUF export: this Gemma 3 scales queries by query_pre_attn_scalar={scalar}^-1/2; "
+                       f"llama.cpp's gemma3 uses {implied:g}^-1/2 for a model of this shape")
+
+
+def _gemma3_metadata(writer, config: dict) -> None:
+    _common_metadata(writer, config)
+    head_dim = config.get("head_dim") or 256
+    if not config.get("head_dim"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_vocab_size(config["vocab_size"])
+    full, sliding = _gemma3_rope(config)
+    _add_rope(writer, full, full["rope_theta"])
+    writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    swa = _gemma3_sliding(config)
+    if any(swa):
+        writer.add_sliding_window(int(config["sliding_window"]))
+        if swa != [i % 6 < 5 for i in range(len(swa))]:  # llama.cpp's default pattern for gemma3
+            writer.add_sliding_window_pattern(swa)
 
 
-def _dense(t: torch.Tensor) -> Encoded:
+@dataclass(frozen=True)
+class Architecture:
+    """How one transformers model_type becomes a llama.cpp architecture."""
+
+    name: str                    # llama.cpp's (general.architecture)
+    gguf_arch: str               # gguf.MODEL_ARCH member: its tensor names
+    rope_permute: bool           # q/k rows from transformers' rotary halves to llama.cpp's pairs
+    norm_shift: float            # added to every norm weight (Gemma: x * (1 + w) in transformers)
+    check: Callable[[dict], None]
+    metadata: Callable[[Any, dict], None]
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", "LLAMA", True, 0.0, _check_llama, _llama_metadata),
+    "qwen2": Architecture("qwen2", "QWEN2", False, 0.0, _check_qwen2, _qwen2_metadata),
+    "gemma3_text": Architecture("gemma3", "GEMMA3", False, 1.0, _check_gemma3, _gemma3_metadata),
+}
+
+
+def architecture(config: dict, where: object = "the model") -> Architecture:
+    """The llama.cpp architecture of a model's config.json; one LuqError if luq does not export it."""
+    model_type = config.get("model_type")
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        hint = " (export Gemma 3's text decoder, model_type gemma3_text)" if model_type == "gemma3" else ""
+        raise LuqError(f"GGUF export supports {', '.join(ARCHITECTURES)} models (llama.cpp's "
+                       f"{', '.join(a.name for a in ARCHITECTURES.values())}); {where} is {model_type!r}{hint}")
+    arch.check(config)
+    return arch
+
+
+# ------------------------------------------------------------------------------------------- tensors
+
+def _dense(t: torch.Tensor, shift: float = 0.0) -> Encoded:
     from gguf import GGMLQuantizationType as T
 
-    if t.dim() == 1 or t.dtype not in (torch.float16, torch.float32):
+    if t.dim() == 1 or t.dtype not in (torch.float16, torch.float32) or shift:
         t = t.float()  # norms at f32 (what llama.cpp wants); bf16 -> f32 is exact
+    if shift:
+        t = t + shift
     return Encoded(T.F16 if t.dtype == torch.float16 else T.F32, t.contiguous().numpy(), tuple(t.shape))
 
 
@@ -191,11 +497,12 @@ def plan_tensors(folder: Path, config: dict) -> dict[str, Encoded]:
     linear that has no GGUF type (with how many more there are)."""
     import gguf
 
+    arch = architecture(config, folder)
     qconfig = config["quantization_config"]
     stored = read_tensors(folder)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
     heads = {"q_proj": config["num_attention_heads"],
-             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]} if arch.rope_permute else {}
     out: dict[str, Encoded] = {}
     refused: list[tuple[str, str]] = []
 
@@ -204,7 +511,7 @@ def plan_tensors(folder: Path, config: dict) -> dict[str, Encoded]:
         if gguf_name is None:
             raise LuqError(f"GGUF export: {hf_name} has no llama.cpp tensor name")
         module = hf_name.rpartition(".")[0].rpartition(".")[2]
-        if module in heads:  # rotary layout: reorder the rows
+        if module in heads:  # rotary layout: reorder the rows (of a weight's blocks too: a row is whole blocks)
             perm = rope_permutation(heads[module], encoded.data.shape[0]).numpy()
             encoded.data = encoded.data[perm]
         out[gguf_name] = encoded
@@ -225,13 +532,32 @@ def plan_tensors(folder: Path, config: dict) -> dict[str, Encoded]:
         more = f" ({len(refused) - 1} more linears cannot be exported)" if len(refused) > 1 else ""
         raise LuqError(f"GGUF export refused: {refused[0][0]}: {refused[0][1]}{more}")
     for name, tensor in stored.items():
-        put(name, _dense(tensor))
+        shift = arch.norm_shift if name.endswith("norm.weight") else 0.0
+        put(name, _dense(tensor, shift))
     return out
+
+
+# the file type llama.cpp reports for a file mostly of one ggml type
+_FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S",
+               "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K", "IQ4_NL": "MOSTLY_IQ4_NL", "TQ1_0": "MOSTLY_TQ1_0",
+               "TQ2_0": "MOSTLY_TQ2_0"}
+
+
+def _file_type(tensors: dict[str, Encoded]):
+    import gguf
+
+    weights: dict[str, int] = {}
+    for t in tensors.values():
+        if t.qtype.name not in ("F16", "F32"):
+            weights[t.qtype.name] = weights.get(t.qtype.name, 0) + int(np.prod(t.shape))
+    main = max(weights, key=weights.get) if weights else None
+    return gguf.LlamaFileType[_FILE_TYPES.get(main, "MOSTLY_F16")]
 
 
 def export_gguf(artifact: Path | str, out: Path | str) -> dict:
     """Write the luq artifact at `artifact` as the GGUF file `out` (atomically); returns a summary
-    {"tensors": {gguf type: count}, "bytes": file size}."""
+    {"tensors": {gguf type: count}, "bytes": file size, "architecture": llama.cpp's name}."""
     import gguf
 
     from luq.store import atomic_write
@@ -239,25 +565,20 @@ def export_gguf(artifact: Path | str, out: Path | str) -> dict:
     folder = Path(artifact)
     verify_artifact(folder)
     config = json.loads((folder / "config.json").read_text())
-    if config.get("model_type") != "llama":
-        raise LuqError(f"GGUF export supports Llama models (llama.cpp's llama architecture); {folder} is "
-                       f"{config.get('model_type')!r}")
+    arch = architecture(config, folder)
+    add_tokenizer = _tokenizer_writer(folder, config["vocab_size"])
     tensors = plan_tensors(folder, config)
     counts: dict[str, int] = {}
     for t in tensors.values():
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
-    quantized = [t for t in tensors.values() if t.qtype.name.startswith("Q")]
-    file_types = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                  "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    main_type = max(quantized, key=lambda t: t.data.nbytes).qtype.name if quantized else None
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), arch.name)
         writer.add_name(config.get("_name_or_path") or folder.name)
-        writer.add_file_type(file_types.get(main_type, gguf.LlamaFileType.MOSTLY_F16))
+        writer.add_file_type(_file_type(tensors))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_llama_metadata(writer, config)
-        _add_tokenizer(writer, folder, config["vocab_size"])
+        arch.metadata(writer, config)
+        add_tokenizer(writer)
         for name, t in tensors.items():
             raw_dtype = t.qtype if t.data.dtype == np.uint8 else None
             writer.add_tensor(name, t.data, raw_dtype=raw_dtype)
@@ -269,7 +590,7 @@ def export_gguf(artifact: Path | str, out: Path | str) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, write)
-    return {"tensors": counts, "bytes": out.stat().st_size}
+    return {"tensors": counts, "bytes": out.stat().st_size, "architecture": arch.name}
 
 
 def read_gguf(path: Path | str) -> dict[str, np.ndarray]:
