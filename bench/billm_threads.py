@@ -22,15 +22,12 @@ from pathlib import Path
 import torch
 
 from bench.common import calibration_of
-from luq.api import variant_cache
-from luq.assembly import Assembly, linear_names
-from luq.calibration import calibration_batches, text_token_ids, validation_windows
+from luq.assembly import Assembly
+from luq.calibration import text_token_ids, validation_windows
 from luq.config import LUQConfig
 from luq.eval.perplexity import token_window_perplexity
 from luq.models.loading import load_model
-from luq.pipeline import layer_pass
-from luq.plan import uniform_plan
-from luq.quant import get_format
+from luq.session import Session
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,22 +42,24 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.model, args.alpha = "smollm2", None
     calibration = calibration_of(args)
-    net, processor, adapter = load_model("smollm2", "cpu", torch.float32)
-    batches = calibration_batches(processor, adapter, calibration)
+    net, processor, _ = load_model("smollm2", "cpu", torch.float32)   # once: each thread count solves the same model
     windows = validation_windows(text_token_ids(processor, None), args.eval_samples, calibration.seq_len, 0,
                                  calibration.samples)
-    billm = get_format("billm")
-    config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=("billm",))
+    # BiLLM alone on the full-precision chain's Hessians, no final pass: one pass of the one format (luq's
+    # Session.solve_uniform), into a fresh variant cache per thread count
+    config = LUQConfig(calibration=calibration, formats=("billm",), final_pass=False)
     rows = []
     print("| threads | nominal avg bits | perplexity | seconds |\n|---:|---:|---:|---:|")
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            cache = variant_cache(net, config, Path(tmp))
-            passed = layer_pass(net, adapter, batches, formats=[billm], cache=cache, entropy=False, progress=False)
-            assembly = Assembly(net, adapter, cache, "cpu", dense=True)
-            assembly.apply(uniform_plan([n for layer in linear_names(net, adapter) for n in layer], "billm"))
+            session = Session(net, config, tokenizer=processor, device="cpu", cache_dir=tmp, progress=False,
+                              log=lambda s: None)
+            decision = session.solve_uniform()
+            passed = session.measurement.passed
+            assembly = Assembly(net, session.adapter, session.cache, "cpu", dense=True)
+            assembly.apply(decision.plan)
             try:
                 ppl = token_window_perplexity(net, windows)
             finally:

@@ -2,14 +2,15 @@
 llmcompressor's GPTQ `oneshot`, on the real SmolLM2-135M with the same calibration.
 
     python -m bench.cost                    # like for like: luq GPTQ-4 vs llmcompressor GPTQ-4
-    python -m bench.cost --full             # + `luq.quantize` end to end (k = 0): the full LUQ
-                                            #   variant pass (GPTQ-4 + BiLLM, entropy), the final pass, the artifact
+    python -m bench.cost --full             # + `luq.quantize` end to end (k = 0): its stages
+                                            #   (luq.Session's on_stage), the measured KL, the artifact
     python -m bench.cost --quick --threads 1   # smoke test: 2 windows of 64 tokens
 
-Runtime. `--quick --threads 1` took 1.5 minutes here (7.5 with --full) while a training
-job held both cores of this 2-core CPU. The full-size run has not been timed yet; expect
-about 3-5 minutes on an idle 2-core CPU with --threads 2, and roughly 10 (5-20) more with
---full (BiLLM and the entropy clustering of its variant pass dominate).
+Runtime. `--quick --threads 1` took 1.5 minutes here (7.5 with --full, when luq's one-format
+run still made a GPTQ-4 + BiLLM variant pass before its final pass) while a training job held
+both cores of this 2-core CPU. The full-size run has not been timed yet; expect about 3-5
+minutes on an idle 2-core CPU with --threads 2; --full now adds one sequential GPTQ-4 pass,
+the measured KL and the artifact.
 
 What runs. Every tool runs in its own fresh process (`--worker NAME`, started by this
 script), so each one's memory is its own; a warm-up worker first makes sure the offline
@@ -20,9 +21,11 @@ SmolLM2 directory and the tokenized calibration text are cached, so no tool pays
   GPTQ-4 variant, Hessians from the chain of already quantized layers and no entropy
   (`layer_pass(formats=[gptq4-gG], hessians="sequential", entropy=False)`: what
   llmcompressor's sequential pipeline does), and writing the artifact (the layers assembled
-  from the pass, `write_artifact`, unquantized tensors in float16, luq's default). The pass
-  keeps its variants in a fresh variant cache in a temporary folder (as `luq quantize` always
-  does; the artifact is assembled from it).
+  from the pass by `Assembly`, `write_artifact` with `artifact_config`, unquantized tensors in
+  float16, luq's default). The pass keeps its variants in a fresh variant cache in a temporary
+  folder (as `luq quantize` always does; the artifact is assembled from it). These are luq's
+  public pieces, called one by one rather than through `luq.Session`, whose run also prepares
+  the sensitivity windows and measures the written model's KL: work llmcompressor does not do.
 * llmcompressor: import, load (`AutoModelForCausalLM.from_pretrained`, float32), calibration
   (the very same token windows, from luq's `calibration_batches`, as a `datasets.Dataset` of
   input_ids / attention_mask; the worker checks they hash the same as luq's), `oneshot` with
@@ -31,17 +34,19 @@ SmolLM2 directory and the tokenized calibration text are cached, so no tool pays
   pipeline, no shuffling, the same batch size of 8), and `save_pretrained(save_compressed=True)`
   plus the tokenizer. It picks its own device, the accelerator if it sees one; with
   --device cpu no worker sees any (CUDA_VISIBLE_DEVICES="").
-* --full: `luq.quantize("smollm2", LUQConfig(formats=("gptq4-gG",)))` timed as a whole
-  with luq's defaults otherwise (variant pass with full-precision Hessians, GPTQ-4 + BiLLM on
-  every layer, entropy with K chosen on the grid; then the sequential final pass; a cold
-  variant cache in a temporary folder), its stages told apart by wrapping the functions
-  `luq.api` calls (load, calibration, layer_pass twice, the artifact writer); "between" is
-  the planning and assembly.
+* --full: `luq.Session("smollm2", LUQConfig(formats=("gptq4-gG",))).run(out)` (what
+  `luq.quantize` runs) timed as a whole with luq's defaults otherwise (a one-format model: one
+  sequential pass in that format, the final pass's; the measured KL of the written model; a
+  cold variant cache in a temporary folder), its stages told apart by the Session's
+  `on_stage` callback (load, calibration, layer_pass, ..., write; the same seconds as the
+  report's "seconds"); "between" is the rest: checks, the cache key, assembly, the measured KL,
+  the report.
 
 Inside each pass, the time spent quantizing the weights once the Hessians are there is shown
-as an "of which" row (luq's `pipeline.quantize_layer`, llmcompressor's
-`GPTQModifier.on_sequential_epoch_end`, wrapped with a timer); the rest is the layer
-forwards and the Hessian accumulation.
+as an "of which" row: luq's from the pass's own summary (each layer's solver seconds per
+format, `passed["layers"][i]["seconds"]`), llmcompressor's by wrapping
+`GPTQModifier.on_sequential_epoch_end` with a timer; the rest is the layer forwards and the
+Hessian accumulation.
 
 Group size G. llmcompressor needs the group size to divide every weight's columns (its
 divisibility check refuses, and with `bypass_divisibility_checks=True` its weight observer
@@ -149,7 +154,7 @@ class Meter:
         self.stages: dict[str, dict] = {}
         self.current: str | None = None
         self.failed: str | None = None  # the stage an exception came out of
-        self.solver: dict[str, float] = {}  # per stage: seconds inside the wrapped weight-quantization calls
+        self.solver: dict[str, float] = {}  # per stage: seconds spent quantizing the weights
         self.last: tuple[str, ...] = ()  # stages listed last
         self.t0 = self.t_start = time.perf_counter()
 
@@ -179,9 +184,22 @@ class Meter:
             _reset_hwm()
         self.current, self.t0 = name, time.perf_counter()
 
+    def add_solver(self, stage: str, seconds: float) -> None:
+        """`seconds` of weight quantization inside `stage` (luq's: from its pass's summary)."""
+        self.solver[stage] = self.solver.get(stage, 0.0) + seconds
+
+    def on_stage(self, labels: dict[str, str], between: str):
+        """A `luq.Session` on_stage callback that switches stages: a Session stage starting
+        (`on_stage(name, None)`) starts the meter's `labels[name]`, one ending (`on_stage(name,
+        seconds)`) starts `between`. A stage that raises never ends: the meter stays in it."""
+        def callback(name: str, seconds: float | None) -> None:
+            self.switch(labels.get(name, name) if seconds is None else between)
+        return callback
+
     def time_calls(self, owner, attr: str) -> bool:
-        """Wrap `owner.attr` (a function or method) so that the time spent in it counts as
-        "solver" time of the current stage. Instrumentation only; False if it is not there."""
+        """Wrap `owner.attr` (a function or method of the peer tool, llmcompressor; never luq's)
+        so that the time spent in it counts as "solver" time of the current stage. Instrumentation
+        only; False if it is not there."""
         fn = getattr(owner, attr, None)
         if not callable(fn):
             return False
@@ -267,6 +285,15 @@ def worker_warm(args) -> dict:
     return {"model_dir": str(path), "text_tokens": int(n)}
 
 
+LUQ_PASS = "layer pass (capture + Hessians + GPTQ-4, sequential)"
+
+
+def solver_seconds(layers: list[dict]) -> float:
+    """The weight-quantization seconds of a luq layer pass, from its summary: each layer's solver
+    seconds per format (`pipeline.layer_pass`'s "layers"; a Session's `measurement.passed`)."""
+    return sum(sum(layer["seconds"].values()) for layer in layers)
+
+
 def worker_luq(args, meter: Meter) -> dict:
     out: dict = {}
     with meter.stage("import"):
@@ -274,31 +301,29 @@ def worker_luq(args, meter: Meter) -> dict:
         import transformers  # noqa: F401  (luq's load_model imports it lazily; count it here, as for llmcompressor)
 
         from luq import __version__
-        import luq.pipeline
         from luq.assembly import Assembly, linear_names
+        from luq.config import LUQConfig
         from luq.models.loading import load_model
         from luq.pipeline import layer_pass
         from luq.plan import uniform_plan
         from luq.quant import get_format
-        from luq.store import write_artifact
+        from luq.store import artifact_config, write_artifact
         from luq.variants import VariantCache
     with meter.stage("load model"):
         net, tokenizer, adapter = load_model(MODEL, args.device, torch.float32)
     with meter.stage("calibration windows"):
         batches, ids, out["windows_sha256"] = _windows(tokenizer, adapter, args.samples, args.seq_len)
-    meter.time_calls(luq.pipeline, "quantize_linears")  # one layer's linears through the solver (+ their errors)
     fmt = get_format(f"gptq4-g{args.group_size}")
     # a fresh cache: nothing is read from it, the pass writes each layer's variant to it (as `luq quantize` does)
     cache = VariantCache(Path(args.work_dir) / "luq-variants", {"bench": "cost", "pid": os.getpid()})
-    with meter.stage("layer pass (capture + Hessians + GPTQ-4, sequential)"):
-        layer_pass(net, adapter, batches, formats=[fmt], cache=cache, hessians="sequential",
-                   entropy=False, device=args.device, seed=SEED, desc="luq GPTQ-4")
+    with meter.stage(LUQ_PASS):
+        passed = layer_pass(net, adapter, batches, formats=[fmt], cache=cache, hessians="sequential",
+                            entropy=False, device=args.device, seed=SEED, desc="luq GPTQ-4")
+    meter.add_solver(LUQ_PASS, solver_seconds(passed["layers"]))
     with meter.stage("write artifact"):
         plan = uniform_plan([n for layer in linear_names(net, adapter) for n in layer], fmt.name)
         Assembly(net, adapter, cache, args.device).apply(plan)
-        qconfig = {"luq_version": __version__, "storage_dtype": "float16", "allocate": "measured",
-                   "modules": {name: m.weight_config for name, m in net.named_modules() if hasattr(m, "weight_config")},
-                   "plan": plan, "formats": {fmt.name: fmt.settings()}}
+        qconfig = artifact_config(net, LUQConfig(formats=(fmt.name,), storage_dtype="float16"), plan)
         artifact = Path(args.work_dir) / "luq-artifact"
         write_artifact(artifact, net, tokenizer, qconfig, {"model": MODEL, "k": 0, "bench": "cost"}, torch.float16)
     out["artifact_mb"] = _dir_mb(artifact)
@@ -350,7 +375,13 @@ def worker_llmcompressor(args, meter: Meter) -> dict:
     return out
 
 
-E2E_BETWEEN = "plan, assemble, report (between passes)"
+E2E_BETWEEN = "checks, assembly, measured KL, report (between stages)"
+# the Session's stages (its on_stage names) as rows; a one-format model's layer_pass is its one pass,
+# sequential as the final pass
+E2E_STAGES = {"load": "load model", "calibration": "calibration and sensitivity windows",
+              "layer_pass": "layer pass (capture + Hessians + GPTQ-4, sequential)",
+              "outside_pass": "outside the decoder (embedding, head)", "sensitivity": "sensitivity",
+              "plan": "plan", "final_pass": "final pass (sequential)", "write": "write artifact"}
 
 
 def worker_e2e(args, meter: Meter) -> dict:
@@ -359,36 +390,26 @@ def worker_e2e(args, meter: Meter) -> dict:
         import transformers  # noqa: F401
 
         import luq
-        import luq.api
+        from luq import Session   # luq.session and what it imports: here, not in the first stage
         from luq.calibration import CalibrationConfig
-        from luq.quant import GPTQ
 
-    # luq.api calls these by their module-level names: wrapping them there times each stage
-    # of the one `quantize` call (instrumentation only; nothing else changes)
-    def timed(fn, name_of):
-        def wrapper(*a, **kw):
-            with meter.stage(name_of(kw), then=E2E_BETWEEN):
-                return fn(*a, **kw)
-        return wrapper
-
-    luq.api.load_model = timed(luq.api.load_model, lambda kw: "load model")
-    luq.api.calibration_batches = timed(luq.api.calibration_batches, lambda kw: "calibration windows")
-    luq.api.layer_pass = timed(luq.api.layer_pass, lambda kw: (
-        "final pass (GPTQ-4 re-quantized, sequential)" if kw.get("desc") == "final pass"
-        else "variant pass (capture + entropy + Hessians + GPTQ-4 + BiLLM)"))
-    luq.api.write_artifact = timed(luq.api.write_artifact, lambda kw: "write artifact")
-    import luq.pipeline
-
-    meter.time_calls(luq.pipeline, "quantize_linears")
     meter.last = (E2E_BETWEEN,)
-
     config = luq.LUQConfig(calibration=CalibrationConfig(samples=args.samples, seq_len=args.seq_len, seed=SEED),
                            formats=(f"gptq4-g{args.group_size}",))
     artifact = Path(args.work_dir) / "e2e-artifact"
     meter.switch(E2E_BETWEEN)
-    report = luq.quantize(MODEL, artifact, config, device=args.device, dtype=torch.float32,
-                          cache_dir=Path(args.work_dir) / "e2e-variants", progress=True, log=log)
+    # `luq.quantize` is exactly Session(...).run(out); the Session keeps what its passes measured
+    session = Session(MODEL, config, device=args.device, dtype=torch.float32,
+                      cache_dir=Path(args.work_dir) / "e2e-variants", progress=True, log=log,
+                      on_stage=meter.on_stage(E2E_STAGES, E2E_BETWEEN))
+    report = session.run(artifact)
     meter.switch(None)
+    passed = session.measurement.passed
+    meter.add_solver(E2E_STAGES["layer_pass"], solver_seconds(passed["layers"]))
+    if passed.get("final_layers"):
+        meter.add_solver(E2E_STAGES["final_pass"], solver_seconds(passed["final_layers"]))
+    if passed.get("outside"):
+        meter.add_solver(E2E_STAGES["outside_pass"], sum(passed["outside"]["seconds"].values()))
     return {"artifact_mb": _dir_mb(artifact), "k": report["k"], "entropy_k": report["entropy_k"],
             "final_pass": report["final_pass"], "quantize_seconds": report["seconds"],
             "versions": {"luq": luq.__version__, "torch": torch.__version__}}
@@ -492,8 +513,8 @@ def markdown(result: dict) -> str:
     if shas:
         notes.append("Same calibration tokens in every tool: " + ("yes" if len(shas) == 1 else f"NO ({shas})") + ".")
     scopes = {w.get("peak_scope") for w in result["workers"].values() if w.get("peak_scope")}
-    notes.append("¹ time inside the per-layer weight-quantization calls, given the Hessians: luq's "
-                 "`pipeline.quantize_layer` (grids, GPTQ / BiLLM solves, packing, output errors), llmcompressor's "
+    notes.append("¹ time spent quantizing the weights, given the Hessians: luq's solver seconds from its layer "
+                 "pass's summary (grids, GPTQ / BiLLM solves, packing), llmcompressor's "
                  "`GPTQModifier.on_sequential_epoch_end` (weight observers, GPTQ solves, qparams). The rest of the "
                  "pass is the layer forwards and the Hessian accumulation.")
     notes.append("Peak RSS: " + ("the high-water mark within each stage (reset at its start); total = the "

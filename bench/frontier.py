@@ -15,11 +15,13 @@ beside.
 - `--model tiny-vlm`: exact-match accuracy on held-out generated VQA (luq.tinyvlm), per
   question kind and overall; calibration is image+text (`--alpha`, default 0.5).
 
-Every configuration is assembled from the variant cache (the same one `luq quantize`
-fills for the same calibration), without the sequential final pass, so nothing is
-quantized twice (bench/budget.py measures the must-show points through `luq.quantize`,
-final pass included); peers
-whose package is missing (llmcompressor: `make bench`; hqq) are left out and said so.
+The measured allocation's sizes and costs are luq's own (`luq.Session.measure`, the steps
+of `luq quantize`), its plans at each budget `luq.plan.knapsack`'s; the uniform baselines
+outside the menu get one more pass (`pipeline.layer_pass`) into the same variant cache.
+Every configuration is assembled from the variant cache (the same one `luq quantize` fills
+for the same calibration), without the sequential final pass, so nothing is quantized
+twice (bench/budget.py measures the must-show points through `luq.quantize`, final pass
+included); peers whose package is missing (llmcompressor: `make bench`; hqq) are left out and said so.
 
     python -m bench.frontier                        # SmolLM2, ~25 min on 2 cores (cold cache)
     python -m bench.frontier --model tiny-vlm       # ~30 min on 2 cores (cold cache)
@@ -38,18 +40,15 @@ from pathlib import Path
 import torch
 
 from bench.common import add_model_args, calibration_of
-from luq.api import variant_cache
 from luq.assembly import Assembly, linear_names, size_table
-from luq.calibration import (CalibrationConfig, calibration_batches, sensitivity_batches, text_token_ids,
-                             validation_windows)
+from luq.calibration import CalibrationConfig, text_token_ids, validation_windows
 from luq.config import LUQConfig
 from luq.eval.perplexity import token_window_perplexity
-from luq.models.loading import load_model, parse_dtype
-from luq.models import outside_units
-from luq.pipeline import layer_pass, outside_pass
-from luq.plan import KEEP, entropy_plan, knapsack, layer_order, threshold_search, uniform_plan
+from luq.models import UNIT_KINDS
+from luq.pipeline import layer_pass
+from luq.plan import entropy_plan, knapsack, layer_order, threshold_search, uniform_plan
 from luq.quant import DEFAULT_MENU, Format, get_format, parse_formats, register_format
-from luq.sensitivity import measure_sensitivity
+from luq.session import Session
 
 RESULTS = Path(__file__).parent / "results"
 ORDERS = "entropy,reverse-entropy,depth,random0,random1,random2"
@@ -150,33 +149,42 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     calibration = calibration_of(args)
     menu = parse_formats(args.menu)
-    config = LUQConfig(calibration=calibration, budget_gb=1.0, k_means=args.k, hessians=args.hessians, formats=menu,
+    labels, notes = baselines(args.peers)   # the peers are registered as formats before the config names them
+    # luq's measured allocation, as `luq quantize` measures it: the variant pass over the menu (entropy
+    # too), the units outside the decoder with --whole-model (in luq's unit menu: the default menu's
+    # plus GPTQ-6, or --menu), the sensitivity of every (linear or unit, format)
+    config = LUQConfig(calibration=calibration, budget_gb=1.0, k_means=args.k, hessians=args.hessians,
+                       formats=None if tuple(menu) == tuple(DEFAULT_MENU) else menu,
+                       keep_fp16=None if args.whole_model else UNIT_KINDS,
                        validation_samples=args.eval_samples, sensitivity_samples=args.sensitivity_samples)
-    net, processor, adapter = load_model(args.model, args.device, torch.float32)
-    batches = calibration_batches(processor, adapter, calibration)
-    labels, notes = baselines(args.peers)
-    every = list(dict.fromkeys([*menu, *labels.values()]))
-    cache = variant_cache(net, config, chain_format=every[0])
-    passed = layer_pass(net, adapter, batches, formats=[get_format(f) for f in every], cache=cache,
-                        hessians=args.hessians, k=args.k, device=args.device, seed=0, desc="variants")
-    t_quant = time.perf_counter() - t0
-    sens = sensitivity_batches(processor, adapter, calibration, args.sensitivity_samples, args.eval_samples)
-    units = outside_units(net, adapter) if args.whole_model else {}
-    unit_menu = [get_format(f) for f in LUQConfig(calibration=calibration, budget_gb=1.0).unit_menu()] if units else []
-    outside = outside_pass(net, adapter, batches, units, unit_menu, cache, args.device) if units else None
-    costs = measure_sensitivity(net, adapter, sens, cache, [get_format(f) for f in menu], units=units,
-                                unit_formats=unit_menu, device=args.device)
-    costs.update({name: {**c, KEEP: 0.0} for name, c in costs.items() if name in units})
-    t_sens = time.perf_counter() - t0 - t_quant
+    ended: dict[str, float] = {}
+
+    def on_stage(stage: str, seconds: float | None) -> None:
+        if seconds is not None:
+            ended[stage] = time.perf_counter()
+
+    session = Session(args.model, config, device=args.device, dtype=torch.float32, stream=False, on_stage=on_stage)
+    net, processor, adapter, units = session.net, session.processor, session.adapter, session.units
+    # the uniform baselines outside the menu (RTN, BiLLM, the peers) are no plan of the measured allocation:
+    # one more pass puts them in the same variant cache, on the same Hessians (chain: the menu's first format)
+    extra = [f for f in dict.fromkeys(labels.values()) if f not in menu]
+    baseline_layers = layer_pass(net, adapter, session.batches, formats=[get_format(f) for f in extra],
+                                 cache=session.cache, hessians=args.hessians, chain_format=get_format(menu[0]),
+                                 device=args.device, seed=calibration.seed, entropy=False,
+                                 desc="baselines")["layers"] if extra else None
+    measurement = session.measure()
+    passed, costs = measurement.passed, measurement.costs
+    t_quant = ended["layer_pass"] - t0
+    t_sens = time.perf_counter() - ended["layer_pass"]
     names = linear_names(net, adapter)
     every_linear = [n for layer in names for n in layer]
-    storage = parse_dtype(config.storage_dtype)
-    sizes = size_table(net, adapter, passed["layers"], storage)
-    whole = size_table(net, adapter, passed["layers"], storage, outside, units) if units else None
+    # the decoder alone (the menu and the baselines); with --whole-model, luq's table of the whole model
+    sizes = size_table(net, adapter, with_formats(passed["layers"], baseline_layers), session.storage_dtype)
+    whole = measurement.sizes if units else None
     n = len(names)
     metric = Metric(args.model, net, processor, args, calibration)
     full_precision = metric()
-    assembly = Assembly(net, adapter, cache, args.device, dense=True, units=units)
+    assembly = Assembly(net, adapter, session.cache, args.device, dense=True, units=units)
 
     def evaluate(plan: dict) -> dict:
         table = whole if set(plan) & set(units) else sizes
@@ -262,6 +270,15 @@ def main(argv=None) -> None:
     plot_bytes(result, out.with_name(out.stem + "-bytes.png"))
     plot_orders(result, out.with_name(out.name.replace("frontier", "orders")).with_suffix(".png"))
     print(table(result))
+
+
+def with_formats(layers: list[dict], more: list[dict] | None) -> list[dict]:
+    """The variant pass's per-layer summaries with another pass's formats added to each linear."""
+    if more is None:
+        return layers
+    return [dict(layer, linears={name: dict(info, formats={**info["formats"], **other["linears"][name]["formats"]})
+                                 for name, info in layer["linears"].items()},
+                 seconds={**layer["seconds"], **other["seconds"]}) for layer, other in zip(layers, more)]
 
 
 def search_checks(points: list[dict], higher_is_better: bool) -> list[dict]:

@@ -4,7 +4,7 @@ A synthetic Llama (default: hidden 2048, 24 layers, MLP 5504, 16 heads, SmolLM2'
 and vocabulary: 1.41 B parameters, 5.6 GB in float32) is written as sharded float16
 safetensors, a few layers per shard, so writing it needs one shard in memory. Each mode
 then runs in its own process (so its peak is its own): `luq.quantize` with GPTQ-4 g128
-only (uniform; the default measured allocation's final pass and measured KL included),
+only (uniform: one sequential pass, the final pass's, and the measured KL included),
 calibration dtype float32, on 2 threads. The peak is VmHWM from /proc/self/status. Then
 `luq.load` of the artifact, in a fresh process: its peak above the process's baseline
 (after imports), against the artifact's bytes.
@@ -299,13 +299,15 @@ def project(model: dict, r: dict, no_final_pass: bool, threads: int) -> dict:
     """LLaVA-1.5-7B (Vicuna-7B: hidden 4096, MLP 11008, 32 layers) from one measured run: arithmetic."""
     shapes = linear_shapes(model["hidden"], model["intermediate"])
     work_ratio = gptq_work(linear_shapes(4096, 11008)) / gptq_work(shapes)
-    per_layer = r["seconds"]["layer_pass"] / model["layers"]  # the variant pass (with load and calibration)
-    final = 0 if no_final_pass else r["seconds"].get("final_pass", r["seconds"]["layer_pass"]) / model["layers"]
+    # the report's seconds per stage: a uniform model's one pass is its layer_pass (sequential, as a final
+    # pass); runs of an earlier luq had a variant pass and a final_pass
+    per_layer = r["seconds"]["layer_pass"] / model["layers"]
+    final = 0 if no_final_pass else r["seconds"].get("final_pass", 0.0) / model["layers"]
     hours = (per_layer + final) * work_ratio * 32 / 3600
     here, big = working_set(model["hidden"], model["intermediate"]), working_set(4096, 11008)
     need = r["peak_kb"] * 1024 - here + big
     print("\nprojection to LLaVA-1.5-7B (arithmetic on the figures above, not a measurement):")
-    print(f"- time: ({per_layer:.0f} s variant pass + {final:.0f} s final pass) per layer here x {work_ratio:.2f} "
+    print(f"- time: ({per_layer:.0f} s layer pass + {final:.0f} s final pass) per layer here x {work_ratio:.2f} "
           f"(GPTQ work, sum of rows x cols^2, of a 7B layer / this one's) x 32 layers = {hours:.1f} h "
           f"on {threads} threads")
     print(f"- memory: one layer's working set is {here / 1e9:.2f} GB here and {big / 1e9:.2f} GB for a 7B layer "

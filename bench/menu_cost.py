@@ -1,8 +1,10 @@
 """What each format of the menu costs in the variant pass: one pass of `luq quantize`'s
-variant stage (`pipeline.layer_pass`, full-precision Hessians and the entropy ranking, as the
-budget mode runs it) over every decoder linear, in every format of the default menu plus
---extra, with a fresh variant cache; per format the solver seconds summed over the linears, and
-the pass's own work (forwards, Hessians, entropy) as the rest of its wall time.
+variant stage (the layer_pass stage of `luq.Session.measure`, full-precision Hessians and the
+entropy ranking, as the budget mode runs it) over every decoder linear, in every format of the
+default menu plus --extra, with a fresh variant cache; per format the solver seconds summed over
+the linears, and the pass's own work (forwards, Hessians, entropy) as the rest of its wall time
+(the stage's seconds, from `on_stage`). `measure` then prices every format on one sensitivity
+window, untimed and unused here.
 
     python -m bench.menu_cost [--model smollm2] [--extra billm-k5g64r,billm-k8g64,billm-k16g64]
 
@@ -17,18 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from bench.common import add_model_args, calibration_of
-from luq.api import variant_cache
-from luq.calibration import calibration_batches
 from luq.config import LUQConfig
-from luq.models.loading import load_model
-from luq.pipeline import layer_pass
-from luq.quant import DEFAULT_MENU, get_format, parse_formats
+from luq.models import UNIT_KINDS
+from luq.quant import DEFAULT_MENU, parse_formats
+from luq.session import Session
 
 RESULTS = Path(__file__).parent / "results"
 OLD_PASS = ("gptq4-g128", "billm")   # the variant pass before the budget mode
@@ -46,14 +45,21 @@ def main(argv=None) -> None:
     extra = [f for f in parse_formats(args.extra) if f not in DEFAULT_MENU]
     names = list(DEFAULT_MENU) + [f for f in OLD_PASS + tuple(extra) if f not in DEFAULT_MENU]
     calibration = calibration_of(args)
-    config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=tuple(names), k_means=args.k)
-    net, processor, adapter = load_model(args.model, "cpu", torch.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = variant_cache(net, config, Path(tmp))
-        t0 = time.perf_counter()
-        passed = layer_pass(net, adapter, calibration_batches(processor, adapter, calibration),
-                            formats=[get_format(n) for n in names], cache=cache, k=args.k, seed=0, desc="variants")
-        wall = time.perf_counter() - t0
+    # the decoder's linears only (no units outside it), as the variant pass of before the budget mode;
+    # one sensitivity window: measure's costs are not used here
+    config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=tuple(names), k_means=args.k,
+                       keep_fp16=UNIT_KINDS, sensitivity_samples=1)
+    walls: dict[str, float] = {}
+
+    def on_stage(stage: str, seconds: float | None) -> None:
+        if seconds is not None:
+            walls[stage] = walls.get(stage, 0.0) + seconds
+
+    with tempfile.TemporaryDirectory() as tmp:   # a fresh variant cache: every format is solved in this run
+        session = Session(args.model, config, device="cpu", dtype=torch.float32, cache_dir=tmp, stream=False,
+                          on_stage=on_stage)
+        passed = session.measure().passed
+    wall = walls["layer_pass"]
     solve = {n: 0.0 for n in names}
     for layer in passed["layers"]:
         for name, seconds in layer["seconds"].items():

@@ -26,16 +26,14 @@ from pathlib import Path
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from luq.api import variant_cache
-from luq.assembly import Assembly, linear_names, size_table
 from bench.common import add_model_args, calibration_of
-from luq.calibration import calibration_batches, sensitivity_batches
+from luq.assembly import Assembly, linear_names
 from luq.config import LUQConfig
-from luq.models.loading import load_model, parse_dtype
-from luq.pipeline import layer_pass
+from luq.models import UNIT_KINDS
 from luq.plan import knapsack, uniform_plan
-from luq.quant import DEFAULT_MENU, get_format, parse_formats
-from luq.sensitivity import measure_sensitivity, output_kl, reference_log_probs
+from luq.quant import DEFAULT_MENU, parse_formats
+from luq.sensitivity import output_kl, reference_log_probs
+from luq.session import Session
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,21 +49,15 @@ def main(argv=None) -> None:
     calibration = calibration_of(args)
     menu = parse_formats(args.menu)
     config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=menu, k_means=args.k,
-                       sensitivity_samples=args.sensitivity_samples)
-    net, processor, adapter = load_model(args.model, "cpu", torch.float32)
-    formats = [get_format(f) for f in menu]
-    cache = variant_cache(net, config)
-    t0 = time.perf_counter()
-    passed = layer_pass(net, adapter, calibration_batches(processor, adapter, calibration), formats=formats,
-                        cache=cache, k=args.k, seed=0, desc="variants")
-    t_pass = time.perf_counter() - t0
-    batches = sensitivity_batches(processor, adapter, calibration, args.sensitivity_samples,
-                                  config.validation_samples)
-    t0 = time.perf_counter()
-    costs = measure_sensitivity(net, adapter, batches, cache, formats)
-    t_estimate = time.perf_counter() - t0
+                       sensitivity_samples=args.sensitivity_samples, keep_fp16=UNIT_KINDS)  # the decoder's linears
+    # luq's own steps: load, calibration and sensitivity windows, the variant pass, the estimate
+    session = Session(args.model, config, device="cpu", dtype=torch.float32, stream=False)
+    measurement = session.measure()
+    t_pass, t_estimate = session.seconds["layer_pass"], session.seconds["sensitivity"]
+    net, adapter, batches = session.net, session.adapter, session.sens_batches
+    sizes, costs = measurement.sizes, measurement.costs
     reference = reference_log_probs(net, batches)
-    assembly = Assembly(net, adapter, cache, "cpu", dense=True)
+    assembly = Assembly(net, adapter, session.cache, "cpu", dense=True)
 
     def measured(plan: dict) -> float:
         assembly.apply(plan)
@@ -88,7 +80,6 @@ def main(argv=None) -> None:
     meas = [r["measured"] for r in rows]
     logs = [(torch.tensor(pred).clamp_min(1e-9).log(), torch.tensor(meas).clamp_min(1e-9).log())]
     ratio = sorted(p_ / m for p_, m in zip(pred, meas) if m > 0)
-    sizes = size_table(net, adapter, passed["layers"], parse_dtype(config.storage_dtype))
     low = sizes.total_bytes(uniform_plan(names, "gptq2-g128"))
     high = sizes.total_bytes(uniform_plan(names, "gptq4-g128"))
     plans = []

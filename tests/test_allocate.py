@@ -103,7 +103,7 @@ def test_sensitivity_predicts_the_measured_kl_of_each_linear(real, uniform3):
     into the full-precision model alone, on the same held-out windows."""
     from scipy.stats import spearmanr
 
-    from luq.api import variant_cache
+    from luq.session import variant_cache
     from luq.quant import get_format
 
     net, tokenizer, adapter = load_model(real["model"])
@@ -165,7 +165,7 @@ def test_adding_a_format_reuses_every_cached_one(real, uniform3):
 
 
 def test_threshold_mode_evaluates_real_models_over_budgets(real):
-    from luq.api import metric_scorer
+    from luq.session import metric_scorer
 
     net, tokenizer, _ = load_model(real["model"])
     full_precision = metric_scorer("perplexity", net, tokenizer, luq.LUQConfig(calibration=CALIBRATION,

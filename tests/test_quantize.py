@@ -292,7 +292,8 @@ def test_a_large_artifact_is_sharded_and_loads_the_same(tiny, by_layers, tmp_pat
 def test_menu_names_and_the_hint_below_gptq3(tiny):
     """`--formats default,compact` names the two menus; a measured budget below a GPTQ-3 decoder's size
     without the compact formats gets one hint line, and none once they are in the menu or above it."""
-    from luq.api import compact_hint
+    from luq.assembly import size_bounds
+    from luq.plan.choose import compact_hint
     from luq.quant import COMPACT_MENU, DEFAULT_MENU, parse_formats
     from luq.quant.formats import MENUS
     assert parse_formats("default,compact") == DEFAULT_MENU + COMPACT_MENU
@@ -301,11 +302,12 @@ def test_menu_names_and_the_hint_below_gptq3(tiny):
     with pytest.raises(LuqError, match="twice"):
         parse_formats("default,default")
     net, _, adapter = load_model(str(tiny["model"]), "cpu", torch.float32)
-    gptq3 = luq.api.size_bounds(net, adapter, ["gptq3-g128"], torch.float16)[0]
+    bounds = size_bounds(net, adapter, ["gptq3-g128"], torch.float16)
+    gptq3 = bounds[0]
 
     def hint(budget_bytes, formats=None):
         config = luq.LUQConfig(calibration=CALIBRATION, budget_gb=budget_bytes / 1e9, formats=formats)
-        return compact_hint(net, adapter, config, torch.float16)
+        return compact_hint(config, bounds)
     assert hint(0.9 * gptq3).startswith("hint:") and "--formats default,compact" in hint(0.9 * gptq3)
     assert hint(1.1 * gptq3) is None
     assert hint(0.9 * gptq3, parse_formats("default,compact")) is None

@@ -13,7 +13,7 @@ import sys
 from luq.errors import LuqError
 
 __version__ = "0.1.0"
-__all__ = ["LuqError", "LUQConfig", "quantize", "load", "__version__"]
+__all__ = ["LuqError", "LUQConfig", "Session", "quantize", "load", "__version__"]
 
 
 def __getattr__(name):  # the heavy imports (torch, transformers) only when asked for
@@ -23,6 +23,9 @@ def __getattr__(name):  # the heavy imports (torch, transformers) only when aske
     if name == "load":
         from luq.store import load
         return load
+    if name == "Session":
+        from luq.session import Session
+        return Session
     if name == "LUQConfig":
         from luq.config import LUQConfig
         return LUQConfig

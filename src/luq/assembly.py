@@ -78,7 +78,11 @@ def size_bounds(model: nn.Module, adapter: Adapter, formats: list[str], storage_
               for layer in adapter.decoder_layers(model) for linear in quantizable_linears(layer).values()]
     shapes += [(u.shape, unit_formats, keep_bytes(u, storage_dtype)) for u in units.values()]
     for shape, fmts, kept in shapes:
-        bounds = [get_format(f).nbytes_bounds(shape) for f in fmts] + ([(kept, kept)] if kept else [])
+        able = [get_format(f) for f in fmts if get_format(f).supports(shape)]
+        if not able and not kept:
+            raise LuqError(f"no format of {','.join(fmts)} can store a {shape[0]}x{shape[1]} weight (ggml's "
+                           f"K-quants need columns that are a multiple of 256); add one that can, e.g. q8_0 or q4_0")
+        bounds = [f.nbytes_bounds(shape) for f in able] + ([(kept, kept)] if kept else [])
         if any(b is None for b in bounds):
             return None
         least += min(b[0] for b in bounds)

@@ -18,7 +18,6 @@ import bz2
 import html
 import importlib.util
 import logging
-import os
 import re
 import shutil
 import time
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from luq.errors import LuqError
-from luq.store import atomic_write, build_dir_once
+from luq.store import atomic_write, build_dir_once, cache_root  # noqa: F401  (cache_root: re-exported)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
@@ -53,11 +52,6 @@ _PROBLEMS_CACHE_VERSION = "v1"
 # --------------------------------------------------------------------------- cache
 
 
-def cache_root() -> Path:
-    """``$LUQ_CACHE`` if set, else ``~/.cache/luq`` (created on demand)."""
-    root = Path(os.environ.get("LUQ_CACHE") or Path.home() / ".cache" / "luq").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _package_dir(package: str, install_hint: str) -> Path:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
     p.add_argument("--storage-dtype", default="float16", help="dtype of the unquantized tensors (default float16)")
     p.add_argument("--cache-dir", type=Path, default=None, help="variant cache root (default: $LUQ_CACHE/variants)")
+    p.add_argument("--export", default=None, choices=("gguf",),
+                   help="also write the artifact as OUT.gguf for llama.cpp (every tensor needs a ggml form: "
+                        "--formats ggml)")
     _calibration_options(p)
 
     from luq.eval.command import add_eval_arguments
@@ -124,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
 
     p = sub.add_parser("export", help="write an artifact for another runtime (GGUF for llama.cpp), not re-quantized",
-                       description="Write the artifact DIR as a GGUF file for llama.cpp: GPTQ-4 with contiguous "
-                                   "groups -> Q4_1 (Q4_0 when symmetric), GPTQ-8 -> Q8_0 when its grid fits, the "
-                                   "rest as stored. Anything else is refused, naming the linear.")
+                       description="Write the artifact DIR as a GGUF file for llama.cpp (Llama, Qwen2 and Gemma 3 "
+                                   "text decoders): llama.cpp's block formats (--formats ggml) as stored; GPTQ-4 with "
+                                   "contiguous groups -> Q4_1 (Q4_0 when symmetric), GPTQ-8 -> Q8_0 when its grid "
+                                   "fits; unquantized tensors as stored. Anything else is refused, naming the "
+                                   "tensor.")
     p.add_argument("dir", type=Path, help="luq artifact directory")
     p.add_argument("--format", required=True, choices=("gguf",))
     p.add_argument("--out", required=True, type=Path, help="file to write")
@@ -177,10 +182,22 @@ def cmd_quantize(args) -> None:
                        sensitivity_samples=args.sensitivity_samples, keep_fp16=args.keep_fp16,
                        final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
                        storage_dtype=args.storage_dtype, offload_dir=args.offload_dir)
+    gguf_out = args.out.with_name(args.out.name + ".gguf") if args.export else None
+    if gguf_out is not None:   # refused now, not after the run: a format with no ggml form
+        from luq.checks import check_out_file
+        from luq.quant.formats import get_format
+
+        check_out_file(gguf_out)
+        other = [f for f in config.menu() + config.unit_menu() if get_format(f).settings()["solver"] not in ("GGML", "GGMLRTN")]
+        if other:
+            raise LuqError(f"--export gguf writes llama.cpp's block formats as stored; {other[0]} has no ggml "
+                           "form: use --formats ggml (or ggml type names)")
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     print_summary(report)
     plots = plot_run(report, args.out)
     print(f"wrote {args.out} (plots: {', '.join(p.name for p in plots)})")
+    if gguf_out is not None:
+        _export(args.out, gguf_out)
 
 
 def cmd_formats(args) -> None:
@@ -232,11 +249,15 @@ def cmd_report(args) -> None:
 
 
 def cmd_export(args) -> None:
+    _export(args.dir, args.out)
+
+
+def _export(artifact: Path, out: Path) -> None:
     from luq.export import export_gguf
 
-    summary = export_gguf(args.dir, args.out)
+    summary = export_gguf(artifact, out)
     types = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensors"].items()))
-    print(f"wrote {args.out}: {summary['bytes']:,} bytes; tensors {types}")
+    print(f"wrote {out}: {summary['bytes']:,} bytes ({summary['architecture']}); tensors {types}")
 
 
 def main(argv: list[str] | None = None) -> int:

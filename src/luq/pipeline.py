@@ -1,4 +1,4 @@
-"""The stages that run a model layer by layer (DESIGN.md's data flow).
+"""The stages that run a model layer by layer (the data flow of docs/architecture.md).
 
 One pass over the decoder: for each layer, its full-precision forward on the
 calibration batches gives the output activations (-> entropy) and, through hooks on
@@ -138,9 +138,11 @@ def entropy_grid(k: int | None, k_grid, n_tokens: int) -> list[int]:
 
 def _layer_needs(layer: nn.Module, index: int, formats: Sequence[Format], plan_of_layer) -> dict[str, list[Format]]:
     """Per linear of the layer, the formats the pass must produce for it."""
-    names = list(quantizable_linears(layer))
-    if plan_of_layer is None:
-        return {name: list(formats) for name in names}
+    linears = quantizable_linears(layer)
+    names = list(linears)
+    if plan_of_layer is None:   # each in every format that can store its shape (ggml types: `Format.supports`)
+        shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
+        return {name: [f for f in formats if f.supports(shapes[name])] for name in names}
     chosen = plan_of_layer(index)
     missing = [n for n in names if n not in chosen]
     if missing:
@@ -155,7 +157,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
                k_grid=DEFAULT_K_GRID, device: str | torch.device = "cpu", subsample: int | None = None,
                seed: int = 0, progress: bool = True, desc: str = "layers", entropy: bool = True,
                offload_dir: str | None = None) -> dict:
-    """The one pass of DESIGN.md over the decoder layers: the entropy of each layer's output
+    """The one pass over the decoder layers (docs/architecture.md): the entropy of each layer's output
     (paper Eq. 2-5) and every linear quantized in every format of `formats` (or, with
     `plan_of_layer`, each linear in the one format its layer's plan gives it: the final
     pass), into `cache`; (layer, format) pairs already cached are read, not recomputed.
@@ -304,15 +306,17 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
     digest = tensor_digest(weights) if cache is not None else None
     results: dict[str, FormatResult] = {}
     missing = []
+    able = {f.name: {n for n, u in units.items() if f.supports(u.shape)} for f in formats}
     for fmt in formats:
         record = cache.record(OUTSIDE, fmt, digest) if cache is not None else None
-        if record is not None and set(record.records) >= set(units):
+        if record is not None and set(record.records) >= able[fmt.name]:
             results[fmt.name] = record
-        else:
+        elif able[fmt.name]:
             missing.append(fmt)
     if missing:
         hessians = outside_hessians(model, adapter, batches, units)
-        fresh = quantize_weights(weights, hessians, {n: missing for n in units}, device)
+        fresh = quantize_weights(weights, hessians, {n: [f for f in missing if n in able[f.name]] for n in units},
+                                 device)
         for fmt in missing:
             if cache is not None:
                 cache.save(OUTSIDE, fmt, fresh[fmt.name], digest)
@@ -320,7 +324,7 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
         del fresh
     summary = {name: {"kind": u.kind, "shape": list(u.shape),
                       "formats": {f: {k: results[f].records[name][k] for k in ("bytes", "nominal_bits", "error")}
-                                  for f in results}} for name, u in units.items()}
+                                  for f in results if name in results[f].records}} for name, u in units.items()}
     return {"units": summary, "seconds": {f: r.seconds for f, r in results.items()}}
 
 

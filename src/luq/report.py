@@ -85,7 +85,7 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
         row = by_kind.setdefault(info["kind"], {"bytes": 0, "formats": {}})
         row["bytes"] += info["bytes"]
         row["formats"][info["format"]] = row["formats"].get(info["format"], 0) + 1
-    entropy = passed["entropy"]
+    entropy = passed.get("entropy")   # None where the run measured no entropy (not asked for)
     layers = []
     for i in range(len(adapter.decoder_layers(net))):
         own = layer_plan(plan, adapter.layer_prefix(i))
@@ -96,13 +96,13 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
                        "bits_per_weight": 8.0 * sizes.layer_bytes(plan, i) / n_weights,
                        "nominal_bits": sum(linears[n]["nominal_bits"] * sizes.linears[n].n_weights for n in names)
                        / n_weights,
-                       "bytes": sizes.layer_bytes(plan, i), "entropy": entropy[i],
+                       "bytes": sizes.layer_bytes(plan, i), "entropy": None if entropy is None else entropy[i],
                        "mean_relative_error": sum(errors) / len(errors) if errors else None})
     if config.allocate == "entropy":
         order, k = decision["order"], decision["k"]
         low = sorted(order[:k])
     else:
-        order = passed["ranking"]
+        order = passed.get("ranking")
         low = [layer["index"] for layer in layers if layer["nominal_bits"] < 2]
         k = len(low)
     frontier = []
@@ -127,9 +127,9 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
         "predicted_cost": None if costs is None else plan_cost(plan, costs),
         "measured_cost": decision.get("measured_cost"), "cost_unit": "KL from full precision, nats per token",
         "knapsack": decision.get("knapsack"),
-        "entropy": entropy, "entropy_k": passed["k"], "kendall": passed["kendall"],
-        "text_entropy": passed["text_entropy"], "image_entropy": passed["image_entropy"],
-        "tokens": passed["tokens"], "hessians": config.hessians, "final_pass": config.final_pass,
+        "entropy": entropy, "entropy_k": passed.get("k"), "kendall": passed.get("kendall"),
+        "text_entropy": passed.get("text_entropy"), "image_entropy": passed.get("image_entropy"),
+        "tokens": passed.get("tokens"), "hessians": config.hessians, "final_pass": config.final_pass,
         "calibration": asdict(config.calibration), "layers": layers, "linears": linears, "frontier": frontier,
     }
 
@@ -231,8 +231,11 @@ def plot_frontier(report: dict, out_dir: Path) -> Path:
 
 
 def plot_run(report: dict, out_dir: Path) -> list[Path]:
-    """Every plot of a quantization run (luq_report.json): the frontier and the entropy plots."""
+    """Every plot of a quantization run (luq_report.json): the frontier and, where the run measured
+    them, the entropy plots."""
     from luq.entropy import entropy_ranking
 
+    if report.get("entropy") is None:
+        return [plot_frontier(report, out_dir)]
     entropy_view = dict(report, k=report["entropy_k"], ranking=entropy_ranking(report["entropy"]))
     return [plot_frontier(report, out_dir)] + plot_entropy(entropy_view, out_dir)

@@ -218,7 +218,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
                                                       outside_digest, device).items():
                     outside_costs[name].update(per_format)
         for fmt in outside_todo:
-            per_unit = {name: c[fmt.name] / n_tokens for name, c in outside_costs.items()}
+            per_unit = {name: c[fmt.name] / n_tokens for name, c in outside_costs.items() if fmt.name in c}
             cache.save_json(OUTSIDE, f"cost-{fmt.name}-{fmt.digest}", settings, per_unit, outside_digest)
             for name, value in per_unit.items():
                 costs.setdefault(name, {})[fmt.name] = value
@@ -264,7 +264,7 @@ def _head_costs(model, adapter, unit: Unit, weight: torch.Tensor, hidden, first,
     chunks = x.split(256)
     probs = [torch.softmax(c @ W.T, -1).to(torch.bfloat16) for c in chunks]
     out = {}
-    for fmt in formats:
+    for fmt in (f for f in formats if f.supports(unit.shape)):
         D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: weight})[unit.name]
         Db, total = D.to(torch.bfloat16), 0.0
         for c, p in zip(chunks, probs):
@@ -285,7 +285,7 @@ def _embedding_costs(unit: Unit, weight: torch.Tensor, batches, first, grads, fo
     ids = [inputs["input_ids"][inp.token_kind == TEXT] for (inputs, _), inp in zip(batches, first)]
     g0 = [g[inp.token_kind == TEXT].float() for g, inp in zip(grads, first)]
     out = {}
-    for fmt in formats:
+    for fmt in (f for f in formats if f.supports(unit.shape)):
         D = _deltas([unit.name], fmt, cache, digest, device, {unit.name: weight})[unit.name]
         out[fmt.name] = sum(0.5 * float(((g.to(device) * (scale * D[i.to(device)])).sum(-1)).double().pow(2).sum())
                             for i, g in zip(ids, g0))
@@ -304,7 +304,8 @@ def _vision_costs(model, adapter, units: Mapping[str, Unit], batches, grads, for
     for start in range(0, len(formats), step):
         deltas: dict[str, dict[str, torch.Tensor]] = {n: {} for n in units}
         for fmt in formats[start:start + step]:
-            for n, D in _deltas(list(units), fmt, cache, digest, device, weights).items():
+            able = [n for n, u in units.items() if fmt.supports(u.shape)]
+            for n, D in _deltas(able, fmt, cache, digest, device, weights).items():
                 deltas[n][fmt.name] = D
         hooks = _CostHooks({n: u.module for n, u in units.items()}, deltas)
         with _frozen(model):

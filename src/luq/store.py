@@ -29,6 +29,14 @@ from luq.quant.linear import QuantLinear, kernel_line, kernels_by_format
 from luq.tensorfile import TensorFiles, write_safetensors
 
 
+def cache_root() -> Path:
+    """``$LUQ_CACHE`` if set, else ``~/.cache/luq`` (created on demand): variant caches, built models,
+    compiled helpers' sources of truth live under it."""
+    root = Path(os.environ.get("LUQ_CACHE") or Path.home() / ".cache" / "luq").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
     path = Path(path)
@@ -164,6 +172,22 @@ def _write_shards(model: nn.Module, storage_dtype: torch.dtype, folder: Path, ma
         write_safetensors(folder / name, {n: specs[n] for n in shard}, _fill_from_model(model, {n: items[n] for n in shard}),
                           {"format": "pt"})
     return total
+
+
+def artifact_config(model: nn.Module, config, plan: dict[str, str]) -> dict:
+    """The artifact's quantization_config: every packed module's settings (linears, embeddings, heads tied
+    to a packed embedding), the plan and the settings of each of its formats."""
+    from luq import __version__
+    from luq.plan import KEEP
+    from luq.quant.formats import get_format
+
+    modules = dict(model.named_modules())
+    return {"luq_version": __version__, "storage_dtype": config.storage_dtype, "allocate": config.allocate,
+            "modules": {name: m.weight_config for name, m in modules.items() if isinstance(m, QuantLinear)},
+            "embeddings": {name: m.weight_config for name, m in modules.items() if isinstance(m, QuantEmbedding)},
+            "tied_heads": {name: next(n for n, e in modules.items() if e is m.embedding)
+                           for name, m in modules.items() if isinstance(m, TiedQuantHead)},
+            "plan": plan, "formats": {f: get_format(f).settings() for f in sorted(set(plan.values()) - {KEEP})}}
 
 
 def write_artifact(out: Path, model: nn.Module, processor, quantization_config: dict, report: dict,

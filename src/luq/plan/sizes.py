@@ -80,7 +80,8 @@ class SizeTable:
     def extreme_plan(self, formats: Sequence[str], largest: bool = False) -> Plan:
         """Each linear in its smallest (or largest) format among `formats`."""
         pick = max if largest else min
-        return {name: pick(formats if s.layer is not None else s.bytes, key=lambda f: s.bytes[f])
+        return {name: pick([f for f in formats if f in s.bytes] if s.layer is not None else s.bytes,
+                           key=lambda f: s.bytes[f])
                 for name, s in self.linears.items()}
 
 

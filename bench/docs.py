@@ -1,0 +1,750 @@
+"""The results tables of README.md and docs/*.md, rendered from the result files in bench/results/.
+
+    python -m bench.docs            # rewrite every generated table in place (`make docs`)
+    python -m bench.docs --check    # change nothing; exit 1 listing the tables that differ from their files
+
+In the markdown a generated table sits between two marker comments:
+
+    <!-- table: NAME source=bench/results/FILE.json -->
+    | ... the table ... |
+    <!-- /table -->
+
+NAME picks one renderer below (`@table(NAME, *sources)`: a small function that reads its result files and
+returns the markdown table); the opening marker is rewritten too, so it always names the files the table
+comes from. Everything outside the markers is left as it is. No torch, no luq import: only the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = "bench/results"
+
+MARKER = re.compile(r"<!-- table: (?P<name>[\w.-]+)(?P<attrs>[^>]*?)\s*-->\n(?P<body>.*?)<!-- /table -->", re.S)
+
+TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {}
+
+
+def table(name: str, *sources: str):
+    """Register the renderer of table NAME; it gets the parsed JSON of each source, in order."""
+    def register(fn):
+        TABLES[name] = (sources, fn)
+        return fn
+    return register
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    """The files whose tables are generated: README.md and every docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+# ------------------------------------------------------------------------------------------- formatting
+
+_SUP = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def md(header: list[str], rows: list[list], align: str | None = None) -> str:
+    """A markdown table; align: one letter per column, l (text) or r (numbers)."""
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mb(nbytes: float | None) -> str:
+    return "" if nbytes is None else f"{nbytes / 1e6:.2f}"
+
+
+def ppl(v: float) -> str:
+    """A perplexity: 2 decimals below 1,000, whole numbers below 10^5, then m × 10^e."""
+    if v < 1000:
+        return f"{v:.2f}"
+    if v < 1e5:
+        return f"{v:,.0f}"
+    e = len(str(int(v))) - 1
+    return f"{v / 10 ** e:.1f} × 10{str(e).translate(_SUP)}"
+
+
+def bits(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def acc(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def bold(s: str, on: bool = True) -> str:
+    return f"**{s}**" if on and s else s
+
+
+def fmt_name(f: str) -> str:
+    """gptq4-g128 -> GPTQ-4 g128 (other names as they are)."""
+    m = re.fullmatch(r"gptq(\d)-g(\d+)", f)
+    return f"GPTQ-{m[1]} g{m[2]}" if m else f
+
+
+def fmt_range(formats: dict[str, int]) -> str:
+    """{'gptq3-g128': 4, 'gptq6-g64': 2, ...} -> 'GPTQ-3 to GPTQ-6' (the bit widths used)."""
+    widths = sorted({int(m[1]) for f in formats if (m := re.fullmatch(r"gptq(\d)-g\d+", f))})
+    if not widths:
+        return ", ".join(sorted(formats))
+    return f"GPTQ-{widths[0]}" if len(widths) == 1 else f"GPTQ-{widths[0]} to GPTQ-{widths[-1]}"
+
+
+def value(v: float, higher_is_better: bool) -> str:
+    return acc(v) if higher_is_better else ppl(v)
+
+
+# ------------------------------------------------------------------------------------------- README
+
+@table("readme-budget", f"{RESULTS}/budget-smollm2.json")
+def readme_budget(b):
+    rows = b["rows"]
+    picks = [("uniform GPTQ-4 g128 (float16 embedding)", "uniform GPTQ-4 g128", False),
+             ("entropy-LUQ k = 3 (the paper's method)", "entropy-LUQ k=3", False),
+             ("luq default at entropy-LUQ k = 3's bytes", "measured (whole model) at entropy-LUQ k=3's bytes", True),
+             ("uniform GPTQ-3 g128", "uniform GPTQ-3 g128", False),
+             ("luq default at GPTQ-3's bytes", "measured (whole model) at GPTQ-3's bytes", True),
+             ("uniform GPTQ-2 g128", "uniform GPTQ-2 g128", False),
+             ("luq default at 75 MB", "measured (whole model) at 75 MB", True)]
+    return md(["model", "total MB", "perplexity"],
+              [[bold(label, b_), mb(rows[key]["total_bytes"]), bold(ppl(rows[key]["value"]), b_)]
+               for label, key, b_ in picks], "lrr")
+
+
+# ------------------------------------------------------------------------------------------- docs/results.md
+
+def _budget_rows(b, keys):
+    higher = b["metric"] != "perplexity"
+    out = []
+    for label, key, strong in keys:
+        r = b["rows"][key]
+        kl = "" if r["measured_cost"] is None else f"{r['measured_cost']:.4f}"
+        out.append([bold(label, strong), mb(r["total_bytes"]), bits(r["avg_bits"]),
+                    bold(value(r["value"], higher), strong), kl])
+    return out
+
+
+_DECODER_ONLY = [("uniform GPTQ-4 g128", "uniform GPTQ-4 g128", False),
+                 ("measured at entropy-LUQ k=3's bytes", "measured (decoder only) at entropy-LUQ k=3's bytes", True),
+                 ("entropy-LUQ k=3 (`--allocate entropy --layers 3`)", "entropy-LUQ k=3", False),
+                 ("measured at GPTQ-3's bytes", "measured (decoder only) at GPTQ-3's bytes", True),
+                 ("uniform GPTQ-3 g128", "uniform GPTQ-3 g128", False),
+                 ("uniform GPTQ-2 g128", "uniform GPTQ-2 g128", False)]
+
+
+@table("budget-smollm2", f"{RESULTS}/budget-smollm2.json")
+def budget_smollm2(b):
+    return md(["configuration", "total MB", "true avg bits", "perplexity", "KL from fp (nats/token)"],
+              _budget_rows(b, _DECODER_ONLY), "lrrrr")
+
+
+@table("budget-tiny-vlm", f"{RESULTS}/budget-tiny-vlm.json")
+def budget_tiny_vlm(b):
+    return md(["configuration", "total MB", "true avg bits", "VQA accuracy", "KL from fp (nats/token)"],
+              _budget_rows(b, _DECODER_ONLY), "lrrrr")
+
+
+def _outside(row) -> str:
+    kinds = row.get("bytes_by_kind", {})
+    if "embed" not in kinds:
+        return "embedding" + (" and vision tower" if "vision" in kinds or row.get("_vlm") else "") + " fp16"
+    e = kinds["embed"]
+    text = f"embedding {fmt_name(next(iter(e['formats'])))}, {mb(e['bytes'])} MB"
+    if "vision" in kinds:
+        v = kinds["vision"]
+        text += f"; vision {mb(v['bytes'])} MB ({fmt_range(v['formats'])})"
+    return text
+
+
+def _whole_rows(b, keys):
+    higher = b["metric"] != "perplexity"
+    vlm = b["model"] != "smollm2"
+    out = []
+    for label, key, strong in keys:
+        r = dict(b["rows"][key], _vlm=vlm)
+        kl = "" if r["measured_cost"] is None else f"{r['measured_cost']:.4f}"
+        out.append([bold(label, strong), mb(r["total_bytes"]), bits(r["avg_bits"]),
+                    bold(value(r["value"], higher), strong), kl, _outside(r)])
+    return out
+
+
+@table("budget-whole-smollm2", f"{RESULTS}/budget-smollm2.json")
+def budget_whole_smollm2(b):
+    keys = [("uniform GPTQ-4 g128", "uniform GPTQ-4 g128", False),
+            ("measured, decoder only, at entropy-LUQ k=3's bytes", "measured (decoder only) at entropy-LUQ k=3's bytes", False),
+            ("measured, whole model, at entropy-LUQ k=3's bytes", "measured (whole model) at entropy-LUQ k=3's bytes", True),
+            ("uniform GPTQ-3 g128", "uniform GPTQ-3 g128", False),
+            ("measured, decoder only, at GPTQ-3's bytes", "measured (decoder only) at GPTQ-3's bytes", False),
+            ("measured, whole model, at GPTQ-3's bytes", "measured (whole model) at GPTQ-3's bytes", True),
+            ("measured, whole model, at 75 MB", "measured (whole model) at 75 MB", True),
+            ("uniform GPTQ-2 g128 (the menu's smallest decoder-only size)", "uniform GPTQ-2 g128", False)]
+    return md(["configuration", "total MB", "true bits (quantized weights)", "perplexity", "KL from fp",
+               "outside the decoder"], _whole_rows(b, keys), "lrrrrl")
+
+
+@table("budget-whole-tiny-vlm", f"{RESULTS}/budget-tiny-vlm.json")
+def budget_whole_tiny_vlm(b):
+    keys = [("uniform GPTQ-4 g128", "uniform GPTQ-4 g128", False),
+            ("measured, decoder only, at entropy-LUQ k=3's bytes", "measured (decoder only) at entropy-LUQ k=3's bytes", False),
+            ("measured, whole model, at entropy-LUQ k=3's bytes", "measured (whole model) at entropy-LUQ k=3's bytes", True),
+            ("uniform GPTQ-3 g128", "uniform GPTQ-3 g128", False),
+            ("measured, decoder only, at GPTQ-3's bytes", "measured (decoder only) at GPTQ-3's bytes", False),
+            ("measured, whole model, at GPTQ-3's bytes", "measured (whole model) at GPTQ-3's bytes", True),
+            ("measured, whole model, at 75% of GPTQ-4's bytes", "measured (whole model) at 75% of GPTQ-4's bytes", True)]
+    return md(["configuration", "total MB", "true bits (quantized weights)", "VQA accuracy", "KL from fp",
+               "outside the decoder"], _whole_rows(b, keys), "lrrrrl")
+
+
+def _decoder_only_points(f) -> list[tuple[str, dict]]:
+    """Every decoder-only configuration of a frontier run: uniform, entropy-LUQ points, measured points."""
+    pts = [(name, u) for name, u in f["uniform"].items()]
+    for order, curve in f.get("curves", {}).items():
+        pts += [(f"LUQ {order} k={p['k']}", p) for p in curve["points"] if 0 < p["k"] < 30]
+    pts += [(f"measured decoder-only at {_measured_label(m['budget'])}", m) for m in f.get("measured", [])]
+    return pts
+
+
+def _best_fitting(f, nbytes: int) -> str:
+    higher = f["higher_is_better"]
+    fits = [(n, p) for n, p in _decoder_only_points(f) if p["total_bytes"] <= nbytes]
+    if not fits:
+        smallest = min(p["total_bytes"] for _, p in _decoder_only_points(f))
+        return f"none (the smallest is {mb(smallest)} MB)"
+    name, p = (max if higher else min)(fits, key=lambda np_: np_[1]["value"])
+    return f"{name}: {value(p['value'], higher)}"
+
+
+def _measured_label(budget: str) -> str:
+    """'0/6 of GPTQ-2..GPTQ-4' -> "GPTQ-2's size", '6/6 ...' -> "GPTQ-4's size", '2/6 ...' -> '2/6'."""
+    m = re.fullmatch(r"(\d+)/(\d+) of GPTQ-2..GPTQ-4", budget)
+    if not m:
+        return budget
+    if m[1] == "0":
+        return "GPTQ-2's size"
+    return "GPTQ-4's size" if m[1] == m[2] else f"{m[1]}/{m[2]}"
+
+
+def sig(x: float) -> str:
+    """A time in ms: 2 decimals from 1, else 3."""
+    return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def _merged_measured(f) -> list[tuple[str, dict]]:
+    """The measured points, one row per distinct plan (the budget that equals GPTQ-3's bytes is one row)."""
+    out: list[tuple[str, dict]] = []
+    for m in f["measured"]:
+        label = _measured_label(m["budget"])
+        if out and out[-1][1]["total_bytes"] == m["total_bytes"] and out[-1][1]["value"] == m["value"]:
+            out[-1] = (f"{out[-1][0]} = {label}", out[-1][1])
+        else:
+            out.append((label, m))
+    return out
+
+
+@table("frontier-measured-smollm2", f"{RESULTS}/frontier-smollm2-measured.json")
+def frontier_measured_smollm2(f):
+    rows = []
+    for label, m in _merged_measured(f):
+        better = ", ".join(m["uniform_better"]) or "none"
+        rows.append([label, mb(m["total_bytes"]), bits(m["avg_bits"]), ppl(m["value"]),
+                     f"{m['predicted_cost']:.4f}", better, _best_fitting_uniform(f, m["total_bytes"])])
+    return md(["budget", "total MB", "true avg bits", "perplexity", "predicted KL",
+               "uniform that fits and beats it", "best uniform that fits"], rows, "lrrrrll")
+
+
+def _best_fitting_uniform(f, nbytes: int) -> str:
+    higher = f["higher_is_better"]
+    fits = [(n, u) for n, u in f["uniform"].items() if u["total_bytes"] <= nbytes]
+    if not fits:
+        return "none"
+    name, u = (max if higher else min)(fits, key=lambda nu: nu[1]["value"])
+    return f"{name}: {value(u['value'], higher)}"
+
+
+def _whole_frontier(f, vision: bool) -> str:
+    higher = f["higher_is_better"]
+    rows = []
+    for w in f["whole_model"]:
+        emb = fmt_name(next(iter(w["outside"].values())))
+        row = [mb(w["budget_bytes"]), mb(w["total_bytes"]), value(w["value"], higher), emb]
+        if vision:
+            vf = w["vision_formats"]
+            row.append(f"all {sum(vf.values())} at {fmt_name(next(iter(vf)))}" if len(vf) == 1 else fmt_range(vf))
+        row.append(_best_fitting(f, w["total_bytes"]))
+        rows.append(row)
+    header = ["budget MB", "total MB", "perplexity" if not higher else "VQA accuracy", "embedding (tied head)"]
+    header += ["vision tower + projector linears"] if vision else []
+    header += ["best decoder-only configuration that fits"]
+    return md(header, rows, "rrrl" + ("l" if vision else "") + "l")
+
+
+@table("frontier-whole-smollm2", f"{RESULTS}/frontier-smollm2-whole.json")
+def frontier_whole_smollm2(f):
+    return _whole_frontier(f, vision=False)
+
+
+@table("frontier-whole-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm-whole.json")
+def frontier_whole_tiny_vlm(f):
+    return _whole_frontier(f, vision=True)
+
+
+@table("frontier-all-whole-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
+def frontier_all_whole_tiny_vlm(f):
+    return _whole_frontier(f, vision=True)
+
+
+@table("menu-cost", f"{RESULTS}/menu_cost-smollm2.json")
+def menu_cost(m):
+    rows = [[name, ", ".join(fmt_name(x) for x in menu["formats"]) if len(menu["formats"]) <= 3 else
+             f"{len(menu['formats'])} formats", f"{menu['pass_s']:.0f}", f"{menu['vs_old']:.2f}"]
+            for name, menu in m["menus"].items()]
+    rows.append(["(the pass's own work: forwards, Hessians, entropy)", "", f"{m['shared_s']:.0f}", ""])
+    return md(["menu", "formats", "variant pass s", "× the old pass"], rows, "llrr")
+
+
+def _spearman_with_index(xs: list[float]) -> float:
+    """Spearman's rho of xs against 0..n-1 (no ties in real entropies)."""
+    n = len(xs)
+    rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: xs[i]))}
+    d2 = sum((rank[i] - i) ** 2 for i in range(n))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def _span(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{min(xs):.2f}–{max(xs):.2f}" if xs else "—"
+
+
+@table("entropy", f"{RESULTS}/entropy-smollm2/entropy.json", f"{RESULTS}/entropy-tiny-vlm/entropy.json")
+def entropy_table(s, t):
+    def col(e):
+        tok = e["tokens"]
+        tokens = (f"{tok['text']:,} text" if not tok["image"] else
+                  f"{tok['text']:,} text + {tok['image']:,} image ({tok['padding']:,} padding left out)")
+        kendall = ", ".join(bold(f"{d:.2f} (K={k})", k == e["k"]) if k in (e["kendall"][0][0], e["k"]) else f"{d:.2f}"
+                            for k, d in e["kendall"])
+        image = e["image_entropy"]
+        has_image = any(x is not None for x in image)
+        higher = sum(i > t_ for t_, i in zip(e["text_entropy"], image) if i is not None)
+        return [tokens, str(e["k"]), kendall, _span(e["entropy"]), f"{_spearman_with_index(e['entropy']):.2f}",
+                ", ".join(map(str, e["ranking"][:10])) + ", …",
+                _span(e["text_entropy"]) if has_image else "—", _span(image) if has_image else "—",
+                bold(f"{higher} of {len(image)}") if has_image else "—"]
+    labels = ["tokens", "K picked by Kneedle on {8, …, 200}", "Kendall distance between the rankings at consecutive K",
+              "entropy per layer (nats)", "Spearman ρ of entropy vs layer index", "lowest-entropy layers first",
+              "text-token entropy per layer", "image-token entropy per layer",
+              "layers where image tokens have the higher entropy"]
+    a, b = col(s), col(t)
+    return md(["", f"SmolLM2-135M (text, α = {s['calibration']['alpha']:g})",
+               f"tiny-vlm (α = {t['calibration']['alpha']:g})"],
+              [[label, x, y] for label, x, y in zip(labels, a, b)])
+
+
+_ORDERS = ["entropy", "reverse-entropy", "depth", "random0", "random1", "random2"]
+
+
+def _orders(f) -> str:
+    higher = f["higher_is_better"]
+    by = {o: {p["k"]: p["value"] for p in f["curves"][o]["points"]} for o in _ORDERS}
+    ks = sorted(set(by["depth"]) | set(by["reverse-entropy"]))
+    return md(["k", *_ORDERS], [[k, *(value(by[o][k], higher) if k in by[o] else "" for o in _ORDERS)] for k in ks],
+              "r" * (1 + len(_ORDERS)))
+
+
+@table("orders-smollm2", f"{RESULTS}/frontier-smollm2.json")
+def orders_smollm2(f):
+    return _orders(f)
+
+
+@table("orders-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
+def orders_tiny_vlm(f):
+    return _orders(f)
+
+
+_UNIFORM_LABEL = {"GPTQ-4 g128 (luq)": "GPTQ-4 g128 (luq) = LUQ k=0", "BiLLM (every layer)": "BiLLM on every layer = LUQ k=30",
+                  "GPTQ-2 g128 (luq)": "GPTQ-2 g128 (luq) = measured at GPTQ-2's bytes"}
+
+
+def _frontier_all(f) -> str:
+    higher = f["higher_is_better"]
+    entries = []   # (avg_bits, order, label, point, strong)
+    for name, u in f["uniform"].items():
+        entries.append((u["avg_bits"], 0, _UNIFORM_LABEL.get(name, name), u, False))
+    for p in f["curves"]["entropy"]["points"]:
+        if 0 < p["k"] < 30:
+            entries.append((p["avg_bits"], 2, f"LUQ entropy order, k={p['k']}", p, False))
+    for label, m in _merged_measured(f):
+        if m["budget"].startswith("0/6"):
+            continue   # it is uniform GPTQ-2
+        strong = "GPTQ" in label or "entropy" in label
+        text = {"GPTQ-4's size": "measured allocation at GPTQ-4's bytes", "3/6 = GPTQ-3 g128's bytes": "measured at GPTQ-3's bytes",
+                "entropy-LUQ k=3's bytes": "measured at entropy-LUQ k=3's bytes"}.get(label, f"measured, {label}")
+        entries.append((m["avg_bits"], 1, text, m, strong))
+    entries.sort(key=lambda e: (-e[0], e[1]))
+    rows = [[bold(label, strong), bits(p["avg_bits"]), "" if order == 1 else f"{p['nominal_avg_bits']:.3f}",
+             f"{p['total_bytes'] / 1e6:.1f}", bold(value(p["value"], higher), strong)]
+            for _, order, label, p, strong in entries]
+    return md(["configuration", "true avg bits", "nominal bits", "total MB",
+               "VQA accuracy" if higher else "perplexity"], rows, "lrrrr")
+
+
+@table("frontier-all-smollm2", f"{RESULTS}/frontier-smollm2-all.json")
+def frontier_all_smollm2(f):
+    return _frontier_all(f)
+
+
+@table("frontier-all-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
+def frontier_all_tiny_vlm(f):
+    return _frontier_all(f)
+
+
+@table("calibration-mix", f"{RESULTS}/calibration_mix.json")
+def calibration_mix(c):
+    kinds = list(c["rows"][0]["vqa"]["by_kind"])
+    rows = []
+    for r in c["rows"]:
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:.2f}"
+        frac = "-" if r["alpha"] is None else f"{r['multimodal_fraction']:.2f}"
+        low = ", ".join(map(str, r.get("low_bit_layers") or []))
+        rows.append([alpha, r["model"], frac, acc(r["vqa"]["value"]),
+                     *(f"{r['vqa']['by_kind'][k]:.2f}" for k in kinds), f"{r['perplexity']:.2f}", f"[{low}]" if low else ""])
+    return md(["α", "model", "multimodal token fraction", "VQA acc", *kinds, "perplexity", "BiLLM layers"], rows,
+              "llrr" + "r" * len(kinds) + "rl")
+
+
+_COST_TOOLS = {"luq": "luq GPTQ-4 g64 (sequential)", "llmcompressor": "llmcompressor `oneshot` GPTQ-4 g64",
+               "luq-e2e": "`luq.quantize`, k = 0, g64, end to end"}
+
+
+@table("cost", f"{RESULTS}/cost.json")
+def cost(c):
+    rows = []
+    for key, w in c["workers"].items():
+        first = True
+        for r in w["rows"]:
+            if r["stage"] == "import":
+                continue
+            rss = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+            rows.append([_COST_TOOLS.get(key, key) if first else "", r["stage"], f"{r['seconds']:.1f}", rss])
+            first = False
+            if r.get("solver_s") is not None:
+                rows.append(["", "↳ of which the solves (and packing)", f"{r['solver_s']:.1f}", ""])
+        rows.append(["", f"**total, with import** (artifact {w['artifact_mb']:.1f} MB)", f"**{w['total_s']:.1f}**",
+                     f"**{w['peak_rss_mb']:.0f}**"])
+    return md(["tool", "stage", "seconds", "peak RSS MB"], rows, "llrr")
+
+
+# ------------------------------------------------------------------------------------------- docs/performance.md
+
+_VARIANT = {"luq gptq4-g128": "luq gptq4-g128", "luq gptq3-g128": "luq gptq3-g128",
+            "luq mix-10-billm": "luq 10 BiLLM + 20 GPTQ-4 layers",
+            "luq mix-10-k5g64r": "luq 10 compact BiLLM (billm-k5g64r) + 20 GPTQ-4 layers"}
+
+
+@table("inference", f"{RESULTS}/inference-smollm2.json", f"{RESULTS}/inference-tiny-vlm.json")
+def inference(*runs):
+    rows = []
+    for run in runs:
+        for r in run["rows"]:
+            model = {"smollm2": "SmolLM2", "tiny-vlm": "tiny-vlm, image + question"}.get(r["model"], r["model"])
+            strong = r["variant"].startswith("luq") and r["model"] == "smollm2" and "gptq3" not in r["variant"]
+            rows.append([f"{model} ({r['prompt_tokens']} tok)", _VARIANT.get(r["variant"], r["variant"]),
+                         f"{r['prefill_tok_s']:.0f}", f"{r['prefill_x']:.2f}", f"{r['decode_tok_s']:.1f}",
+                         bold(f"{r['decode_x']:.2f}", strong), f"{r['prefill_cpu_x']:.2f}", f"{r['decode_cpu_x']:.2f}",
+                         f"{r['resident_bytes'] / 1e6:.1f}",
+                         "" if r["stored_bytes"] is None else f"{r['stored_bytes'] / 1e6:.1f}",
+                         "" if not r["transient_bytes"] else f"{r['transient_bytes'] / 1e6:.1f}"])
+    return md(["model (prompt)", "variant", "prefill tok/s", "x", "decode tok/s", "x", "x by CPU: prefill", "decode",
+               "resident MB", "stored MB", "transient MB"], rows, "llrrrrrrrrr")
+
+
+@table("inference-layer", f"{RESULTS}/inference-smollm2.json")
+def inference_layer(run):
+    s = run["synthetic_layer"]
+    rows = [["one token, ms", f"{s['float32_ms']:.1f}", f"{s['gptq4_ms']:.1f}", bold(f"{s['ratio']:.2f}"),
+             f"{s['cpu_ratio']:.2f}"],
+            ["128-token prompt, ms", f"{s['prompt_float32_ms']:.0f}", f"{s['prompt_gptq4_ms']:.0f}",
+             f"{s['prompt_ratio']:.2f}", f"{s['prompt_cpu_ratio']:.2f}"],
+            ["resident MB", f"{s['float32_bytes'] / 1e6:.0f}", f"{s['gptq4_bytes'] / 1e6:.0f}", "", ""],
+            ["transient tile MB", "", f"{s['gptq4_transient_bytes'] / 1e6:.1f}", "", ""]]
+    return md([f"one decoder layer, width {s['width']}, MLP {s['intermediate']}", "float32", "GPTQ-4 g128",
+               "ratio", "ratio by CPU time"], rows, "lrrrr")
+
+
+@table("kernels-binary", f"{RESULTS}/kernels-binary.json")
+def kernels_binary(k):
+    rows = []
+    for r in k["rows"]:
+        planes = r["planes_lookup_ms"][0] if r["planes_lookup_ms"] else None
+        one = " / ".join([sig(r["lookup_ms"][0]), "–" if planes is None else sig(planes), sig(r["int4_ms"][0]),
+                          sig(r["fp32_ms"][0])])
+        held = f"{r['module_bits_per_weight']:.2f}"
+        rows.append([r["format"], f"{r['rows']}x{r['cols']}", f"{r['stored_bits_per_weight']:.2f}",
+                     bold(held, r["rows"] == 4096),
+                     "" if r["planes_module_bits_per_weight"] is None else f"{r['planes_module_bits_per_weight']:.2f}",
+                     f"{r['int4_bits_per_weight']:.1f}", one, r["crossover"]])
+    return md(["format", "shape", "stored", "the QuantLinear holds", "on the planes (LUQ_KERNEL=binary)",
+               "int4 terms (LUQ_KERNEL=int4)", "1 token: lookups / planes / int4 terms / float32, ms",
+               "lookups -> tile from (tokens)"], rows, "llrrrrlr")
+
+
+@table("kernels-threads", f"{RESULTS}/kernels-threads.json")
+def kernels_threads(k):
+    rows = [[f"{r['rows']}x{r['cols']}", f"{r['rows'] * r['cols'] / 2 ** 20:.2f} M", f"{r['threads_us']:.0f}",
+             f"{r['one_thread_us']:.0f}", "one" if r["one_thread_us"] < r["threads_us"] else str(k["threads"])]
+            for r in k["rows"]]
+    return md(["GPTQ-4 shape", "entries (2^20)", f"{k['threads']} threads, us", "1 thread, us", "faster"], rows,
+              "lrrrl")
+
+
+@table("kernels-crossover", f"{RESULTS}/kernels.json")
+def kernels_crossover(k):
+    rows = [[r["format"], f"{r['rows']}x{r['cols']}", sig(r["int4_ms"][0]), sig(r["fp32_ms"][0]),
+             r["crossover"] if r["crossover"] is not None else "never"] for r in k["rows"]]
+    return md(["format", "shape", "int4 kernel, 1 token, ms", "float32 F.linear, 1 token, ms",
+               "dense path faster from (tokens)"], rows, "llrrr")
+
+
+@table("memory-quantize", f"{RESULTS}/memory.json")
+def memory_quantize(m):
+    rows = []
+    for mode, q in m["quantize"].items():
+        layers = m["model"]["layers"]
+        rows.append([f"{'streamed' if mode == 'stream' else mode}", bold(f"{q['peak_gb']:.2f}"), f"{q['wall_s']:.0f}",
+                     f"{q['seconds']['layer_pass']:.0f} ({q['seconds']['layer_pass'] / layers:.0f} per layer)",
+                     f"{q['seconds']['final_pass']:.0f} ({q['seconds']['final_pass'] / layers:.0f} per layer)",
+                     f"{q['total_bytes'] / 1e9:.3f}"])
+    return md(["run", "peak resident GB (whole run)", "wall s", "variant pass s", "final pass s", "artifact GB"], rows,
+              "lrrrrr")
+
+
+@table("memory-load", f"{RESULTS}/memory.json")
+def memory_load(m):
+    rows = []
+    for name, r in m["load"].items():
+        loader = "`from_pretrained`" if name.startswith("from_pretrained") else "`luq.load`"
+        dtype = name.split()[-1]
+        rows.append([loader, dtype + (" (as stored)" if dtype == "float16" else ""),
+                     bold(f"{r['ratio_over_baseline']:.2f}", dtype == "float16")])
+    rows.sort(key=lambda r: (r[1] != "float16 (as stored)", r[0] != "`luq.load`"))
+    return md(["loader", "unquantized tensors at", "peak / artifact bytes"], rows, "llr")
+
+
+@table("cuda-check", f"{RESULTS}/cuda_check-4096.json", f"{RESULTS}/cuda_check-576.json")
+def cuda_check(*runs):
+    rows = []
+    for run in runs:
+        for r in run["results"]:
+            ms = r["ms"]["1"]
+            err = max(r["errors"].values())
+            rows.append([r["format"], f"{r['size']}x{r['size']}", r["kernel"], r["terms"], f"{err:.1e}",
+                         f"{ms['int4 op']:.3f}", f"{ms['F.linear bf16']:.3f}",
+                         r["crossover"] if r["crossover"] is not None else "not up to 2048"])
+    return md(["format", "shape", "kernel", "int4 terms", "largest relative error", "1 token, int4 op, ms",
+               "1 token, bfloat16 F.linear, ms", "dense prompt path faster from (tokens)"], rows, "lllrrrrr")
+
+
+@table("cuda-pipeline", f"{RESULTS}/cuda_pipeline.json")
+def cuda_pipeline(c):
+    rows = [[r["run"], f"{r['seconds']:.1f}", bits(r["avg_bits"]), ", ".join(r["formats"]), f"{r['cuda_vs_cpu']:.1e}",
+             f"{r['cuda_vs_dense']:.1e}", f"{r['cpu_vs_dense']:.1e}"] for r in c["rows"]]
+    return md(["run", "quantize s (CUDA)", "true bits", "formats", "logits CUDA vs CPU", "CUDA vs dequantized",
+               "CPU vs dequantized"], rows, "lrrlrrr")
+
+
+# ------------------------------------------------------------------------------------------- docs/formats.md
+
+def _solver_means(s) -> dict[tuple[str, str], dict]:
+    """(group, method) -> mean time, error and bits over the group's problems (the SmolLM2 row averages
+    its 21 linears, as bench.solvers prints it)."""
+    acc_: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in s["rows"]:
+        acc_[(r["group"], r["method"])].append(r)
+    return {key: {k: sum(r[k] for r in rs) / len(rs) for k in ("time_s", "rel_error", "bits_per_weight", "nominal_bits")}
+            for key, rs in acc_.items()}
+
+
+def _method(m: str) -> str:
+    return m.replace("BiLLM compact ", "")
+
+
+def _solver_table(s, keep: Callable[[str], bool] = lambda m: True) -> str:
+    rows = [[g, _method(m), f"{v['time_s']:.3f}", f"{v['rel_error']:.3e}", f"{v['bits_per_weight']:.3f}",
+             f"{v['nominal_bits']:.2f}"] for (g, m), v in _solver_means(s).items() if keep(m)]
+    return md(["problem", "method", "time/layer (s)", "rel. output error¹", "bits/weight²", "nominal bits"], rows,
+              "llrrrr")
+
+
+@table("solvers", f"{RESULTS}/solvers.json")
+def solvers(s):
+    return _solver_table(s)
+
+
+@table("solvers-compact", f"{RESULTS}/solvers_billm_compact.json")
+def solvers_compact(s):
+    return _solver_table(s, lambda m: m in ("GPTQ-4 g128 ours", "GPTQ-2 g128 ours", "BiLLM") or "compact" in m)
+
+
+def _vs_billm(s, formats: tuple[str, ...], with_error: bool) -> str:
+    means = _solver_means(s)
+    rows = []
+    for (g, m), v in means.items():
+        if _method(m) not in formats:
+            continue
+        b = means[(g, "BiLLM")]
+        row = [g, _method(m), f"{v['bits_per_weight']:.3f}" if with_error else f"{v['bits_per_weight']:.4f}"]
+        row += [f"{v['rel_error']:.3e}"] if with_error else []
+        row += [f"{v['rel_error'] / b['rel_error']:.3f}", f"{v['time_s'] / b['time_s']:.2f}"]
+        rows.append(row)
+    header = ["problem", "format", "true bits"] + (["rel. output error"] if with_error else []) + \
+             ["error / BiLLM's", "time / BiLLM's"]
+    return md(header, rows, "ll" + "r" * (len(header) - 2))
+
+
+@table("solvers-feedback", f"{RESULTS}/solvers_issue14b.json")
+def solvers_feedback(s):
+    return _vs_billm(s, ("billm-k4g64", "billm-k5g64f"), with_error=True)
+
+
+@table("solvers-refit", f"{RESULTS}/solvers_issue14c.json")
+def solvers_refit(s):
+    return _vs_billm(s, ("billm-k5g64r",), with_error=False)
+
+
+def _sweep_label(st: dict) -> str:
+    runs = " + ".join(f"{k} of {g}" for g, k in st["sparse_runs"])
+    extra = [f"{k}={v}" for k, v in st.items() if k not in ("sparse_runs", "col_scale", "column_feedback", "act_order",
+                                                            "scale_bits", "scale_octaves", "ref_headroom",
+                                                            "col_scale_bits", "row_ref_bits")]
+    if st.get("scale_octaves", 5) != 5:
+        extra.append(f"scale_octaves={st['scale_octaves']}")
+    return f"{runs} sparse; " + ", ".join(extra)
+
+
+@table("compact-sweep", f"{RESULTS}/billm_compact_sweep.json", f"{RESULTS}/billm_compact_sweep_feedback.json")
+def compact_sweep(plain, feedback):
+    rows = [["BiLLM's solver (the billm-k<k>g64 family)", _sweep_label(r["settings"]), bits(r["bits_per_weight"]),
+             f"{r['error_vs_billm']:.3f}"] for r in plain["rows"]]
+    rows += [["column feedback (billm-k5g64f/r family)", _sweep_label(r["settings"]), bits(r["bits_per_weight"]),
+              f"{r['error_vs_billm']:.3f}"] for r in feedback["rows"]]
+    return md(["solver", "setting", "true bits", "error / BiLLM's"], rows, "llrr")
+
+
+@table("compact-menu", f"{RESULTS}/frontier-smollm2-compact-before.json", f"{RESULTS}/frontier-smollm2-compact-menu.json",
+       f"{RESULTS}/frontier-smollm2-compact.json")
+def compact_menu(before, menu, older):
+    rows = []
+    for (label, b), (_, m), (_, o) in zip(_merged_measured(before), _merged_measured(menu), _merged_measured(older)):
+        n_compact = sum(v for k, v in m["formats"].items() if k.startswith("billm"))
+        rows.append([f"{b['avg_bits']:.2f} ({label})", ppl(b["value"]), bold(ppl(m["value"]), m["value"] < b["value"]),
+                     ppl(o["value"]), n_compact])
+    return md(["true bits (budget)", "perplexity, default menu", "`default,compact`", "(with billm-k5g64f)",
+               "compact linears of 210"], rows, "lrrrr")
+
+
+# ------------------------------------------------------------------------------------------- other docs
+
+@table("hessian-source", f"{RESULTS}/hessian_source.json")
+def hessian_source(h):
+    rows = [[r["k"], "sequential final pass" if r["final_pass"] else "full-precision chain (the variant cache)",
+             bits(r["avg_bits"]), f"{r['ppl']:.2f}"] for r in h]
+    return md(["k", "Hessians", "true bits", "held-out perplexity"], rows, "rlrr")
+
+
+@table("gguf-export", f"{RESULTS}/gguf_export.json")
+def gguf_export(g):
+    rows = [[r["model"], r["runtime"], "" if r["bytes"] is None else f"{r['bytes'] / 1e6:.1f}",
+             "" if r["held_out_ppl"] is None else f"{r['held_out_ppl']:.2f}", f"{r['llama_protocol_ppl']:.2f}"]
+            for r in g["rows"]]
+    return md(["model", "runtime", "MB", "held-out perplexity (luq's windows)",
+               f"perplexity, llama.cpp's protocol ({g['chunks']} chunks of {g['n_ctx']})"], rows, "llrrr")
+
+
+@table("tiny-vlm-accuracy", "src/luq/data/tiny_vlm/accuracy.json")
+def tiny_vlm_accuracy(a):
+    answers = {"colour": 8, "shape": 3, "count": 4, "position": 4, "digit": 10, "word": 12, "presence": 2}
+    rows = [[k + (" (yes/no)" if k == "presence" else ""), answers.get(k, ""), f"{v:.2f}", f"{a['chance'][k]:.2f}",
+             f"{v / a['chance'][k]:.1f}×"] for k, v in a["accuracy"].items()]
+    rows.append(["all", "", f"{a['overall']:.2f}", "", ""])
+    return md(["question type", "answers", "held-out accuracy", "chance", "over chance"], rows, "lrrrr")
+
+
+# ------------------------------------------------------------------------------------------- the rewrite
+
+def render_table(name: str, root: Path = ROOT) -> tuple[str, str]:
+    """(opening marker, table) of table NAME from its files."""
+    sources, fn = TABLES[name]
+    data = [json.loads((root / s).read_text()) for s in sources]
+    return f"<!-- table: {name} source={','.join(sources)} -->", fn(*data)
+
+
+def rewrite(text: str, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
+    """text with every generated table rendered again -> (new text, names that changed, unknown names)."""
+    changed, unknown = [], []
+
+    def sub(m: re.Match) -> str:
+        name = m["name"]
+        if name not in TABLES:
+            unknown.append(name)
+            return m[0]
+        head, body = render_table(name, root)
+        new = f"{head}\n{body}<!-- /table -->"
+        if new != m[0]:
+            changed.append(name)
+        return new
+
+    return MARKER.sub(sub, text), changed, unknown
+
+
+def check(root: Path = ROOT) -> list[str]:
+    """'FILE: NAME' for every table that differs from what its files render (or whose name is unknown)."""
+    out = []
+    for path in doc_files(root):
+        _, changed, unknown = rewrite(path.read_text(), root)
+        rel = path.relative_to(root)
+        out += [f"{rel}: {n}" for n in changed] + [f"{rel}: {n} (no renderer of that name)" for n in unknown]
+    return out
+
+
+def used_tables(root: Path = ROOT) -> dict[str, list[str]]:
+    """table name -> the files it appears in."""
+    seen: dict[str, list[str]] = defaultdict(list)
+    for path in doc_files(root):
+        for m in MARKER.finditer(path.read_text()):
+            seen[m["name"]].append(str(path.relative_to(root)))
+    return dict(seen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.docs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 listing the tables that differ")
+    args = p.parse_args(argv)
+    if args.check:
+        stale = check()
+        for line in stale:
+            print(f"differs from its result file: {line}")
+        return 1 if stale else 0
+    for path in doc_files():
+        text = path.read_text()
+        new, changed, unknown = rewrite(text)
+        for n in unknown:
+            print(f"{path.relative_to(ROOT)}: no renderer for table {n!r}", file=sys.stderr)
+        if new != text:
+            path.write_text(new)
+            print(f"{path.relative_to(ROOT)}: rendered {', '.join(changed)}")
+        if unknown:
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

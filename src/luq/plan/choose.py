@@ -1,0 +1,121 @@
+"""Where a rule becomes a plan: what sizes the menu can reach (known before quantizing), the menu hint,
+and the plan under the config's stopping rule from the measured sizes and costs.
+
+Pure of models and files: the caller hands in the size and cost tables, the plans' layer structure,
+and, for a threshold rule, `evaluate(plan)` (the real metric of the model with that plan assembled)
+and the full-precision `reference` score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from luq.config import LUQConfig
+from luq.errors import LuqError
+from luq.plan.entropy import entropy_plan, layer_order, smallest_fitting_k, threshold_search
+from luq.plan.measured import Costs, knapsack, lagrangian_bound, smallest_budget_within
+from luq.plan.sizes import Plan, SizeTable
+from luq.quant.formats import COMPACT_MENU
+
+FRONTIER_POINTS = 12   # plans of the measured frontier drawn in the report, evenly spaced in bytes
+
+
+@dataclass
+class Decision:
+    """A plan and how it was found: the rule's search steps, the frontier of plans the report draws, and
+    per allocation its own facts (entropy: the order and k; measured: the predicted cost, the knapsack's
+    grid and its gap to the Lagrangian lower bound)."""
+
+    plan: Plan
+    search: list[dict] = field(default_factory=list)
+    frontier: list[dict] = field(default_factory=list)
+    order: list[int] | None = None
+    k: int | None = None
+    predicted_cost: float | None = None
+    knapsack: dict | None = None
+    measured_cost: float | None = None
+
+
+def check_reachable(config: LUQConfig, bounds: tuple[int, int] | None, kept_kinds: Sequence[str]) -> None:
+    """A budget below the least bytes any plan of the menu reaches (`bounds`, known before quantizing)
+    is refused now, with the smallest reachable size."""
+    if bounds is not None and config.budget_gb is not None and bounds[0] > config.budget_gb * 1e9:
+        raise LuqError(f"no configuration fits {config.budget_gb:.4g} GB: the smallest reachable with formats "
+                       f"{','.join(config.menu())} is {bounds[0] / 1e9:.4g} GB ({bounds[0]:,} bytes)"
+                       + (f", with {','.join(kept_kinds)} kept unquantized" if kept_kinds else ""))
+
+
+def compact_hint(config: LUQConfig, gptq3_bounds: tuple[int, int] | None) -> str | None:
+    """One line for a measured budget below the uniform GPTQ-3 g128 decoder's size (`gptq3_bounds`, the
+    other units at their smallest) whose menu has none of the compact 1-bit formats: there they lower
+    the perplexity many times over (docs/results.md, section 3)."""
+    if config.budget_gb is None or config.allocate != "measured" or set(config.menu()) & set(COMPACT_MENU):
+        return None
+    if gptq3_bounds is None or config.budget_gb * 1e9 >= gptq3_bounds[0]:
+        return None
+    return (f"hint: {config.budget_gb:.4g} GB is below a GPTQ-3 g128 decoder ({gptq3_bounds[0] / 1e9:.4g} GB); "
+            "the compact 1-bit formats do far better there: --formats default,compact")
+
+
+def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names: list[list[str]],
+                units: Sequence[str], entropy: Sequence[float] | None, evaluate: Callable[[Plan], float] | None,
+                reference: Callable[[], float] | None, higher_is_better: bool, log: Callable[[str], None]) -> Decision:
+    """The plan under the config's stopping rule. names: each decoder layer's linears (full names);
+    units: the planned units outside the decoder; entropy: per layer (the paper's order);
+    evaluate/reference: the real metric of a plan / of full precision (threshold rules only)."""
+    budget = int(config.budget_gb * 1e9) if config.budget_gb is not None else None
+    if config.allocate == "entropy":
+        return _entropy_decision(config, sizes, names, units, entropy, budget, evaluate, higher_is_better, log)
+    menu = list(config.menu())
+    smallest = sizes.total_bytes(sizes.extreme_plan(menu))
+    largest = sizes.total_bytes(sizes.extreme_plan(menu, largest=True))
+
+    def plan_for_budget(b: int):
+        return knapsack(sizes, costs, menu, b)
+
+    frontier = [{"budget_bytes": int(b), "plan": plan_for_budget(int(b)).plan}
+                for b in torch.linspace(smallest, largest, FRONTIER_POINTS).tolist()]
+    steps = []
+    if budget is not None:
+        result = plan_for_budget(budget)
+        bound, _ = lagrangian_bound(sizes, costs, menu, budget)
+    else:
+        full = reference()
+        log(f"  full precision: {config.metric} {full:.4f}")
+        result, history = smallest_budget_within(
+            plan_for_budget, evaluate, full, config.max_drop, smallest, largest, higher_is_better=higher_is_better,
+            log=lambda s: log(f"  budget {s.budget_bytes / 1e9:.4f} GB ({s.total_bytes:,} bytes): {config.metric} "
+                              f"{s.value:.4f} (drop {s.drop:+.4f}) {'ok' if s.ok else 'too far'}"))
+        steps = [asdict(s) for s in history]
+        bound, _ = lagrangian_bound(sizes, costs, menu, result.total_bytes)
+    return Decision(result.plan, steps, frontier, predicted_cost=result.cost,
+                    knapsack={"cell_bytes": result.cell_bytes, "lagrangian_lower_bound": bound,
+                              "gap": result.cost - bound})
+
+
+def _entropy_decision(config: LUQConfig, sizes: SizeTable, names, units, entropy, budget, evaluate,
+                      higher_is_better, log) -> Decision:
+    """The paper's rule: layers in the config's order, the first k at `low` (Eq. 7 budget, Eq. 8
+    threshold, or --layers)."""
+    order = layer_order(config.order, entropy, seed=config.calibration.seed)
+
+    def plan_for_k(k: int) -> Plan:
+        return {**entropy_plan(order, k, names, config.high, config.low), **{u: config.high for u in units}}
+
+    steps = []
+    if budget is not None:
+        k = smallest_fitting_k(sizes, plan_for_k, len(order), budget)
+    elif config.layers is not None:
+        k = config.layers
+    else:
+        k, search = threshold_search(
+            lambda kk: evaluate(plan_for_k(kk)), len(order), config.max_drop, higher_is_better=higher_is_better,
+            search=config.search,
+            log=lambda s: log(f"  k = {s.k:3d}: {config.metric} {s.value:.4f} (drop {s.drop:+.4f}) "
+                              f"{'ok' if s.ok else 'too far'}"))
+        steps = [asdict(s) for s in search]
+    frontier = [{"k": kk, "plan": plan_for_k(kk)} for kk in range(len(order) + 1)]
+    return Decision(plan_for_k(k), steps, frontier, order=order, k=k)

@@ -1,0 +1,65 @@
+"""The docs: every generated table equals what its result file renders (`python -m bench.docs --check`),
+the README stays a five-minute read that starts with the two commands, and nothing cites DESIGN.md."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # `bench` is a top-level package of the checkout, not installed
+
+from bench import docs  # noqa: E402
+
+
+def test_every_generated_table_matches_its_result_files():
+    stale = docs.check(ROOT)
+    assert not stale, ("tables that differ from their result files (run `python -m bench.docs` and commit): "
+                       + ", ".join(stale))
+
+
+def test_the_docs_render_their_tables_and_each_renderer_is_used():
+    used = docs.used_tables(ROOT)
+    assert "readme-budget" in used and used["readme-budget"] == ["README.md"]
+    for name in ("budget-smollm2", "frontier-all-smollm2", "orders-smollm2", "calibration-mix", "cost"):
+        assert "docs/results.md" in used.get(name, []), name
+    for name in ("inference", "kernels-binary", "memory-quantize", "memory-load"):
+        assert "docs/performance.md" in used.get(name, []), name
+    assert set(docs.TABLES) <= set(used), f"renderers no doc uses: {sorted(set(docs.TABLES) - set(used))}"
+
+
+def test_check_mode_reports_a_table_edited_by_hand(tmp_path):
+    for path in docs.doc_files(ROOT):
+        target = tmp_path / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    (tmp_path / "bench").symlink_to(ROOT / "bench")
+    (tmp_path / "src").symlink_to(ROOT / "src")
+    assert docs.check(tmp_path) == []
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text().replace("| 74.92 |", "| 74.90 |", 1))
+    assert docs.check(tmp_path) == ["README.md: readme-budget"]
+    assert docs.main(["--check"]) == 0          # the real checkout is untouched
+
+
+def test_readme_is_short_and_opens_with_the_two_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines"
+    head = "\n".join(lines[:15])
+    assert "make demo" in head and "make test" in head
+    assert head.index("make demo") < head.index("make test")
+
+
+@pytest.mark.parametrize("path", docs.doc_files(ROOT), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_doc_mentions_design_md(path):
+    assert "DESIGN.md" not in path.read_text()
+
+
+def test_links_between_the_docs_resolve():
+    import re
+
+    for path in docs.doc_files(ROOT) + [ROOT / "bench" / "README.md"]:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", path.read_text()):
+            if "://" in target:
+                continue
+            assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to missing {target}"

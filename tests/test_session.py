@@ -1,0 +1,78 @@
+"""The public ways in: `luq.quantize` of an in-memory nn.Module (with its tokenizer) writes the same
+artifact as the same model given by path; `luq.Session`'s steps, one at a time, make the same plan as
+`luq.quantize`; a one-format model runs one pass and no sensitivity pass; the stages are told to a
+callback."""
+
+import json
+
+import pytest
+import torch
+
+import luq
+from luq.calibration import CalibrationConfig
+from tiny_models import tiny_llama_dir
+
+CALIBRATION = CalibrationConfig(samples=4, seq_len=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("session")
+    return {"model": tiny_llama_dir(root / "model", layers=3), "root": root}
+
+
+def tensor_files(out):
+    """The artifact's tensor files and config by sha256 (the report holds timings and the model's name)."""
+    files = json.loads((out / "luq_manifest.json").read_text())["files"]
+    return {name: f["sha256"] for name, f in files.items() if name.endswith(".safetensors") or name == "config.json"}
+
+
+def test_an_in_memory_module_writes_the_same_artifact_as_its_path(tiny):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    module = LlamaForCausalLM.from_pretrained(tiny["model"])
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    config = luq.LUQConfig(calibration=CALIBRATION, formats=("gptq4-g128",))
+    lines = []
+    report = luq.quantize(module, tiny["root"] / "memory", config, tokenizer=tok, progress=False, log=lines.append,
+                          cache_dir=tiny["root"] / "cache-memory")
+    by_path = luq.quantize(tiny["model"], tiny["root"] / "path", config, progress=False, log=lambda s: None,
+                           cache_dir=tiny["root"] / "cache-path")
+    assert tensor_files(tiny["root"] / "memory") == tensor_files(tiny["root"] / "path")
+    assert report["total_bytes"] == by_path["total_bytes"]
+    # one format: one sequential pass, no variant pass over a menu and no sensitivity pass
+    assert set(report["seconds"]) == {"load", "calibration", "layer_pass", "write", "total"}
+    assert any(line.startswith("one format (gptq4-g128): one sequential pass") for line in lines)
+    loaded, tokenizer, _ = luq.load(tiny["root"] / "memory")
+    ids = tokenizer("A model from memory.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
+def test_a_module_without_its_tokenizer_is_refused(tiny):
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(luq.LuqError, match="needs its tokenizer"):
+        luq.Session(LlamaForCausalLM.from_pretrained(tiny["model"]),
+                    luq.LUQConfig(calibration=CALIBRATION, formats=("gptq4-g128",)), log=lambda s: None)
+
+
+def test_the_steps_one_at_a_time_make_the_quantize_plan(tiny):
+    config = luq.LUQConfig(calibration=CALIBRATION, formats=("gptq2-g64", "gptq4-g64"), budget_gb=0.0125,
+                           sensitivity_samples=2)
+    stages = []
+    s = luq.Session(tiny["model"], config, cache_dir=tiny["root"] / "cache", progress=False, log=lambda s: None,
+                    on_stage=lambda name, seconds: stages.append((name, seconds is None)))
+    m = s.measure()
+    assert set(m.costs) == set(m.sizes.linears) and m.passed["layers"]
+    d = s.choose(m)
+    assert m.sizes.total_bytes(d.plan) <= 0.0125e9 and set(d.plan.values()) <= {"gptq2-g64", "gptq4-g64", "keep"}
+    assert s.finalize(d)
+    report = s.save(tiny["root"] / "steps")
+    whole = luq.quantize(tiny["model"], tiny["root"] / "whole", config, cache_dir=tiny["root"] / "cache",
+                         progress=False, log=lambda s: None)
+    assert report["linears"].keys() == whole["linears"].keys()
+    assert {n: i["format"] for n, i in report["linears"].items()} == {n: i["format"] for n, i in whole["linears"].items()}
+    names = [name for name, _ in stages]
+    assert names[:2] == ["load", "load"] and ("sensitivity", True) in stages and ("final_pass", False) in stages
+    assert stages.count(("write", True)) == 1 and "sensitivity" in report["seconds"]
