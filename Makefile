@@ -37,8 +37,9 @@ $(BSTAMP): $(STAMP)
 venv: $(STAMP)
 
 # The kernel tests again on torch's AVX2 and portable int4 packings (they differ per CPU capability):
-# an AVX-512 machine checks the paths of AVX2 ones too.
-test: $(STAMP)
+# an AVX-512 machine checks the paths of AVX2 ones too. llama.cpp's tools are built once into the cache
+# (make llama: 6-15 minutes the first time) for the tests that run luq's GGUF files in llama.cpp.
+test: $(STAMP) $(LLAMA_STAMP)
 	$(VPY) -m pytest -q
 	ATEN_CPU_CAPABILITY=avx2 $(VPY) -m pytest -q tests/test_kernels.py
 	ATEN_CPU_CAPABILITY=default $(VPY) -m pytest -q tests/test_kernels.py

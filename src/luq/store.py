@@ -84,7 +84,8 @@ REPORT = "luq_report.json"
 DEFAULT_SHARD_BYTES = 2 * 10**9
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read 4 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -206,7 +207,7 @@ def write_artifact(out: Path, model: nn.Module, processor, quantization_config: 
         if processor is not None:
             processor.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps(dict(report, total_bytes=stored), indent=1) + "\n")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1) + "\n")
         old = None
         if out.exists():
@@ -246,7 +247,7 @@ def verify_artifact(path: Path) -> dict:
         if p.stat().st_size != expected["bytes"]:
             raise LuqError(f"corrupt or partial artifact {path}: {name} is {p.stat().st_size:,} bytes, "
                            f"expected {expected['bytes']:,}")
-        if _sha256(p) != expected["sha256"]:
+        if file_sha256(p) != expected["sha256"]:
             raise LuqError(f"corrupt artifact {path}: {name} does not match its checksum")
     return manifest
 

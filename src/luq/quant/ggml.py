@@ -557,15 +557,10 @@ def _importance(H: torch.Tensor, damp: float) -> torch.Tensor:
     return diag + damp * diag.mean().clamp_min(_TINY)
 
 
-@dataclass(frozen=True)
-class GGMLRTN:
-    """A ggml type's grid fitted per block (diag(H)-weighted when H is given) and round-to-nearest."""
+class _TypeSizes:
+    """What the two solvers of a ggml type (its `type` field) know before quantizing."""
 
-    type: str = "q4_k"
-    damp: float = 0.01
-
-    def __post_init__(self) -> None:
-        _check_type("GGMLRTN", self.type)
+    type: str
 
     def supports(self, shape: tuple[int, int]) -> bool:
         return shape[1] % _TYPES[self.type].block == 0
@@ -576,6 +571,17 @@ class GGMLRTN:
             return None
         n = ggml_nbytes(shape, self.type)
         return n, n
+
+
+@dataclass(frozen=True)
+class GGMLRTN(_TypeSizes):
+    """A ggml type's grid fitted per block (diag(H)-weighted when H is given) and round-to-nearest."""
+
+    type: str = "q4_k"
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check_type("GGMLRTN", self.type)
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor | None = None) -> GGMLWeight:
         """W [out, in]; H [in, in] or None (every column weighs alike in the scale fits)."""
@@ -615,7 +621,7 @@ def _solving_order(imp: torch.Tensor, block: int, order: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class GGML:
+class GGML(_TypeSizes):
     """GPTQ inside a ggml type's grid (see the module's docstring); `quantize(W, H)` is the solver.
 
     type: a name of `GGML_TYPES`. damp: relative damping of H (also the floor of the importance weights).
@@ -641,16 +647,6 @@ class GGML:
             raise LuqError(f"GGML: block_size must be a positive integer, got {self.block_size}")
         if self.order not in GGML_ORDERS:
             raise LuqError(f"GGML: order must be one of {', '.join(GGML_ORDERS)}; got {self.order!r}")
-
-    def supports(self, shape: tuple[int, int]) -> bool:
-        return shape[1] % _TYPES[self.type].block == 0
-
-    def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int] | None:
-        """Exact (the size depends only on the shape); None where the type cannot store `shape`."""
-        if not self.supports(shape):
-            return None
-        n = ggml_nbytes(shape, self.type)
-        return n, n
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor) -> GGMLWeight:
         check_problem(W, H, "GGML")

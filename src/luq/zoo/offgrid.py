@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from luq.errors import LuqError
-from luq.store import build_dir_once
+from luq.store import build_dir_once, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,6 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
         t = state[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # native order: little endian on x86/ARM
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
     return h.hexdigest()
 
 
