@@ -76,3 +76,31 @@ def test_the_steps_one_at_a_time_make_the_quantize_plan(tiny):
     names = [name for name, _ in stages]
     assert names[:2] == ["load", "load"] and ("sensitivity", True) in stages and ("final_pass", False) in stages
     assert stages.count(("write", True)) == 1 and "sensitivity" in report["seconds"]
+
+
+@pytest.mark.filterwarnings("ignore::luq.errors.FallbackWarning")  # ggml weights: the tiled kernel in torch
+def test_a_ggml_budget_offers_each_linear_only_the_types_that_can_store_it(tmp_path, capsys):
+    """--formats ggml under a budget, the embedding in it: K-quants (blocks of 256) only where the input
+    columns are a multiple of 256 (here down_proj, 256; the rest 128), the knapsack within the budget, and
+    the artifact exported as a GGUF with each tensor in its planned type (--export gguf)."""
+    import gguf
+
+    from luq.cli import main
+
+    model = tiny_llama_dir(tmp_path / "model", layers=2, hidden=128)
+    out = tmp_path / "q"
+    assert main(["quantize", model, "--out", str(out), "--formats", "ggml", "--budget-gb", "0.005", "--samples", "4",
+                 "--seq-len", "64", "--sensitivity-samples", "2", "--export", "gguf",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = json.loads((out / "luq_report.json").read_text())
+    assert report["total_bytes"] <= 0.005e9
+    k_quants = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
+    for name, info in report["linears"].items():
+        if not name.endswith("down_proj"):
+            assert info["format"] not in k_quants, (name, info["format"])
+    plan = {name: info["format"] for name, info in report["linears"].items()}
+    assert plan["model.embed_tokens"] != "keep"   # 6.3M weights at float16 would not fit 5 MB
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    assert types["token_embd.weight"] == plan["model.embed_tokens"]
+    assert types["blk.1.ffn_down.weight"] == plan["model.layers.1.mlp.down_proj"]
