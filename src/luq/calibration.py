@@ -129,8 +129,7 @@ def sensitivity_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int
 
 def text_token_ids(tokenizer, source: str | None) -> torch.Tensor:
     """The whole text source, tokenized without special tokens."""
-    from luq.assets import cache_root
-    from luq.store import atomic_write
+    from luq.store import atomic_write, cache_root
 
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor carries one
     text = load_text(source)
