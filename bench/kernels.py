@@ -26,6 +26,14 @@ each kernel. `--only binary` runs this part.
 
 `--only threads`: one token through torch's int4 CPU op at --threads threads and at one, per GPTQ-4
 shape (wall clock: waking the other OpenMP threads is the cost); sets `INT4_ONE_THREAD_BELOW`.
+
+`--only gemv`: the few-token paths of `Int4Kernel` on CPU, GPTQ-4 g128, wall-clock medians of 9 rounds, all
+paths alternating inside every round: (1) one token on SmolLM2's shapes and 4096x4096 at 1 and --threads
+threads: torch's int4 op (`packed_mm` on the bfloat16 input, one thread below INT4_ONE_THREAD_BELOW), the
+compiled GEMV (`gemv_mm`: luq.quant.native.int4_gemv) and float32 `F.linear`; (2) by token count below
+`dense_from` at --threads threads, the same three and the dense path, which set INT4_GEMV_CAPABILITIES; (3) the
+GEMV on one thread against --threads threads (rows split), which sets native.INT4_GEMV_WEIGHTS_PER_THREAD.
+Written to `<json stem>-gemv.json`.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from luq.quant import RTN, QuantLinear, get_format
+from luq.quant import RTN, QuantLinear, get_format, native
 from luq.quant import kernels as K
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +77,8 @@ def quantized(fmt: str, rows: int, cols: int):
 
 def measure(fmt: str, rows: int, cols: int) -> dict:
     q = quantized(fmt, rows, cols)
-    kernel = K.Int4Kernel(K.int4_terms(q), cols, K.int4_ops(torch.device("cpu")))   # BiLLM too (its int4 terms)
+    ops = K.int4_ops(torch.device("cpu"))
+    kernel = K.Int4Kernel(K.int4_terms(q), cols, ops)   # BiLLM too (its int4 terms)
     assert isinstance(kernel, K.Int4Kernel) and kernel.dense_ok, "the shape is served by the int4 kernel"
     W = q.dequantize()
     calls = max(1, int(2e8 // (rows * cols)))
@@ -79,8 +88,8 @@ def measure(fmt: str, rows: int, cols: int) -> dict:
         x = torch.randn(n, cols)
         xb = x.to(torch.bfloat16)
         dense = (lambda: kernel.dense(xb)) if kernel.col_scale is None else (lambda: kernel.dense(xb * kernel.col_scale))
-        out["int4_ms"].append(cpu_ms(lambda: kernel._mm(kernel.gather(xb).contiguous(), kernel.packed, kernel.group,
-                                                        kernel.scales_zeros), calls))
+        out["int4_ms"].append(cpu_ms(lambda: ops.mm(kernel.gather(xb).contiguous(), kernel.packed, kernel.group,
+                                                    kernel.scales_zeros), calls))
         out["dense_ms"].append(cpu_ms(dense, calls))
         out["fp32_ms"].append(cpu_ms(lambda: torch.nn.functional.linear(x, W), calls))
     faster = [d <= i for d, i in zip(out["dense_ms"], out["int4_ms"])]
@@ -196,13 +205,94 @@ def threads_table(threads: int) -> list[dict]:
     return rows_out
 
 
+GEMV_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096)]
+GEMV_TOKENS = (1, 2, 3, 4, 8, 16, 31)
+GEMV_THREAD_SHAPES = [(1536, 576), (1024, 1024), (2048, 2048), (4096, 4096), (11008, 4096)]
+
+
+def gemv_kernel(rows: int, cols: int):
+    q = quantized("gptq4-g128", rows, cols)
+    kernel = K.Int4Kernel(K.int4_terms(q), cols, K.int4_ops(torch.device("cpu")))
+    assert kernel.dense_ok and native.available("int4_gemv"), "the GEMV reads this packing"
+    return kernel, q.dequantize()
+
+
+def gemv_tables(threads: int) -> dict:
+    """The three tables of `--only gemv` (microseconds per call)."""
+    one_token = []
+    print("| GPTQ-4 g128 shape | threads | torch int4 op us | luq GEMV us | float32 F.linear us | op / GEMV | "
+          "F.linear / GEMV |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r, c in GEMV_SHAPES:
+        kernel, W = gemv_kernel(r, c)
+        x = torch.randn(1, c)
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            med = wall_medians({"op": lambda: kernel.packed_mm(kernel.prepare(x)), "gemv": lambda: kernel.gemv_mm(x),
+                                "fp32": lambda: torch.nn.functional.linear(x, W)}, max(2, int(3e7 // (r * c))), 9)
+            us = {k: 1e3 * v for k, v in med.items()}
+            one_token.append({"rows": r, "cols": c, "threads": n, **{f"{k}_us": v for k, v in us.items()}})
+            print(f"| {r}x{c} | {n} | {us['op']:.1f} | {us['gemv']:.1f} | {us['fp32']:.1f} | "
+                  f"{us['op'] / us['gemv']:.2f} | {us['fp32'] / us['gemv']:.2f} |", flush=True)
+    torch.set_num_threads(threads)
+    by_tokens = []
+    print(f"\n{threads} threads | shape | path | " + " | ".join(f"{n} tok" for n in GEMV_TOKENS) + " |")
+    print("|---|---|---|" + "---:|" * len(GEMV_TOKENS))
+    for r, c in GEMV_SHAPES[:4]:
+        kernel, W = gemv_kernel(r, c)
+        row = {"rows": r, "cols": c, "op_us": [], "gemv_us": [], "dense_us": [], "fp32_us": []}
+        for n in GEMV_TOKENS:
+            x = torch.randn(n, c)
+            med = wall_medians({"op": lambda: kernel.packed_mm(kernel.prepare(x)), "gemv": lambda: kernel.gemv_mm(x),
+                                "dense": lambda: kernel.dense(kernel.prepare(x)),
+                                "fp32": lambda: torch.nn.functional.linear(x, W)},
+                               max(2, int(1e7 // (r * c) // n)), 9)
+            for k, v in med.items():
+                row[f"{k}_us"].append(1e3 * v)
+        by_tokens.append(row)
+        for path in ("op", "gemv", "dense", "fp32"):
+            print(f"| | {r}x{c} | {path} us | " + " | ".join(f"{v:.0f}" for v in row[f"{path}_us"]) + " |", flush=True)
+    split = []
+    print(f"\n| GEMV, one token | weights | 1 thread us | {threads} threads us (rows split) |")
+    print("|---|---:|---:|---:|")
+    per_thread = native.INT4_GEMV_WEIGHTS_PER_THREAD
+    for r, c in GEMV_THREAD_SHAPES:
+        kernel, _ = gemv_kernel(r, c)
+        x = kernel.gather(torch.randn(1, c)).contiguous()
+        native.INT4_GEMV_WEIGHTS_PER_THREAD = 1     # split wherever there are blocks enough
+
+        def at(n):
+            return lambda: native.int4_gemv(kernel.packed, kernel.scales_zeros, kernel.group, x, kernel.block,
+                                            kernel.packing.adjacent, n)
+        try:
+            med = wall_medians({"one": at(1), "many": at(threads)}, max(2, int(3e7 // (r * c))), 9)
+        finally:
+            native.INT4_GEMV_WEIGHTS_PER_THREAD = per_thread
+        split.append({"rows": r, "cols": c, "one_thread_us": 1e3 * med["one"], "threads_us": 1e3 * med["many"]})
+        print(f"| {r}x{c} | {r * c:,} | {1e3 * med['one']:.0f} | {1e3 * med['many']:.0f} |", flush=True)
+    return {"tokens": list(GEMV_TOKENS), "one_token": one_token, "by_tokens": by_tokens, "thread_split": split}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
-    p.add_argument("--only", choices=("int4", "binary", "threads"), default=None)
+    p.add_argument("--only", choices=("int4", "binary", "threads", "gemv"), default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.only == "gemv":
+        with torch.inference_mode():
+            result = gemv_tables(args.threads)
+        torch.set_num_threads(args.threads)
+        path = args.json.with_name(args.json.stem + "-gemv.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__,
+                                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                    "int4_gemv_capabilities": list(K.INT4_GEMV_CAPABILITIES),
+                                    "int4_gemv_weights_per_thread": native.INT4_GEMV_WEIGHTS_PER_THREAD,
+                                    **result}, indent=1) + "\n")
+        print(f"wrote {path}")
+        return
     if args.only == "threads":
         with torch.inference_mode():
             table = threads_table(args.threads)

@@ -83,6 +83,7 @@ def test_int4_kernel_matches_dequantize(layer, fmt, monkeypatch):
     W = q.dequantize()
     terms = int4_terms(q)
     torch.testing.assert_close(terms.dense(W.shape[1]), W, rtol=1e-6, atol=1e-6 * W.abs().max().item())
+    monkeypatch.setattr(K, "GEMV_DENSE_FROM_TOKENS", 0)   # the op's crossover: the 64 real tokens reach the dense path
     kernel = kernel_for(q, CPU)
     assert isinstance(kernel, Int4Kernel) and kernel.dense_ok
     x = problems()[layer].inputs
@@ -98,6 +99,7 @@ def test_dense_prompt_path_on_real_weights(fmt, expansion, monkeypatch):
     monkeypatch.setenv("LUQ_KERNEL", "int4")
     layer = LAYERS[1]   # 576 x 1536: several row tiles below
     q = quantized(layer, fmt)
+    monkeypatch.setattr(K, "GEMV_DENSE_FROM_TOKENS", 0)   # 64 tokens take the dense path
     kernel = kernel_for(q, CPU)
     if expansion == "compiled":
         require_native("expand_int4")
@@ -517,5 +519,125 @@ def test_a_c_source_that_does_not_compile_warns_with_the_compilers_error(tmp_pat
         assert len([w for w in caught if "expand_int4" in str(w.message)]) == 1
         assert kernel.dense_ok and not kernel.native          # the fallback named above serves prompts
         assert isinstance(native.build_error("expand_int4"), native.BuildError)
+    finally:
+        native._library.cache_clear()
+
+
+# --------------------------------------------------------------------------- the compiled int4 GEMV (few tokens, CPU)
+# luq.quant.native.int4_gemv reads torch's CPU int4 packing in place with float32 inputs and sums: its only
+# rounding beyond float32 is the weight's own (bfloat16 scales and zeros, as torch's op). Measured on these
+# layers and formats, 1..dense_from - 1 tokens: 0.7e-3 to 2.2e-3 relative to F.linear(x, dequantize()),
+# against 1.4e-3 to 4.7e-3 for torch's op (which also rounds the input and output to bfloat16).
+# Against a float64 product with the same bfloat16 scales, |error| / (|x| @ |W|^T) measured <= 8.3e-7 (14
+# float32 ulps: it sums x·(1 + q/16), then 16·s·acc + (z - 24·s)·sum x per group); the bound is 64 ulps.
+GEMV_ULPS = 64 * 2 ** -24
+
+
+@pytest.fixture
+def gemv_native():
+    require_native("int4_gemv")
+
+
+@pytest.mark.usefixtures("gemv_native")
+@pytest.mark.parametrize("fmt", GPTQ_FORMATS + BINARY_FORMATS)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_int4_gemv_matches_dequantize(layer, fmt, monkeypatch):
+    monkeypatch.setenv("LUQ_KERNEL", "int4")   # binarized weights: the int4 terms
+    q = quantized(layer, fmt)
+    kernel = kernel_for(q, CPU)
+    assert isinstance(kernel, Int4Kernel) and kernel.gemv == Int4Kernel.gemv_pays()
+    W = q.dequantize()
+    x = problems()[layer].inputs
+    for n in [n for n in list(range(1, 32)) + [48, 64] if n < kernel.dense_from]:   # every count to 31, then prompts
+        y = kernel.gemv_mm(x[:n])          # whatever this process picks, the GEMV itself
+        assert y.dtype == torch.float32 and y.shape == (n, q.shape[0])
+        assert rel_error(y, torch.nn.functional.linear(x[:n], W)) < TOL
+        if kernel.gemv:                    # and it is what the kernel serves few tokens with
+            assert torch.equal(kernel(x[:n], torch.float32), y)
+
+
+def packed_problem(packing, group, tokens, seed=0, rows=192, cols=384):
+    """Random codes packed by `packing`, bfloat16 scales and zeros, float32 inputs; the float64 product
+    with the same bfloat16 scales, and |x| @ |W|^T (the scale of float32 summation errors)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.int32)
+    sz = torch.randn(cols // group, rows, 2, generator=g).bfloat16()
+    s, z = (sz[..., i].double().repeat_interleave(group, 0).t() for i in (0, 1))
+    W = (q.double() - 8) * s + z
+    x = torch.randn(tokens, cols, generator=g)
+    return packing.pack(q), sz, x, x.double() @ W.t(), x.double().abs() @ W.abs().t()
+
+
+def assert_float32_exact(y, ref, scale):
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert ((y.double() - ref).abs() <= GEMV_ULPS * scale).all(), ((y.double() - ref).abs() / scale).max()
+
+
+@pytest.mark.usefixtures("gemv_native")
+@pytest.mark.parametrize("packing", K.CPU_PACKINGS)
+def test_int4_gemv_reads_every_cpu_packing(packing, monkeypatch):
+    """Each packing torch uses on some CPU capability, whatever this machine's own: the GEMV's product is
+    the float32 one of the same weight, and rows split over threads give the same sums."""
+    for group in (32, 64, 128):
+        for tokens in (1, 2, 3, 16):
+            packed, sz, x, ref, scale = packed_problem(packing, group, tokens, seed=group + tokens)
+            y = native.int4_gemv(packed, sz, group, x, packing.block, packing.adjacent, 1)
+            assert_float32_exact(y, ref, scale)
+    monkeypatch.setattr(native, "INT4_GEMV_WEIGHTS_PER_THREAD", 1)   # every block its own part, 3 threads
+    assert torch.equal(native.int4_gemv(packed, sz, group, x, packing.block, packing.adjacent, 3), y)
+
+
+def test_int4_gemv_portable_c_path(tmp_path, monkeypatch):
+    """Built for a CPU without AVX2 (the plain C loops), the GEMV computes the same products."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(native, "cpu_flags", lambda: set())
+    monkeypatch.setenv("LUQ_NATIVE_DIR", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.build_error("int4_gemv") is None
+        for packing in K.CPU_PACKINGS:
+            for group, tokens in ((32, 1), (128, 3)):
+                packed, sz, x, ref, scale = packed_problem(packing, group, tokens, seed=tokens)
+                assert_float32_exact(native.int4_gemv(packed, sz, group, x, packing.block, packing.adjacent, 1),
+                                     ref, scale)
+        assert [p.name for p in tmp_path.glob("int4_gemv-*.so")]   # its own build, not the AVX2 one
+    finally:
+        native._library.cache_clear()
+
+
+def test_int4_gemv_choice_and_fallback(tmp_path, monkeypatch):
+    """Few tokens take the GEMV where it pays (AVX2 + FMA, torch's capability in INT4_GEMV_CAPABILITIES) and
+    builds; torch's op serves them where it does not build (one warning quoting the compiler) or where the
+    capability is another (AVX-512: not measured against it)."""
+    q = quantized(LAYERS[1], "gptq4-g128")
+    x, W = problems()[LAYERS[1]].inputs[:3], q.dequantize()
+    kernel = kernel_for(q, CPU)
+    assert kernel.gemv == (Int4Kernel.gemv_pays() and native.available("int4_gemv"))
+    if kernel.gemv:   # any leading shape, any input dtype; the output in the asked dtype
+        y = kernel(x.reshape(1, 3, -1), torch.float32)
+        assert y.shape == (1, 3, q.shape[0]) and torch.equal(y[0], kernel.gemv_mm(x))
+        assert kernel(x.bfloat16(), torch.bfloat16).dtype == torch.bfloat16
+    with monkeypatch.context() as m:
+        m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert not Int4Kernel.gemv_pays() and not kernel_for(q, CPU).gemv
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    broken = tmp_path / "src"
+    broken.mkdir()
+    for f in native.HERE.glob("*.[ch]"):
+        (broken / f.name).write_text(f.read_text())
+    source = broken / "int4_gemv.c"
+    source.write_text(source.read_text().replace("free(xs);", "free(xs) undeclared_name;", 1))
+    monkeypatch.setattr(native, "HERE", broken)
+    monkeypatch.setenv("LUQ_NATIVE_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(Int4Kernel, "gemv_pays", staticmethod(lambda: True))
+    native._library.cache_clear()
+    try:
+        with pytest.warns(errors.FallbackWarning, match=r"int4_gemv\.c: .*error.*undeclared_name.*; few tokens "
+                                                         r"take torch's int4 op"):
+            kernel = kernel_for(q, CPU)
+        assert not kernel.gemv and kernel.native   # the expansion still built
+        assert rel_error(kernel(x, torch.float32), torch.nn.functional.linear(x, W)) < TOL
     finally:
         native._library.cache_clear()

@@ -2,6 +2,8 @@
 
 - `expand_int4` (expand_int4.c): one pass from torch's CPU int4 packing to a bfloat16 W^T, the
   terms of each input column summed (the dense prompt path of luq.quant.kernels).
+- `int4_gemv` (int4_gemv.c): a few float32 tokens times a weight read in place from torch's CPU int4
+  packing (the few-token path of luq.quant.kernels.Int4Kernel on CPU, in place of torch's int4 op).
 - `binary_gemv`, `binary_expand` (binary_gemm.c): binarized weights from their bit planes, few
   tokens by subset-sum lookups, prompts by a bfloat16 W^T tile (luq.quant.kernels.BinaryKernel).
 - `compact_gemv`, `compact_expand` (compact_gemm.c): compact BiLLM read from its stored tensors in
@@ -79,6 +81,7 @@ def _build(source: Path, target: Path) -> None:
 
 # what serves each helper's work where it did not build
 FALLBACKS = {"expand_int4": "int4 prompts expand with torch ops (~3x slower)",
+             "int4_gemv": "few tokens take torch's int4 op (on AVX2 slower than float32 F.linear)",
              "binary_gemm": "binarized weights take the int4 terms (~6x the memory) or the tiled kernel",
              "compact_gemm": "compact BiLLM takes the bit planes (~2x the memory)",
              "binsearch": "BiLLM's searches run in torch ops (slower)"}
@@ -90,9 +93,17 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p
 # threads on the shared 2-core machine, where a second thread sped no shape up (4096x4096: 4.2 ms on
 # one thread, 4.6 on two), so SmolLM2's linears take one thread and a 4096x4096 layer (2M bytes) several.
 GEMV_BYTES_PER_THREAD = 2 ** 19
+# int4_gemv: weights per thread at least. `python -m bench.kernels --only gemv` on the shared 2-core machine
+# (one token, 1 thread vs 2, rows split): a second thread sped no shape up (1536x576 64 vs 147 us: the pool's
+# handoff; 4096x4096 1.28 vs 1.49 ms; 11008x4096 2.66 vs 2.83 ms), as for binary_gemv above, nor did splitting
+# by weights x tokens (31 tokens on 1536x576: 1.30 ms split in two, 0.87 on one thread, in two runs); so
+# SmolLM2's linears take one thread at any token count, and only weights where one token takes ~1 ms
+# (4096x4096: two parts) are split.
+INT4_GEMV_WEIGHTS_PER_THREAD = 2 ** 23
 # the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
 SIGNATURES = {
     "expand_int4": {"luq_expand_int4": [_P, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I, _I]},
+    "int4_gemv": {"luq_int4_gemv": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _I]},
     "binary_gemm": {"luq_binary_tables": [_P, _I, _I, _P],
                     "luq_binary_gemv": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I, _P, _I],
                     "luq_binary_expand": [_P, _P, _P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I]},
@@ -172,6 +183,31 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
         failed = any(_pool(threads).map(run, range(threads)))
     if failed:
         raise MemoryError("luq.quant.native.expand_int4: no memory for its row accumulator")
+    return out
+
+
+def int4_gemv(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, x: torch.Tensor, block: int,
+              adjacent: bool, threads: int) -> torch.Tensor:
+    """x (float32 [..., kt], the input of each kernel column: gathered by the caller) times W^T -> float32
+    [..., N], W read in place from torch's CPU int4 packing (`packed` [N, kt/2] in blocks of `block` rows, a
+    byte holding rows 2j and 2j + 1 where `adjacent`, else j and j + block/2: kernels.CpuPacking;
+    `scales_zeros` [kt/group, N, 2] bfloat16; w = (q - 8)·s + z), summed in float32. The rows are split
+    over up to `threads` threads, one per INT4_GEMV_WEIGHTS_PER_THREAD weights."""
+    fn = _library("int4_gemv")["luq_int4_gemv"]
+    x = x.contiguous()
+    n_rows, kt = packed.shape[0], packed.shape[1] * 2
+    T = x.numel() // kt
+    out = torch.empty(*x.shape[:-1], n_rows)
+    args = (packed.data_ptr(), scales_zeros.data_ptr(), x.data_ptr(), T, kt, n_rows, group)
+    blocks = n_rows // block
+    threads = min(threads, blocks, n_rows * kt // INT4_GEMV_WEIGHTS_PER_THREAD)
+    if threads <= 1:   # the common case (a decode step on a small model): no pool, no closure
+        if fn(*args, 0, n_rows, out.data_ptr(), n_rows, block, int(adjacent)):
+            raise MemoryError("luq.quant.native.int4_gemv: no memory for its buffers")
+        return out
+    bounds = [block * (blocks * i // threads) for i in range(threads + 1)]
+    _run_parts(lambda i: fn(*args, bounds[i], bounds[i + 1], out.data_ptr(), n_rows, block, int(adjacent)),
+               threads, "int4_gemv")
     return out
 
 
