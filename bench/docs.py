@@ -467,6 +467,17 @@ def inference(*runs):
                "resident MB", "stored MB", "transient MB"], rows, "llrrrrrrrrr")
 
 
+@table("inference-avx2", f"{RESULTS}/inference-avx2.json")
+def inference_avx2(run):
+    """The same bench on an AVX2-only CPU (torch capability AVX2): torch's int4 op gives way to luq's GEMV there."""
+    return inference(run)
+
+
+@table("inference-avx2-layer", f"{RESULTS}/inference-avx2.json")
+def inference_avx2_layer(run):
+    return inference_layer(run)
+
+
 @table("inference-layer", f"{RESULTS}/inference-smollm2.json")
 def inference_layer(run):
     s = run["synthetic_layer"]
