@@ -130,7 +130,7 @@ def test_a_quantized_directory_opens_with_luq_load(tmp_path, monkeypatch, tiny):
 
     calls = []
 
-    def fake_load(path, device, dtype):
+    def fake_load(path, device, dtype, log=None):
         calls.append((str(path), str(device), dtype))
         return (*tiny, None)
 

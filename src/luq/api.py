@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from luq.checks import check_out_dir
 from luq.config import LUQConfig
 from luq.session import Session
 
@@ -26,6 +27,7 @@ def quantize(model: str | nn.Module | None, out: Path | str, config: LUQConfig, 
     """Quantize `model` (a hub id, a local directory, a built-in name, None for the offline default, or
     an nn.Module with its `tokenizer` or processor) under `config` and write the artifact to `out`;
     returns the report (luq_report.json). Keyword arguments: see `luq.Session`."""
+    check_out_dir(Path(out))   # before any work
     session = Session(model, config, tokenizer=tokenizer, device=device, dtype=dtype, cache_dir=cache_dir,
                       progress=progress, log=log, stream=stream, on_stage=on_stage)
     return session.run(out)
