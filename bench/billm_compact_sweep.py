@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from luq.assets import smollm2_linear_problems
+from luq.zoo.smollm2 import smollm2_linear_problems
 from luq.quant import CompactBiLLM, relative_output_error
 
 ROOT = Path(__file__).resolve().parent.parent

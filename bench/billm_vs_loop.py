@@ -1,5 +1,5 @@
 """Today's BiLLM against the loop searches it replaced, on this machine: the stored bytes and
-the relative output error on the 21 real SmolLM2 linears (luq.assets.smollm2_linear_problems).
+the relative output error on the 21 real SmolLM2 linears (luq.zoo.smollm2.smollm2_linear_problems).
 
     python -m bench.billm_vs_loop [--commit 587b3f0] [--threads 2]
 
@@ -59,7 +59,7 @@ def main() -> None:
     if args.child:
         child(Path(args.child[0]), Path(args.child[1]), args.threads)
         return
-    from luq.assets import smollm2_linear_problems
+    from luq.zoo.smollm2 import smollm2_linear_problems
 
     with tempfile.TemporaryDirectory(prefix="luq-billm-loop-") as tmp:
         tmp = Path(tmp)

@@ -29,7 +29,7 @@ import torch
 
 import luq
 from bench.common import add_model_args, calibration_of
-from luq.quant.linear import dequantize_modules
+from luq.quant.dense import dequantize_modules
 
 RESULTS = Path(__file__).parent / "results"
 

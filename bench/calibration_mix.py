@@ -31,7 +31,7 @@ from bench.frontier import Metric
 import luq
 from luq.calibration import CalibrationConfig, calibration_batches, multimodal_fraction
 from luq.models.loading import load_model
-from luq.quant.linear import dequantize_modules
+from luq.quant.dense import dequantize_modules
 
 RESULTS = Path(__file__).parent / "results"
 

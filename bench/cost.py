@@ -277,7 +277,7 @@ def worker_warm(args) -> dict:
     """Build the offline caches every tool reads (SmolLM2 HF dir, tokenized text), untimed."""
     from transformers import AutoTokenizer
 
-    from luq.assets import smollm2_dir
+    from luq.zoo.smollm2 import smollm2_dir
     from luq.calibration import text_token_ids
 
     path = smollm2_dir()

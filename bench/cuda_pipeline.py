@@ -24,7 +24,7 @@ import torch
 
 import luq
 from luq.calibration import CalibrationConfig
-from luq.quant.linear import dequantize_modules
+from luq.quant.dense import dequantize_modules
 
 CALIBRATION = CalibrationConfig(samples=4, seq_len=64, seed=0)
 

@@ -12,7 +12,7 @@ average bits per decoder weight counted from stored bytes, with the paper's nomi
 beside.
 
 - `--model smollm2`: perplexity on held-out Wikipedia windows (disjoint from calibration).
-- `--model tiny-vlm`: exact-match accuracy on held-out generated VQA (luq.tinyvlm), per
+- `--model tiny-vlm`: exact-match accuracy on held-out generated VQA (luq.zoo.tinyvlm), per
   question kind and overall; calibration is image+text (`--alpha`, default 0.5).
 
 The measured allocation's sizes and costs are luq's own (`luq.Session.measure`, the steps
@@ -93,7 +93,7 @@ class Metric:
         self.net, self.processor = net, processor
         self.vqa = model_name == "tiny-vlm"
         if self.vqa:
-            from luq import tinyvlm
+            from luq.zoo import tinyvlm
 
             self.name, self.higher_is_better = "VQA accuracy", True
             self.samples = tinyvlm.make_samples(args.vqa_per_kind, seed=VQA_SEED)
@@ -107,7 +107,7 @@ class Metric:
     def __call__(self) -> dict:
         if not self.vqa:
             return {"value": token_window_perplexity(self.net, self.windows)}
-        from luq import tinyvlm
+        from luq.zoo import tinyvlm
 
         predictions = tinyvlm.answer_questions(self.net, self.processor, [s.image for s in self.samples],
                                                [s.question for s in self.samples])

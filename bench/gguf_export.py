@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 
 import luq
-from luq.assets import smollm2_gguf_path
 from luq.calibration import CalibrationConfig, text_token_ids, validation_windows
 from luq.eval.perplexity import token_window_perplexity
 from luq.export import export_gguf
 from luq.export.gguf import read_gguf, rope_permutation
 from luq.models.loading import load_model
-from luq.quant.linear import QuantLinear, dequantize_modules
+from luq.quant.dense import dequantize_modules
+from luq.quant.linear import QuantLinear
 from luq.quant.packing import unpack_bits
+from luq.zoo.smollm2 import smollm2_gguf_path
 
 RESULTS = Path(__file__).parent / "results"
 

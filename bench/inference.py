@@ -77,19 +77,20 @@ def prompt_inputs(model_name: str, processor) -> dict:
     """The prompt: 128 tokens of Wikipedia text (smollm2); one generated image and its question
     in the chat template (tiny-vlm)."""
     if model_name == "tiny-vlm":
-        from luq import tinyvlm
+        from luq.zoo import tinyvlm
         sample = tinyvlm.make_samples(1, seed=123)[0]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return dict(processor(text=[text], images=[sample.image.convert("RGB")], return_tensors="pt"))
-    from luq.assets import wikipedia_text
+    from luq.zoo.smollm2 import wikipedia_text
     ids = processor(wikipedia_text(max_chars=4000), return_tensors="pt")["input_ids"][:, :PROMPT_TOKENS]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def dense_model(model_name: str, dtype: torch.dtype):
-    from luq import assets
-    return (assets.load_smollm2 if model_name == "smollm2" else assets.tiny_vlm)(dtype=dtype)
+    from luq.zoo.smollm2 import load_smollm2
+    from luq.zoo.tinyvlm import load_tiny_vlm
+    return (load_smollm2 if model_name == "smollm2" else load_tiny_vlm)(dtype=dtype)
 
 
 def transient_bytes(model: torch.nn.Module) -> int:

@@ -255,19 +255,14 @@ def gemv_tables(threads: int) -> dict:
     split = []
     print(f"\n| GEMV, one token | weights | 1 thread us | {threads} threads us (rows split) |")
     print("|---|---:|---:|---:|")
-    per_thread = native.INT4_GEMV_WEIGHTS_PER_THREAD
     for r, c in GEMV_THREAD_SHAPES:
         kernel, _ = gemv_kernel(r, c)
         x = kernel.gather(torch.randn(1, c)).contiguous()
-        native.INT4_GEMV_WEIGHTS_PER_THREAD = 1     # split wherever there are blocks enough
 
-        def at(n):
+        def at(n):   # weights_per_thread=1: split wherever there are blocks enough
             return lambda: native.int4_gemv(kernel.packed, kernel.scales_zeros, kernel.group, x, kernel.block,
-                                            kernel.packing.adjacent, n)
-        try:
-            med = wall_medians({"one": at(1), "many": at(threads)}, max(2, int(3e7 // (r * c))), 9)
-        finally:
-            native.INT4_GEMV_WEIGHTS_PER_THREAD = per_thread
+                                            kernel.packing.adjacent, n, weights_per_thread=1)
+        med = wall_medians({"one": at(1), "many": at(threads)}, max(2, int(3e7 // (r * c))), 9)
         split.append({"rows": r, "cols": c, "one_thread_us": 1e3 * med["one"], "threads_us": 1e3 * med["many"]})
         print(f"| {r}x{c} | {r * c:,} | {1e3 * med['one']:.0f} | {1e3 * med['many']:.0f} |", flush=True)
     return {"tokens": list(GEMV_TOKENS), "one_token": one_token, "by_tokens": by_tokens, "thread_split": split}

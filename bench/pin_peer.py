@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.peer import peer_gptq  # noqa: E402
-from luq.assets import smollm2_linear_problems  # noqa: E402
+from luq.zoo.smollm2 import smollm2_linear_problems  # noqa: E402
 from luq.quant import relative_output_error  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "peer_gptq_smollm2.json"
@@ -28,7 +28,7 @@ def main():
         print(f"{p.name:28s} {errors[p.name]:.4e}")
     OUT.write_text(json.dumps({
         "peer": "llmcompressor 0.14.0.1 quantize_weight (actorder=static, memoryless min-max grids)",
-        "problems": "luq.assets.smollm2_linear_problems() defaults: layers 0, 15, 29; 16 x 256 Wikipedia tokens",
+        "problems": "luq.zoo.smollm2.smollm2_linear_problems() defaults: layers 0, 15, 29; 16 x 256 Wikipedia tokens",
         "command": "python bench/pin_peer.py",
         "settings": SETTINGS,
         "relative_output_error": errors,

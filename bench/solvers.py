@@ -91,7 +91,7 @@ def problems(quick: bool, only_4096: bool = False, no_11008: bool = False):
         yield name, name, W, H
     if only_4096:
         return
-    from luq.assets import smollm2_linear_problems
+    from luq.zoo.smollm2 import smollm2_linear_problems
 
     log("loading SmolLM2-135M problems (layers 0, 15, 29)")
     for p in smollm2_linear_problems():

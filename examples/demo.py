@@ -21,7 +21,7 @@ def prompts(processor):
     two real photos."""
     if not hasattr(processor, "image_processor"):
         return [("What is the capital of France?", None, None), ("Name three primary colours.", None, None)]
-    from luq import tinyvlm
+    from luq.zoo import tinyvlm
 
     generated = [(s.question, s.image, s.answer) for s in tinyvlm.make_samples(1, seed=123)]
     photos = Path(luq.__file__).parent / "data" / "calibration" / "images"

@@ -19,8 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from luq import tinyvlm  # noqa: E402
-from luq.assets import tiny_vlm  # noqa: E402
+from luq.zoo import tinyvlm  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, processor = tiny_vlm(device=args.device)
+    model, processor = tinyvlm.load_tiny_vlm(device=args.device)
     asked = questions(args.generated_per_kind, args.seed)
     answers = tinyvlm.answer_questions(model, processor, [q.image for q in asked], [q.question for q in asked])
     print("| image | question | tiny-vlm's answer |")

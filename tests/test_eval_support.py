@@ -32,7 +32,7 @@ def build_tiny_llava_dir(path: Path, seed: int = 0) -> Path:
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from luq.assets import smollm2_dir
+    from luq.zoo.smollm2 import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     tokenizer.add_tokens(["<image>"], special_tokens=True)
@@ -62,7 +62,7 @@ def build_tiny_llava_dir(path: Path, seed: int = 0) -> Path:
 
 def tiny_llava_dir() -> Path:
     """The tiny LLaVA directory, built once into luq's cache (deterministic: seed 0)."""
-    from luq.assets import cache_root
+    from luq.store import cache_root
 
     from luq.store import build_dir_once
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import luq
-from luq.assets import smollm2_dir, smollm2_gguf_path, smollm2_linear_problems
+from luq.zoo.smollm2 import smollm2_dir, smollm2_gguf_path, smollm2_linear_problems
 from luq.cli import main
 from luq.errors import LuqError
 from luq.export import export_gguf

@@ -23,7 +23,7 @@ import torch
 from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from luq.assets import smollm2_dir, wikipedia_text
+from luq.zoo.smollm2 import smollm2_dir, wikipedia_text
 from luq.cli import main
 from luq.errors import LuqError
 from luq.export import export_gguf

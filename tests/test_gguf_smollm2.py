@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import luq
-from luq.assets import wikipedia_text
+from luq.zoo.smollm2 import wikipedia_text
 from luq.cli import main
 from luq.export.llamacpp import llama_tool
 from test_export_gguf_ggml import hf_perplexity

@@ -62,7 +62,7 @@ def test_vision_language_from_pretrained_equals_luq_load(tmp_path):
     from skimage import data
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from luq.tinyvlm import chat_prompt
+    from luq.zoo.tinyvlm import chat_prompt
 
     model_dir = tiny_vlm_head_dir(tmp_path / "model", layers=2)
     # a budget that packs the vision tower's linears and the tied embedding too

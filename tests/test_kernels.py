@@ -575,7 +575,7 @@ def assert_float32_exact(y, ref, scale):
 
 @pytest.mark.usefixtures("gemv_native")
 @pytest.mark.parametrize("packing", K.CPU_PACKINGS)
-def test_int4_gemv_reads_every_cpu_packing(packing, monkeypatch):
+def test_int4_gemv_reads_every_cpu_packing(packing):
     """Each packing torch uses on some CPU capability, whatever this machine's own: the GEMV's product is
     the float32 one of the same weight, and rows split over threads give the same sums."""
     for group in (32, 64, 128):
@@ -583,8 +583,8 @@ def test_int4_gemv_reads_every_cpu_packing(packing, monkeypatch):
             packed, sz, x, ref, scale = packed_problem(packing, group, tokens, seed=group + tokens)
             y = native.int4_gemv(packed, sz, group, x, packing.block, packing.adjacent, 1)
             assert_float32_exact(y, ref, scale)
-    monkeypatch.setattr(native, "INT4_GEMV_WEIGHTS_PER_THREAD", 1)   # every block its own part, 3 threads
-    assert torch.equal(native.int4_gemv(packed, sz, group, x, packing.block, packing.adjacent, 3), y)
+    # weights_per_thread=1: every block its own part, 3 threads
+    assert torch.equal(native.int4_gemv(packed, sz, group, x, packing.block, packing.adjacent, 3, weights_per_thread=1), y)
 
 
 def test_int4_gemv_portable_c_path(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def wiki_file(tmp_path_factory) -> Path:
-    from luq.assets import wikipedia_text
+    from luq.zoo.smollm2 import wikipedia_text
 
     path = tmp_path_factory.mktemp("llamacpp") / "wiki.txt"
     path.write_text(wikipedia_text(20_000), encoding="utf-8")

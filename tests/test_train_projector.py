@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from luq import tinyvlm
+from luq.zoo import tinyvlm
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_projector.py"
 

@@ -79,7 +79,7 @@ def tiny_llama_dir(path, seed=0, layers=4, hidden=64):
     """A tiny random Llama with SmolLM2's real tokenizer, saved as a local model directory."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from luq.assets import smollm2_dir
+    from luq.zoo.smollm2 import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     torch.manual_seed(seed)
@@ -104,7 +104,7 @@ def tiny_llava_dir(path, seed=0, layers=3):
     token, a 56px CLIP image processor: 16 image tokens per image), saved as a model dir."""
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
-    from luq.assets import smollm2_dir
+    from luq.zoo.smollm2 import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     tokenizer.add_tokens(["<image>"], special_tokens=True)
@@ -130,7 +130,7 @@ def smollm2_head_dir(path, layers=4):
     norm and tied head kept): a small model with real weight and activation statistics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from luq.assets import smollm2_dir
+    from luq.zoo.smollm2 import smollm2_dir
 
     source = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -143,9 +143,9 @@ def smollm2_head_dir(path, layers=4):
 def tiny_vlm_head_dir(path, layers=2):
     """The real tiny-vlm (DINOv2-small, trained projector, SmolLM2) with its language model
     cut to the first `layers` decoder layers, saved with its processor."""
-    from luq.assets import tiny_vlm
+    from luq.zoo.tinyvlm import load_tiny_vlm
 
-    model, processor = tiny_vlm()
+    model, processor = load_tiny_vlm()
     _keep_first_layers(model.model.language_model, model.config.text_config, layers)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -11,8 +11,7 @@ After `import luq`, transformers' `AutoModelForCausalLM.from_pretrained("out/q")
 import sys
 
 from luq.errors import LuqError
-
-__version__ = "0.1.0"
+from luq.version import __version__
 __all__ = ["LuqError", "LUQConfig", "Session", "quantize", "load", "__version__"]
 
 

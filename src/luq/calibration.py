@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from luq.errors import LuqError
 
 # hub text sources by short name: (dataset, config, split, column)
 HUB_TEXT = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text")}
+# The offline default text, named as "module:function" and imported only when used (as the built-in
+# models of luq.models.loading.BUILTIN), so that this room imports nothing from the zoo.
+DEFAULT_TEXT = "luq.zoo.smollm2:wikipedia_text"
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ def load_text(source: str | None) -> str:
     local folder (its *.txt files in name order), or a hub dataset (`wikitext2` or a name
     `datasets.load_dataset` takes, read from its 'text' column)."""
     if source is None:
-        from luq.assets import wikipedia_text
-        return wikipedia_text()
+        module, _, function = DEFAULT_TEXT.partition(":")
+        return getattr(import_module(module), function)()
     path = Path(source).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8", errors="replace")

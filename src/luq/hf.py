@@ -29,7 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from luq.errors import LuqError
 from luq.quant import QuantLinear, weight_from_state_dict
-from luq.quant.linear import dequantize_modules
+from luq.quant.dense import dequantize_modules
 from luq.store import FORMAT_VERSION, verify_artifact
 from luq.tensorfile import TensorFiles
 

@@ -64,7 +64,7 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
                  costs: dict | None) -> dict:
     """luq_report.json: the plan, what it weighs to the byte, what it was predicted and measured
     to cost, and how it was chosen (the stopping rule's search, the frontier of plans)."""
-    from luq import __version__
+    from luq.version import __version__
     from luq.plan import layer_plan, plan_cost
 
     from luq.plan import KEEP

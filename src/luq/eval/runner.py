@@ -41,11 +41,8 @@ def load_for_eval(model: str | None, device: str | torch.device, dtype: torch.dt
     """(model, processor or tokenizer, adapter) for MODEL_OR_DIR: a quantized luq artifact
     through ``luq.load``, anything else through ``load_model``."""
     if is_luq_artifact(model):
-        import luq
+        from luq.store import load
 
-        load = getattr(luq, "load", None)
-        if load is None:
-            raise LuqError(f"{model} is a quantized luq model, but this luq has no luq.load() to open it")
         return load(model, device=device, dtype=dtype, log=lambda line: print(f"luq: {line}", file=sys.stderr))
     from luq.models.loading import load_model
 

@@ -13,9 +13,9 @@ from luq.models import Adapter, adapter_for
 # Built-in offline models: name -> "module:function" returning its local directory (built once into the
 # cache). Named as strings and imported when asked for, so that this room imports nothing from the zoo of
 # demo and test models; `register_builtin` adds one.
-BUILTIN = {"smollm2": "luq.assets:smollm2_dir",
+BUILTIN = {"smollm2": "luq.zoo.smollm2:smollm2_dir",
            "smollm2-offgrid": "luq.zoo.offgrid:smollm2_offgrid_dir",
-           "tiny-vlm": "luq.tinyvlm:trained_dir"}
+           "tiny-vlm": "luq.zoo.tinyvlm:trained_dir"}
 DEFAULT_MODEL = "smollm2"
 
 

@@ -1,7 +1,7 @@
 """An off-grid control of a model whose weights sit on a GGUF quantization grid.
 
 luq's test model SmolLM2-135M-Instruct is converted from a Q4_1 GGUF
-(:func:`luq.assets.smollm2_dir`): every decoder linear is exactly ``m + d * q`` per row
+(:func:`luq.zoo.smollm2.smollm2_dir`): every decoder linear is exactly ``m + d * q`` per row
 and group of 32 columns (q in 0..15, d = (max - min) / 15), and the tied token embedding
 is exactly ``d * q`` per group of 32 (Q8_0: q in -127..127, d = absmax / 127). A 4-bit
 g32 quantizer that fits the same grid is then lossless on it, which flatters every
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from luq.errors import LuqError
-from luq.store import build_dir_once, file_sha256
+from luq.store import build_dir_once, cache_root, file_sha256
+from luq.zoo.smollm2 import smollm2_dir
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +183,7 @@ def offgrid_dir(source: Path, target: Path, seed: int = 0) -> Path:
 
 def smollm2_offgrid_dir() -> Path:
     """SmolLM2-135M-Instruct with every weight moved off its GGUF grid (seed 0), cached
-    under ``luq.assets.cache_root()``."""
-    from luq.assets import cache_root, smollm2_dir
-
+    under ``luq.store.cache_root()``."""
     return offgrid_dir(smollm2_dir(), cache_root() / SMOLLM2_OFFGRID_CACHE, seed=0)
 
 

@@ -187,12 +187,12 @@ def expand_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, st
 
 
 def int4_gemv(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, x: torch.Tensor, block: int,
-              adjacent: bool, threads: int) -> torch.Tensor:
+              adjacent: bool, threads: int, weights_per_thread: int | None = None) -> torch.Tensor:
     """x (float32 [..., kt], the input of each kernel column: gathered by the caller) times W^T -> float32
     [..., N], W read in place from torch's CPU int4 packing (`packed` [N, kt/2] in blocks of `block` rows, a
     byte holding rows 2j and 2j + 1 where `adjacent`, else j and j + block/2: kernels.CpuPacking;
     `scales_zeros` [kt/group, N, 2] bfloat16; w = (q - 8)·s + z), summed in float32. The rows are split
-    over up to `threads` threads, one per INT4_GEMV_WEIGHTS_PER_THREAD weights."""
+    over up to `threads` threads, one per `weights_per_thread` weights (default INT4_GEMV_WEIGHTS_PER_THREAD)."""
     fn = _library("int4_gemv")["luq_int4_gemv"]
     x = x.contiguous()
     n_rows, kt = packed.shape[0], packed.shape[1] * 2
@@ -200,7 +200,7 @@ def int4_gemv(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, x: t
     out = torch.empty(*x.shape[:-1], n_rows)
     args = (packed.data_ptr(), scales_zeros.data_ptr(), x.data_ptr(), T, kt, n_rows, group)
     blocks = n_rows // block
-    threads = min(threads, blocks, n_rows * kt // INT4_GEMV_WEIGHTS_PER_THREAD)
+    threads = min(threads, blocks, n_rows * kt // (weights_per_thread or INT4_GEMV_WEIGHTS_PER_THREAD))
     if threads <= 1:   # the common case (a decode step on a small model): no pool, no closure
         if fn(*args, 0, n_rows, out.data_ptr(), n_rows, block, int(adjacent)):
             raise MemoryError("luq.quant.native.int4_gemv: no memory for its buffers")

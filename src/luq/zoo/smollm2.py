@@ -1,4 +1,4 @@
-"""Offline test assets: real SmolLM2-135M weights, real English prose, real GPTQ problems.
+"""SmolLM2-135M-Instruct, real English prose and real GPTQ problems: luq's offline test assets.
 
 Everything comes from pip packages already installed (no network):
 
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from luq.errors import LuqError
-from luq.store import atomic_write, build_dir_once, cache_root  # noqa: F401  (cache_root: re-exported)
+from luq.store import atomic_write, build_dir_once, cache_root
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ _WIKI_CACHE = "enwiki-shortened-prose-v1.txt"
 _PROBLEMS_CACHE_VERSION = "v1"
 
 
-# --------------------------------------------------------------------------- cache
-
-
+# --------------------------------------------------------------------------- installed packages
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -129,20 +127,6 @@ def load_smollm2(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
-
-
-def tiny_vlm(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The small real vision-language model (DINOv2-small + trained projector + SmolLM2-135M),
-    as a transformers ``LlavaForConditionalGeneration`` in eval mode and its ``LlavaProcessor``.
-
-    Offline: assembled once from the installed parts and the shipped trained weights, then
-    cached under :func:`cache_root` (see :mod:`luq.tinyvlm`).
-    """
-    from luq.tinyvlm import load_tiny_vlm
-
-    return load_tiny_vlm(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- Wikipedia

