@@ -461,3 +461,21 @@ def test_llama_cpp_runs_each_file_as_transformers_runs_the_artifact(exported, ar
     # rotary order moved llama.cpp's by 0.2 (llama), the rows reordered on a NEOX-rope model by 0.095 (qwen2),
     # Gemma's norms written without the +1 by 7 nats
     assert abs(math.log(float(ppl.group(1)) / expected)) < 0.03, (float(ppl.group(1)), expected)
+
+
+def test_an_unquantized_checkpoint_exports_as_float_and_a_foreign_quantization_is_refused(tmp_path):
+    """A transformers checkpoint luq did not quantize is the float GGUF llama-quantize starts from: every
+    tensor at its stored float type (norms at f32), the file's bytes as gguf_size counted them."""
+    from luq.export.gguf import gguf_size
+    from tiny_models import tiny_llama_dir
+
+    folder = Path(tiny_llama_dir(tmp_path / "model", layers=1, hidden=64))
+    summary = export_gguf(folder, tmp_path / "base.gguf")
+    reader = gguf.GGUFReader(tmp_path / "base.gguf")
+    assert {t.tensor_type.name for t in reader.tensors} <= {"F32", "F16"}
+    assert summary["bytes"] == (tmp_path / "base.gguf").stat().st_size == gguf_size(folder)["bytes"]
+    assert summary["tensor_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "gptq"})))
+    with pytest.raises(LuqError, match="quantized by 'gptq', not luq"):
+        export_gguf(folder, tmp_path / "other.gguf")

@@ -104,3 +104,10 @@ def test_a_ggml_budget_offers_each_linear_only_the_types_that_can_store_it(tmp_p
     types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
     assert types["token_embd.weight"] == plan["model.embed_tokens"]
     assert types["blk.1.ffn_down.weight"] == plan["model.layers.1.mlp.down_proj"]
+    # the budget counted the file's tensors: norms at float32 in the artifact as in GGUF, so the artifact's
+    # tensor bytes, the GGUF's tensor bytes and the report's agree to the byte, and the report's file bytes
+    # (metadata, tokenizer, padding) are the file's
+    assert sum(int(t.n_bytes) for t in reader.tensors) == report["gguf"]["tensor_bytes"] == report["total_bytes"]
+    assert report["gguf"]["bytes"] == (tmp_path / "q.gguf").stat().st_size
+    from luq.store import read_tensors
+    assert read_tensors(out)["model.norm.weight"].dtype == torch.float32

@@ -42,12 +42,13 @@ def keep_bytes(unit: Unit, storage_dtype: torch.dtype) -> int:
 
 
 def size_table(model: nn.Module, adapter: Adapter, layers: list[dict], storage_dtype: torch.dtype,
-               outside: dict | None = None, units: dict[str, Unit] | None = None) -> SizeTable:
+               outside: dict | None = None, units: dict[str, Unit] | None = None,
+               vector_dtype: torch.dtype | None = None) -> SizeTable:
     """Exact artifact bytes of any plan, from the model and the variant pass's records
     (`outside`: `outside_pass`'s summary of `units`, which then join the plan with KEEP
     as one more choice)."""
     units = units or {}
-    base = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units))
+    base = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units), vector_dtype=vector_dtype)
     linears = {}
     for name, info in (outside or {}).get("units", {}).items():
         rows, cols = info["shape"]
@@ -68,12 +69,14 @@ def size_table(model: nn.Module, adapter: Adapter, layers: list[dict], storage_d
 
 
 def size_bounds(model: nn.Module, adapter: Adapter, formats: list[str], storage_dtype: torch.dtype,
-                units: dict[str, Unit] | None = None, unit_formats: list[str] = ()) -> tuple[int, int] | None:
+                units: dict[str, Unit] | None = None, unit_formats: list[str] = (),
+                vector_dtype: torch.dtype | None = None) -> tuple[int, int] | None:
     """(least, most) artifact bytes any plan over `formats` (and `unit_formats` or KEEP for the
     `units` outside the decoder) can reach, before quantizing anything; None if some format
     cannot bound its size in advance."""
     units = units or {}
-    least = most = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units))
+    least = most = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units),
+                                vector_dtype=vector_dtype)
     shapes = [((linear.out_features, linear.in_features), formats, None)
               for layer in adapter.decoder_layers(model) for linear in quantizable_linears(layer).values()]
     shapes += [(u.shape, unit_formats, keep_bytes(u, storage_dtype)) for u in units.values()]

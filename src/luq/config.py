@@ -153,6 +153,16 @@ class LUQConfig:
             return DEFAULT_MENU + tuple(f"gptq6-g{g}" for g in GPTQ_MENU_GROUPS)
         return self.menu()
 
+    def for_gguf(self) -> bool:
+        """Every format the run can pick is a llama.cpp block type: the artifact is bound for a GGUF file,
+        so it stores its vectors (norms, biases) at float32 as GGUF does, and its bytes are the file's
+        tensor bytes."""
+        return all(get_format(f).ggml_type for f in self.menu() + self.unit_menu())
+
+    def vector_dtype(self) -> str | None:
+        """The dtype of the artifact's unquantized 1-D tensors where it is not `storage_dtype`."""
+        return "float32" if self.for_gguf() else None
+
     def to_json(self) -> dict:
         out = asdict(self)
         out["order"] = self.order if isinstance(self.order, str) else list(self.order)

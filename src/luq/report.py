@@ -191,6 +191,12 @@ def format_summary(report: dict) -> str:
         if report.get("predicted_cost") is not None:
             lines.append(f"cost (KL from full precision, nats/token): predicted {report['predicted_cost']:.4f}, "
                          f"measured {report['measured_cost']:.4f}")
+    gguf = report.get("gguf")
+    if gguf and "bytes" in gguf:
+        lines.append(f"as GGUF (luq export --format gguf): {gguf['bytes']:,} bytes, of which tensors "
+                     f"{gguf['tensor_bytes']:,}")
+    elif gguf:
+        lines.append(f"no GGUF: {gguf['refused']}")
     return "\n".join(lines)
 
 

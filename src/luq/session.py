@@ -70,6 +70,7 @@ class Session:
         self.config, self.progress, self.log, self.on_stage = config, progress, log, on_stage
         self.device = check_device(device)
         self.storage_dtype = parse_dtype(config.storage_dtype)
+        self.vector_dtype = parse_dtype(config.vector_dtype()) if config.vector_dtype() else None
         self.seconds: dict[str, float] = {}
         self.final_pass = False
         dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -79,10 +80,11 @@ class Session:
         self.units = outside_units(self.net, self.adapter, config.outside_kinds())
         self.unit_formats = [get_format(n) for n in config.unit_menu()] if self.units else []
         bounds = size_bounds(self.net, self.adapter, list(config.menu()), self.storage_dtype, self.units,
-                             list(config.unit_menu()) if self.units else [])
+                             list(config.unit_menu()) if self.units else [], self.vector_dtype)
         check_reachable(config, bounds, [k for k in ("embed", "head", "vision") if k not in config.outside_kinds()])
         hint = compact_hint(config, size_bounds(self.net, self.adapter, ["gptq3-g128"], self.storage_dtype,
-                                                self.units, list(config.unit_menu()) if self.units else []))
+                                                self.units, list(config.unit_menu()) if self.units else [],
+                                                self.vector_dtype))
         if hint:
             log(hint)
         with self.stage("calibration"):
@@ -145,7 +147,8 @@ class Session:
                          f"{len(self.unit_formats)} formats")
                 passed["outside"] = outside_pass(net, adapter, self.batches, self.units, self.unit_formats,
                                                  self.cache, self.device)
-        sizes = size_table(net, adapter, passed["layers"], self.storage_dtype, passed.get("outside"), self.units)
+        sizes = size_table(net, adapter, passed["layers"], self.storage_dtype, passed.get("outside"), self.units,
+                           self.vector_dtype)
         costs = None
         if config.allocate == "measured":
             with self.stage("sensitivity"):
@@ -218,7 +221,7 @@ class Session:
                 passed["outside"] = outside_pass(self.net, self.adapter, self.batches, self.units, self.unit_formats,
                                                  self.cache, self.device)
         sizes = size_table(self.net, self.adapter, passed["layers"], self.storage_dtype, passed.get("outside"),
-                           self.units)
+                           self.units, self.vector_dtype)
         if config.budget_gb is not None and sizes.total_bytes(plan) > config.budget_gb * 1e9:
             raise LuqError(f"the uniform {fmt} model is {sizes.total_bytes(plan) / 1e9:.4g} GB, over the budget")
         self.measurement = Measurement(passed, sizes, None)
@@ -245,7 +248,8 @@ class Session:
         with self.stage("write"):
             written = write_artifact(Path(out), self.net, self.processor,
                                      artifact_config(self.net, self.config, decision.plan), report,
-                                     self.storage_dtype)
+                                     self.storage_dtype, vector_dtype=self.vector_dtype,
+                                     describe=_gguf_report if self.config.for_gguf() else None)
         if written != report["total_bytes"]:  # the size table and the writer must agree to the byte
             raise RuntimeError(f"artifact holds {written} tensor bytes, the size table said {report['total_bytes']}")
         report["seconds"]["total"] = round(time.perf_counter() - self.t_start, 1)
@@ -322,6 +326,17 @@ def metric_scorer(metric: str, net: nn.Module, processor, config: LUQConfig) -> 
 
     samples = load_samples(metric, config.metric_data)
     return lambda: evaluate(net, processor, EvalConfig(task=metric), samples).score
+
+
+def _gguf_report(folder: Path) -> dict:
+    """report["gguf"] of a run bound for GGUF: the file `luq export --format gguf` writes (its bytes with
+    metadata and tokenizer, its tensor bytes: the budget's), or why it would be refused."""
+    from luq.export.gguf import gguf_size
+
+    try:
+        return {"gguf": gguf_size(folder)}
+    except LuqError as e:
+        return {"gguf": {"refused": str(e)}}
 
 
 def _higher_is_better(metric: str) -> bool:

@@ -93,10 +93,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stored_items(model: nn.Module, storage_dtype: torch.dtype):
+def _stored_items(model: nn.Module, storage_dtype: torch.dtype, vector_dtype: torch.dtype | None = None):
     """(name, tensor, dtype it is stored at) for every tensor the artifact holds: packed
     buffers of QuantLinear modules as they are, every other floating tensor at
-    `storage_dtype`, tensors tied to an earlier one (lm_head and the embedding) once."""
+    `storage_dtype` (1-D ones at `vector_dtype` when given: GGUF's float32 norms), tensors tied to an
+    earlier one (lm_head and the embedding) once."""
     packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))
               for b in m.stored_names}
     seen: set[tuple] = set()
@@ -106,19 +107,25 @@ def _stored_items(model: nn.Module, storage_dtype: torch.dtype):
         if key in seen and t.numel():
             continue
         seen.add(key)
-        yield name, t, (storage_dtype if name not in packed and t.is_floating_point() else t.dtype)
+        if name in packed or not t.is_floating_point():
+            yield name, t, t.dtype
+        else:
+            yield name, t, (vector_dtype if vector_dtype is not None and t.dim() == 1 else storage_dtype)
 
 
-def artifact_tensors(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def artifact_tensors(model: nn.Module, storage_dtype: torch.dtype,
+                     vector_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor the artifact stores, by state-dict name, on the CPU at its stored dtype
     (an in-memory model only; `write_artifact` also takes a streamed one)."""
-    return {name: t.detach().to("cpu", dtype).contiguous() for name, t, dtype in _stored_items(model, storage_dtype)}
+    return {name: t.detach().to("cpu", dtype).contiguous()
+            for name, t, dtype in _stored_items(model, storage_dtype, vector_dtype)}
 
 
-def stored_bytes(model: nn.Module, storage_dtype: torch.dtype, exclude: set[str] = frozenset()) -> int:
+def stored_bytes(model: nn.Module, storage_dtype: torch.dtype, exclude: set[str] = frozenset(),
+                 vector_dtype: torch.dtype | None = None) -> int:
     """Bytes `artifact_tensors` would hold, without copying anything; `exclude` names are skipped."""
     return sum(t.numel() * torch.empty((), dtype=dtype).element_size()
-               for name, t, dtype in _stored_items(model, storage_dtype) if name not in exclude)
+               for name, t, dtype in _stored_items(model, storage_dtype, vector_dtype) if name not in exclude)
 
 
 def _spec_bytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
@@ -147,10 +154,11 @@ def _fill_from_model(model: nn.Module, tensors: dict[str, tuple[torch.Tensor, to
     return fill
 
 
-def _write_shards(model: nn.Module, storage_dtype: torch.dtype, folder: Path, max_shard_bytes: int) -> int:
+def _write_shards(model: nn.Module, storage_dtype: torch.dtype, folder: Path, max_shard_bytes: int,
+                  vector_dtype: torch.dtype | None = None) -> int:
     """The model's stored tensors as safetensors shards in `folder` (with an index when more than
     one), written tensor by tensor; returns their bytes."""
-    items = {name: (t, dtype) for name, t, dtype in _stored_items(model, storage_dtype)}
+    items = {name: (t, dtype) for name, t, dtype in _stored_items(model, storage_dtype, vector_dtype)}
     specs = {name: (dtype, tuple(t.shape)) for name, (t, dtype) in items.items()}
     shards: list[list[str]] = [[]]
     size = 0
@@ -178,7 +186,7 @@ def _write_shards(model: nn.Module, storage_dtype: torch.dtype, folder: Path, ma
 def artifact_config(model: nn.Module, config, plan: dict[str, str]) -> dict:
     """The artifact's quantization_config: every packed module's settings (linears, embeddings, heads tied
     to a packed embedding), the plan and the settings of each of its formats."""
-    from luq import __version__
+    from luq.version import __version__
     from luq.plan import KEEP
     from luq.quant.formats import get_format
 
@@ -192,10 +200,13 @@ def artifact_config(model: nn.Module, config, plan: dict[str, str]) -> dict:
 
 
 def write_artifact(out: Path, model: nn.Module, processor, quantization_config: dict, report: dict,
-                   storage_dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+                   storage_dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                   vector_dtype: torch.dtype | None = None, describe: Callable[[Path], dict] | None = None) -> int:
     """Write the quantized model to directory `out`, atomically: everything goes to a
     temporary sibling directory, the checksum manifest last, then one rename puts it in
-    place (an existing `out` is replaced only then). Returns the stored tensor bytes."""
+    place (an existing `out` is replaced only then). describe(folder): more report fields, read from
+    the written tensors and config before the report is (e.g. the GGUF file's bytes). Returns the
+    stored tensor bytes."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -203,9 +214,11 @@ def write_artifact(out: Path, model: nn.Module, processor, quantization_config: 
         config = model.config.to_dict()
         config["quantization_config"] = dict(quantization_config, quant_method="luq", format_version=FORMAT_VERSION)
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
-        stored = _write_shards(model, storage_dtype, tmp, max_shard_bytes)
+        stored = _write_shards(model, storage_dtype, tmp, max_shard_bytes, vector_dtype)
         if processor is not None:
             processor.save_pretrained(tmp)
+        if describe is not None:
+            report.update(describe(tmp))
         (tmp / REPORT).write_text(json.dumps(dict(report, total_bytes=stored), indent=1) + "\n")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1) + "\n")

@@ -14,6 +14,10 @@ A stored weight goes to GGUF only where a GGUF block type holds the same numbers
 - Unquantized tensors as stored: 2-D at their stored float type (f16 or f32; bf16 -> f32,
   exact), 1-D (norms, biases) at f32 as llama.cpp wants them.
 
+A transformers checkpoint that luq did not quantize (no quantization_config) exports the same way, every
+tensor unquantized: the float GGUF that llama.cpp's `llama-quantize` and `llama-perplexity
+--kl-divergence-base` start from.
+
 Anything else is refused with one line naming the first such linear and why: binarized weights
 (BiLLM, sign) and 2/3-bit grids with free fp16 scales have no GGUF type; act-order groups (`g_idx`)
 are not contiguous; groups not a multiple of 32 columns cross GGUF's blocks.
@@ -58,6 +62,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -498,7 +503,7 @@ def plan_tensors(folder: Path, config: dict) -> dict[str, Encoded]:
     import gguf
 
     arch = architecture(config, folder)
-    qconfig = config["quantization_config"]
+    qconfig = config.get("quantization_config") or {"modules": {}}   # none: an unquantized checkpoint
     stored = read_tensors(folder)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
     heads = {"q_proj": config["num_attention_heads"],
@@ -555,33 +560,84 @@ def _file_type(tensors: dict[str, Encoded]):
     return gguf.LlamaFileType[_FILE_TYPES.get(main, "MOSTLY_F16")]
 
 
-def export_gguf(artifact: Path | str, out: Path | str) -> dict:
-    """Write the luq artifact at `artifact` as the GGUF file `out` (atomically); returns a summary
-    {"tensors": {gguf type: count}, "bytes": file size, "architecture": llama.cpp's name}."""
+def _writer(path: Path, folder: Path, config: dict, tensors: dict[str, Encoded], with_data: bool):
+    """A GGUFWriter at `path` holding the file's metadata and its tensors (their data, or with_data=False
+    only their names, types and sizes)."""
     import gguf
 
-    from luq.store import atomic_write
-
-    folder = Path(artifact)
-    verify_artifact(folder)
-    config = json.loads((folder / "config.json").read_text())
     arch = architecture(config, folder)
-    add_tokenizer = _tokenizer_writer(folder, config["vocab_size"])
-    tensors = plan_tensors(folder, config)
+    writer = gguf.GGUFWriter(str(path), arch.name)
+    writer.add_name(config.get("_name_or_path") or folder.name)
+    writer.add_file_type(_file_type(tensors))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    arch.metadata(writer, config)
+    _tokenizer_writer(folder, config["vocab_size"])(writer)
+    for name, t in tensors.items():
+        raw_dtype = t.qtype if t.data.dtype == np.uint8 else None
+        if with_data:
+            writer.add_tensor(name, t.data, raw_dtype=raw_dtype)
+        else:
+            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=raw_dtype)
+    return writer
+
+
+def _summary(config: dict, folder: Path, tensors: dict[str, Encoded]) -> dict:
     counts: dict[str, int] = {}
     for t in tensors.values():
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    return {"tensors": counts, "tensor_bytes": sum(t.data.nbytes for t in tensors.values()),
+            "architecture": architecture(config, folder).name}
+
+
+def gguf_size(artifact: Path | str) -> dict:
+    """What `export_gguf` would write for the artifact folder `artifact`, without writing it: {"tensors":
+    {gguf type: count}, "tensor_bytes", "bytes" (the whole file: metadata, tokenizer, tensor infos,
+    alignment padding and tensors), "architecture"}. Raises LuqError where the export would refuse.
+    The folder need not be verified yet (a run counts its artifact before the manifest is written)."""
+    import gguf
+
+    folder = Path(artifact)
+    config = json.loads((folder / "config.json").read_text())
+    tensors = plan_tensors(folder, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = _writer(Path(tmp) / "head.gguf", folder, config, tensors, with_data=False)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.flush()
+        head = writer.fout[0].tell()
+        writer.close()
+    align = writer.data_alignment
+    data = sum(gguf.GGUFWriter.ggml_pad(t.data.nbytes, align) for t in tensors.values())
+    return {**_summary(config, folder, tensors), "bytes": gguf.GGUFWriter.ggml_pad(head, align) + data}
+
+
+def _checked_config(folder: Path) -> dict:
+    """config.json of a verified luq artifact, or of a transformers checkpoint with no quantization."""
+    if not (folder / "config.json").is_file():
+        raise LuqError(f"{folder} is not a luq artifact or a transformers checkpoint (no config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    qconfig = config.get("quantization_config")
+    if qconfig is None:
+        return config
+    if qconfig.get("quant_method") != "luq":
+        raise LuqError(f"{folder} is quantized by {qconfig.get('quant_method')!r}, not luq: luq exports its own "
+                       "artifacts and unquantized checkpoints")
+    verify_artifact(folder)
+    return config
+
+
+def export_gguf(artifact: Path | str, out: Path | str) -> dict:
+    """Write the luq artifact (or unquantized checkpoint) at `artifact` as the GGUF file `out` (atomically); returns a summary
+    {"tensors": {gguf type: count}, "tensor_bytes", "bytes": file size, "architecture": llama.cpp's name}."""
+    from luq.store import atomic_write
+
+    folder = Path(artifact)
+    config = _checked_config(folder)
+    tensors = plan_tensors(folder, config)
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(str(tmp), arch.name)
-        writer.add_name(config.get("_name_or_path") or folder.name)
-        writer.add_file_type(_file_type(tensors))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        arch.metadata(writer, config)
-        add_tokenizer(writer)
-        for name, t in tensors.items():
-            raw_dtype = t.qtype if t.data.dtype == np.uint8 else None
-            writer.add_tensor(name, t.data, raw_dtype=raw_dtype)
+        writer = _writer(tmp, folder, config, tensors, with_data=True)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -590,7 +646,7 @@ def export_gguf(artifact: Path | str, out: Path | str) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, write)
-    return {"tensors": counts, "bytes": out.stat().st_size, "architecture": arch.name}
+    return {**_summary(config, folder, tensors), "bytes": out.stat().st_size}
 
 
 def read_gguf(path: Path | str) -> dict[str, np.ndarray]:

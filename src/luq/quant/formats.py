@@ -68,6 +68,12 @@ class Format:
         bounds = getattr(self.solver, "nbytes_bounds", None)
         return None if bounds is None else bounds(tuple(shape))
 
+    @property
+    def ggml_type(self) -> str | None:
+        """The llama.cpp block type this format stores its weights as (a GGUF file holds them as they
+        are), or None."""
+        return self.solver.type if isinstance(self.solver, (GGML, GGMLRTN)) else None
+
 
 _REGISTRY: dict[str, Format] = {}
 
