@@ -74,7 +74,7 @@ DEMO_BUDGET ?= 0.118
 DEMO_ALPHA  ?= $(if $(filter tiny-vlm,$(DEMO_MODEL)),0.5,0)
 demo: $(STAMP)
 	$(VENV)/bin/luq quantize $(DEMO_MODEL) --out out/demo --budget-gb $(DEMO_BUDGET) --alpha $(DEMO_ALPHA) \
-		--samples 16 --seq-len 256 --k 100
+		--samples 16 --seq-len 256 --kmeans-clusters 100
 	$(VPY) examples/demo.py out/demo
 
 # Refresh $(LOCK) (run it monthly, or when a dependency's release matters): a fresh venv at the newest

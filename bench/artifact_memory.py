@@ -81,7 +81,9 @@ def main(argv=None) -> None:
     base = args.base or report["model"]
     rows += [(f"{base} unquantized, float16", probe("model", base, "float16")),
              (f"{base} unquantized, float32", probe("model", base, "float32"))]
-    print(f"report total_bytes = {total:,} ({report['k']} layers at low bit, {report['avg_bits']:.3f} true bits)\n")
+    low = report.get("n_low_layers", report.get("k"))   # an entropy allocation's (older luq: "k")
+    print(f"report total_bytes = {total:,} ({'' if low is None else f'{low} layers at low bit, '}"
+          f"{report['avg_bits']:.3f} true bits)\n")
     print("| what | bytes (RSS over baseline) | / total_bytes | tensors held | / total_bytes |\n|---|---:|---:|---:|---:|")
     for name, (value, held, _) in rows:
         tail = "| |" if held is None else f"| {held:,} | {held / total:.3f} |"

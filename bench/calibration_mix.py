@@ -67,23 +67,23 @@ def main(argv=None) -> None:
     for alpha in [float(a) for a in args.alphas.split(",")]:
         calibration = CalibrationConfig(alpha=alpha, samples=args.samples, seq_len=args.seq_len, seed=0)
         fraction = multimodal_fraction(calibration_batches(processor, adapter, calibration))
-        for name, kw in (("LUQ", {"allocate": "entropy", "layers": args.layers}),
+        for name, kw in (("LUQ", {"allocate": "entropy", "n_low_layers": args.layers}),
                          ("GPTQ-4", {"formats": ("gptq4-g128",)})):
             t = time.perf_counter()
             # `luq quantize` with this calibration: variant pass (fp Hessians), the plan, the sequential final pass
             out = args.work / f"alpha{alpha}-{name}"
-            report = luq.quantize("tiny-vlm", out, luq.LUQConfig(calibration=calibration, k_means=args.k, **kw),
+            report = luq.quantize("tiny-vlm", out, luq.LUQConfig(calibration=calibration, kmeans_clusters=args.k, **kw),
                                   device=args.device, log=lambda s: None)
             model, _, _ = luq.load(out, device=args.device)
             dequantize_modules(model)  # scoring speed only: the same weights as plain linears
             vqa.net = text.net = model
             row = {"alpha": alpha, "model": name, **score(), "avg_bits": report["avg_bits"],
-                   "low_bit_layers": report["low_bit_layers"] if name == "LUQ" else [],
-                   "multimodal_fraction": fraction, "entropy_k": args.k,
+                   "low_layers": report["low_layers"] if name == "LUQ" else [],
+                   "multimodal_fraction": fraction, "kmeans_clusters": args.k,
                    "quantize_seconds": round(time.perf_counter() - t, 1)}
             rows.append(row)
             print(f"alpha={alpha:.2f} {name:>6}: VQA {row['vqa']['value']:.3f}, perplexity {row['perplexity']:.2f}, "
-                  f"bits {row['avg_bits']:.3f}, low-bit layers {row['low_bit_layers']}", flush=True)
+                  f"bits {row['avg_bits']:.3f}, low-bit layers {row['low_layers']}", flush=True)
     result = {"model": "tiny-vlm", "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len,
               "vqa_questions": vqa.n, "perplexity_tokens": text.n, "rows": rows, "threads": torch.get_num_threads(),
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -104,8 +104,13 @@ def table(result: dict) -> str:
         frac = f"{r['multimodal_fraction']:.2f}" if "multimodal_fraction" in r else "-"
         lines.append(f"| {alpha} | {r['model']} | {frac} | {r['vqa']['value']:.3f} | "
                      + " | ".join(f"{r['vqa']['by_kind'][k]:.2f}" for k in kinds)
-                     + f" | {r['perplexity']:.2f} | {r.get('low_bit_layers') or ''} |")
+                     + f" | {r['perplexity']:.2f} | {_low_layers(r) or ''} |")
     return "\n".join(lines)
+
+
+def _low_layers(row: dict) -> list[int]:
+    """The LUQ row's low layers (a result of an older luq names them "low_bit_layers")."""
+    return row.get("low_layers", row.get("low_bit_layers")) or []
 
 
 def plot(result: dict, path: Path) -> None:

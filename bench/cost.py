@@ -21,7 +21,7 @@ SmolLM2 directory and the tokenized calibration text are cached, so no tool pays
   GPTQ-4 variant, Hessians from the chain of already quantized layers and no entropy
   (`layer_pass(formats=[gptq4-gG], hessians="sequential", entropy=False)`: what
   llmcompressor's sequential pipeline does), and writing the artifact (the layers assembled
-  from the pass by `Assembly`, `write_artifact` with `artifact_config`, unquantized tensors in
+  from the pass by `Assembly`, `write_artifact` with `quantization_config`, unquantized tensors in
   float16, luq's default). The pass keeps its variants in a fresh variant cache in a temporary
   folder (as `luq quantize` always does; the artifact is assembled from it). These are luq's
   public pieces, called one by one rather than through `luq.Session`, whose run also prepares
@@ -301,13 +301,13 @@ def worker_luq(args, meter: Meter) -> dict:
         import transformers  # noqa: F401  (luq's load_model imports it lazily; count it here, as for llmcompressor)
 
         from luq import __version__
+        from luq.artifact import quantization_config, write_artifact
         from luq.assembly import Assembly, linear_names
         from luq.config import LUQConfig
         from luq.models.loading import load_model
         from luq.pipeline import layer_pass
         from luq.plan import uniform_plan
         from luq.quant import get_format
-        from luq.store import artifact_config, write_artifact
         from luq.variants import VariantCache
     with meter.stage("load model"):
         net, tokenizer, adapter = load_model(MODEL, args.device, torch.float32)
@@ -323,9 +323,9 @@ def worker_luq(args, meter: Meter) -> dict:
     with meter.stage("write artifact"):
         plan = uniform_plan([n for layer in linear_names(net, adapter) for n in layer], fmt.name)
         Assembly(net, adapter, cache, args.device).apply(plan)
-        qconfig = artifact_config(net, LUQConfig(formats=(fmt.name,), storage_dtype="float16"), plan)
+        qconfig = quantization_config(net, LUQConfig(formats=(fmt.name,), storage_dtype="float16"), plan)
         artifact = Path(args.work_dir) / "luq-artifact"
-        write_artifact(artifact, net, tokenizer, qconfig, {"model": MODEL, "k": 0, "bench": "cost"}, torch.float16)
+        write_artifact(artifact, net, tokenizer, qconfig, {"model": MODEL, "bench": "cost"}, torch.float16)
     out["artifact_mb"] = _dir_mb(artifact)
     out["versions"] = {"luq": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     return out
@@ -410,8 +410,7 @@ def worker_e2e(args, meter: Meter) -> dict:
         meter.add_solver(E2E_STAGES["final_pass"], solver_seconds(passed["final_layers"]))
     if passed.get("outside"):
         meter.add_solver(E2E_STAGES["outside_pass"], sum(passed["outside"]["seconds"].values()))
-    return {"artifact_mb": _dir_mb(artifact), "k": report["k"], "entropy_k": report["entropy_k"],
-            "final_pass": report["final_pass"], "quantize_seconds": report["seconds"],
+    return {"artifact_mb": _dir_mb(artifact), "final_pass": report["final_pass"], "quantize_seconds": report["seconds"],
             "versions": {"luq": luq.__version__, "torch": torch.__version__}}
 
 

@@ -3,7 +3,7 @@
     python -m bench.cuda_pipeline MODEL_DIR [--out DIR] [--json out.json]
 
 Two runs of `luq.quantize(..., device="cuda")` on MODEL_DIR (calibration on the real Wikipedia text, 4 x 64
-tokens): the paper's mix (`--allocate entropy --layers 1`, compact BiLLM `billm-k5g64r` for the low layer,
+tokens): the paper's mix (`--allocate entropy --n-low-layers 1`, compact BiLLM `billm-k5g64r` for the low layer,
 GPTQ-4 g64 for the rest) and the budget mode (menu GPTQ-4 g64, GPTQ-8 g64 and `billm-k5g64r`, half the
 model's float16 bytes, the embedding and head included in the allocation). Each artifact is then loaded
 with `luq.load` on CUDA and on CPU and run on the same tokens: the relative difference of their logits
@@ -32,11 +32,11 @@ CALIBRATION = CalibrationConfig(samples=4, seq_len=64, seed=0)
 def configs(model_dir: str) -> dict[str, luq.LUQConfig]:
     from luq.models.loading import load_model
     fp16_bytes = 2 * sum(p.numel() for p in load_model(model_dir)[0].parameters())
-    return {"entropy-1-k5g64r": luq.LUQConfig(calibration=CALIBRATION, allocate="entropy", layers=1,
-                                              high="gptq4-g64", low="billm-k5g64r", k_means=8),
+    return {"entropy-1-k5g64r": luq.LUQConfig(calibration=CALIBRATION, allocate="entropy", n_low_layers=1,
+                                              high="gptq4-g64", low="billm-k5g64r", kmeans_clusters=8),
             "budget-half-fp16": luq.LUQConfig(calibration=CALIBRATION, formats=("gptq4-g64", "gptq8-g64", "billm-k5g64r"),
                                               budget_gb=0.5 * fp16_bytes / 1e9, sensitivity_samples=2,
-                                              final_pass=False, k_means=8)}
+                                              final_pass=False, kmeans_clusters=8)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

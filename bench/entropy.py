@@ -47,11 +47,16 @@ def run(model: str, alpha: float, args) -> dict:
     return result
 
 
+def _clusters(r: dict) -> int:
+    """The chosen K (an entropy.json of an older luq names it "k")."""
+    return r.get("kmeans_clusters", r.get("k"))
+
+
 def table(results: dict[str, dict]) -> str:
     lines = []
     for model, r in results.items():
         t = r["tokens"]
-        lines += [f"{model}: K = {r['k']} (Kneedle on the grid), {t['text']} text + {t['image']} image tokens "
+        lines += [f"{model}: K = {_clusters(r)} (Kneedle on the grid), {t['text']} text + {t['image']} image tokens "
                   f"(padding {t['padding']} left out), {r['seconds']} s",
                   f"lowest-entropy layers first: {r['ranking']}",
                   "Kendall distance between consecutive K: " + ", ".join(f"K={k}: {d:.3f}" for k, d in r["kendall"]),
@@ -86,14 +91,14 @@ def plot_depth(results: dict[str, dict], path: Path) -> None:
     for model, r in results.items():
         n = len(r["entropy"])
         depth = [i / max(1, n - 1) for i in range(n)]
-        line, = axes[0].plot(depth, r["entropy"], marker="o", ms=3, label=f"{model} (K={r['k']})")
+        line, = axes[0].plot(depth, r["entropy"], marker="o", ms=3, label=f"{model} (K={_clusters(r)})")
         for key, style in (("text_entropy", "--"), ("image_entropy", ":")):
             if any(v is not None for v in r[key]) and any(v is not None for v in r["image_entropy"]):
                 axes[0].plot(depth, [float("nan") if v is None else v for v in r[key]], style,
                              color=line.get_color(), label=f"{model}, {key.split('_')[0]} tokens")
         axes[1].plot([k for k, _ in r["kendall"]], [d for _, d in r["kendall"]], marker="o", color=line.get_color(),
                      label=model)
-        axes[1].axvline(r["k"], color=line.get_color(), linestyle="--", alpha=0.6)
+        axes[1].axvline(_clusters(r), color=line.get_color(), linestyle="--", alpha=0.6)
     axes[0].set(xlabel="relative depth (layer / last layer)", ylabel="entropy (nats)",
                 title="Output-activation entropy vs depth")
     axes[1].set(xlabel="K (clusters)", ylabel="Kendall distance to the previous K",

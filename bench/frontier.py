@@ -153,9 +153,9 @@ def main(argv=None) -> None:
     # luq's measured allocation, as `luq quantize` measures it: the variant pass over the menu (entropy
     # too), the units outside the decoder with --whole-model (in luq's unit menu: the default menu's
     # plus GPTQ-6, or --menu), the sensitivity of every (linear or unit, format)
-    config = LUQConfig(calibration=calibration, budget_gb=1.0, k_means=args.k, hessians=args.hessians,
+    config = LUQConfig(calibration=calibration, budget_gb=1.0, kmeans_clusters=args.k, hessians=args.hessians,
                        formats=None if tuple(menu) == tuple(DEFAULT_MENU) else menu,
-                       keep_fp16=None if args.whole_model else UNIT_KINDS,
+                       keep=None if args.whole_model else UNIT_KINDS,
                        validation_samples=args.eval_samples, sensitivity_samples=args.sensitivity_samples)
     ended: dict[str, float] = {}
 
@@ -260,7 +260,7 @@ def main(argv=None) -> None:
               "eval_size": metric.n, "eval_unit": "questions" if metric.vqa else "tokens",
               "full_precision": full_precision, "uniform": uniform, "curves": curves, "notes": notes,
               "measured": measured, "whole_model": whole_model, "menu": list(menu),
-              "binary_vs_exhaustive": checks, "entropy": passed["entropy"], "entropy_k": passed["k"],
+              "binary_vs_exhaustive": checks, "entropy": passed["entropy"], "kmeans_clusters": passed["kmeans_clusters"],
               "hessians": args.hessians, "threads": torch.get_num_threads(),
               "seconds": {"variant_pass": round(t_quant, 1), "sensitivity": round(t_sens, 1),
                           "total": round(time.perf_counter() - t0, 1)}}

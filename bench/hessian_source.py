@@ -38,7 +38,7 @@ def main(argv=None) -> None:
             for final_pass in (False, True):
                 t0 = time.perf_counter()
                 out = Path(tmp) / f"k{k}-{final_pass}"
-                config = luq.LUQConfig(calibration=calibration, layers=k, k_means=100, final_pass=final_pass,
+                config = luq.LUQConfig(calibration=calibration, n_low_layers=k, kmeans_clusters=100, final_pass=final_pass,
                                        allocate="entropy")
                 report = luq.quantize(args.model, out, config, log=lambda s: None)
                 model, tokenizer, _ = luq.load(out)

@@ -4,7 +4,7 @@
 
 For each model: dense float32, dense bfloat16, and four artifacts made with the public API
 (`luq.quantize`): uniform GPTQ-4 g128, uniform GPTQ-3 g128, and the paper's mix with 10
-BiLLM layers (`--allocate entropy --layers 10`, the rest GPTQ-4 g128), the same with compact
+BiLLM layers (`--allocate entropy --n-low-layers 10`, the rest GPTQ-4 g128), the same with compact
 BiLLM (`--low billm-k5g64r`). Artifacts are made once into --artifacts (default
 out/bench-inference) and reused.
 
@@ -49,12 +49,12 @@ CALIBRATION = {"smollm2": CalibrationConfig(samples=16, seq_len=256, alpha=0.0),
 def artifact_configs(model: str) -> dict[str, luq.LUQConfig]:
     cal = CALIBRATION[model]
     return {
-        "gptq4-g128": luq.LUQConfig(calibration=cal, formats=("gptq4-g128",), k_means=100),
-        "gptq3-g128": luq.LUQConfig(calibration=cal, formats=("gptq3-g128",), k_means=100),
-        "mix-10-billm": luq.LUQConfig(calibration=cal, allocate="entropy", layers=10, high="gptq4-g128",
-                                      low="billm", k_means=100),
-        "mix-10-k5g64r": luq.LUQConfig(calibration=cal, allocate="entropy", layers=10, high="gptq4-g128",
-                                       low="billm-k5g64r", k_means=100),
+        "gptq4-g128": luq.LUQConfig(calibration=cal, formats=("gptq4-g128",), kmeans_clusters=100),
+        "gptq3-g128": luq.LUQConfig(calibration=cal, formats=("gptq3-g128",), kmeans_clusters=100),
+        "mix-10-billm": luq.LUQConfig(calibration=cal, allocate="entropy", n_low_layers=10, high="gptq4-g128",
+                                      low="billm", kmeans_clusters=100),
+        "mix-10-k5g64r": luq.LUQConfig(calibration=cal, allocate="entropy", n_low_layers=10, high="gptq4-g128",
+                                       low="billm-k5g64r", kmeans_clusters=100),
     }
 
 

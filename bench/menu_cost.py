@@ -47,8 +47,8 @@ def main(argv=None) -> None:
     calibration = calibration_of(args)
     # the decoder's linears only (no units outside it), as the variant pass of before the budget mode;
     # one sensitivity window: measure's costs are not used here
-    config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=tuple(names), k_means=args.k,
-                       keep_fp16=UNIT_KINDS, sensitivity_samples=1)
+    config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=tuple(names), kmeans_clusters=args.k,
+                       keep=UNIT_KINDS, sensitivity_samples=1)
     walls: dict[str, float] = {}
 
     def on_stage(stage: str, seconds: float | None) -> None:

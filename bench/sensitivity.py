@@ -48,8 +48,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     calibration = calibration_of(args)
     menu = parse_formats(args.menu)
-    config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=menu, k_means=args.k,
-                       sensitivity_samples=args.sensitivity_samples, keep_fp16=UNIT_KINDS)  # the decoder's linears
+    config = LUQConfig(calibration=calibration, budget_gb=1.0, formats=menu, kmeans_clusters=args.k,
+                       sensitivity_samples=args.sensitivity_samples, keep=UNIT_KINDS)  # the decoder's linears
     # luq's own steps: load, calibration and sensitivity windows, the variant pass, the estimate
     session = Session(args.model, config, device="cpu", dtype=torch.float32, stream=False)
     measurement = session.measure()

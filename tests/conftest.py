@@ -16,5 +16,5 @@ def smollm2_artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-artifacts")
     model_dir = smollm2_head_dir(root / "model", layers=2)
     return {"root": root, "gptq4": quick_artifact(model_dir, root / "gptq4", formats=("gptq4-g128",)),
-            "mix": quick_artifact(model_dir, root / "mix", allocate="entropy", layers=1),
+            "mix": quick_artifact(model_dir, root / "mix", allocate="entropy", n_low_layers=1),
             "embed": quick_artifact(model_dir, root / "embed", formats=("gptq4-g128",), budget_gb=0.03)}

@@ -81,7 +81,7 @@ def real(tmp_path_factory):
 
 
 def run(real, out, **kw):
-    config = luq.LUQConfig(calibration=CALIBRATION, k_means=8, sensitivity_samples=2,
+    config = luq.LUQConfig(calibration=CALIBRATION, kmeans_clusters=8, sensitivity_samples=2,
                            **{"final_pass": False, "formats": MENU, **kw})
     return luq.quantize(real["model"], real["root"] / out, config, cache_dir=real["cache"], progress=False,
                         log=lambda s: None)
@@ -111,7 +111,7 @@ def test_sensitivity_predicts_the_measured_kl_of_each_linear(real, uniform3):
     cache = variant_cache(net, config, real["cache"])
     batches = sensitivity_batches(tokenizer, adapter, CALIBRATION, 2, config.validation_samples)
     formats = [get_format(f) for f in ("gptq2-g128", "gptq3-g128", "gptq4-g128")]
-    luq.quantize(real["model"], real["root"] / "fill", luq.LUQConfig(calibration=CALIBRATION, k_means=8,
+    luq.quantize(real["model"], real["root"] / "fill", luq.LUQConfig(calibration=CALIBRATION, kmeans_clusters=8,
                  formats=MENU, budget_gb=1.0, final_pass=False, sensitivity_samples=2), cache_dir=real["cache"],
                  progress=False, log=lambda s: None)
     units = outside_units(net, adapter)  # the tied embedding (and head), in the same cache
@@ -152,7 +152,7 @@ def test_budget_mode_fits_beats_uniform_and_counts_every_byte(real, uniform3):
     assert report["predicted_cost"] == pytest.approx(sum(i["predicted_cost"] for i in report["linears"].values()))
     assert report["measured_cost"] < uniform3["measured_cost"]  # the point of measuring: less KL at the same bytes
     loaded, tokenizer, _ = luq.load(out)
-    from luq.store import REPORT
+    from luq.artifact import REPORT
     assert json.loads((out / REPORT).read_text())["total_bytes"] == report["total_bytes"]
 
 

@@ -260,7 +260,7 @@ def test_lmms_eval_command_on_a_quantized_artifact_offline(lmms_eval, tmp_path):
     import luq
     from luq.calibration import CalibrationConfig
 
-    config = luq.LUQConfig(calibration=CalibrationConfig(samples=4, seq_len=64), layers=1, validation_samples=2,
+    config = luq.LUQConfig(calibration=CalibrationConfig(samples=4, seq_len=64), n_low_layers=1, validation_samples=2,
                            allocate="entropy")
     luq.quantize(str(tiny_llava_dir()), tmp_path / "q", config, cache_dir=tmp_path / "cache", progress=False,
                  log=lambda line: None)

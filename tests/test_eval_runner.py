@@ -126,7 +126,7 @@ def test_text_only_model_is_told_to_use_perplexity():
 
 
 def test_a_quantized_directory_opens_with_luq_load(tmp_path, monkeypatch, tiny):
-    import luq
+    import luq.artifact   # luq.load's home
 
     calls = []
 
@@ -134,7 +134,7 @@ def test_a_quantized_directory_opens_with_luq_load(tmp_path, monkeypatch, tiny):
         calls.append((str(path), str(device), dtype))
         return (*tiny, None)
 
-    monkeypatch.setattr(luq, "load", fake_load, raising=False)
+    monkeypatch.setattr(luq.artifact, "load", fake_load)
     (tmp_path / "luq_report.json").write_text("{}")
     run_eval(eval_args(tmp_path, "--task", "gqa", "--limit", "1", "--max-new-tokens", "2",
                        "--out", tmp_path / "gqa.json"))
@@ -145,7 +145,7 @@ def test_luq_eval_on_a_real_quantized_artifact(tiny_dir, tmp_path):
     import luq
     from luq.calibration import CalibrationConfig
 
-    config = luq.LUQConfig(calibration=CalibrationConfig(samples=4, seq_len=64), layers=1, validation_samples=2,
+    config = luq.LUQConfig(calibration=CalibrationConfig(samples=4, seq_len=64), n_low_layers=1, validation_samples=2,
                            allocate="entropy")
     luq.quantize(str(tiny_dir), tmp_path / "q", config, cache_dir=tmp_path / "cache", progress=False,
                  log=lambda line: None)

@@ -31,7 +31,7 @@ from luq.export.gguf import _pre_tokenizer, architecture, rope_permutation
 from luq.quant import BiLLM, QuantLinear, get_format
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
 from luq.quant.linear import replace_linears
-from luq.store import read_tensors, write_artifact
+from luq.artifact import read_tensors, write_artifact
 
 HIDDEN, FFN = 256, 512   # multiples of 256: every ggml type (K-quants and tq* have blocks of 256 columns)
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -63,7 +63,7 @@ def tied(tmp_path_factory):
     model_dir = tiny_llama_dir(root / "model", layers=2, hidden=64)
     fp16_bytes = 2 * sum(p.numel() for p in load_model(model_dir)[0].parameters())  # tied: counted once
     config = luq.LUQConfig(calibration=CALIBRATION, formats=("gptq4-g64", "gptq8-g64"), budget_gb=0.5 * fp16_bytes / 1e9,
-                           sensitivity_samples=2, final_pass=False, k_means=8)
+                           sensitivity_samples=2, final_pass=False, kmeans_clusters=8)
     report = luq.quantize(model_dir, root / "out", config, cache_dir=root / "cache", progress=False,
                           log=lambda s: None)
     return {"model": model_dir, "out": root / "out", "report": report, "root": root}
@@ -118,11 +118,11 @@ def test_vision_tower_and_projector_join_the_budget_and_load(llava):
     vision_bytes = sum(2 * u.module.weight.numel() for u in units.values())
     full = luq.quantize(llava["model"], llava["root"] / "uniform", luq.LUQConfig(
         calibration=CalibrationConfig(samples=4, seq_len=48, alpha=0.5, seed=0), formats=("gptq8-g32",),
-        final_pass=False, k_means=8), cache_dir=llava["root"] / "cache", progress=False, log=lambda s: None)
+        final_pass=False, kmeans_clusters=8), cache_dir=llava["root"] / "cache", progress=False, log=lambda s: None)
     budget = full["total_bytes"] - vision_bytes // 3
     report = luq.quantize(llava["model"], llava["root"] / "out", luq.LUQConfig(
         calibration=CalibrationConfig(samples=4, seq_len=48, alpha=0.5, seed=0), formats=("gptq4-g32", "gptq8-g32"),
-        budget_gb=budget / 1e9, keep_fp16=("embed", "head"), sensitivity_samples=4, final_pass=False, k_means=8),
+        budget_gb=budget / 1e9, keep=("embed", "head"), sensitivity_samples=4, final_pass=False, kmeans_clusters=8),
         cache_dir=llava["root"] / "cache", progress=False, log=lambda s: None)
     assert report["total_bytes"] <= budget
     vision = {n: i for n, i in report["linears"].items() if i["kind"] == "vision"}
@@ -140,7 +140,7 @@ def test_vision_tower_and_projector_join_the_budget_and_load(llava):
 
 
 def test_one_format_with_every_unit_quantized_is_the_uniform_whole_model(tied):
-    config = luq.LUQConfig(calibration=CALIBRATION, formats=("gptq8-g64",), keep_fp16=(), k_means=8, final_pass=False)
+    config = luq.LUQConfig(calibration=CALIBRATION, formats=("gptq8-g64",), keep=(), kmeans_clusters=8, final_pass=False)
     report = luq.quantize(tied["model"], tied["root"] / "uniform8", config, cache_dir=tied["root"] / "cache",
                           progress=False, log=lambda s: None)
     assert {i["format"] for i in report["linears"].values()} == {"gptq8-g64"}
@@ -148,13 +148,13 @@ def test_one_format_with_every_unit_quantized_is_the_uniform_whole_model(tied):
 
 
 def test_keep_options_are_checked_and_the_paper_mode_keeps_everything():
-    with pytest.raises(LuqError, match="--keep-fp16 takes embed, head, vision"):
-        luq.LUQConfig(budget_gb=1.0, keep_fp16="embed,tokens")
-    assert luq.LUQConfig(allocate="entropy", layers=3).outside_kinds() == ()
+    with pytest.raises(LuqError, match="--keep takes embed, head, vision"):
+        luq.LUQConfig(budget_gb=1.0, keep="embed,tokens")
+    assert luq.LUQConfig(allocate="entropy", n_low_layers=3).outside_kinds() == ()
     assert luq.LUQConfig(formats=("gptq3-g128",)).outside_kinds() == ()  # the uniform model, as peers make it
     assert luq.LUQConfig(budget_gb=1.0).outside_kinds() == ("embed", "head", "vision")
-    assert luq.LUQConfig(budget_gb=1.0, keep_fp16="").outside_kinds() == ("embed", "head", "vision")
-    assert luq.LUQConfig(budget_gb=1.0, keep_fp16="vision").outside_kinds() == ("embed", "head")
+    assert luq.LUQConfig(budget_gb=1.0, keep="").outside_kinds() == ("embed", "head", "vision")
+    assert luq.LUQConfig(budget_gb=1.0, keep="vision").outside_kinds() == ("embed", "head")
 
 
 def test_streaming_refuses_a_vqa_threshold(tmp_path):

@@ -23,7 +23,7 @@ from luq.cli import main
 from luq.errors import LuqError
 from luq.models.loading import load_model
 from luq.plan import LinearSizes, SizeTable, entropy_plan, layer_order, smallest_fitting_k, threshold_search
-from luq.store import MANIFEST, REPORT
+from luq.artifact import MANIFEST, REPORT
 from luq.variants import VariantCache
 from tiny_models import tiny_llama_dir
 
@@ -39,14 +39,14 @@ def tiny(tmp_path_factory):
 
 
 def run(tiny, out, **kw):
-    config = luq.LUQConfig(calibration=CALIBRATION, k_means=8, **{"final_pass": False, "allocate": "entropy", **kw})
+    config = luq.LUQConfig(calibration=CALIBRATION, kmeans_clusters=8, **{"final_pass": False, "allocate": "entropy", **kw})
     return luq.quantize(tiny["model"], tiny["root"] / out, config, cache_dir=tiny["cache"], progress=False,
                         log=lambda s: None)
 
 
 @pytest.fixture(scope="module")
 def by_layers(tiny):
-    return run(tiny, "layers2", layers=2)
+    return run(tiny, "layers2", n_low_layers=2)
 
 
 def stored_tensor_bytes(folder: Path) -> int:
@@ -58,23 +58,23 @@ def stored_tensor_bytes(folder: Path) -> int:
 
 
 def test_layers_rule_takes_the_first_k_of_the_order(tiny, by_layers):
-    assert by_layers["k"] == 2
-    assert by_layers["low_bit_layers"] == sorted(by_layers["order"][:2])
+    assert by_layers["n_low_layers"] == 2
+    assert by_layers["low_layers"] == sorted(by_layers["order"][:2])
     assert by_layers["order"] == sorted(range(N_LAYERS), key=lambda i: by_layers["entropy"][i])
     methods = [layer["method"] for layer in by_layers["layers"]]
-    assert [i for i, m in enumerate(methods) if m == "billm"] == by_layers["low_bit_layers"]
-    explicit = run(tiny, "explicit", layers=3, order=(5, 0, 3, 1))
-    assert explicit["low_bit_layers"] == [0, 3, 5]
-    depth = run(tiny, "depth", layers=2, order="depth")
-    assert depth["low_bit_layers"] == [N_LAYERS - 2, N_LAYERS - 1]
+    assert [i for i, m in enumerate(methods) if m == "billm"] == by_layers["low_layers"]
+    explicit = run(tiny, "explicit", n_low_layers=3, order=(5, 0, 3, 1))
+    assert explicit["low_layers"] == [0, 3, 5]
+    depth = run(tiny, "depth", n_low_layers=2, order="depth")
+    assert depth["low_layers"] == [N_LAYERS - 2, N_LAYERS - 1]
 
 
 def test_budget_picks_the_smallest_fitting_k_and_the_bytes_are_real(tiny, by_layers):
-    totals = {f["k"]: f["total_bytes"] for f in by_layers["frontier"]}
+    totals = {f["n_low_layers"]: f["total_bytes"] for f in by_layers["frontier"]}
     assert all(totals[k + 1] < totals[k] for k in range(N_LAYERS))  # each low-bit layer saves bytes here
     budget = (totals[3] + totals[2]) / 2 / 1e9  # fits k = 3, not k = 2
     report = run(tiny, "budget", budget_gb=budget)
-    assert report["k"] == 3
+    assert report["n_low_layers"] == 3
     assert report["total_bytes"] == totals[3] <= budget * 1e9
     out = tiny["root"] / "budget"
     assert stored_tensor_bytes(out) == report["total_bytes"]  # every tensor counted, to the byte
@@ -133,9 +133,9 @@ def test_binary_search_matches_an_exhaustive_scan():
 def test_threshold_search_on_the_model_logs_every_k(tiny):
     report = run(tiny, "threshold", max_drop=0.0, search="greedy")
     steps = report["search"]
-    assert steps[0]["k"] == 0 and steps[0]["drop"] == 0.0
-    assert report["k"] == max(s["k"] for s in steps if s["ok"])
-    assert all(s["ok"] for s in steps if s["k"] <= report["k"])
+    assert steps[0]["n_low_layers"] == 0 and steps[0]["drop"] == 0.0
+    assert report["n_low_layers"] == max(s["n_low_layers"] for s in steps if s["ok"])
+    assert all(s["ok"] for s in steps if s["n_low_layers"] <= report["n_low_layers"])
 
 
 def test_load_forward_equals_the_in_memory_quantized_model(tiny, by_layers):
@@ -208,7 +208,7 @@ def test_a_killed_run_resumes_from_the_cache_and_gives_the_same_artifact(tiny, t
     assert 2 <= len(done_before) < N_LAYERS
     assert not (tmp_path / "killed").exists()
     mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*/layer_*/*.safetensors")}
-    config = luq.LUQConfig(calibration=CALIBRATION, k_means=8, layers=2, allocate="entropy")  # final pass on, as the CLI
+    config = luq.LUQConfig(calibration=CALIBRATION, kmeans_clusters=8, n_low_layers=2, allocate="entropy")  # final pass on, as the CLI
     for out, cache_root in (("resumed", cache), ("fresh", tmp_path / "cache2")):
         luq.quantize(tiny["model"], tmp_path / out, config, cache_dir=cache_root, progress=False, log=lambda s: None)
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # cached layers were not redone
@@ -232,8 +232,8 @@ def test_size_table_counts_every_linear_in_its_format():
 
 
 def test_final_pass_requantizes_sequentially_and_counts_its_own_bytes(tiny, by_layers):
-    report = run(tiny, "final", layers=2, final_pass=True)
-    assert report["final_pass"] and report["low_bit_layers"] == by_layers["low_bit_layers"]
+    report = run(tiny, "final", n_low_layers=2, final_pass=True)
+    assert report["final_pass"] and report["low_layers"] == by_layers["low_layers"]
     out = tiny["root"] / "final"
     assert stored_tensor_bytes(out) == report["total_bytes"]
     final, tokenizer, _ = luq.load(out)
@@ -255,7 +255,7 @@ def test_a_llava_with_image_calibration_and_a_vqa_threshold(tmp_path):
 
     model_dir = tiny_llava_dir(tmp_path / "llava")
     calibration = CalibrationConfig(alpha=0.5, samples=4, seq_len=160)
-    config = luq.LUQConfig(calibration=calibration, k_means=8, max_drop=0.0, metric="pope", search="greedy",
+    config = luq.LUQConfig(calibration=calibration, kmeans_clusters=8, max_drop=0.0, metric="pope", search="greedy",
                            final_pass=False, allocate="entropy")
     report = luq.quantize(model_dir, tmp_path / "q", config, cache_dir=tmp_path / "cache", progress=False,
                           log=lambda s: None)
@@ -266,13 +266,13 @@ def test_a_llava_with_image_calibration_and_a_vqa_threshold(tmp_path):
     model, processor, adapter = luq.load(tmp_path / "q")
     assert adapter.family == "llava" and hasattr(model.model, "vision_tower")
     with pytest.raises(LuqError, match="unknown metric"):
-        luq.quantize(model_dir, tmp_path / "x", luq.LUQConfig(calibration=calibration, k_means=8, max_drop=1.0,
+        luq.quantize(model_dir, tmp_path / "x", luq.LUQConfig(calibration=calibration, kmeans_clusters=8, max_drop=1.0,
                                                               metric="bleu"), cache_dir=tmp_path / "cache",
                      progress=False, log=lambda s: None)
 
 
 def test_a_large_artifact_is_sharded_and_loads_the_same(tiny, by_layers, tmp_path):
-    from luq.store import write_artifact
+    from luq.artifact import write_artifact
 
     src = tiny["root"] / "layers2"
     model, tokenizer, _ = luq.load(src)
@@ -320,7 +320,7 @@ def test_a_model_that_ran_writes_the_same_artifact(tiny, by_layers):
     import json as json_
     from safetensors.torch import load_file
     from luq.quant import QuantLinear
-    from luq.store import write_artifact
+    from luq.artifact import write_artifact
     src = tiny["root"] / "layers2"
     model, processor, *_ = luq.load(str(src), dtype=torch.float16)
     with torch.no_grad():

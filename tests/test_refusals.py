@@ -46,8 +46,9 @@ QUANTIZE = ["quantize", "smollm2", "--out", "{tmp}/out", "--samples", "4", "--se
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--allocate", "entropy", "--layers", "31"], "--layers 31 asked for, but the model has 30 decoder layers"),
-    (["--allocate", "entropy", "--layers", "1", "--order", "0,40"], "--order names layer(s) [40]"),
+    (["--allocate", "entropy", "--n-low-layers", "31"],
+     "--n-low-layers 31 asked for, but the model has 30 decoder layers"),
+    (["--allocate", "entropy", "--layers", "1", "--order", "0,40"], "--order names layer(s) [40]"),  # the short alias
     (["--allocate", "entropy", "--layers", "3", "--order", "0,1"], "--order lists 2 layers"),
     (["--max-drop", "0.1", "--metric", "textvqa"], "--metric textvqa needs a vision-language model"),
     (["--max-drop", "0.1", "--metric", "bleu"], "unknown metric 'bleu'"),
@@ -55,7 +56,7 @@ QUANTIZE = ["quantize", "smollm2", "--out", "{tmp}/out", "--samples", "4", "--se
     (["--device", "gpu0"], "is not a torch device"),
 ])
 def test_quantize_refuses_before_any_work(extra, message, tmp_path, capsys):
-    rule = [] if "--max-drop" in extra or "--layers" in extra else ["--budget-gb", "0.1"]
+    rule = [] if {"--max-drop", "--n-low-layers", "--layers"} & set(extra) else ["--budget-gb", "0.1"]
     line = refuse(QUANTIZE + rule + extra, tmp_path, capsys)
     assert message in line
 

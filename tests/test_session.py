@@ -109,5 +109,5 @@ def test_a_ggml_budget_offers_each_linear_only_the_types_that_can_store_it(tmp_p
     # (metadata, tokenizer, padding) are the file's
     assert sum(int(t.n_bytes) for t in reader.tensors) == report["gguf"]["tensor_bytes"] == report["total_bytes"]
     assert report["gguf"]["bytes"] == (tmp_path / "q.gguf").stat().st_size
-    from luq.store import read_tensors
+    from luq.artifact import read_tensors
     assert read_tensors(out)["model.norm.weight"].dtype == torch.float32

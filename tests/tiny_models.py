@@ -165,6 +165,6 @@ def quick_artifact(model_dir, out, **kw):
     from luq.calibration import CalibrationConfig
 
     config = luq.LUQConfig(**{"calibration": CalibrationConfig(samples=4, seq_len=64, seed=0), "final_pass": False,
-                              "sensitivity_samples": 2, "k_means": 8, **kw})
+                              "sensitivity_samples": 2, "kmeans_clusters": 8, **kw})
     luq.quantize(model_dir, out, config, cache_dir=out.parent / "cache", progress=False, log=lambda s: None)
     return out

@@ -20,7 +20,7 @@ def __getattr__(name):  # the heavy imports (torch, transformers) only when aske
         from luq.api import quantize
         return quantize
     if name == "load":
-        from luq.store import load
+        from luq.artifact import load
         return load
     if name == "Session":
         from luq.session import Session

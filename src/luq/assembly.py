@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from luq.artifact import stored_bytes
 from luq.errors import LuqError
 from luq.models import Adapter, Unit, quantizable_linears
 from luq.models.streaming import is_streamed, stream_of
@@ -20,7 +21,6 @@ from luq.plan.sizes import KEEP, LinearSizes, Plan, SizeTable, layer_plan
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
 from luq.quant.formats import get_format
 from luq.quant.linear import replace_linears, restore_linears
-from luq.store import stored_bytes
 from luq.variants import OUTSIDE, VariantCache
 
 

@@ -47,14 +47,16 @@ def check_run(config: LUQConfig, n_layers: int, processor, adapter) -> None:
     order against the model's layers, the --max-drop metric against the model kind and its data, and
     the held-out text windows the metric and the sensitivity need."""
     if config.allocate == "entropy":
-        if config.layers is not None and config.layers > n_layers:
-            raise LuqError(f"--layers {config.layers} asked for, but the model has {n_layers} decoder layers")
+        if config.n_low_layers is not None and config.n_low_layers > n_layers:
+            raise LuqError(f"--n-low-layers {config.n_low_layers} asked for, but the model has {n_layers} decoder "
+                           "layers")
         if not isinstance(config.order, str):
             bad = [i for i in config.order if not 0 <= int(i) < n_layers]
             if bad:
                 raise LuqError(f"--order names layer(s) {bad}, but the model has layers 0..{n_layers - 1}")
-            if config.layers is not None and config.layers > len(config.order):
-                raise LuqError(f"--layers {config.layers} asked for, but --order lists {len(config.order)} layers")
+            if config.n_low_layers is not None and config.n_low_layers > len(config.order):
+                raise LuqError(f"--n-low-layers {config.n_low_layers} asked for, but --order lists "
+                               f"{len(config.order)} layers")
     if config.max_drop is not None:
         _check_metric(config, processor)
     if config.allocate == "measured":

@@ -32,16 +32,31 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
                    help="keep activations between layers in memory-mapped files here instead of RAM")
 
 
-def _k_value(text: str):
+def _clusters_value(text: str):
     if text == "auto":
         return None
     try:
         k = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--k takes 'auto' or a positive integer, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--kmeans-clusters takes 'auto' or an integer, not {text!r}") from None
     if k < 2:
-        raise argparse.ArgumentTypeError("--k must be at least 2")
+        raise argparse.ArgumentTypeError("--kmeans-clusters must be at least 2")
     return k
+
+
+def _entropy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kmeans-clusters", "--k", dest="kmeans_clusters", type=_clusters_value, default=None,
+                   metavar="auto|INT", help="K-means clusters of the entropy ranking (default: auto)")
+    p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
+
+
+class _DeprecatedKeep(argparse.Action):
+    """--keep-fp16, the old name of --keep (units are kept at --storage-dtype, not only float16)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("luq: warning: --keep-fp16 is deprecated; use --keep (kept units are stored at --storage-dtype)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _order_value(text: str):
@@ -62,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("entropy", help="rank decoder layers by output-activation entropy")
     p.add_argument("model", nargs="?", default=None, help="hub id, local directory, or built-in name (default: smollm2)")
     p.add_argument("--out", required=True, type=Path, help="directory for entropy.json and plots")
-    p.add_argument("--k", type=_k_value, default=None, metavar="auto|INT", help="K-means clusters (default: auto)")
-    p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
+    _entropy_options(p)
     _calibration_options(p)
 
     p = sub.add_parser("quantize", help="quantize a model and write the artifact",
@@ -77,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--max-drop", type=float,
                       help="smallest model whose --metric stays within this of full precision (measured) "
                            "or of the all-high model (entropy)")
-    rule.add_argument("--layers", type=int, help="--allocate entropy: exactly this many layers at the low format")
+    rule.add_argument("--n-low-layers", "--layers", dest="n_low_layers", type=int, metavar="N",
+                      help="--allocate entropy: exactly this many layers at the low format")
     p.add_argument("--allocate", default="measured", choices=("measured", "entropy"),
                    help="measured (default): knapsack over the format menu on measured costs; "
                         "entropy: the paper's entropy-ordered layers at --low, the rest at --high")
@@ -88,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high", default=None, metavar="FORMAT",
                    help="--allocate entropy: the high format (default gptq4-g128)")
     p.add_argument("--low", default=None, metavar="FORMAT", help="--allocate entropy: the low format (default billm)")
-    p.add_argument("--keep-fp16", default=None, metavar="KINDS",
-                   help="units outside the decoder left unquantized (at --storage-dtype): any of embed,head,vision "
+    p.add_argument("--keep", default=None, metavar="KINDS",
+                   help="units outside the decoder kept unquantized (at --storage-dtype): any of embed,head,vision "
                         "('' quantizes all). Default: all join the budget of --allocate measured with --budget-gb or "
                         "--max-drop; --allocate entropy and a one-format model keep them")
+    p.add_argument("--keep-fp16", dest="keep", action=_DeprecatedKeep, help=argparse.SUPPRESS)
     p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
                    help="held-out sequences the costs are measured on (default 16)")
     p.add_argument("--metric", default="perplexity",
@@ -106,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hessians from the full-precision chain (default) or the quantized-so-far chain")
     p.add_argument("--final-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="re-quantize the chosen configuration sequentially (default: on; it lowers perplexity)")
-    p.add_argument("--k", type=_k_value, default=None, metavar="auto|INT", help="K-means clusters (default: auto)")
-    p.add_argument("--subsample", type=int, default=None, help="fit K-means on this many tokens per layer")
+    _entropy_options(p)
     p.add_argument("--storage-dtype", default="float16", help="dtype of the unquantized tensors (default float16)")
     p.add_argument("--cache-dir", type=Path, default=None, help="variant cache root (default: $LUQ_CACHE/variants)")
     p.add_argument("--export", default=None, choices=("gguf",),
@@ -152,13 +167,13 @@ def cmd_entropy(args) -> None:
     model, tokenizer, adapter = load_model(args.model, args.device, parse_dtype(args.dtype))
     batches = calibration_batches(tokenizer, adapter, config)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = measure_entropy(model, adapter, batches, k=args.k, device=args.device, subsample=args.subsample,
+    result = measure_entropy(model, adapter, batches, k=args.kmeans_clusters, device=args.device, subsample=args.subsample,
                              seed=args.seed, offload_dir=args.offload_dir)
     result["tokens"]["multimodal_fraction"] = multimodal_fraction(batches)
     result.update(model=args.model or "smollm2", calibration=vars(config))
     write_json(args.out / "entropy.json", result)
     plots = plot_entropy(result, args.out)
-    print(f"K = {result['k']}; lowest-entropy layers first: {result['ranking']}")
+    print(f"K = {result['kmeans_clusters']}; lowest-entropy layers first: {result['ranking']}")
     print(f"wrote {args.out / 'entropy.json'} and {', '.join(p.name for p in plots)}")
 
 
@@ -177,10 +192,10 @@ def cmd_quantize(args) -> None:
                        "paper's method: add --allocate entropy")
     paper = {k: v for k, v in (("order", args.order), ("high", args.high), ("low", args.low)) if v is not None}
     config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
-                       metric_data=args.metric_data, layers=args.layers, search=args.search, **paper,
+                       metric_data=args.metric_data, n_low_layers=args.n_low_layers, search=args.search, **paper,
                        hessians=args.hessians, allocate=args.allocate, formats=args.formats,
-                       sensitivity_samples=args.sensitivity_samples, keep_fp16=args.keep_fp16,
-                       final_pass=args.final_pass, k_means=args.k, subsample=args.subsample,
+                       sensitivity_samples=args.sensitivity_samples, keep=args.keep,
+                       final_pass=args.final_pass, kmeans_clusters=args.kmeans_clusters, subsample=args.subsample,
                        storage_dtype=args.storage_dtype, offload_dir=args.offload_dir)
     gguf_out = args.out.with_name(args.out.name + ".gguf") if args.export else None
     if gguf_out is not None:   # refused now, not after the run: a format with no ggml form
@@ -227,11 +242,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from luq.report import plot_entropy
+    from luq.artifact import REPORT
+    from luq.report import plot_entropy, plot_run
 
-    from luq.report import plot_run
-
-    report_path = args.dir / "luq_report.json"
+    report_path = args.dir / REPORT
     if report_path.is_file():  # a quantized artifact: its frontier and its entropy plots
         report = json.loads(report_path.read_text())
         plots = plot_run(report, args.dir)

@@ -18,68 +18,76 @@ STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
 @dataclass(frozen=True)
 class LUQConfig:
-    """What `luq.quantize` does, and how.
+    """What `luq.quantize` does, and how (every field a keyword; each is validated here, once).
 
     allocate: how the plan (linear -> format) is chosen. "measured" (default): every linear
     is quantized in every format of the menu `formats` (default `luq.quant.DEFAULT_MENU`),
     each (linear, format)'s cost on the model's output is measured (luq.sensitivity), and a
     knapsack picks the least-cost plan under the budget (luq.plan.measured). One format
     alone makes the uniform model (no stopping rule needed). "entropy": the paper's method,
-    exactly: layers in `order`, the first k at the `low` format and the rest at `high`.
+    exactly: layers in `order`, the first `n_low_layers` at the `low` format and the rest at `high`.
 
     Stopping rules (exactly one, except for a one-format menu): `budget_gb` (the artifact
-    fits in budget_gb * 1e9 bytes: the best plan (measured) or the smallest k (entropy)),
-    `max_drop` with `metric` (the smallest budget (measured) or largest k (entropy, with
+    fits in budget_gb * 1e9 bytes: the best plan (measured) or the fewest low layers (entropy)),
+    `max_drop` with `metric` (the smallest budget (measured) or most low layers (entropy, with
     `search`) whose real metric stays within max_drop: of the full-precision model for
-    measured, of the all-high model for entropy), or `layers` (entropy only: exactly k).
+    measured, of the all-high model for entropy), or `n_low_layers` (entropy only: exactly that many).
 
-    order: "entropy" (ascending, the method), "reverse-entropy", "depth" (deepest
-    first), "random" (seeded), or an explicit list of decoder-layer indices.
+    The run, either allocation:
+    metric: what max_drop watches: held-out perplexity (on validation_samples windows) or a VQA
+    task's score (luq.eval) on metric_data (None: its bundled offline sample).
     hessians: where layer i's Hessians come from: "fp", the full-precision model's
     activations (every format of every layer is computed once and any plan assembles from
     the cache), or "sequential", the chain of already quantized layers (in the menu's first
     format while the cache is filled). final_pass (default) re-quantizes the chosen plan once
     more sequentially, each layer fed by the chosen quantized layers before it (GPTQ's
     sequential mode, exactly): on SmolLM2-135M it lowered held-out perplexity from 31.01 to
-    30.46 at k=0 and from 102.97 to 74.26 at k=4 (bench/hessian_source.py).
-    k_means: K for the entropy (None: chosen by the Kendall/Kneedle rule);
-    subsample: tokens per layer K-means is fitted on (None: all).
-    sensitivity_samples: sequences of L tokens the costs are measured on (held out).
+    30.46 with no low layer and from 102.97 to 74.26 with 4 (bench/hessian_source.py).
     storage_dtype: dtype of every unquantized tensor in the artifact (embeddings, norms,
     vision tower, projector, lm_head, when not quantized).
-    keep_fp16: which units outside the decoder stay unquantized, at storage_dtype: any of
+    keep: which units outside the decoder are kept, unquantized, at storage_dtype: any of
     "embed" (the token embedding, and a head tied to it), "head" (an untied output head),
     "vision" (the vision tower's and projector's linears). The rest join the budget: in the
     measured allocation each picks a format of `unit_menu()` or stays unquantized, whichever
     the knapsack prefers; in the entropy allocation they take `high`. Default (None): every
     unit joins the budget of a measured allocation with a stopping rule; the entropy
     allocation and a one-format uniform model keep them all, as the paper and peers do.
+
+    The measured allocation: formats (the menu); sensitivity_samples: sequences of L tokens the
+    costs are measured on (held out).
+
+    The entropy allocation: high, low (the two formats); order: "entropy" (ascending, the method),
+    "reverse-entropy", "depth" (deepest first), "random" (seeded), or an explicit list of
+    decoder-layer indices; n_low_layers; search (of max_drop). The K-means entropy ranking it orders
+    by: kmeans_clusters, K (None: chosen by the Kendall/Kneedle rule), and subsample, the tokens per
+    layer K-means is fitted on (None: all). A measured run measures that entropy only when
+    kmeans_clusters is given.
     """
 
+    # the run
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    allocate: str = "measured"
     budget_gb: float | None = None
     max_drop: float | None = None
     metric: str = "perplexity"
     metric_data: str | None = None
-    layers: int | None = None
-    allocate: str = "measured"
-    formats: tuple[str, ...] | None = None
-    high: str = "gptq4-g128"
-    low: str = "billm"
-    search: str = "binary"
-    order: str | tuple[int, ...] = "entropy"
+    validation_samples: int = 16
     hessians: str = "fp"
     final_pass: bool = True
-    k_means: int | None = None
-    subsample: int | None = None
-    validation_samples: int = 16
-    sensitivity_samples: int = 16
     storage_dtype: str = "float16"
+    keep: tuple[str, ...] | None = None
     offload_dir: str | None = None  # activations between layers in memory-mapped files there, not RAM
-    keep_fp16: tuple[str, ...] | None = None
-
-    # metric / metric_data: what --max-drop watches: held-out perplexity, or a VQA task's
-    # score (luq.eval) on metric_data (None: its bundled offline sample).
+    # the measured allocation
+    formats: tuple[str, ...] | None = None
+    sensitivity_samples: int = 16
+    # the entropy allocation
+    high: str = "gptq4-g128"
+    low: str = "billm"
+    order: str | tuple[int, ...] = "entropy"
+    n_low_layers: int | None = None
+    search: str = "binary"
+    kmeans_clusters: int | None = None
+    subsample: int | None = None
 
     def __post_init__(self) -> None:
         if self.allocate not in ALLOCATIONS:
@@ -90,19 +98,20 @@ class LUQConfig:
             object.__setattr__(self, "formats", parse_formats(self.formats))
         get_format(self.high), get_format(self.low)
         rules = [r for r, v in (("--budget-gb", self.budget_gb), ("--max-drop", self.max_drop),
-                                ("--layers", self.layers)) if v is not None]
+                                ("--n-low-layers", self.n_low_layers)) if v is not None]
         uniform = self.allocate == "measured" and len(self.menu()) == 1
         if len(rules) > 1 or (not rules and not uniform):
-            raise LuqError("give exactly one of --budget-gb, --max-drop (with --metric) or --layers"
+            raise LuqError("give exactly one of --budget-gb, --max-drop (with --metric) or --n-low-layers"
                            + (f"; got {' and '.join(rules)}" if rules else ""))
-        if self.layers is not None and self.allocate != "entropy":
-            raise LuqError("--layers K is the paper's rule (K layers at the low format): use it with --allocate entropy")
+        if self.n_low_layers is not None and self.allocate != "entropy":
+            raise LuqError("--n-low-layers N is the paper's rule (N layers at the low format): use it with "
+                           "--allocate entropy")
         if self.budget_gb is not None and not self.budget_gb > 0:
             raise LuqError(f"--budget-gb must be positive, got {self.budget_gb}")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise LuqError(f"--max-drop must be zero or positive, got {self.max_drop}")
-        if self.layers is not None and self.layers < 0:
-            raise LuqError(f"--layers must be zero or positive, got {self.layers}")
+        if self.n_low_layers is not None and self.n_low_layers < 0:
+            raise LuqError(f"--n-low-layers must be zero or positive, got {self.n_low_layers}")
         if self.search not in SEARCHES:
             raise LuqError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
         if isinstance(self.order, str):
@@ -115,19 +124,19 @@ class LUQConfig:
             raise LuqError(f"--hessians must be one of {', '.join(HESSIAN_SOURCES)}, got {self.hessians!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise LuqError(f"--storage-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
-        if self.k_means is not None and self.k_means < 2:
-            raise LuqError(f"--k must be at least 2, got {self.k_means}")
+        if self.kmeans_clusters is not None and self.kmeans_clusters < 2:
+            raise LuqError(f"--kmeans-clusters must be at least 2, got {self.kmeans_clusters}")
         if self.validation_samples <= 0:
             raise LuqError(f"--validation-samples must be positive, got {self.validation_samples}")
         if self.sensitivity_samples <= 0:
             raise LuqError(f"--sensitivity-samples must be positive, got {self.sensitivity_samples}")
-        if self.keep_fp16 is not None:
-            kinds = ([k.strip() for k in self.keep_fp16.split(",") if k.strip()] if isinstance(self.keep_fp16, str)
-                     else list(self.keep_fp16))
+        if self.keep is not None:
+            kinds = ([k.strip() for k in self.keep.split(",") if k.strip()] if isinstance(self.keep, str)
+                     else list(self.keep))
             unknown = [k for k in kinds if k not in UNIT_KINDS]
             if unknown:
-                raise LuqError(f"--keep-fp16 takes {', '.join(UNIT_KINDS)}; got {','.join(unknown)}")
-            object.__setattr__(self, "keep_fp16", tuple(kinds))
+                raise LuqError(f"--keep takes {', '.join(UNIT_KINDS)}; got {','.join(unknown)}")
+            object.__setattr__(self, "keep", tuple(kinds))
 
     def menu(self) -> tuple[str, ...]:
         """The format names every linear is quantized to in the variant pass."""
@@ -136,12 +145,12 @@ class LUQConfig:
         return self.formats or DEFAULT_MENU
 
     def outside_kinds(self) -> tuple[str, ...]:
-        """The kinds of units outside the decoder that join the budget (see `keep_fp16`)."""
-        if self.keep_fp16 is None:
+        """The kinds of units outside the decoder that join the budget (see `keep`)."""
+        if self.keep is None:
             uniform = self.allocate == "measured" and len(self.menu()) == 1 and self.budget_gb is None \
                 and self.max_drop is None
             return () if self.allocate == "entropy" or uniform else UNIT_KINDS
-        return tuple(k for k in UNIT_KINDS if k not in self.keep_fp16)
+        return tuple(k for k in UNIT_KINDS if k not in self.keep)
 
     def unit_menu(self) -> tuple[str, ...]:
         """The formats the units outside the decoder are quantized to (each may also stay

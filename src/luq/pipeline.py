@@ -118,7 +118,7 @@ def _entropy_summary(per_layer: list[dict], ks: list[int], k: int | None, kinds:
     curve = [(b, kendall_distance(rankings[a], rankings[b])) for a, b in zip(ks, ks[1:])]
     chosen = k if k else select_k(curve)
     return {
-        "k": chosen,
+        "kmeans_clusters": chosen,
         "entropy": [layer[chosen]["all"] for layer in per_layer],
         "text_entropy": [layer[chosen]["text"] for layer in per_layer],
         "image_entropy": [layer[chosen]["image"] for layer in per_layer],

@@ -15,6 +15,7 @@ def plot_entropy(result: dict, out_dir: Path, title: str = "") -> list[Path]:
     """entropy_vs_depth.png, entropy_by_modality.png, k_stability.png from an entropy.json dict."""
     out_dir = Path(out_dir)
     paths = []
+    clusters = result.get("kmeans_clusters", result.get("k"))   # "k": an entropy.json of an older luq
     layers = list(range(len(result["entropy"])))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -22,7 +23,7 @@ def plot_entropy(result: dict, out_dir: Path, title: str = "") -> list[Path]:
     for rank, layer in enumerate(result["ranking"][:5]):
         ax.annotate(str(rank + 1), (layer, result["entropy"][layer]), textcoords="offset points", xytext=(0, 6),
                     ha="center", fontsize=8, color="tab:red")
-    ax.set(xlabel="decoder layer", ylabel=f"entropy (nats, K={result['k']})",
+    ax.set(xlabel="decoder layer", ylabel=f"entropy (nats, K={clusters})",
            title=title or "Output-activation entropy per layer (red: lowest-entropy ranks)")
     paths.append(save_figure(fig, out_dir / "entropy_vs_depth.png"))
 
@@ -38,11 +39,17 @@ def plot_entropy(result: dict, out_dir: Path, title: str = "") -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ks = [k for k, _ in result["kendall"]]
     ax.plot(ks, [d for _, d in result["kendall"]], marker="o")
-    ax.axvline(result["k"], color="tab:red", linestyle="--", label=f"chosen K = {result['k']}")
+    ax.axvline(clusters, color="tab:red", linestyle="--", label=f"chosen K = {clusters}")
     ax.set(xlabel="K (clusters)", ylabel="Kendall distance to previous K", title="Ranking stability vs K")
     ax.legend()
     paths.append(save_figure(fig, out_dir / "k_stability.png"))
     return paths
+
+
+def n_low_layers(row: dict) -> int:
+    """The count of low layers of an entropy report, its frontier point or search step (files written
+    before luq named it `n_low_layers` say "k")."""
+    return row["n_low_layers"] if "n_low_layers" in row else row["k"]
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -63,7 +70,10 @@ def _method(fmt_names) -> str:
 def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: dict, decision: dict,
                  costs: dict | None) -> dict:
     """luq_report.json: the plan, what it weighs to the byte, what it was predicted and measured
-    to cost, and how it was chosen (the stopping rule's search, the frontier of plans)."""
+    to cost, and how it was chosen (the stopping rule's search, the frontier of plans). The entropy
+    allocation's own facts (n_low_layers, low_layers, order, order_rule) only in its reports; the K-means
+    entropy (entropy, kmeans_clusters, kendall, text_entropy, image_entropy, tokens) only where the run
+    measured it (the entropy allocation, or a measured one given kmeans_clusters)."""
     from luq.version import __version__
     from luq.plan import layer_plan, plan_cost
 
@@ -96,15 +106,9 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
                        "bits_per_weight": 8.0 * sizes.layer_bytes(plan, i) / n_weights,
                        "nominal_bits": sum(linears[n]["nominal_bits"] * sizes.linears[n].n_weights for n in names)
                        / n_weights,
-                       "bytes": sizes.layer_bytes(plan, i), "entropy": None if entropy is None else entropy[i],
+                       "bytes": sizes.layer_bytes(plan, i),
+                       **({} if entropy is None else {"entropy": entropy[i]}),
                        "mean_relative_error": sum(errors) / len(errors) if errors else None})
-    if config.allocate == "entropy":
-        order, k = decision["order"], decision["k"]
-        low = sorted(order[:k])
-    else:
-        order = passed.get("ranking")
-        low = [layer["index"] for layer in layers if layer["nominal_bits"] < 2]
-        k = len(low)
     frontier = []
     for point in decision["frontier"]:
         row = {key: v for key, v in point.items() if key != "plan"}
@@ -113,12 +117,18 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
                    predicted_cost=None if costs is None else plan_cost(point["plan"], costs))
         frontier.append(row)
     total = sizes.total_bytes(plan)
+    paper = {}
+    if config.allocate == "entropy":
+        order, n_low = decision["order"], decision["n_low_layers"]
+        paper = {"n_low_layers": n_low, "low_layers": sorted(order[:n_low]), "order": order,
+                 "order_rule": config.order if isinstance(config.order, str) else "explicit"}
+    measured_entropy = {} if entropy is None else {
+        "entropy": entropy, "kmeans_clusters": passed["kmeans_clusters"], "kendall": passed.get("kendall"),
+        "text_entropy": passed.get("text_entropy"), "image_entropy": passed.get("image_entropy"),
+        "tokens": passed.get("tokens")}
     return {
         "model": model_name or "smollm2", "family": adapter.family, "luq_version": __version__,
-        "allocate": config.allocate, "menu": list(config.menu()),
-        "k": k, "low_bit_layers": low, "order": order,
-        "order_rule": (config.order if isinstance(config.order, str) else "explicit")
-        if config.allocate == "entropy" else None,
+        "allocate": config.allocate, "menu": list(config.menu()), **paper,
         "avg_bits": sizes.avg_bits(plan), "nominal_avg_bits": sizes.nominal_avg_bits(plan),
         "total_bytes": total, "total_gb": total / 1e9, "unquantized_bytes": sizes.base_bytes,
         "outside_kinds": list(config.outside_kinds()), "bytes_by_kind": by_kind,
@@ -126,10 +136,8 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
         "metric": config.metric if decision["search"] else None, "search": decision["search"],
         "predicted_cost": None if costs is None else plan_cost(plan, costs),
         "measured_cost": decision.get("measured_cost"), "cost_unit": "KL from full precision, nats per token",
-        "knapsack": decision.get("knapsack"),
-        "entropy": entropy, "entropy_k": passed.get("k"), "kendall": passed.get("kendall"),
-        "text_entropy": passed.get("text_entropy"), "image_entropy": passed.get("image_entropy"),
-        "tokens": passed.get("tokens"), "hessians": config.hessians, "final_pass": config.final_pass,
+        "knapsack": decision.get("knapsack"), **measured_entropy,
+        "hessians": config.hessians, "final_pass": config.final_pass,
         "calibration": asdict(config.calibration), "layers": layers, "linears": linears, "frontier": frontier,
     }
 
@@ -154,15 +162,20 @@ def kernel_report(net, adapter, plan: dict, device) -> dict:
 
 
 def summary_rows(report: dict) -> list[dict]:
-    """One row per configuration the run evaluated (each searched k or budget), else the chosen one."""
+    """One row per configuration the run evaluated (each searched count of low layers or budget), else
+    the chosen one."""
     chosen = {"avg_bits": report["avg_bits"], "nominal_avg_bits": report["nominal_avg_bits"],
               "total_gb": report["total_bytes"] / 1e9, "metric": None, "chosen": True, "label": "chosen"}
     if report.get("allocate", "entropy") == "entropy":
-        by_k = {f["k"]: f for f in report["frontier"]}
-        steps = report.get("search") or [{"k": report["k"], "value": None}]
-        return [{"label": f"k={s['k']}", "avg_bits": by_k[s["k"]]["avg_bits"],
-                 "nominal_avg_bits": by_k[s["k"]]["nominal_avg_bits"], "total_gb": by_k[s["k"]]["total_bytes"] / 1e9,
-                 "metric": s["value"], "chosen": s["k"] == report["k"]} for s in sorted(steps, key=lambda s: s["k"])]
+        by_n = {n_low_layers(f): f for f in report["frontier"]}
+        steps = report.get("search") or [{"n_low_layers": n_low_layers(report), "value": None}]
+        rows = []
+        for s in sorted(steps, key=n_low_layers):
+            point = by_n[n_low_layers(s)]
+            rows.append({"label": f"{n_low_layers(s)} low", "avg_bits": point["avg_bits"],
+                         "nominal_avg_bits": point["nominal_avg_bits"], "total_gb": point["total_bytes"] / 1e9,
+                         "metric": s["value"], "chosen": n_low_layers(s) == n_low_layers(report)})
+        return rows
     rows = [{"label": f"{s['budget_bytes'] / 1e9:.4f} GB", "avg_bits": None, "nominal_avg_bits": None,
              "total_gb": s["total_bytes"] / 1e9, "metric": s["value"], "chosen": False}
             for s in sorted(report.get("search") or [], key=lambda s: s["budget_bytes"])]
@@ -179,7 +192,8 @@ def format_summary(report: dict) -> str:
         lines.append(f"{r['label']:>12} {bits:>10} {nominal:>8} {r['total_gb']:>10.4f} "
                      f"{value:>12}{'  <- chosen' if r['chosen'] else ''}")
     if report.get("allocate", "entropy") == "entropy":
-        lines.append(f"low-bit layers ({report['k']}): {report['low_bit_layers']}")
+        low = report["low_layers"] if "low_layers" in report else report["low_bit_layers"]   # older luq's name
+        lines.append(f"low-bit layers ({n_low_layers(report)}): {low}")
     else:
         counts: dict[str, int] = {}
         for info in report["linears"].values():
@@ -206,7 +220,7 @@ def print_summary(report: dict) -> None:
 
 def plot_frontier(report: dict, out_dir: Path) -> Path:
     """frontier.png: the metric of every evaluated configuration against true avg bits; else,
-    for the entropy rule, bits against k, and for the measured allocation, the predicted cost
+    for the entropy rule, bits against the count of low layers, and for the measured allocation, the predicted cost
     of the best plan at each budget against its true bits."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     f = report["frontier"]
@@ -217,12 +231,14 @@ def plot_frontier(report: dict, out_dir: Path) -> Path:
             ax.annotate(r["label"], (r["avg_bits"], r["metric"]), textcoords="offset points", xytext=(3, 4),
                         fontsize=7, color="tab:red" if r["chosen"] else "black")
         ax.set(xlabel="true avg bits per decoder weight (from bytes)", ylabel=report["metric"],
-               title="Quality vs bits for each k evaluated")
+               title="Quality vs bits for each count of low layers evaluated")
     elif report.get("allocate", "entropy") == "entropy":
-        ax.plot([x["k"] for x in f], [x["avg_bits"] for x in f], marker=".", label="true bits (bytes)")
-        ax.plot([x["k"] for x in f], [x["nominal_avg_bits"] for x in f], marker=".", label="nominal (paper)")
-        ax.axvline(report["k"], color="tab:red", linestyle="--", label=f"chosen k = {report['k']}")
-        ax.set(xlabel="layers at ~1 bit (k)", ylabel="avg bits per decoder weight", title="Bits vs k")
+        ax.plot([n_low_layers(x) for x in f], [x["avg_bits"] for x in f], marker=".", label="true bits (bytes)")
+        ax.plot([n_low_layers(x) for x in f], [x["nominal_avg_bits"] for x in f], marker=".", label="nominal (paper)")
+        ax.axvline(n_low_layers(report), color="tab:red", linestyle="--",
+                   label=f"chosen: {n_low_layers(report)} low layers")
+        ax.set(xlabel="layers at the low format (n_low_layers)", ylabel="avg bits per decoder weight",
+               title="Bits vs low layers")
         ax.legend()
     else:
         points = [x for x in f if x.get("predicted_cost") is not None]
@@ -243,5 +259,6 @@ def plot_run(report: dict, out_dir: Path) -> list[Path]:
 
     if report.get("entropy") is None:
         return [plot_frontier(report, out_dir)]
-    entropy_view = dict(report, k=report["entropy_k"], ranking=entropy_ranking(report["entropy"]))
+    clusters = report.get("kmeans_clusters", report.get("entropy_k"))   # "entropy_k": a report of an older luq
+    entropy_view = dict(report, kmeans_clusters=clusters, ranking=entropy_ranking(report["entropy"]))
     return [plot_frontier(report, out_dir)] + plot_entropy(entropy_view, out_dir)

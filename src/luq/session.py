@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from luq.artifact import quantization_config, write_artifact
 from luq.assembly import Assembly, linear_names, size_bounds, size_table
 from luq.calibration import calibration_batches, sensitivity_batches, text_token_ids, validation_windows
 from luq.checks import check_out_dir, check_run
@@ -37,7 +38,6 @@ from luq.quant.formats import get_format
 from luq.quant.linear import kernel_line
 from luq.report import build_report, kernel_report
 from luq.sensitivity import measure_sensitivity, output_kl, reference_log_probs
-from luq.store import artifact_config, write_artifact
 from luq.variants import VariantCache, model_fingerprint, settings_digest
 
 
@@ -120,8 +120,9 @@ class Session:
 
     @property
     def measures_entropy(self) -> bool:
-        """K-means entropy: the paper's ranking; in the measured allocation only where asked for (k_means)."""
-        return self.config.allocate == "entropy" or self.config.k_means is not None
+        """K-means entropy: the paper's ranking; in the measured allocation only where asked for
+        (kmeans_clusters)."""
+        return self.config.allocate == "entropy" or self.config.kmeans_clusters is not None
 
     @property
     def plan_is_known(self) -> bool:
@@ -137,7 +138,7 @@ class Session:
         formats = [get_format(n) for n in config.menu()]
         with self.stage("layer_pass"):
             passed = layer_pass(net, adapter, self.batches, formats=formats, cache=self.cache,
-                                hessians=config.hessians, k=config.k_means, device=self.device,
+                                hessians=config.hessians, k=config.kmeans_clusters, device=self.device,
                                 subsample=config.subsample, seed=config.calibration.seed, progress=self.progress,
                                 desc="quantize", offload_dir=config.offload_dir, entropy=self.measures_entropy)
         if self.units:
@@ -247,7 +248,7 @@ class Session:
         report["seconds"] = self.seconds
         with self.stage("write"):
             written = write_artifact(Path(out), self.net, self.processor,
-                                     artifact_config(self.net, self.config, decision.plan), report,
+                                     quantization_config(self.net, self.config, decision.plan), report,
                                      self.storage_dtype, vector_dtype=self.vector_dtype,
                                      describe=_gguf_report if self.config.for_gguf() else None)
         if written != report["total_bytes"]:  # the size table and the writer must agree to the byte
@@ -274,7 +275,7 @@ class Session:
     def _plan_pass(self, plan, cache: VariantCache, hessians: str, desc: str, entropy: bool) -> dict:
         config, adapter = self.config, self.adapter
         return layer_pass(self.net, adapter, self.batches, plan_of_layer=lambda i: layer_plan(plan, adapter.layer_prefix(i)),
-                          cache=cache, hessians=hessians, k=config.k_means, device=self.device,
+                          cache=cache, hessians=hessians, k=config.kmeans_clusters, device=self.device,
                           subsample=config.subsample, seed=config.calibration.seed, progress=self.progress, desc=desc,
                           entropy=entropy, offload_dir=config.offload_dir)
 

@@ -34,14 +34,16 @@ from luq.eval.distributed import DataParallel, batched, run_sharded
 
 
 def is_luq_artifact(path: str | Path | None) -> bool:
-    return path is not None and Path(str(path)).expanduser().joinpath("luq_report.json").is_file()
+    from luq.artifact import is_artifact
+
+    return is_artifact(path)
 
 
 def load_for_eval(model: str | None, device: str | torch.device, dtype: torch.dtype):
     """(model, processor or tokenizer, adapter) for MODEL_OR_DIR: a quantized luq artifact
     through ``luq.load``, anything else through ``load_model``."""
     if is_luq_artifact(model):
-        from luq.store import load
+        from luq.artifact import load
 
         return load(model, device=device, dtype=dtype, log=lambda line: print(f"luq: {line}", file=sys.stderr))
     from luq.models.loading import load_model

@@ -70,11 +70,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from luq.artifact import CONFIG, QUANT_METHOD, read_tensors, verify_artifact
 from luq.errors import LuqError
 from luq.quant import GGMLWeight, GPTQWeight, QuantizedWeight, weight_from_state_dict
 from luq.quant.ggml import ggml_nbytes, to_gguf_bytes
 from luq.quant.packing import unpack_bits
-from luq.store import read_tensors, verify_artifact
 
 BLOCK = 32  # weights per block of Q4_0, Q4_1 and Q8_0 (the GPTQ mappings)
 
@@ -597,7 +597,7 @@ def gguf_size(artifact: Path | str) -> dict:
     import gguf
 
     folder = Path(artifact)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / CONFIG).read_text())
     tensors = plan_tensors(folder, config)
     with tempfile.TemporaryDirectory() as tmp:
         writer = _writer(Path(tmp) / "head.gguf", folder, config, tensors, with_data=False)
@@ -614,13 +614,13 @@ def gguf_size(artifact: Path | str) -> dict:
 
 def _checked_config(folder: Path) -> dict:
     """config.json of a verified luq artifact, or of a transformers checkpoint with no quantization."""
-    if not (folder / "config.json").is_file():
-        raise LuqError(f"{folder} is not a luq artifact or a transformers checkpoint (no config.json)")
-    config = json.loads((folder / "config.json").read_text())
+    if not (folder / CONFIG).is_file():
+        raise LuqError(f"{folder} is not a luq artifact or a transformers checkpoint (no {CONFIG})")
+    config = json.loads((folder / CONFIG).read_text())
     qconfig = config.get("quantization_config")
     if qconfig is None:
         return config
-    if qconfig.get("quant_method") != "luq":
+    if qconfig.get("quant_method") != QUANT_METHOD:
         raise LuqError(f"{folder} is quantized by {qconfig.get('quant_method')!r}, not luq: luq exports its own "
                        "artifacts and unquantized checkpoints")
     verify_artifact(folder)

@@ -26,14 +26,14 @@ FRONTIER_POINTS = 12   # plans of the measured frontier drawn in the report, eve
 @dataclass
 class Decision:
     """A plan and how it was found: the rule's search steps, the frontier of plans the report draws, and
-    per allocation its own facts (entropy: the order and k; measured: the predicted cost, the knapsack's
+    per allocation its own facts (entropy: the order and n_low_layers; measured: the predicted cost, the knapsack's
     grid and its gap to the Lagrangian lower bound)."""
 
     plan: Plan
     search: list[dict] = field(default_factory=list)
     frontier: list[dict] = field(default_factory=list)
     order: list[int] | None = None
-    k: int | None = None
+    n_low_layers: int | None = None
     predicted_cost: float | None = None
     knapsack: dict | None = None
     measured_cost: float | None = None
@@ -98,8 +98,8 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
 
 def _entropy_decision(config: LUQConfig, sizes: SizeTable, names, units, entropy, budget, evaluate,
                       higher_is_better, log) -> Decision:
-    """The paper's rule: layers in the config's order, the first k at `low` (Eq. 7 budget, Eq. 8
-    threshold, or --layers)."""
+    """The paper's rule: layers in the config's order, the first k at `low` (k: Eq. 7 budget, Eq. 8
+    threshold, or --n-low-layers)."""
     order = layer_order(config.order, entropy, seed=config.calibration.seed)
 
     def plan_for_k(k: int) -> Plan:
@@ -108,14 +108,14 @@ def _entropy_decision(config: LUQConfig, sizes: SizeTable, names, units, entropy
     steps = []
     if budget is not None:
         k = smallest_fitting_k(sizes, plan_for_k, len(order), budget)
-    elif config.layers is not None:
-        k = config.layers
+    elif config.n_low_layers is not None:
+        k = config.n_low_layers
     else:
         k, search = threshold_search(
             lambda kk: evaluate(plan_for_k(kk)), len(order), config.max_drop, higher_is_better=higher_is_better,
             search=config.search,
-            log=lambda s: log(f"  k = {s.k:3d}: {config.metric} {s.value:.4f} (drop {s.drop:+.4f}) "
+            log=lambda s: log(f"  {s.n_low_layers:3d} low layers: {config.metric} {s.value:.4f} (drop {s.drop:+.4f}) "
                               f"{'ok' if s.ok else 'too far'}"))
         steps = [asdict(s) for s in search]
-    frontier = [{"k": kk, "plan": plan_for_k(kk)} for kk in range(len(order) + 1)]
-    return Decision(plan_for_k(k), steps, frontier, order=order, k=k)
+    frontier = [{"n_low_layers": kk, "plan": plan_for_k(kk)} for kk in range(len(order) + 1)]
+    return Decision(plan_for_k(k), steps, frontier, order=order, n_low_layers=k)

@@ -76,7 +76,9 @@ def smallest_fitting_k(sizes: SizeTable, plan_for_k: Callable[[int], Plan], n_or
 
 @dataclass
 class SearchStep:
-    k: int
+    """One evaluated count of low layers (the report's "search" rows)."""
+
+    n_low_layers: int
     value: float
     drop: float
     ok: bool
