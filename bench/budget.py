@@ -3,19 +3,23 @@
 
 For the model, in one run and one shared variant cache:
 - uniform GPTQ-4 g128, GPTQ-3 g128 and GPTQ-2 g128 (`--formats gptqB-g128`);
-- the paper's method at k = 3 (`--allocate entropy --layers 3`);
+- the paper's method at k = 3 (`--allocate entropy --n-low-layers 3`);
 - the measured allocation (the default) at the bytes of uniform GPTQ-3 and at the bytes of
-  entropy-LUQ k = 3 (`--budget-gb` = those sizes), over the decoder alone (`--keep-fp16
+  entropy-LUQ k = 3 (`--budget-gb` = those sizes), over the decoder alone (`--keep
   embed,head,vision`, the budget mode's own gain) and over the whole model (the default: the
   embedding, head and vision tower join the budget);
 - the whole model below every decoder-only size: SmolLM2 at 75 MB, tiny-vlm at 75% of uniform
-  GPTQ-4's bytes.
+  GPTQ-4's bytes;
+- like for like (`--set whole` runs only these): uniform GPTQ-4/3/2 g128 of the whole model (the
+  embedding and head quantized too, as llama.cpp does: `--keep ""`), and the measured allocation
+  at uniform whole-model GPTQ-3's bytes and at 75% of uniform whole-model GPTQ-4's bytes.
 Scores: SmolLM2: perplexity on held-out Wikipedia windows (disjoint from the calibration,
 sensitivity and threshold windows); tiny-vlm: accuracy on held-out generated VQA questions.
 Prints a table and the ratios the issue asks for; writes bench/results/budget-<model>.json.
 
     python -m bench.budget                      # SmolLM2, 16 x 256 calibration
     python -m bench.budget --model tiny-vlm     # alpha 0.5
+    python -m bench.budget --model smollm2-offgrid --set whole --out bench/results/budget-whole-smollm2-offgrid.json
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ def main(argv=None) -> None:
     p.add_argument("--vqa-per-kind", type=int, default=15)
     p.add_argument("--work", type=Path, default=Path("out/bench-budget"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--set", choices=("all", "whole"), default="all",
+                   help="whole: only the whole-model uniform baselines and the measured allocation at their bytes")
     args = p.parse_args(argv)
     calibration = calibration_of(args)
-    common = dict(calibration=calibration, k_means=args.k, validation_samples=args.eval_samples)
+    common = dict(calibration=calibration, kmeans_clusters=args.k, validation_samples=args.eval_samples)
 
     def run(name: str, **kw) -> dict:
         t0 = time.perf_counter()
@@ -57,20 +63,22 @@ def main(argv=None) -> None:
                "bytes_by_kind": report["bytes_by_kind"],
                **metric(), "predicted_cost": report.get("predicted_cost"), "measured_cost": report.get("measured_cost"),
                "plan_formats": sorted({i["format"] for i in report["linears"].values()}),
-               "low_bit_layers": report["low_bit_layers"], "seconds": round(time.perf_counter() - t0, 1)}
+               "low_layers": report.get("low_layers", []), "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name:>28}  {row['total_bytes'] / 1e6:8.2f} MB  {row['avg_bits']:.3f} bits  {metric.name} "
               f"{row['value']:.4g}  ({row['seconds']} s)", flush=True)
         return row
 
     rows = {}
+    if args.set == "whole":
+        return whole_model(args, run)
     for bits in (4, 3, 2):
         rows[f"uniform GPTQ-{bits} g128"] = run(f"uniform-gptq{bits}", formats=(f"gptq{bits}-g128",))
-    rows["entropy-LUQ k=3"] = run("entropy-k3", allocate="entropy", layers=3)
+    rows["entropy-LUQ k=3"] = run("entropy-k3", allocate="entropy", n_low_layers=3)
     decoder_only = ("embed", "head", "vision")
     for label, ref in (("GPTQ-3", "uniform GPTQ-3 g128"), ("entropy-LUQ k=3", "entropy-LUQ k=3")):
         slug = f"{ref.split()[0]}-{ref.split()[-1]}"
         rows[f"measured (decoder only) at {label}'s bytes"] = run(
-            f"measured-decoder-at-{slug}", budget_gb=rows[ref]["total_bytes"] / 1e9, keep_fp16=decoder_only)
+            f"measured-decoder-at-{slug}", budget_gb=rows[ref]["total_bytes"] / 1e9, keep=decoder_only)
         rows[f"measured (whole model) at {label}'s bytes"] = run(
             f"measured-whole-at-{slug}", budget_gb=rows[ref]["total_bytes"] / 1e9)
     vqa = args.model == "tiny-vlm"
@@ -105,6 +113,31 @@ def main(argv=None) -> None:
         outside = "; ".join(f"{kind} {info['bytes'] / 1e6:.1f} MB ({', '.join(sorted(info['formats']))})"
                             for kind, info in r["bytes_by_kind"].items() if kind != "decoder") or "kept fp16"
         print(f"| {name} | {r['total_bytes'] / 1e6:.2f} | {r['avg_bits']:.3f} | {r['value']:.4g} | {kl} | {outside} |")
+    for name, value in checks.items():
+        print(f"{name}: {value:.3f}")
+
+
+def whole_model(args, run) -> None:
+    """Uniform GPTQ-B g128 of the whole model (nothing kept at float16) and the measured allocation (the
+    default menu, the whole model in the budget) at whole-model GPTQ-3's bytes and at 75% of GPTQ-4's."""
+    rows = {}
+    for bits in (4, 3, 2):
+        rows[f"uniform whole-model GPTQ-{bits} g128"] = run(f"uniform-whole-gptq{bits}",
+                                                           formats=(f"gptq{bits}-g128",), keep=())
+    gptq3, gptq4 = rows["uniform whole-model GPTQ-3 g128"], rows["uniform whole-model GPTQ-4 g128"]
+    rows["measured at whole-model GPTQ-3's bytes"] = run("measured-at-whole-gptq3", budget_gb=gptq3["total_bytes"] / 1e9)
+    rows["measured at 75% of whole-model GPTQ-4's bytes"] = run("measured-at-75pc-whole-gptq4",
+                                                               budget_gb=0.75 * gptq4["total_bytes"] / 1e9)
+    checks = {"measured / uniform GPTQ-3 at its bytes": rows["measured at whole-model GPTQ-3's bytes"]["value"] / gptq3["value"],
+              "measured at 75% of GPTQ-4's bytes / uniform GPTQ-4":
+                  rows["measured at 75% of whole-model GPTQ-4's bytes"]["value"] / gptq4["value"]}
+    result = {"model": args.model, "set": "whole", "calibration": {"samples": args.samples, "seq_len": args.seq_len},
+              "metric": "perplexity", "eval_samples": args.eval_samples, "rows": rows, "checks": checks,
+              "threads": torch.get_num_threads()}
+    out = args.out or RESULTS / f"budget-whole-{args.model}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for name, r in rows.items():
+        print(f"{name}: {r['total_bytes'] / 1e6:.2f} MB, perplexity {r['value']:.3f}")
     for name, value in checks.items():
         print(f"{name}: {value:.3f}")
 

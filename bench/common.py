@@ -5,7 +5,7 @@ import argparse
 
 from luq.calibration import CalibrationConfig
 
-MODELS = ("smollm2", "tiny-vlm")
+MODELS = ("smollm2", "smollm2-offgrid", "tiny-vlm")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -135,7 +135,7 @@ def _budget_rows(b, keys):
 
 _DECODER_ONLY = [("uniform GPTQ-4 g128", "uniform GPTQ-4 g128", False),
                  ("measured at entropy-LUQ k=3's bytes", "measured (decoder only) at entropy-LUQ k=3's bytes", True),
-                 ("entropy-LUQ k=3 (`--allocate entropy --layers 3`)", "entropy-LUQ k=3", False),
+                 ("entropy-LUQ k=3 (`--allocate entropy --n-low-layers 3`)", "entropy-LUQ k=3", False),
                  ("measured at GPTQ-3's bytes", "measured (decoder only) at GPTQ-3's bytes", True),
                  ("uniform GPTQ-3 g128", "uniform GPTQ-3 g128", False),
                  ("uniform GPTQ-2 g128", "uniform GPTQ-2 g128", False)]
@@ -327,15 +327,16 @@ def _span(xs) -> str:
 @table("entropy", f"{RESULTS}/entropy-smollm2/entropy.json", f"{RESULTS}/entropy-tiny-vlm/entropy.json")
 def entropy_table(s, t):
     def col(e):
+        chosen = e.get("kmeans_clusters", e.get("k"))   # "k": an entropy.json of an older luq
         tok = e["tokens"]
         tokens = (f"{tok['text']:,} text" if not tok["image"] else
                   f"{tok['text']:,} text + {tok['image']:,} image ({tok['padding']:,} padding left out)")
-        kendall = ", ".join(bold(f"{d:.2f} (K={k})", k == e["k"]) if k in (e["kendall"][0][0], e["k"]) else f"{d:.2f}"
+        kendall = ", ".join(bold(f"{d:.2f} (K={k})", k == chosen) if k in (e["kendall"][0][0], chosen) else f"{d:.2f}"
                             for k, d in e["kendall"])
         image = e["image_entropy"]
         has_image = any(x is not None for x in image)
         higher = sum(i > t_ for t_, i in zip(e["text_entropy"], image) if i is not None)
-        return [tokens, str(e["k"]), kendall, _span(e["entropy"]), f"{_spearman_with_index(e['entropy']):.2f}",
+        return [tokens, str(chosen), kendall, _span(e["entropy"]), f"{_spearman_with_index(e['entropy']):.2f}",
                 ", ".join(map(str, e["ranking"][:10])) + ", …",
                 _span(e["text_entropy"]) if has_image else "—", _span(image) if has_image else "—",
                 bold(f"{higher} of {len(image)}") if has_image else "—"]
@@ -414,7 +415,7 @@ def calibration_mix(c):
     for r in c["rows"]:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:.2f}"
         frac = "-" if r["alpha"] is None else f"{r['multimodal_fraction']:.2f}"
-        low = ", ".join(map(str, r.get("low_bit_layers") or []))
+        low = ", ".join(map(str, r.get("low_layers", r.get("low_bit_layers")) or []))   # older: low_bit_layers
         rows.append([alpha, r["model"], frac, acc(r["vqa"]["value"]),
                      *(f"{r['vqa']['by_kind'][k]:.2f}" for k in kinds), f"{r['perplexity']:.2f}", f"[{low}]" if low else ""])
     return md(["α", "model", "multimodal token fraction", "VQA acc", *kinds, "perplexity", "BiLLM layers"], rows,
@@ -489,6 +490,64 @@ def inference_layer(run):
             ["transient tile MB", "", f"{s['gptq4_transient_bytes'] / 1e6:.1f}", "", ""]]
     return md([f"one decoder layer, width {s['width']}, MLP {s['intermediate']}", "float32", "GPTQ-4 g128",
                "ratio", "ratio by CPU time"], rows, "lrrrr")
+
+
+def _types(types: dict[str, int]) -> str:
+    """{'Q4_K': 16, 'Q5_0': 166, 'F32': 61} -> 'Q5_0 166, Q4_K 16' (the float vectors left out)."""
+    return ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda x: -x[1]) if t not in ("F32",))
+
+
+def gguf_rows(g):
+    """Every file of a bench.gguf run: llama.cpp's presets and luq's GGUFs, by size."""
+    rows = []
+    for r in sorted((r for r in g["rows"] if "error" not in r), key=lambda r: -r["tensor_bytes"]):
+        speed = [f"{r['prefill_tps']:.0f}", f"{r['decode_tps']:.1f}"] if "decode_tps" in r else ["", ""]
+        name = r["name"].replace("luq-at-", "luq at ") if r["tool"] == "luq" else r["name"]
+        rows.append([bold(name, r["tool"] == "luq"), mb(r["tensor_bytes"]), mb(r["file_bytes"]),
+                     f"{r['kl_divergence']:.4f}", ppl(r["perplexity"]), *speed, _types(r["types"])])
+    return md(["file", "tensor MB", "file MB", "mean KL", "perplexity", "prefill tok/s", "decode tok/s",
+               "tensor types"], rows, "lrrrrrrl")
+
+
+def gguf_pairs(g):
+    """luq at each preset's tensor bytes against that preset: sizes, KL divergence and its ratio, decode."""
+    by_name = {r["name"]: r for r in g["rows"] if r["tool"] == "llama.cpp" and "error" not in r}
+    smallest = min(by_name.values(), key=lambda r: r["tensor_bytes"])
+    rows = []
+    for r in (r for r in g["rows"] if r["tool"] == "luq"):
+        target = r["name"].replace("luq-at-", "")
+        peer = by_name.get(target, smallest)
+        if "error" in r:
+            rows.append([target, mb(peer["tensor_bytes"]), f"{peer['kl_divergence']:.4f}", "", "", "", "",
+                         r["error"]])
+            continue
+        ratio = r["kl_divergence"] / peer["kl_divergence"]
+        decode = f"{r['decode_tps'] / peer['decode_tps']:.2f}" if "decode_tps" in r and "decode_tps" in peer else ""
+        rows.append([target if target in by_name else f"{target} (vs {peer['name']})", mb(peer["tensor_bytes"]),
+                     f"{peer['kl_divergence']:.4f}", mb(r["tensor_bytes"]), f"{r['kl_divergence']:.4f}",
+                     bold(f"{ratio:.2f}", ratio <= 0.7), decode, ""])
+    return md(["size of", "llama.cpp tensor MB", "llama.cpp KL", "luq tensor MB", "luq KL", "KL ratio",
+               "decode ratio", "note"], rows, "lrrrrrrl")
+
+
+@table("gguf-smollm2-offgrid", f"{RESULTS}/gguf-smollm2-offgrid.json")
+def gguf_offgrid(g):
+    return gguf_rows(g)
+
+
+@table("gguf-smollm2-offgrid-pairs", f"{RESULTS}/gguf-smollm2-offgrid.json")
+def gguf_offgrid_pairs(g):
+    return gguf_pairs(g)
+
+
+@table("gguf-smollm2", f"{RESULTS}/gguf-smollm2.json")
+def gguf_smollm2(g):
+    return gguf_rows(g)
+
+
+@table("gguf-smollm2-pairs", f"{RESULTS}/gguf-smollm2.json")
+def gguf_smollm2_pairs(g):
+    return gguf_pairs(g)
 
 
 @table("kernels-binary", f"{RESULTS}/kernels-binary.json")
