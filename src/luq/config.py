@@ -41,8 +41,8 @@ class LUQConfig:
     the cache), or "sequential", the chain of already quantized layers (in the menu's first
     format while the cache is filled). final_pass (default) re-quantizes the chosen plan once
     more sequentially, each layer fed by the chosen quantized layers before it (GPTQ's
-    sequential mode, exactly): on SmolLM2-135M it lowered held-out perplexity from 31.01 to
-    30.46 with no low layer and from 102.97 to 74.26 with 4 (bench/hessian_source.py).
+    sequential mode, exactly): on SmolLM2-135M it lowered held-out perplexity, most with BiLLM
+    layers in the plan (bench/results/hessian_source.json, docs/architecture.md).
     storage_dtype: dtype of every unquantized tensor in the artifact (embeddings, norms,
     vision tower, projector, lm_head, when not quantized).
     keep: which units outside the decoder are kept, unquantized, at storage_dtype: any of

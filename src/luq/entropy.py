@@ -87,7 +87,7 @@ def _sq_dists(xb: torch.Tensor, cc: torch.Tensor, bias: torch.Tensor) -> torch.T
 
 def _column_sums(x: torch.Tensor, chunk: int) -> torch.Tensor:
     """Column sums of x, float32 within a chunk, float64 across chunks (a float64
-    reduction is 10x slower on CPU). NaN/inf anywhere make them non-finite."""
+    reduction is much slower on CPU). NaN/inf anywhere make them non-finite."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], chunk):
         total += _rows(x, s, s + chunk).sum(0)
@@ -136,7 +136,7 @@ def _assign(x: torch.Tensor, xn: torch.Tensor | None, mu: torch.Tensor, cc: torc
             if dev.type == "cpu" and xb.numel() < _SERIAL_SUM_ELEMENTS:
                 part.index_put_((lab,), xb, accumulate=True)  # serial: no thread start-up cost
             elif dev.type == "cpu":
-                part.index_add_(0, lab, xb)  # multi-threaded, but ~0.1 s fixed cost per call on a busy CPU
+                part.index_add_(0, lab, xb)  # multi-threaded, but a fixed cost per call on a busy CPU
             else:  # a one-hot matmul: deterministic, unlike atomic index_add_ on GPUs
                 onehot = torch.zeros(xb.shape[0], k, dtype=torch.float32, device=dev)
                 onehot.scatter_(1, lab[:, None], 1.0)

@@ -54,8 +54,8 @@ def _model(path: str | Path) -> Path:
 def _run(name: str, *args: object) -> str:
     """Run a tool; its stdout and stderr together (llama.cpp logs results to both). A non-zero exit
     is a LuqError with the tool's last line of stderr that names an error."""
-    # The tools use OpenMP: its spin-waiting threads ran llama-bench 10-100x slower whenever another
-    # process was busy on this 2-core machine (150 -> 1.5 prompt tokens/s); passive waiting does not.
+    # The tools use OpenMP: its spin-waiting threads ran llama-bench many times slower whenever another
+    # process was busy on this 2-core machine; passive waiting does not.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     proc = subprocess.run([str(llama_tool(name)), *map(str, args)], capture_output=True, text=True,
                           errors="replace", stdin=subprocess.DEVNULL, env=env)

@@ -38,7 +38,7 @@ Below = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 def sort_rows(x: torch.Tensor, indices: bool = False):
     """Each row of x sorted ascending (and, with `indices`, the sorting permutation). On the
-    CPU by numpy, whose vectorised sort of short rows is ~30x faster than torch's."""
+    CPU by numpy, whose vectorised sort of short rows is many times faster than torch's."""
     if x.device.type != "cpu":
         return x.sort(dim=-1) if indices else x.sort(dim=-1).values
     a = x.detach().contiguous().numpy()

@@ -11,7 +11,9 @@ asymmetric groups), `rtn<b>-g<g>` (the same grid, round-to-nearest, no Hessian) 
 formats `billm-k<k>g<G>` (BiLLM's solver, side information in few bits: k sparse
 weights per run of G columns coded as one k-of-G number, 5-bit log scales; see
 luq.quant.billm_compact), and `billm-k5g64f` (the same, solved column by column in
-act-order with GPTQ's error feedback, side information in 4 and 8 bits: ~1.6 true bits).
+act-order with GPTQ's error feedback, side information in 4 and 8 bits).
+The true bits and errors of every format on real and synthetic layers: bench/results/solvers*.json
+(`python -m bench.solvers`), rendered in docs/formats.md.
 """
 
 from __future__ import annotations
@@ -135,15 +137,16 @@ for _bits in GPTQ_MENU_BITS:
                                f"round-to-nearest {_bits}-bit, groups of {_group} (data-free baseline)"))
 register_format(Format("billm", BiLLM(), "BiLLM ~1-bit: salient columns at order 2, split non-salient "
                                           "weights; fp16 scales and means per 128-column block"))
-# compact BiLLM: (k, lam) measured on the 21 SmolLM2 linears (bench/solvers.py): true bits 2.06 / 1.81 / 1.60
-# at 0.85x / 1.14x / 1.55x BiLLM's mean output error (BiLLM: 3.11 true bits); bench/billm_compact_sweep.py
+# compact BiLLM: (k, lam) chosen on the 21 SmolLM2 linears by `python -m bench.billm_compact_sweep`
+# (bench/results/billm_compact_sweep.json); their true bits and errors against BiLLM's: bench/results/solvers.json,
+# docs/formats.md, "Compact BiLLM"
 for _k, _lam in ((16, 0.2), (8, 0.2), (4, 0.3)):
     register_format(Format(f"billm-k{_k}g64", CompactBiLLM(sparse_runs=((64, _k),), col_scale=True, lam=_lam),
                            f"compact BiLLM: {_k} sparse weights per 64 columns (one k-of-64 code), 5-bit log "
                            f"scales, fp16 column scales, salient columns priced at lam={_lam}"))
 # compact BiLLM solved as GPTQ solves: act-order, signs chosen column by column with error feedback; side
-# information in fewer bits (4-bit scales over 5 octaves, 8-bit column scales and row references): 1.594 true
-# bits at 1.18x BiLLM's mean error on the 21 SmolLM2 linears (bench/solvers.py)
+# information in fewer bits (4-bit scales over 5 octaves, 8-bit column scales and row references); its true
+# bits and error against BiLLM's on the 21 SmolLM2 linears: bench/results/solvers_issue14b.json (docs/formats.md)
 register_format(Format("billm-k5g64f", CompactBiLLM(
     sparse_runs=((64, 5),), lam=0.2, column_feedback=True, act_order=True, scale_bits=4, scale_octaves=5,
     ref_headroom=1.0, col_scale_bits=8, row_ref_bits=8),
@@ -151,7 +154,8 @@ register_format(Format("billm-k5g64f", CompactBiLLM(
     "with error feedback, 4-bit scales, 8-bit column scales and row references"))
 # billm-k5g64f with its scales fitted again to the values the signs were chosen on (refits=1), the
 # salient order-2 scale stored as 3 bits below the order-1 one, and salient columns priced lower
-# (lam 0.1): 1.5995 true bits at 1.142x BiLLM's mean error on the 21 SmolLM2 linears (bench/solvers.py)
+# (lam 0.1); its true bits and error against BiLLM's on the 21 SmolLM2 linears: bench/results/solvers_issue14c.json
+# (docs/formats.md)
 register_format(Format("billm-k5g64r", CompactBiLLM(
     sparse_runs=((64, 5),), lam=0.1, column_feedback=True, act_order=True, scale_bits=4, scale_octaves=5,
     ref_headroom=1.0, col_scale_bits=8, row_ref_bits=8, refits=1, delta_bits=3),
@@ -167,8 +171,9 @@ for _group in GPTQ_MENU_GROUPS:
 # the default menu of the measured allocation: every GPTQ grid (BiLLM stores 3 true bits
 # per weight and loses to GPTQ-3 there, so it is offered only when asked for)
 DEFAULT_MENU = tuple(f"gptq{b}-g{g}" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_GROUPS)
-# the compact 1-bit formats (1.6, 1.8 and 2.1 true bits): below uniform GPTQ-3's size they lower the
-# measured allocation's perplexity many times over (docs/results.md, section 3); `--formats default,compact`
+# the compact 1-bit formats (their true bits: bench/results/solvers.json): below uniform GPTQ-3's size they lower
+# the measured allocation's perplexity many times over (bench/results/frontier-smollm2-compact-menu.json,
+# docs/results.md, section 3); `--formats default,compact`
 COMPACT_MENU = ("billm-k5g64r", "billm-k8g64", "billm-k16g64")
 MENUS = {"default": DEFAULT_MENU, "compact": COMPACT_MENU}
 
@@ -176,7 +181,8 @@ MENUS = {"default": DEFAULT_MENU, "compact": COMPACT_MENU}
 # stored byte for byte as ggml stores it (a plan over them exports to GGUF without quantizing again), and
 # `rtn-<type>`: the same grids, round-to-nearest. A type stores only weights whose input columns its block
 # (32, or 256 for the K-quants and tq*) divides: `Format.supports`. tq2_0 / tq1_0 (ternary, one grid stored two
-# ways) are registered but not in the menu: on SmolLM2's down_projs they measured 5-7x q2_k's output error.
+# ways) are registered but not in the menu: on SmolLM2's down_projs their output error is several times q2_k's
+# (tests/test_ggml_formats.py; no result file holds the figures).
 GGML_MENU = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "iq4_nl", "q3_k", "q2_k")
 for _type in GGML_MENU + ("tq2_0", "tq1_0"):
     register_format(Format(_type, GGML(_type), f"llama.cpp {_type.upper()} ({GGML_BITS[_type]:g} bits): GPTQ "

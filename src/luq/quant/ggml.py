@@ -628,10 +628,10 @@ class GGML(_TypeSizes):
     block_size: columns per lazy batch update, rounded to whole ggml blocks. order: the solving order
     (`_solving_order`). With "blocks" and "natural" each block's grid is fitted when its first column is
     reached, on the weights as updated so far; with "columns" (act-order across blocks) every grid is
-    fitted first on the original weights, as GPTQ's static groups. Measured output errors on SmolLM2's
-    linears (off-grid, tests/test_ggml_formats.py): "blocks" is 5-40% below "natural" on every type and layer
-    tried; "columns" is 3-20% below "blocks" for q6_k, q5_k, q4_k on the down_projs, within -20%..+23% of it
-    for q3_k, q2_k, tq*, and 5-17% above it for the legacy types on the 576-column linears.
+    fitted first on the original weights, as GPTQ's static groups. On SmolLM2's linears (off-grid, the
+    problems of tests/test_ggml_formats.py; one-off runs, no result file) "blocks" gave a lower output error
+    than "natural" on every type and layer tried; "columns" was below "blocks" for q6_k, q5_k, q4_k on the
+    down_projs, on either side of it for q3_k, q2_k and tq*, and above it for the legacy types.
     """
 
     type: str = "q4_k"

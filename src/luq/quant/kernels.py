@@ -18,20 +18,17 @@ y = x W_hat^T without materialising W_hat for a few tokens:
       sign, the second sign (salient) or the signed sparse mask (others), and the sparse
       mask times the difference of the means. The column scales of compact BiLLM multiply
       the input.
-  Exact up to bfloat16: the kernel takes bfloat16 activations (its float32 path is ~25x
-  slower on CPU), rounds its scales to bfloat16 and returns bfloat16.
+  Exact up to bfloat16: the kernel takes bfloat16 activations (its float32 path is far slower
+  on CPU), rounds its scales to bfloat16 and returns bfloat16.
   On an x86 CPU with AVX2 and FMA where torch's capability is AVX2 or the portable default
   (`INT4_GEMV_CAPABILITIES`: there torch's op is slower than float32 F.linear on small layers), few
   tokens (< `dense_from`) take a compiled GEMV instead (`Int4Kernel.gemv_mm`: luq.quant.native.int4_gemv)
   that reads the same packed terms in place, with float32 activations and sums (the scales and zeros
-  stay the op's bfloat16 ones): `python -m bench.kernels --only gemv` on an AVX2 EPYC, one token,
-  1 thread: 2.0-2.3x faster than the op and 1.3-1.5x faster than float32 F.linear on SmolLM2's
-  576x576, 1536x576 and 576x1536 (192x576: 1.6x the op, 0.82x F.linear: a call's fixed cost), 2.4x
-  and 3.1x on 4096x4096; 1.1-2.1x faster than the op at every count from 2 to 31 tokens. SmolLM2
-  GPTQ-4 g128 decode, 2 threads: 1.56x dense float32's speed in `python -m bench.inference` (1.32x
-  with the op, in a second run; 1.42x against 1.24x with the two alternating in one process). Where it
-  does not build, torch's op serves (one FallbackWarning); AVX-512's op was not measured against it
-  and serves there.
+  stay the op's bfloat16 ones). Its times against the op and float32 F.linear, per shape and token
+  count: `python -m bench.kernels --only gemv` (bench/results/kernels-gemv.json); a whole model's
+  decode with it: `python -m bench.inference` on an AVX2 CPU (bench/results/inference-avx2.json); both
+  rendered in docs/performance.md. Where it does not build, torch's op serves (one FallbackWarning);
+  AVX-512's op was not measured against it and serves there.
   The kernel's time grows linearly with the tokens (it re-expands the weight for every 4
   rows of input), so from `DENSE_FROM_TOKENS` tokens on (prompts) the same packed terms are
   expanded once per call into a transient bfloat16 tile of W^T, `DENSE_TILE_BYTES` at most,
@@ -40,7 +37,7 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   (`CpuPacking`: blocks of 64 rows on AVX-512, 32 on AVX2 and the portable default, two rows
   per byte; `cpu_packing` finds this process's by packing a probe), in one compiled pass that
   also sums the terms of each input column (luq.quant.native), or with torch ops where the
-  helper does not build (the terms side by side, ~3x slower); where the packing is none of
+  helper does not build (the terms side by side, slower); where the packing is none of
   these, prompts stay on the int4 kernel. Every such fallback warns once (FallbackWarning).
   CUDA (compute capability 8.0+): the codes go to tinygemm nibble-packed (`pack_nibbles`: two
   columns per byte, the even one high) with the widest inner k-tiling that divides the inner
@@ -48,33 +45,29 @@ y = x W_hat^T without materialising W_hat for a few tokens:
   torch ops (`_expand_tinygemm`), from `DENSE_FROM_TOKENS_CUDA` tokens. Each CUDA kernel is probed
   once at build (`probed_kernel`): a fixed random input through the op must match the terms' exact
   weight to SELF_CHECK_TOL, else (or if the op raises: old GPU, missing op) one warning line and the
-  tiled kernel. `python bench/cuda_check.py` checks and times it on a GPU: on an H200 (torch 2.11,
-  bench/results/cuda_check-*.json) every probe passed, GPTQ-3/4, BiLLM and compact BiLLM within 2.7e-3
-  to 3.7e-3 of the exact weight on 4096x4096 and 576x576; one token on 4096x4096 GPTQ-4 took 0.018 ms
-  against 0.027 for bfloat16 F.linear.
+  tiled kernel. `python bench/cuda_check.py` checks and times it on a GPU; its probes, errors and times
+  on an H200 are in bench/results/cuda_check-*.json (docs/performance.md, "CUDA").
 - `BinaryKernel` (CPU, binarized weights: the default where the compiled helper builds): BiLLM and
   compact BiLLM kept as two 1-bit planes (first sign; one second plane: the second sign on salient
   columns, the sparse mask on the others), the salient column mask, the per-row-per-block scales and
   means (BiLLM's float16; compact BiLLM's 1-byte codes, a row reference and two tables, decoded as
   `dequantize` decodes them) and the input gather (each block's salient columns first, then
   act-order) and column scales. It gives back the stored tensors its planes determine
-  (`stored_tensors`), so that its QuantLinear frees them: a 4096x4096 BiLLM layer holds 3.01 bits per
-  weight in all (stored: 3.00), against ~18 for int4 terms; compact BiLLM on the planes (LUQ_KERNEL=binary)
-  3.02 (stored 1.51). Few
+  (`stored_tensors`), so that its QuantLinear frees them: what a layer then holds, against its stored
+  bits and against the int4 terms, is in bench/results/kernels-binary.json (docs/performance.md). Few
   tokens (< `BINARY_DENSE_FROM_TOKENS`): per token, a table of the 256 subset sums of the 8 inputs of
   each byte position; per row and block, five sums by lookups (one per byte of each plane and two on
   salient bytes) combined with the block's 4 scales and means, in float32 from float32 inputs
-  (matches `dequantize()` to ~3e-7 relative). Prompts: a transient bfloat16 tile of W
-  (DENSE_TILE_BYTES at most) expanded from the planes, one bfloat16 GEMM. Both in C
-  (luq.quant.native, binary_gemm.c). `python -m bench.kernels --only binary` (2 threads, wall-clock
-  medians; bench/results/kernels-binary.json), one token against the int4 terms: 0.8-1.0x their time
-  on BiLLM (4096x4096: 1.79 vs 1.91 ms), 1.1-1.3x on compact BiLLM; crossover lookups -> tile at 4
-  tokens (8 on 576x576). LUQ_KERNEL=int4 keeps the terms.
+  (matches `dequantize()` to float32 rounding: tests/test_kernels.py, LOOKUP_TOL). Prompts: a transient
+  bfloat16 tile of W (DENSE_TILE_BYTES at most) expanded from the planes, one bfloat16 GEMM. Both in C
+  (luq.quant.native, binary_gemm.c). Their times against the int4 terms, and the token count from which
+  the tile wins, per shape: `python -m bench.kernels --only binary` (bench/results/kernels-binary.json).
+  LUQ_KERNEL=int4 keeps the terms.
 - `CompactBinaryKernel` (CPU, compact BiLLM: the default where the compiled helpers build): the same two
   paths read from the stored tensors themselves (signs, salient mask, second signs on salient columns,
   scale codes: compact_gemm.c), plus the sparse group decoded once into a byte per sparse weight (or a
   bit per weight where that is no larger), so that a layer holds about its stored bits rather than
-  twice them (figures in the class doc).
+  twice them (bench/results/kernels-binary.json).
 - `TiledKernel`: anything the int4 kernel refuses (shapes not divisible by 16 rows / 32
   columns, other devices, a CUDA kernel that failed its probe): de-quantize a tile of rows and
   multiply, tile by tile.
@@ -104,41 +97,52 @@ from luq.quant.packing import pack_bits, pack_bool, unpack_bits, unpack_bool
 INT4_GROUPS = (256, 128, 64, 32)
 TERM_GROUP = 32      # kernel group of the binarized transcoding (salient / other columns of a block)
 # Inputs of at least this many tokens take the dense bfloat16 path (expand + GEMM) instead of the int4
-# kernel, for weights of one int4 term (GPTQ <= 4 bits) and of several (8-bit GPTQ, BiLLM): the crossovers
-# measured by `python -m bench.kernels` (2 threads; one term: 24-64 tokens by shape, mostly 32; BiLLM: 12).
+# kernel, for weights of one int4 term (GPTQ <= 4 bits) and of several (8-bit GPTQ, BiLLM). Set from the
+# per-shape `crossover` fields of bench/results/kernels.json (`python -m bench.kernels`; docs/performance.md,
+# "Prompts"): "one term" is the crossover of most GPTQ-4 shapes there. "several terms": that file times only
+# BiLLM (three terms), whose crossovers lie below this value; the code keeps the higher value for every
+# weight of several terms, 8-bit GPTQ's two included, which the file does not time.
 DENSE_FROM_TOKENS = {"one term": 32, "several terms": 16}
-# BinaryKernel: from this many tokens on, the bfloat16 tile + GEMM instead of the subset-sum lookups
-# (`python -m bench.kernels --only binary`: 3-4 tokens by shape, 8 on 576x576 where 4 costs 0.31 vs 0.40 ms)
+# BinaryKernel: from this many tokens on, the bfloat16 tile + GEMM instead of the subset-sum lookups. The
+# per-shape crossovers are the `crossover` fields of bench/results/kernels-binary.json (`python -m bench.kernels
+# --only binary`); they differ by shape and format, and the code uses the smallest of them, so on the shapes
+# whose crossover is later, counts between this one and theirs take the tile where the lookups timed faster.
 BINARY_DENSE_FROM_TOKENS = 4
 # CompactBinaryKernel: a position in a block is one byte, NO_POSITION marking a stored code that names no
 # sparse weight (a salient column, or one past the block's end)
 NO_POSITION, MAX_POSITION_BLOCK = 255, 248
 DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile of that path
 # Below this many kernel weights (rows x inner columns), the CPU int4 op runs on one thread: waking
-# torch's other OpenMP threads (OMP_WAIT_POLICY=PASSIVE) costs ~50 us a call, more than a small product
-# takes. `python -m bench.kernels --only threads` (one token, 2 threads vs 1): 576x576 69 vs 24 us,
-# 1536x576 106 vs 52, 1024^2 111 vs 68; from 2048^2 (4.2 M weights) the two are within noise.
+# torch's other OpenMP threads (OMP_WAIT_POLICY=PASSIVE) costs more than a small product takes.
+# `python -m bench.kernels --only threads` (bench/results/kernels-threads.json, `rows`: one token, 2 threads
+# vs 1; docs/performance.md) found one thread faster on every shape up to 1024x1024 (1 M weights) and two
+# threads faster at 2048x2048 (4 M); the code puts the threshold between them, at 2 M. That file's
+# `int4_one_thread_below` field (8 M) is not this value: it records the constant in the code when the run
+# was made, which would have put 2048x2048 on the slower single thread. Rerun `--only threads` to record 2 M.
 INT4_ONE_THREAD_BELOW = 2 * 2 ** 20
 # torch's CPU capabilities on which few tokens (< dense_from) take the compiled int4 GEMV
-# (luq.quant.native.int4_gemv) instead of torch's op, on an x86 CPU with AVX2 and FMA. `python -m bench.kernels
-# --only gemv` (AVX2 EPYC, 1 thread, wall-clock medians, alternating): one token 576x576 28 vs 57 us (float32
-# F.linear 36), 192x576 15 vs 24 (12), 1536x576 64 vs 137 (94), 576x1536 61 vs 136 (78), 4096x4096 1.01 vs
-# 2.46 ms (3.14); 1.1-2.1x faster than the op at every count from 2 to 31 tokens (2 threads). Under the
-# portable default (ATEN_CPU_CAPABILITY=default) the op took 914 us on 576x576 against the GEMV's 33. AVX-512's
-# op (block-64 packing, which the GEMV reads too) is not measured against it, so it keeps the op.
+# (luq.quant.native.int4_gemv) instead of torch's op, on an x86 CPU with AVX2 and FMA. AVX2: `python -m
+# bench.kernels --only gemv` (bench/results/kernels-gemv.json, `one_token` and `by_tokens`; AVX2 EPYC) has the
+# GEMV faster than the op at every shape and token count it times. The portable default
+# (ATEN_CPU_CAPABILITY=default), where the op was slower still, was timed once by hand (no result file).
+# AVX-512's op (block-64 packing, which the GEMV reads too) is not measured against it, so it keeps the op.
 INT4_GEMV_CAPABILITIES = ("AVX2", "DEFAULT")
 # Where the GEMV serves, prompts take the dense path only from this many tokens: the GEMV's time grows with the
-# tokens, the dense path's expansion is paid once per call. Measured with 2 threads on the AVX2 EPYC (loaded,
-# medians of 7): the GEMV 1.4-4.5x faster than the dense path at 64 and 128 tokens on SmolLM2's 576x576,
-# 1536x576 and 576x1536, still faster at 192 (1.4-2.2x), mixed at 256 and 384.
+# tokens, the dense path's expansion is paid once per call. bench/results/kernels-gemv.json (`by_tokens`) has
+# the GEMV faster than the dense path at every count it times, up to 31 tokens; the value was set by a one-off
+# run at 64 to 384 tokens on SmolLM2's shapes (2 threads, AVX2 EPYC), where the GEMV still won at 192 and the
+# two were mixed above. No result file holds that run.
 GEMV_DENSE_FROM_TOKENS = 192
 TINYGEMM_N_TILE, TINYGEMM_K_TILE = 8, 16   # rows and columns per tile of tinygemm's (CUDA) packing
 # On CUDA, prompts from this many tokens take the dense path (expand + cuBLAS): tinygemm dequantizes the
-# whole weight again for every 16 tokens. `python bench/cuda_check.py` on an H200: from 512 tokens on
-# 4096x4096 (GPTQ-3/4, BiLLM, compact BiLLM: 512 tokens 0.61 vs 0.32 ms for GPTQ-4); on 576x576 the int4 op
-# stays faster up to 2048 tokens (0.066 vs 0.142 ms), where the dense path costs ~0.1 ms a call more.
+# whole weight again for every 16 tokens. Set from the `crossover` fields of bench/results/cuda_check-4096.json
+# (every format) and cuda_check-576.json (the op stays faster about as far as it was timed): `python
+# bench/cuda_check.py` on an H200, docs/performance.md, "CUDA". Those runs' `dense_from` field (128) is the
+# constant in the code when they were made, not this value.
 DENSE_FROM_TOKENS_CUDA = 512
-SELF_CHECK_TOL = 2e-2   # relative output error the build probe accepts: bf16 rounding is ~3e-3, a wrong layout ~1
+# relative output error the build probe accepts: bfloat16 rounding errs by the order of 2^-8 (the errors the probe
+# saw on an H200: bench/results/cuda_check-*.json), a wrong layout by the order of 1
+SELF_CHECK_TOL = 2e-2
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ def cpu_packing(capability: str) -> CpuPacking | None:
 def gemm_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the prompt paths' GEMM: bfloat16 on GPUs and on CPUs with bfloat16 dot products
     (avx512_bf16, AMX, Arm's bf16), float32 elsewhere. On an AVX2 CPU torch's bfloat16 GEMM is emulated:
-    `python -m bench.inference` measured SmolLM2's 128-token prefill in bfloat16 at 0.24x float32's speed."""
+    the dense bfloat16 row of bench/results/inference-avx2.json (`python -m bench.inference`) shows its prefill."""
     if device.type != "cpu":
         return torch.bfloat16
     return torch.bfloat16 if _bf16_dot_products() else torch.float32
@@ -458,7 +462,7 @@ class Int4Kernel(nn.Module):
         wt = self.expand_codes(r0, r1, torch.empty(self.kt, r1 - r0, dtype=torch.bfloat16, device=self.packed.device))
         w = wt.view(-1, self.group, r1 - r0)
         sz = self.scales_zeros[:, r0:r1]
-        w.sub_(8).mul_(sz[:, None, :, 0].contiguous())   # contiguous: the strided view is 2x slower
+        w.sub_(8).mul_(sz[:, None, :, 0].contiguous())   # contiguous: the strided view is slower
         if not self.zero_free:
             w.add_(sz[:, None, :, 1].contiguous())
         return wt
@@ -511,7 +515,7 @@ class Int4Kernel(nn.Module):
 
     def gather(self, x2: torch.Tensor, transposed: bool = False) -> torch.Tensor:
         """The input column read by each kernel column (a zero column for padding), along the last dimension.
-        transposed (x2 2-D): gathered as rows of x2^T (a strided result, ~5x faster than gathering columns
+        transposed (x2 2-D): gathered as rows of x2^T (a strided result, faster than gathering columns
         for long inputs)."""
         if self.pad:
             x2 = nn.functional.pad(x2, (0, 1))
@@ -616,7 +620,7 @@ class BinaryKernel(nn.Module):
         """(values, row_ref, scale_table, mean_table) for the C kernel: uint8 codes [rows, n_blocks, 8] with
         their row references and tables where the weight has them (`parameter_codes`, compact BiLLM: 1 byte
         a parameter instead of 4) and they decode to exactly `params`; else float16 where that is exact
-        (BiLLM stores float16; with F16C as fast as float32: 209 vs 211 us per 576x1536 token), else float32."""
+        (BiLLM stores float16; with F16C about as fast as float32, in a one-off timing), else float32."""
         codes = getattr(qweight, "parameter_codes", None)
         if codes is not None:
             ref, c, scale_table, mean_table = (t.cpu() for t in codes(0, qweight.shape[0]))
@@ -729,7 +733,7 @@ class CompactBinaryKernel(BinaryKernel):
     """A compact BiLLM weight (`CompactBiLLMWeight`) multiplied from its stored tensors (compact_gemm.c):
     the salient mask, second signs and scale (delta, mean) codes are the very tensors its QuantLinear holds,
     read in stored column order, salient columns through the mask. What the kernel holds besides: the signs
-    block by block (`_by_block`: read in stored order they strided the rows, up to 2x the time); the sparse
+    block by block (`_by_block`: read in stored order they strided the rows, which cost time); the sparse
     group decoded once (`sparse`, block by block too), as positions (one byte per sparse weight: 0.63 bit per
     weight at 5 of 64; NO_POSITION where a stored code names no sparse weight, its value kept in
     `not_sparse`) or, where that is no larger (8 or more of 64), as a bit per weight: decoding the k-of-G
@@ -740,8 +744,8 @@ class CompactBinaryKernel(BinaryKernel):
     byte of the bits), in float32 as BinaryKernel; prompts: a transient bfloat16 tile of W and one bfloat16
     GEMM. `build` gives None where the C kernel's decoding of the scale codes would not give
     `parameters_rows` exactly or a position does not fit a byte (BinaryKernel then serves the weight).
-    `python -m bench.kernels --only binary`: billm-k5g64r on 4096x4096 holds 1.79 bits per weight with its
-    QuantLinear (stored 1.51; 3.02 on the planes), one token 1.0-1.4x the planes' time by shape."""
+    What it holds against the stored bits and against the planes, and its time against the planes':
+    `python -m bench.kernels --only binary` (bench/results/kernels-binary.json; docs/performance.md)."""
 
     name = "compact"
 

@@ -133,7 +133,7 @@ class QuantLinear(PackedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        out = self.kernel.forward(x, dtype)  # not kernel(...): nn.Module's call machinery costs ~10 us a token
+        out = self.kernel.forward(x, dtype)  # not kernel(...): nn.Module's call machinery costs time every token
         if self.bias is not None:
             out += self.bias.to(dtype)
         return out

@@ -41,7 +41,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_INPUT_ROWS = 2048
-_BATCH = 4  # sequences per forward: batching is ~2x faster than one at a time on a CPU
+_BATCH = 4  # sequences per forward: batching is faster than one at a time on a CPU
 
 # Bump when the content of a cache entry changes (the problems depend on the Wikipedia text).
 _SMOLLM2_CACHE = "smollm2-135m-instruct-q4_1-hf-v1"

@@ -80,7 +80,7 @@ def _build(source: Path, target: Path) -> None:
 
 
 # what serves each helper's work where it did not build
-FALLBACKS = {"expand_int4": "int4 prompts expand with torch ops (~3x slower)",
+FALLBACKS = {"expand_int4": "int4 prompts expand with torch ops (slower)",
              "int4_gemv": "few tokens take torch's int4 op (on AVX2 slower than float32 F.linear)",
              "binary_gemm": "binarized weights take the int4 terms (~6x the memory) or the tiled kernel",
              "compact_gemm": "compact BiLLM takes the bit planes (~2x the memory)",
@@ -88,17 +88,17 @@ FALLBACKS = {"expand_int4": "int4 prompts expand with torch ops (~3x slower)",
 
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
-# binary_gemv: plane bytes (8 weights each) per thread at least. Handing a call to the thread pool costs
-# ~50 us, a single-thread call on SmolLM2's largest linear (110,592 bytes) ~160 us: measured with 2
-# threads on the shared 2-core machine, where a second thread sped no shape up (4096x4096: 4.2 ms on
-# one thread, 4.6 on two), so SmolLM2's linears take one thread and a 4096x4096 layer (2M bytes) several.
+# binary_gemv: plane bytes (8 weights each) per thread at least. Handing a call to the thread pool cost a
+# large part of what a single-thread call on SmolLM2's largest linear (110,592 bytes) takes, and on the shared
+# 2-core machine a second thread sped no shape up (timed by hand with 2 threads; no result file holds these
+# timings), so SmolLM2's linears take one thread and a 4096x4096 layer (2M bytes) several.
 GEMV_BYTES_PER_THREAD = 2 ** 19
 # int4_gemv: weights per thread at least. `python -m bench.kernels --only gemv` on the shared 2-core machine
-# (one token, 1 thread vs 2, rows split): a second thread sped no shape up (1536x576 64 vs 147 us: the pool's
-# handoff; 4096x4096 1.28 vs 1.49 ms; 11008x4096 2.66 vs 2.83 ms), as for binary_gemv above, nor did splitting
-# by weights x tokens (31 tokens on 1536x576: 1.30 ms split in two, 0.87 on one thread, in two runs); so
-# SmolLM2's linears take one thread at any token count, and only weights where one token takes ~1 ms
-# (4096x4096: two parts) are split.
+# (bench/results/kernels-gemv.json, `thread_split`: one token, rows split over 1 thread vs 2) found a second
+# thread slower on every shape it tried, up to 11008x4096 (the pool's handoff), as for binary_gemv above;
+# splitting by weights x tokens did not pay either (a one-off run, no result file). So SmolLM2's linears take
+# one thread at any token count, and only weights of 4096x4096 and up (two parts there) are split. That file's
+# `int4_gemv_macs_per_thread` field is this constant under its former name.
 INT4_GEMV_WEIGHTS_PER_THREAD = 2 ** 23
 # the functions of each source: name -> argument types (every one returns int: 0, or 1 for no memory)
 SIGNATURES = {

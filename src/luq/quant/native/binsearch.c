@@ -1,7 +1,7 @@
 /* BiLLM's two searches (luq.quant.binsearch) row by row: the same closed forms as the torch
    version, from one sorted copy of each row and its prefix sums, in double precision, with no
    [rows, candidates, columns] temporaries. Hand-written because the torch form spends most of
-   its time building and searching those temporaries (4x slower on 2 threads).
+   its time building and searching those temporaries (several times slower, timed by hand).
 
    below(t) over a sorted range: (count, sum) of its values < t, by binary search.
 

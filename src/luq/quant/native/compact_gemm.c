@@ -135,7 +135,7 @@ int luq_compact_gemv(const int64_t *d, void *const *p, const float *x, const flo
             load_params(d, p, r, b, a);
             uint64_t w[4] = {0, 0, 0, 0};   /* the block's first signs as 256 bits (zero past its end) */
             if (!d[SPMAP]) {
-                if (q1 - q0 == 16)   /* a constant size: inlined (a call per row and block costs ~10% here) */
+                if (q1 - q0 == 16)   /* a constant size: inlined (a call per row and block cost measurable time here) */
                     memcpy(w, u1 + q0, 16);
                 else
                     memcpy(w, u1 + q0, (size_t)(q1 - q0));
