@@ -45,13 +45,16 @@ def main(argv=None) -> None:
     add_model_args(p)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--vqa-per-kind", type=int, default=15)
-    p.add_argument("--work", type=Path, default=Path("out/bench-budget"))
+    p.add_argument("--work", type=Path, default=None, help="default out/bench-budget[-MODEL]")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--set", choices=("all", "whole"), default="all",
                    help="whole: only the whole-model uniform baselines and the measured allocation at their bytes")
     args = p.parse_args(argv)
+    args.work = args.work or Path("out/bench-budget" + ("" if args.model == "smollm2" else f"-{args.model}"))
     calibration = calibration_of(args)
-    common = dict(calibration=calibration, kmeans_clusters=args.k, validation_samples=args.eval_samples)
+    common = dict(calibration=calibration, validation_samples=args.eval_samples)
+    if args.set == "all":   # the paper's entropy ranking is one of its rows (K-means clusters)
+        common["kmeans_clusters"] = args.k
 
     def run(name: str, **kw) -> dict:
         t0 = time.perf_counter()

@@ -1,0 +1,78 @@
+"""How long `luq quantize smollm2 --formats gptq3-g128` takes now against an earlier commit of luq, the two
+runs side by side (started together, one thread each, so the machine's load falls on both alike).
+
+A one-format model needs no measurement: the current flow solves it in one sequential pass. The earlier
+flow (default: commit 1cf34b0, before the Session) ran the variant pass, a sensitivity pass over every
+layer and a final pass that solved everything again. Each side gets a fresh variant cache, so nothing is
+reused. Writes bench/results/flow-time.json: wall seconds of each, their ratio, and whether each log shows
+a sensitivity pass.
+
+    python -m bench.flow_time                       # needs git and this repository's history
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+COMMAND = ["quantize", "smollm2", "--formats", "gptq3-g128"]
+
+
+def checkout(commit: str, where: Path) -> Path:
+    """The source tree of `commit` (git archive: no worktree bookkeeping left behind)."""
+    where.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "x", "-C", str(where)], input=archive, check=True)
+    return where / "src"
+
+
+def start(src: Path, out: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    args = [sys.executable, "-c", "import sys; from luq.cli import main; sys.exit(main())", *COMMAND,
+            "--out", str(out / "artifact"), "--cache-dir", str(out / "cache")]
+    return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--old", default="1cf34b0", help="the earlier commit")
+    p.add_argument("--new", default="HEAD")
+    p.add_argument("--json", type=Path, default=RESULTS / "flow-time.json")
+    args = p.parse_args(argv)
+    revs = {side: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+            for side, rev in (("old", args.old), ("new", args.new))}
+    with tempfile.TemporaryDirectory(prefix="luq-flow-") as tmp:
+        tmp = Path(tmp)
+        procs, t0 = {}, time.perf_counter()
+        for side, rev in revs.items():
+            (tmp / side).mkdir()
+            procs[side] = start(checkout(rev, tmp / f"{side}-src"), tmp / side, tmp / f"{side}.log")
+        seconds = {}
+        while len(seconds) < len(procs):
+            for side, proc in procs.items():
+                if side not in seconds and proc.poll() is not None:
+                    if proc.returncode != 0:
+                        sys.exit(f"{side} ({revs[side]}) failed: {(tmp / f'{side}.log').read_text()[-2000:]}")
+                    seconds[side] = round(time.perf_counter() - t0, 1)
+                    print(f"{side} ({revs[side]}): {seconds[side]} s", flush=True)
+            time.sleep(1)
+        logs = {side: (tmp / f"{side}.log").read_text() for side in procs}
+    result = {"command": "luq " + " ".join(COMMAND), "commits": revs, "seconds": seconds,
+              "ratio_new_to_old": round(seconds["new"] / seconds["old"], 3),
+              "sensitivity_pass": {side: "sensitivity" in log for side, log in logs.items()},
+              "threads_each": 1, "side_by_side": True}
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
