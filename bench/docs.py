@@ -492,6 +492,21 @@ def inference_layer(run):
                "ratio", "ratio by CPU time"], rows, "lrrrr")
 
 
+@table("budget-whole-smollm2-offgrid", f"{RESULTS}/budget-whole-smollm2-offgrid.json")
+def budget_whole_offgrid(b):
+    """Uniform whole-model GPTQ (embedding and head quantized too) and the measured allocation at their bytes."""
+    rows = []
+    for name, r in b["rows"].items():
+        outside = "; ".join(f"{kind} {info['bytes'] / 1e6:.1f} MB ({', '.join(fmt_name(f) for f in sorted(info['formats']))})"
+                            for kind, info in r["bytes_by_kind"].items() if kind != "decoder")
+        luq_row = name.startswith("measured")
+        rows.append([bold(name, luq_row), mb(r["total_bytes"]), bits(r["avg_bits"]), bold(ppl(r["value"]), luq_row),
+                     "" if r.get("measured_cost") is None else f"{r['measured_cost']:.4f}", outside])
+    checks = [[k, f"{v:.3f}"] for k, v in b["checks"].items()]
+    return (md(["model", "total MB", "true avg bits", "perplexity", "KL from fp", "embedding / head"], rows, "lrrrrl")
+            + "\n" + md(["ratio", "value"], checks, "lr"))
+
+
 def _types(types: dict[str, int]) -> str:
     """{'Q4_K': 16, 'Q5_0': 166, 'F32': 61} -> 'Q5_0 166, Q4_K 16' (the float vectors left out)."""
     return ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda x: -x[1]) if t not in ("F32",))

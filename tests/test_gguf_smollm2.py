@@ -5,8 +5,8 @@ perplexity equals luq's torch evaluation of the same artifact on the same tokens
 llama.cpp multiplies quantized weights by activations it rounds to 8 bits (Q8_0) and keeps an f16 KV
 cache, so the two differ by those roundings alone. Measured here (8 chunks of 128 tokens): this Q8_0 file
 23.3505 in llama.cpp against 23.3651 in luq (0.06% apart); a mixed file of luq's ggml budget mode on the off-grid control (Q5_0,
-Q5_1, Q8_0, Q6_K, Q5_K, IQ4_NL) 0.09%; a Q4_0 file 0.65%, where llama.cpp's rounding of the activations
-weighs more against the coarser weights. A wrong rotary order or norm moves llama.cpp's figure by 10% and
+Q5_1, Q8_0, Q6_K, Q5_K, IQ4_NL) 0.09%; a Q4_0 file 0.65% (why Q4_0 differs more is not
+established). A wrong rotary order or norm moves llama.cpp's figure by 10% and
 more (tests/test_export_gguf_ggml.py)."""
 
 import math
