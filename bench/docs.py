@@ -105,19 +105,7 @@ def value(v: float, higher_is_better: bool) -> str:
 
 # ------------------------------------------------------------------------------------------- README
 
-@table("readme-budget", f"{RESULTS}/budget-smollm2.json")
-def readme_budget(b):
-    rows = b["rows"]
-    picks = [("uniform GPTQ-4 g128 (float16 embedding)", "uniform GPTQ-4 g128", False),
-             ("entropy-LUQ k = 3 (the paper's method)", "entropy-LUQ k=3", False),
-             ("luq default at entropy-LUQ k = 3's bytes", "measured (whole model) at entropy-LUQ k=3's bytes", True),
-             ("uniform GPTQ-3 g128", "uniform GPTQ-3 g128", False),
-             ("luq default at GPTQ-3's bytes", "measured (whole model) at GPTQ-3's bytes", True),
-             ("uniform GPTQ-2 g128", "uniform GPTQ-2 g128", False),
-             ("luq default at 75 MB", "measured (whole model) at 75 MB", True)]
-    return md(["model", "total MB", "perplexity"],
-              [[bold(label, b_), mb(rows[key]["total_bytes"]), bold(ppl(rows[key]["value"]), b_)]
-               for label, key, b_ in picks], "lrr")
+# README's table is gguf-smollm2-offgrid-pairs (below, with docs/gguf.md's).
 
 
 # ------------------------------------------------------------------------------------------- docs/results.md
@@ -525,9 +513,10 @@ def gguf_rows(g):
 
 
 def gguf_pairs(g):
-    """luq at each preset's tensor bytes against that preset: sizes, KL divergence and its ratio, decode."""
+    """luq at each preset's tensor bytes against that preset (a size in MB against Q2_K): sizes, KL divergence
+    and its ratio, decode tokens/s over the preset's."""
     by_name = {r["name"]: r for r in g["rows"] if r["tool"] == "llama.cpp" and "error" not in r}
-    smallest = min(by_name.values(), key=lambda r: r["tensor_bytes"])
+    smallest = by_name.get("Q2_K") or min(by_name.values(), key=lambda r: r["tensor_bytes"])  # its smallest K preset
     rows = []
     for r in (r for r in g["rows"] if r["tool"] == "luq"):
         target = r["name"].replace("luq-at-", "")

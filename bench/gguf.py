@@ -148,22 +148,19 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             if not (d / "luq_report.json").is_file():
                 luq_cli(*command)
-            luq_cli("export", d, "--format", "gguf", "--out", d.with_suffix(".gguf"))
+            gguf_file = d.parent / f"{tag}.gguf"
+            if not gguf_file.is_file() or gguf_file.stat().st_mtime < (d / "luq_report.json").stat().st_mtime:
+                luq_cli("export", d, "--format", "gguf", "--out", gguf_file)
             report = json.loads((d / "luq_report.json").read_text())
             row.update(seconds=round(time.perf_counter() - started, 1), report_gguf=report.get("gguf"),
                        predicted_kl=report.get("predicted_cost"), measured_kl=report.get("measured_cost"))
-            rows.append(score(row, d.with_suffix(".gguf"), heldout, logits, args))
+            rows.append(score(row, gguf_file, heldout, logits, args))
         except LuqError as e:
             rows.append(dict(row, error=str(e)))
         print(_line(rows[-1]), flush=True)
 
-    if args.bench_reps:   # speed last, files alternating, so the machine's drift falls on every file alike
-        for row in rows:
-            if "error" not in row:
-                path = out / (f"llama-{row['name']}.gguf" if row["tool"] == "llama.cpp" else f"{row['name']}.gguf")
-                row.update(llamacpp.bench(path, threads=args.threads, reps=args.bench_reps))
-                print(f"{row['name']}: prefill {row['prefill_tps']:.1f} tok/s, decode {row['decode_tps']:.1f} tok/s",
-                      flush=True)
+    if args.bench_reps:
+        speeds(rows, out, args)
 
     result = {"model": args.model, "base_perplexity": base_ppl, "ctx": args.ctx, "chunks": args.chunks,
               "imatrix_chunks": args.imatrix_chunks, "threads": args.threads, "calib_chars": CALIB_CHARS,
@@ -173,6 +170,30 @@ def main(argv: list[str] | None = None) -> None:
     path.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def speeds(rows: list[dict], out: Path, args) -> None:
+    """llama-bench of every file, last: each luq file beside the preset of its size in the order A B B A (the
+    machine's drift falls on both alike; each figure the mean of its two runs), then the other presets."""
+    def path(row):
+        return out / (f"llama-{row['name']}.gguf" if row["tool"] == "llama.cpp" else f"{row['name']}.gguf")
+
+    ok = [r for r in rows if "error" not in r]
+    presets = {r["name"]: r for r in ok if r["tool"] == "llama.cpp"}
+    runs: dict[int, list[dict]] = {}
+    for row in ok:
+        if row["tool"] == "luq":
+            peer = presets.get(row["name"].replace("luq-at-", "")) or presets.get("Q2_K")
+            order = [peer, row, row, peer] if peer else [row]
+            for r in order:
+                runs.setdefault(id(r), []).append(llamacpp.bench(path(r), threads=args.threads, reps=args.bench_reps))
+    for row in ok:
+        if id(row) not in runs:
+            runs[id(row)] = [llamacpp.bench(path(row), threads=args.threads, reps=args.bench_reps)]
+    for row in ok:
+        got = runs[id(row)]
+        row.update({k: sum(g[k] for g in got) / len(got) for k in ("prefill_tps", "decode_tps")}, speed_runs=len(got))
+        print(f"{row['name']}: prefill {row['prefill_tps']:.1f} tok/s, decode {row['decode_tps']:.1f} tok/s", flush=True)
 
 
 def _line(row: dict) -> str:

@@ -20,9 +20,12 @@ def test_every_generated_table_matches_its_result_files():
 
 def test_the_docs_render_their_tables_and_each_renderer_is_used():
     used = docs.used_tables(ROOT)
-    assert "readme-budget" in used and used["readme-budget"] == ["README.md"]
-    for name in ("budget-smollm2", "frontier-all-smollm2", "orders-smollm2", "calibration-mix", "cost"):
+    assert "README.md" in used["gguf-smollm2-offgrid-pairs"]   # the README's one results table
+    for name in ("budget-smollm2", "budget-whole-smollm2-offgrid", "frontier-all-smollm2", "orders-smollm2",
+                 "calibration-mix", "cost"):
         assert "docs/results.md" in used.get(name, []), name
+    for name in ("gguf-smollm2-offgrid", "gguf-smollm2-offgrid-pairs", "gguf-smollm2", "gguf-smollm2-pairs"):
+        assert "docs/gguf.md" in used.get(name, []), name
     for name in ("inference", "kernels-binary", "memory-quantize", "memory-load"):
         assert "docs/performance.md" in used.get(name, []), name
     assert set(docs.TABLES) <= set(used), f"renderers no doc uses: {sorted(set(docs.TABLES) - set(used))}"
@@ -37,8 +40,10 @@ def test_check_mode_reports_a_table_edited_by_hand(tmp_path):
     (tmp_path / "src").symlink_to(ROOT / "src")
     assert docs.check(tmp_path) == []
     readme = tmp_path / "README.md"
-    readme.write_text(readme.read_text().replace("| 74.92 |", "| 74.90 |", 1))
-    assert docs.check(tmp_path) == ["README.md: readme-budget"]
+    text = readme.read_text()
+    assert "| 103.62 |" in text
+    readme.write_text(text.replace("| 103.62 |", "| 103.60 |", 1))
+    assert docs.check(tmp_path) == ["README.md: gguf-smollm2-offgrid-pairs"]
     assert docs.main(["--check"]) == 0          # the real checkout is untouched
 
 
