@@ -534,24 +534,9 @@ def gguf_pairs(g):
                "decode ratio", "note"], rows, "lrrrrrrl")
 
 
-@table("gguf-smollm2-offgrid", f"{RESULTS}/gguf-smollm2-offgrid.json")
-def gguf_offgrid(g):
-    return gguf_rows(g)
-
-
-@table("gguf-smollm2-offgrid-pairs", f"{RESULTS}/gguf-smollm2-offgrid.json")
-def gguf_offgrid_pairs(g):
-    return gguf_pairs(g)
-
-
-@table("gguf-smollm2", f"{RESULTS}/gguf-smollm2.json")
-def gguf_smollm2(g):
-    return gguf_rows(g)
-
-
-@table("gguf-smollm2-pairs", f"{RESULTS}/gguf-smollm2.json")
-def gguf_smollm2_pairs(g):
-    return gguf_pairs(g)
+for _model in ("smollm2-offgrid", "smollm2"):   # every file of a bench.gguf run, and luq beside each preset
+    table(f"gguf-{_model}", f"{RESULTS}/gguf-{_model}.json")(gguf_rows)
+    table(f"gguf-{_model}-pairs", f"{RESULTS}/gguf-{_model}.json")(gguf_pairs)
 
 
 @table("kernels-binary", f"{RESULTS}/kernels-binary.json")
