@@ -5,7 +5,8 @@ A one-format model needs no measurement: the current flow solves it in one seque
 flow (default: commit 1cf34b0, before the Session) ran the variant pass, a sensitivity pass over every
 layer and a final pass that solved everything again. Each side gets a fresh variant cache, so nothing is
 reused. Writes bench/results/flow-time.json: wall seconds of each, their ratio, and whether each log shows
-a sensitivity pass.
+a sensitivity pass. With --bound B the old run is stopped once it has run B times the new one's time: its
+seconds are then a lower bound (and the ratio an upper bound), with the old run's last progress line.
 
     python -m bench.flow_time                       # needs git and this repository's history
 """
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--old", default="1cf34b0", help="the earlier commit")
     p.add_argument("--new", default="HEAD")
     p.add_argument("--json", type=Path, default=RESULTS / "flow-time.json")
+    p.add_argument("--bound", type=float, default=None,
+                   help="stop the old run once it has taken BOUND x the new one's time; the file then gives a "
+                        "lower bound on the old time (ratio new/old at most 1/BOUND)")
     args = p.parse_args(argv)
     revs = {side: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
                                  capture_output=True, text=True).stdout.strip()
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         for side, rev in revs.items():
             (tmp / side).mkdir()
             procs[side] = start(checkout(rev, tmp / f"{side}-src"), tmp / side, tmp / f"{side}.log")
-        seconds = {}
+        seconds, stopped = {}, None
         while len(seconds) < len(procs):
             for side, proc in procs.items():
                 if side not in seconds and proc.poll() is not None:
@@ -64,10 +68,18 @@ def main(argv: list[str] | None = None) -> None:
                         sys.exit(f"{side} ({revs[side]}) failed: {(tmp / f'{side}.log').read_text()[-2000:]}")
                     seconds[side] = round(time.perf_counter() - t0, 1)
                     print(f"{side} ({revs[side]}): {seconds[side]} s", flush=True)
+            if args.bound and "new" in seconds and "old" not in seconds \
+                    and time.perf_counter() - t0 >= args.bound * seconds["new"]:
+                procs["old"].kill()
+                procs["old"].wait()
+                seconds["old"] = stopped = round(time.perf_counter() - t0, 1)
+                print(f"old ({revs['old']}): still running at {stopped} s ({args.bound}x new): stopped", flush=True)
             time.sleep(1)
         logs = {side: (tmp / f"{side}.log").read_text() for side in procs}
+        old_stage = logs["old"].replace("\r", "\n").strip().splitlines()[-1][:200] if stopped else None
     result = {"command": "luq " + " ".join(COMMAND), "commits": revs, "seconds": seconds,
               "ratio_new_to_old": round(seconds["new"] / seconds["old"], 3),
+              "old_stopped_at": stopped, "old_last_progress": old_stage,   # seconds["old"] a lower bound if stopped
               "sensitivity_pass": {side: "sensitivity" in log for side, log in logs.items()},
               "threads_each": 1, "side_by_side": True}
     args.json.write_text(json.dumps(result, indent=1) + "\n")
