@@ -79,8 +79,9 @@ def score(row: dict, path: Path, heldout: Path, logits: Path, args) -> dict:
     row["file_bytes"] = path.stat().st_size
     saved = path.with_suffix(".score.json")
     key = {"file_bytes": row["file_bytes"], "mtime": path.stat().st_mtime, "ctx": args.ctx, "chunks": args.chunks}
-    if saved.is_file() and json.loads(saved.read_text())["key"] == key:
-        return {**row, **json.loads(saved.read_text())["score"]}
+    kept = json.loads(saved.read_text()) if saved.is_file() else None
+    if kept is not None and kept["key"] == key:
+        return {**row, **kept["score"]}
     scored = llamacpp.perplexity(path, heldout, ctx=args.ctx, chunks=args.chunks, threads=args.threads, kl_base=logits)
     saved.write_text(json.dumps({"key": key, "score": scored}))
     return {**row, **scored}

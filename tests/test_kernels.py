@@ -499,18 +499,24 @@ def test_this_process_packing_is_known_and_used():
     assert kernel.dense_ok and kernel.native == native.available("expand_int4")
 
 
-def test_a_c_source_that_does_not_compile_warns_with_the_compilers_error(tmp_path, monkeypatch):
+def break_native_source(tmp_path, monkeypatch, name: str, statement: str) -> None:
+    """luq's C helpers served from a copy in which `name`'s `statement` no longer compiles (a fresh build dir)."""
     if native.compiler() is None:
         pytest.skip("no C compiler")
     broken = tmp_path / "src"
     broken.mkdir()
     for f in native.HERE.glob("*.[ch]"):
         (broken / f.name).write_text(f.read_text())
-    source = broken / "expand_int4.c"
-    source.write_text(source.read_text().replace("free(acc);", "free(acc) undeclared_name;", 1))
+    source = broken / name
+    assert statement in source.read_text()
+    source.write_text(source.read_text().replace(statement, statement[:-1] + " undeclared_name;", 1))
     monkeypatch.setattr(native, "HERE", broken)
     monkeypatch.setenv("LUQ_NATIVE_DIR", str(tmp_path / "build"))
     native._library.cache_clear()
+
+
+def test_a_c_source_that_does_not_compile_warns_with_the_compilers_error(tmp_path, monkeypatch):
+    break_native_source(tmp_path, monkeypatch, "expand_int4.c", "free(acc);")
     try:
         with pytest.warns(errors.FallbackWarning, match=r"expand_int4\.c: .*error.*undeclared_name.*; int4 prompts "
                                                          r"expand with torch ops") as caught:
@@ -621,18 +627,8 @@ def test_int4_gemv_choice_and_fallback(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
         assert not Int4Kernel.gemv_pays() and not kernel_for(q, CPU).gemv
-    if native.compiler() is None:
-        pytest.skip("no C compiler")
-    broken = tmp_path / "src"
-    broken.mkdir()
-    for f in native.HERE.glob("*.[ch]"):
-        (broken / f.name).write_text(f.read_text())
-    source = broken / "int4_gemv.c"
-    source.write_text(source.read_text().replace("free(xs);", "free(xs) undeclared_name;", 1))
-    monkeypatch.setattr(native, "HERE", broken)
-    monkeypatch.setenv("LUQ_NATIVE_DIR", str(tmp_path / "build"))
+    break_native_source(tmp_path, monkeypatch, "int4_gemv.c", "free(xs);")
     monkeypatch.setattr(Int4Kernel, "gemv_pays", staticmethod(lambda: True))
-    native._library.cache_clear()
     try:
         with pytest.warns(errors.FallbackWarning, match=r"int4_gemv\.c: .*error.*undeclared_name.*; few tokens "
                                                          r"take torch's int4 op"):
