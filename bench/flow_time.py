@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         for side, rev in revs.items():
             (tmp / side).mkdir()
             procs[side] = start(checkout(rev, tmp / f"{side}-src"), tmp / side, tmp / f"{side}.log")
-        seconds, stopped = {}, None
+        seconds, stopped, loads = {}, None, []
         while len(seconds) < len(procs):
+            loads.append(os.getloadavg()[0])
             for side, proc in procs.items():
                 if side not in seconds and proc.poll() is not None:
                     if proc.returncode != 0:
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
               "ratio_new_to_old": round(seconds["new"] / seconds["old"], 3),
               "old_stopped_at": stopped, "old_last_progress": old_stage,   # seconds["old"] a lower bound if stopped
               "sensitivity_pass": {side: "sensitivity" in log for side, log in logs.items()},
-              "threads_each": 1, "side_by_side": True}
+              "threads_each": 1, "side_by_side": True,
+              "load_average": {"mean": round(sum(loads) / len(loads), 2), "max": round(max(loads), 2)}}
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
