@@ -7,18 +7,20 @@ the bytes compressed-tensors' pack-quantized format needs, less its int32 paddin
 `HQQ(bits, group_size).quantize(W)` runs HQQ's half-quadratic optimiser of scale and
 zero per group; its zero is a float, so `HQQWeight` stores codes packed at `bits` plus an
 fp16 scale and an fp16 zero per group (HQQ's own layout without its optional 8-bit
-scale/zero quantization).
+scale/zero quantization). Each solver declares the packed weight it returns (`weight_type`), so a
+format registered over it (bench/frontier.py: `register_format(Format(..., HQQ(...)), replace=True)`)
+has its stored weights read back by luq's cache like luq's own.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from luq.quant import QuantizedWeight, register_weight_type
+from luq.quant import QuantizedWeight
 from luq.quant.gptq import GPTQWeight, pack_gptq_weight
 from luq.quant.packing import pack_bits, unpack_bits
 
@@ -37,6 +39,8 @@ def hqq_available() -> bool:
 class PeerGPTQ:
     """llmcompressor's GPTQ (memoryless min-max grids, static act-order), asymmetric, g128."""
 
+    weight_type: ClassVar[type[QuantizedWeight]] = GPTQWeight   # the packed weight quantize returns
+
     bits: int = 4
     group_size: int = 128
     act_order: bool = True
@@ -53,7 +57,6 @@ class PeerGPTQ:
         return pack_gptq_weight(codes, scale, zero, None, self.bits, self.group_size, sym=False)
 
 
-@register_weight_type
 @dataclass(eq=False, repr=False)
 class HQQWeight(QuantizedWeight):
     """W_hat[r, j] = scale[r, g] * (code[r, j] - zero[r, g]), groups of `group_size` columns, float zero."""
@@ -93,6 +96,8 @@ class HQQWeight(QuantizedWeight):
 @dataclass(frozen=True)
 class HQQ:
     """HQQ (data-free): codes in [0, 2^bits), scale and zero per group optimised by HQQ."""
+
+    weight_type: ClassVar[type[QuantizedWeight]] = HQQWeight   # the packed weight quantize returns
 
     bits: int = 2
     group_size: int = 64

@@ -236,11 +236,17 @@ def test_bad_settings_raise(make):
         make()
 
 
-def test_register_weight_type_reads_back_another_format():
-    """A peer's stored format (bench/peers.py) plugs into the cache's reader; a taken name is refused."""
+def test_registered_format_reads_back_its_weight_type(monkeypatch):
+    """A peer's format (bench/peers.py) plugs into the cache's reader by registering a Format whose
+    solver declares its weight class; a class claiming a taken method is refused, a shared class is not."""
     from dataclasses import dataclass
+    from typing import ClassVar
 
-    from luq.quant import QuantizedWeight, register_weight_type, weight_from_state_dict
+    from luq.quant import (Format, GPTQWeight, QuantizedWeight, get_format, list_formats, register_format,
+                           weight_from_state_dict)
+    from luq.quant import formats
+
+    monkeypatch.setattr(formats, "_REGISTRY", dict(formats._REGISTRY))   # the test's formats leave with it
 
     @dataclass(eq=False, repr=False)
     class HalfWeight(QuantizedWeight):
@@ -265,16 +271,43 @@ def test_register_weight_type_reads_back_another_format():
         def dequantize_rows(self, start, stop, dtype=torch.float32):
             return self.values[start:stop].to(dtype)
 
-    register_weight_type(HalfWeight)
-    w = HalfWeight(torch.randn(3, 4).half(), (3, 4))
-    back = weight_from_state_dict(w.state_dict(), w.config())
+    @dataclass(frozen=True)
+    class Half:
+        weight_type: ClassVar[type] = HalfWeight
+
+        def quantize(self, W, H=None):
+            return HalfWeight(W.half(), tuple(W.shape))
+
+    w = Half().quantize(torch.randn(3, 4))
+    with pytest.raises(LuqError, match="'test-half'.*known: .*gptq"):   # not readable before its format is registered
+        weight_from_state_dict(w.state_dict(), w.config())
+    fmt = register_format(Format("test-half", Half(), "fp16, a test's"), replace=True)
+    assert fmt.weight_type is HalfWeight and fmt.settings() == {"solver": "Half"}   # a ClassVar is no setting
+    back = weight_from_state_dict({k: v.clone() for k, v in w.state_dict().items()}, w.config())
+    assert type(back) is HalfWeight and back.shape == (3, 4)
     assert torch.equal(back.dequantize(), w.dequantize()) and back.bits_per_weight == 16.0
 
+    # another class claiming a stored method some format's class already has: refused, the menu unchanged
     class Clash(HalfWeight):
         method = "gptq"
 
-    with pytest.raises(ValueError, match="already taken"):
-        register_weight_type(Clash)
+    @dataclass(frozen=True)
+    class ClashSolver:
+        weight_type: ClassVar[type] = Clash
+
+    before = [f.name for f in list_formats()]
+    with pytest.raises(LuqError, match="'gptq'.*GPTQWeight"):
+        register_format(Format("test-clash", ClashSolver()))
+    with pytest.raises(LuqError, match="'gptq'"):   # replacing a format does not get around it
+        register_format(Format("test-half", ClashSolver()), replace=True)
+    assert [f.name for f in list_formats()] == before and get_format("test-half") is fmt
+
+    # a solver declaring no weight class: refused
+    with pytest.raises(LuqError, match="no weight_type"):
+        register_format(Format("test-none", object()))
+    # a class shared by two formats (gptq* and rtn* both store GPTQWeight) is fine
+    assert get_format("gptq4-g128").weight_type is get_format("rtn4-g128").weight_type is GPTQWeight
+    assert register_format(Format("test-gptq", GPTQ(bits=3))).weight_type is GPTQWeight
 
 
 def test_compact_billm_with_a_dead_first_block():

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from luq.quant.base import QuantizedWeight
 from luq.quant.hessian import check_problem
-from luq.quant.packing import pack_bool, unpack_bool
+from luq.quant.packing import pack_bool, packed_length, unpack_bool
 
 
 @dataclass(eq=False, repr=False)
@@ -46,6 +46,13 @@ class SignWeight(QuantizedWeight):
 @dataclass(frozen=True)
 class Sign:
     """sign(w) * mean|w| per output row; ignores H (accepted for a uniform interface)."""
+
+    weight_type: ClassVar[type[QuantizedWeight]] = SignWeight   # the packed weight quantize returns
+
+    def nbytes_bounds(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Exact: a sign bit per weight (rows padded to whole bytes) and an fp16 scale per row."""
+        n = shape[0] * (packed_length(shape[1], 1) + 2)
+        return n, n
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor | None = None) -> SignWeight:
         check_problem(W, torch.eye(W.shape[1], device=W.device) if H is None else H, "Sign")

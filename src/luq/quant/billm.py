@@ -28,7 +28,7 @@ The stored form (`BiLLMWeight`), all of it counted in `nbytes`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -227,6 +227,8 @@ class BiLLM:
     whole block); "reference" divides each column's error by U_jj alone, as the
     reference code does.
     """
+
+    weight_type: ClassVar[type[QuantizedWeight]] = BiLLMWeight   # the packed weight quantize returns
 
     block_size: int = 128
     salient_metric: str = "hessian"

@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -308,6 +308,8 @@ class CompactBiLLM:
     stored as 0..2^delta_bits - 1 steps of the grid below the order-1 scale (it is smaller),
     delta_bits instead of scale_bits.
     """
+
+    weight_type: ClassVar[type[QuantizedWeight]] = CompactBiLLMWeight   # the packed weight quantize returns
 
     block_size: int = 128
     scale_bits: int = 5

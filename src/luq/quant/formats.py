@@ -1,9 +1,11 @@
 """The menu of formats: one registry entry per way of storing a linear's weight.
 
-A format is a name, a solver (a frozen dataclass whose `quantize(W, H)` returns a
-`QuantizedWeight`) and a line of description. Adding a format is one
-`register_format(Format(...))`; the planner, the variant cache, the report and the
-artifact only ever see format names.
+A format is one entry of this registry: a name, a solver (a frozen dataclass whose `quantize(W, H)`
+returns a `QuantizedWeight`), the packed weight class the solver declares it returns (`weight_type`:
+its stored tensors, its config and how they are read back) and that weight's own forward (QuantLinear
+runs it), plus a line of description. Adding a format is one `register_format(Format(...))`; the
+planner, the variant cache, the report and the artifact only ever see format names, and a stored weight
+is read back (`weight_from_state_dict`) by the class of the registered format whose `method` it names.
 
 Built in: `gptq<b>-g<g>` (b in 2, 3, 4, 8; g in 32, 64, 128: GPTQ, act-order, static
 asymmetric groups), `rtn<b>-g<g>` (the same grid, round-to-nearest, no Hessian) and
@@ -11,7 +13,8 @@ asymmetric groups), `rtn<b>-g<g>` (the same grid, round-to-nearest, no Hessian) 
 formats `billm-k<k>g<G>` (BiLLM's solver, side information in few bits: k sparse
 weights per run of G columns coded as one k-of-G number, 5-bit log scales; see
 luq.quant.billm_compact), and `billm-k5g64f` (the same, solved column by column in
-act-order with GPTQ's error feedback, side information in 4 and 8 bits).
+act-order with GPTQ's error feedback, side information in 4 and 8 bits), llama.cpp's block types
+(`q4_k`, `rtn-q4_k`, ...; luq.quant.ggml) and `sign` (the 1-bit baseline, in no menu).
 The true bits and errors of every format on real and synthetic layers: bench/results/solvers*.json
 (`python -m bench.solvers`), rendered in docs/formats.md.
 """
@@ -27,6 +30,7 @@ import torch
 
 from luq.errors import LuqError
 from luq.quant.base import QuantizedWeight
+from luq.quant.baselines import Sign
 from luq.quant.billm import BiLLM
 from luq.quant.billm_compact import CompactBiLLM
 from luq.quant.ggml import GGML, GGML_BITS, GGMLRTN
@@ -38,7 +42,14 @@ REFERENCE_SHAPE = (4096, 4096)
 
 @dataclass(frozen=True)
 class Format:
-    """One entry of the menu: `name` -> `solver` (+ what it is, for `luq formats`)."""
+    """One entry of the menu: `name` -> `solver` (+ what it is, for `luq formats`).
+
+    The solver's class declares the packed weight it returns (`weight_type`, a `QuantizedWeight`
+    subclass); a stored weight is read back by that class (`weight_from_state_dict`). The forward is
+    the packed weight's own: QuantLinear computes from it (luq.quant.kernels picks a fast kernel by
+    the weight's type, else unpacks rows with its `dequantize_rows`), so a format adds no forward of its
+    own. Several formats may share a weight class (gptq* and rtn* store `GPTQWeight`).
+    """
 
     name: str
     solver: Any
@@ -46,6 +57,16 @@ class Format:
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor) -> QuantizedWeight:
         return self.solver.quantize(W, H)
+
+    @property
+    def weight_type(self) -> type[QuantizedWeight]:
+        """The packed weight class this format's solver returns (and its stored weights are read back by)."""
+        cls = getattr(type(self.solver), "weight_type", None)
+        if not (isinstance(cls, type) and issubclass(cls, QuantizedWeight)
+                and isinstance(getattr(cls, "method", None), str)):
+            raise LuqError(f"format {self.name!r}: its solver {type(self.solver).__name__} declares no weight_type "
+                           "(a ClassVar naming the QuantizedWeight subclass, with its `method`, that quantize returns)")
+        return cls
 
     def settings(self) -> dict[str, Any]:
         """The solver and its settings: what a cached result of this format depends on."""
@@ -81,11 +102,19 @@ _REGISTRY: dict[str, Format] = {}
 
 
 def register_format(fmt: Format, *, replace: bool = False) -> Format:
-    """Add `fmt` to the menu; a name already taken is refused unless `replace`."""
+    """Add `fmt` to the menu; a name already taken is refused unless `replace`, and so is a solver
+    without a `weight_type` or one whose weight class claims a stored `method` another class already
+    has (formats may share one weight class, never one method between two classes)."""
     if not fmt.name or any(c in fmt.name for c in " ,/"):
         raise LuqError(f"format names are one word without ',' or '/', got {fmt.name!r}")
     if fmt.name in _REGISTRY and not replace:
         raise LuqError(f"format {fmt.name!r} is already registered")
+    cls = fmt.weight_type
+    for other in _REGISTRY.values():
+        if other.name != fmt.name and other.weight_type.method == cls.method and other.weight_type is not cls:
+            raise LuqError(f"format {fmt.name!r}: its weight class {cls.__module__}.{cls.__qualname__} stores method "
+                           f"{cls.method!r}, already that of {other.weight_type.__module__}."
+                           f"{other.weight_type.__qualname__} (format {other.name!r}); give it another method")
     _REGISTRY[fmt.name] = fmt
     return fmt
 
@@ -100,6 +129,18 @@ def get_format(name: str) -> Format:
 
 def list_formats() -> list[Format]:
     return list(_REGISTRY.values())
+
+
+def weight_from_state_dict(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> QuantizedWeight:
+    """Rebuild a stored weight from its tensors and its config, by the weight class of the registered
+    formats whose stored `method` the config names; one clear error naming the known methods if none."""
+    method = config.get("method")
+    for fmt in _REGISTRY.values():
+        if fmt.weight_type.method == method:
+            return fmt.weight_type.from_state_dict(tensors, config)
+    known = sorted({fmt.weight_type.method for fmt in _REGISTRY.values()})
+    raise LuqError(f"a stored weight names method {method!r}, which no registered format stores; known: "
+                   f"{', '.join(known)} (a peer's format is read back once its Format is registered)")
 
 
 def parse_formats(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -190,3 +231,7 @@ for _type in GGML_MENU + ("tq2_0", "tq1_0"):
     register_format(Format(f"rtn-{_type}", GGMLRTN(_type), f"llama.cpp {_type.upper()}: the same grid fitted "
                                                            "per block, round-to-nearest"))
 MENUS["ggml"] = GGML_MENU
+
+# the plainest 1-bit baseline (a sign bit per weight, a scale per row), in no menu: a yardstick
+# (bench/solvers.py, the tests), registered so its stored weights read back like any format's
+register_format(Format("sign", Sign(), "sign(w) * mean|w| per output row (1-bit, data-free baseline)"))

@@ -45,7 +45,7 @@ the weights as they are and rounds to nearest: the comparison without error feed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -577,6 +577,8 @@ class _TypeSizes:
 class GGMLRTN(_TypeSizes):
     """A ggml type's grid fitted per block (diag(H)-weighted when H is given) and round-to-nearest."""
 
+    weight_type: ClassVar[type[QuantizedWeight]] = GGMLWeight   # the packed weight quantize returns
+
     type: str = "q4_k"
     damp: float = 0.01
 
@@ -633,6 +635,8 @@ class GGML(_TypeSizes):
     than "natural" on every type and layer tried; "columns" was below "blocks" for q6_k, q5_k, q4_k on the
     down_projs, on either side of it for q3_k, q2_k and tq*, and above it for the legacy types.
     """
+
+    weight_type: ClassVar[type[QuantizedWeight]] = GGMLWeight   # the packed weight quantize returns
 
     type: str = "q4_k"
     damp: float = 0.01

@@ -16,7 +16,7 @@ and `g_idx` (column -> group) when act-order reorders the groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -175,6 +175,8 @@ def _group_width(group_size: int | None, cols: int) -> int:
 class RTN:
     """Round-to-nearest on the same grid and stored form as GPTQ (no Hessian): the data-free baseline."""
 
+    weight_type: ClassVar[type[QuantizedWeight]] = GPTQWeight   # the packed weight quantize returns
+
     bits: int = 4
     group_size: int | None = 128
     sym: bool = False
@@ -220,6 +222,8 @@ class GPTQ:
     average (tests/test_solvers_real.py); static is the default since it stores fewer bytes
     and reads weights without a gather.
     """
+
+    weight_type: ClassVar[type[QuantizedWeight]] = GPTQWeight   # the packed weight quantize returns
 
     bits: int = 4
     group_size: int | None = 128
