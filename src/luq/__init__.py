@@ -12,7 +12,7 @@ import sys
 
 from luq.errors import LuqError
 from luq.version import __version__
-__all__ = ["LuqError", "LUQConfig", "Session", "quantize", "load", "__version__"]
+__all__ = ["LuqError", "LUQConfig", "MeasuredConfig", "EntropyConfig", "Session", "quantize", "load", "__version__"]
 
 
 def __getattr__(name):  # the heavy imports (torch, transformers) only when asked for
@@ -25,9 +25,9 @@ def __getattr__(name):  # the heavy imports (torch, transformers) only when aske
     if name == "Session":
         from luq.session import Session
         return Session
-    if name == "LUQConfig":
-        from luq.config import LUQConfig
-        return LUQConfig
+    if name in ("LUQConfig", "MeasuredConfig", "EntropyConfig"):
+        import luq.config
+        return getattr(luq.config, name)
     raise AttributeError(f"module 'luq' has no attribute {name!r}")
 
 

@@ -47,22 +47,22 @@ def check_run(config: LUQConfig, n_layers: int, processor, adapter) -> None:
     order against the model's layers, the --max-drop metric against the model kind and its data, and
     the held-out text windows the metric and the sensitivity need."""
     if config.allocate == "entropy":
-        if config.n_low_layers is not None and config.n_low_layers > n_layers:
-            raise LuqError(f"--n-low-layers {config.n_low_layers} asked for, but the model has {n_layers} decoder "
+        if config.entropy.n_low_layers is not None and config.entropy.n_low_layers > n_layers:
+            raise LuqError(f"--n-low-layers {config.entropy.n_low_layers} asked for, but the model has {n_layers} decoder "
                            "layers")
-        if not isinstance(config.order, str):
-            bad = [i for i in config.order if not 0 <= int(i) < n_layers]
+        if not isinstance(config.entropy.order, str):
+            bad = [i for i in config.entropy.order if not 0 <= int(i) < n_layers]
             if bad:
                 raise LuqError(f"--order names layer(s) {bad}, but the model has layers 0..{n_layers - 1}")
-            if config.n_low_layers is not None and config.n_low_layers > len(config.order):
-                raise LuqError(f"--n-low-layers {config.n_low_layers} asked for, but --order lists "
-                               f"{len(config.order)} layers")
+            if config.entropy.n_low_layers is not None and config.entropy.n_low_layers > len(config.entropy.order):
+                raise LuqError(f"--n-low-layers {config.entropy.n_low_layers} asked for, but --order lists "
+                               f"{len(config.entropy.order)} layers")
     if config.max_drop is not None:
         _check_metric(config, processor)
     if config.allocate == "measured":
         from luq.calibration import sensitivity_batches
 
-        sensitivity_batches(processor, adapter, config.calibration, config.sensitivity_samples,
+        sensitivity_batches(processor, adapter, config.calibration, config.measured.sensitivity_samples,
                             config.validation_samples)   # raises where the text is too short for them
 
 

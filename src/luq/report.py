@@ -121,7 +121,7 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
     if config.allocate == "entropy":
         order, n_low = decision["order"], decision["n_low_layers"]
         paper = {"n_low_layers": n_low, "low_layers": sorted(order[:n_low]), "order": order,
-                 "order_rule": config.order if isinstance(config.order, str) else "explicit"}
+                 "order_rule": config.entropy.order if isinstance(config.entropy.order, str) else "explicit"}
     measured_entropy = {} if entropy is None else {
         "entropy": entropy, "kmeans_clusters": passed["kmeans_clusters"], "kendall": passed.get("kendall"),
         "text_entropy": passed.get("text_entropy"), "image_entropy": passed.get("image_entropy"),

@@ -90,7 +90,7 @@ class Session:
         with self.stage("calibration"):
             self.batches = calibration_batches(self.processor, self.adapter, config.calibration)
             self.sens_batches = (sensitivity_batches(self.processor, self.adapter, config.calibration,
-                                                     config.sensitivity_samples, config.validation_samples)
+                                                     config.measured.sensitivity_samples, config.validation_samples)
                                  if config.allocate == "measured" else None)
         self.cache = variant_cache(self.net, config, cache_dir)
         log(f"variant cache: {self.cache.dir}")
@@ -122,7 +122,7 @@ class Session:
     def measures_entropy(self) -> bool:
         """K-means entropy: the paper's ranking; in the measured allocation only where asked for
         (kmeans_clusters)."""
-        return self.config.allocate == "entropy" or self.config.kmeans_clusters is not None
+        return self.config.allocate == "entropy" or self.config.entropy.kmeans_clusters is not None
 
     @property
     def plan_is_known(self) -> bool:
@@ -138,8 +138,8 @@ class Session:
         formats = [get_format(n) for n in config.menu()]
         with self.stage("layer_pass"):
             passed = layer_pass(net, adapter, self.batches, formats=formats, cache=self.cache,
-                                hessians=config.hessians, k=config.kmeans_clusters, device=self.device,
-                                subsample=config.subsample, seed=config.calibration.seed, progress=self.progress,
+                                hessians=config.hessians, k=config.entropy.kmeans_clusters, device=self.device,
+                                subsample=config.entropy.subsample, seed=config.calibration.seed, progress=self.progress,
                                 desc="quantize", offload_dir=config.offload_dir, entropy=self.measures_entropy)
         if self.units:
             with self.stage("outside_pass"):
@@ -275,8 +275,8 @@ class Session:
     def _plan_pass(self, plan, cache: VariantCache, hessians: str, desc: str, entropy: bool) -> dict:
         config, adapter = self.config, self.adapter
         return layer_pass(self.net, adapter, self.batches, plan_of_layer=lambda i: layer_plan(plan, adapter.layer_prefix(i)),
-                          cache=cache, hessians=hessians, k=config.kmeans_clusters, device=self.device,
-                          subsample=config.subsample, seed=config.calibration.seed, progress=self.progress, desc=desc,
+                          cache=cache, hessians=hessians, k=config.entropy.kmeans_clusters, device=self.device,
+                          subsample=config.entropy.subsample, seed=config.calibration.seed, progress=self.progress, desc=desc,
                           entropy=entropy, offload_dir=config.offload_dir)
 
     def metric_scorer(self) -> Callable[[], float]:

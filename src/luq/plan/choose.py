@@ -100,20 +100,20 @@ def _entropy_decision(config: LUQConfig, sizes: SizeTable, names, units, entropy
                       higher_is_better, log) -> Decision:
     """The paper's rule: layers in the config's order, the first k at `low` (k: Eq. 7 budget, Eq. 8
     threshold, or --n-low-layers)."""
-    order = layer_order(config.order, entropy, seed=config.calibration.seed)
+    order = layer_order(config.entropy.order, entropy, seed=config.calibration.seed)
 
     def plan_for_k(k: int) -> Plan:
-        return {**entropy_plan(order, k, names, config.high, config.low), **{u: config.high for u in units}}
+        return {**entropy_plan(order, k, names, config.entropy.high, config.entropy.low), **{u: config.entropy.high for u in units}}
 
     steps = []
     if budget is not None:
         k = smallest_fitting_k(sizes, plan_for_k, len(order), budget)
-    elif config.n_low_layers is not None:
-        k = config.n_low_layers
+    elif config.entropy.n_low_layers is not None:
+        k = config.entropy.n_low_layers
     else:
         k, search = threshold_search(
             lambda kk: evaluate(plan_for_k(kk)), len(order), config.max_drop, higher_is_better=higher_is_better,
-            search=config.search,
+            search=config.entropy.search,
             log=lambda s: log(f"  {s.n_low_layers:3d} low layers: {config.metric} {s.value:.4f} (drop {s.drop:+.4f}) "
                               f"{'ok' if s.ok else 'too far'}"))
         steps = [asdict(s) for s in search]
