@@ -9,6 +9,7 @@ a sensitivity pass. With --bound B the old run is stopped once it has run B time
 seconds are then a lower bound (and the ratio an upper bound), with the old run's last progress line.
 
     python -m bench.flow_time                       # needs git and this repository's history
+    python -m bench.flow_time --samples 16 --seq-len 256 --bound 2   # a smaller calibration, both sides
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def checkout(commit: str, where: Path) -> Path:
     return where / "src"
 
 
-def start(src: Path, out: Path, log: Path) -> subprocess.Popen:
+def start(src: Path, out: Path, log: Path, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    args = [sys.executable, "-c", "import sys; from luq.cli import main; sys.exit(main())", *COMMAND,
+    args = [sys.executable, "-c", "import sys; from luq.cli import main; sys.exit(main())", *COMMAND, *extra,
             "--out", str(out / "artifact"), "--cache-dir", str(out / "cache")]
     return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bound", type=float, default=None,
                    help="stop the old run once it has taken BOUND x the new one's time; the file then gives a "
                         "lower bound on the old time (ratio new/old at most 1/BOUND)")
+    p.add_argument("--samples", type=int, default=None, help="calibration sequences, both sides (default: luq's)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length, both sides")
     args = p.parse_args(argv)
+    extra = [*(["--samples", str(args.samples)] if args.samples else []),
+             *(["--seq-len", str(args.seq_len)] if args.seq_len else [])]
     revs = {side: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
                                  capture_output=True, text=True).stdout.strip()
             for side, rev in (("old", args.old), ("new", args.new))}
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         procs, t0 = {}, time.perf_counter()
         for side, rev in revs.items():
             (tmp / side).mkdir()
-            procs[side] = start(checkout(rev, tmp / f"{side}-src"), tmp / side, tmp / f"{side}.log")
+            procs[side] = start(checkout(rev, tmp / f"{side}-src"), tmp / side, tmp / f"{side}.log", extra)
         seconds, stopped, loads = {}, None, []
         while len(seconds) < len(procs):
             loads.append(os.getloadavg()[0])
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(1)
         logs = {side: (tmp / f"{side}.log").read_text() for side in procs}
         old_stage = logs["old"].replace("\r", "\n").strip().splitlines()[-1][:200] if stopped else None
-    result = {"command": "luq " + " ".join(COMMAND), "commits": revs, "seconds": seconds,
+    result = {"command": "luq " + " ".join(COMMAND + extra), "commits": revs, "seconds": seconds,
               "ratio_new_to_old": round(seconds["new"] / seconds["old"], 3),
               "old_stopped_at": stopped, "old_last_progress": old_stage,   # seconds["old"] a lower bound if stopped
               "sensitivity_pass": {side: "sensitivity" in log for side, log in logs.items()},
