@@ -65,8 +65,8 @@ def main(argv=None) -> None:
             finally:
                 assembly.undo()
         weights = bits = 0.0
-        for layer in passed["layers"]:
-            for linear in layer["linears"].values():
+        for layer in passed.layers:
+            for linear in layer.linears.values():
                 n = linear["shape"][0] * linear["shape"][1]
                 weights += n
                 bits += n * linear["formats"]["billm"]["nominal_bits"]

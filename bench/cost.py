@@ -44,7 +44,7 @@ SmolLM2 directory and the tokenized calibration text are cached, so no tool pays
 
 Inside each pass, the time spent quantizing the weights once the Hessians are there is shown
 as an "of which" row: luq's from the pass's own summary (each layer's solver seconds per
-format, `passed["layers"][i]["seconds"]`), llmcompressor's by wrapping
+format, `passed.layers[i].seconds`), llmcompressor's by wrapping
 `GPTQModifier.on_sequential_epoch_end` with a timer; the rest is the layer forwards and the
 Hessian accumulation.
 
@@ -288,10 +288,10 @@ def worker_warm(args) -> dict:
 LUQ_PASS = "layer pass (capture + Hessians + GPTQ-4, sequential)"
 
 
-def solver_seconds(layers: list[dict]) -> float:
+def solver_seconds(layers: list) -> float:
     """The weight-quantization seconds of a luq layer pass, from its summary: each layer's solver
-    seconds per format (`pipeline.layer_pass`'s "layers"; a Session's `measurement.passed`)."""
-    return sum(sum(layer["seconds"].values()) for layer in layers)
+    seconds per format (`pipeline.layer_pass`'s `layers`; a Session's `measurement.passed.layers`)."""
+    return sum(sum(layer.seconds.values()) for layer in layers)
 
 
 def worker_luq(args, meter: Meter) -> dict:
@@ -319,7 +319,7 @@ def worker_luq(args, meter: Meter) -> dict:
     with meter.stage(LUQ_PASS):
         passed = layer_pass(net, adapter, batches, formats=[fmt], cache=cache, hessians="sequential",
                             entropy=False, device=args.device, seed=SEED, desc="luq GPTQ-4")
-    meter.add_solver(LUQ_PASS, solver_seconds(passed["layers"]))
+    meter.add_solver(LUQ_PASS, solver_seconds(passed.layers))
     with meter.stage("write artifact"):
         plan = uniform_plan([n for layer in linear_names(net, adapter) for n in layer], fmt.name)
         Assembly(net, adapter, cache, args.device).apply(plan)
@@ -405,11 +405,11 @@ def worker_e2e(args, meter: Meter) -> dict:
     report = session.run(artifact)
     meter.switch(None)
     passed = session.measurement.passed
-    meter.add_solver(E2E_STAGES["layer_pass"], solver_seconds(passed["layers"]))
-    if passed.get("final_layers"):
-        meter.add_solver(E2E_STAGES["final_pass"], solver_seconds(passed["final_layers"]))
-    if passed.get("outside"):
-        meter.add_solver(E2E_STAGES["outside_pass"], sum(passed["outside"]["seconds"].values()))
+    meter.add_solver(E2E_STAGES["layer_pass"], solver_seconds(passed.layers))
+    if passed.final_layers:
+        meter.add_solver(E2E_STAGES["final_pass"], solver_seconds(passed.final_layers))
+    if passed.outside is not None:
+        meter.add_solver(E2E_STAGES["outside_pass"], sum(passed.outside.seconds.values()))
     return {"artifact_mb": _dir_mb(artifact), "final_pass": report["final_pass"], "quantize_seconds": report["seconds"],
             "versions": {"luq": luq.__version__, "torch": torch.__version__}}
 

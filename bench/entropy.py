@@ -37,7 +37,7 @@ def run(model: str, alpha: float, args) -> dict:
     calibration = CalibrationConfig(alpha=alpha, samples=args.samples, seq_len=args.seq_len, seed=0)
     net, processor, adapter = load_model(model, args.device, torch.float32)
     batches = calibration_batches(processor, adapter, calibration)
-    result = measure_entropy(net, adapter, batches, k=args.k, device=args.device, seed=0)
+    result = measure_entropy(net, adapter, batches, k=args.k, device=args.device, seed=0).to_json()
     result["tokens"]["multimodal_fraction"] = multimodal_fraction(batches)
     result.update(model=model, calibration=vars(calibration), seconds=round(time.perf_counter() - t0, 1))
     out = args.out / f"entropy-{model}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from luq.calibration import CalibrationConfig, text_token_ids, validation_window
 from luq.config import LUQConfig
 from luq.eval.perplexity import token_window_perplexity
 from luq.models import UNIT_KINDS
-from luq.pipeline import layer_pass
+from luq.pipeline import LayerSummary, layer_pass
 from luq.plan import entropy_plan, knapsack, layer_order, threshold_search, uniform_plan
 from luq.quant import DEFAULT_MENU, Format, get_format, parse_formats, register_format
 from luq.session import Session
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     baseline_layers = layer_pass(net, adapter, session.batches, formats=[get_format(f) for f in extra],
                                  cache=session.cache, hessians=args.hessians, chain_format=get_format(menu[0]),
                                  device=args.device, seed=calibration.seed, entropy=False,
-                                 desc="baselines")["layers"] if extra else None
+                                 desc="baselines").layers if extra else None
     measurement = session.measure()
     passed, costs = measurement.passed, measurement.costs
     t_quant = ended["layer_pass"] - t0
@@ -179,7 +180,7 @@ def main(argv=None) -> None:
     names = linear_names(net, adapter)
     every_linear = [n for layer in names for n in layer]
     # the decoder alone (the menu and the baselines); with --whole-model, luq's table of the whole model
-    sizes = size_table(net, adapter, with_formats(passed["layers"], baseline_layers), session.storage_dtype)
+    sizes = size_table(net, adapter, with_formats(passed.layers, baseline_layers), session.storage_dtype)
     whole = measurement.sizes if units else None
     n = len(names)
     metric = Metric(args.model, net, processor, args, calibration)
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
     seen: dict[tuple, dict] = {}  # k = 0 and k = n are the same model in every order
     curves = {}
     for order_name in [o for o in args.orders.split(",") if o]:
-        order = order_of(order_name, passed["entropy"])
+        order = order_of(order_name, passed.entropy.entropy)
         curves[order_name] = {"order": order, "points": []}
         for k in (entropy_ks if order_name == "entropy" else other_ks):
             plan = entropy_plan(order, k, names, "gptq4-g128", "billm")
@@ -224,7 +225,7 @@ def main(argv=None) -> None:
     budgets = {f"{i}/{args.budgets - 1} of GPTQ-2..GPTQ-4": int(low + (high - low) * i / (args.budgets - 1))
                for i in range(args.budgets)}
     budgets["GPTQ-3 g128's bytes"] = sizes.total_bytes(uniform_plan(every_linear, "gptq3-g128"))
-    budgets["entropy-LUQ k=3's bytes"] = sizes.total_bytes(entropy_plan(layer_order("entropy", passed["entropy"]), 3,
+    budgets["entropy-LUQ k=3's bytes"] = sizes.total_bytes(entropy_plan(layer_order("entropy", passed.entropy.entropy), 3,
                                                                         names, "gptq4-g128", "billm"))
     measured = []
     for label, budget in sorted(budgets.items(), key=lambda kv: kv[1]):
@@ -260,7 +261,8 @@ def main(argv=None) -> None:
               "eval_size": metric.n, "eval_unit": "questions" if metric.vqa else "tokens",
               "full_precision": full_precision, "uniform": uniform, "curves": curves, "notes": notes,
               "measured": measured, "whole_model": whole_model, "menu": list(menu),
-              "binary_vs_exhaustive": checks, "entropy": passed["entropy"], "kmeans_clusters": passed["kmeans_clusters"],
+              "binary_vs_exhaustive": checks, "entropy": passed.entropy.entropy,
+              "kmeans_clusters": passed.entropy.kmeans_clusters,
               "hessians": args.hessians, "threads": torch.get_num_threads(),
               "seconds": {"variant_pass": round(t_quant, 1), "sensitivity": round(t_sens, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
@@ -272,13 +274,13 @@ def main(argv=None) -> None:
     print(table(result))
 
 
-def with_formats(layers: list[dict], more: list[dict] | None) -> list[dict]:
+def with_formats(layers: list[LayerSummary], more: list[LayerSummary] | None) -> list[LayerSummary]:
     """The variant pass's per-layer summaries with another pass's formats added to each linear."""
     if more is None:
         return layers
-    return [dict(layer, linears={name: dict(info, formats={**info["formats"], **other["linears"][name]["formats"]})
-                                 for name, info in layer["linears"].items()},
-                 seconds={**layer["seconds"], **other["seconds"]}) for layer, other in zip(layers, more)]
+    return [replace(layer, linears={name: dict(info, formats={**info["formats"], **other.linears[name]["formats"]})
+                                    for name, info in layer.linears.items()},
+                    seconds={**layer.seconds, **other.seconds}) for layer, other in zip(layers, more)]
 
 
 def search_checks(points: list[dict], higher_is_better: bool) -> list[dict]:

@@ -61,8 +61,8 @@ def main(argv=None) -> None:
         passed = session.measure().passed
     wall = walls["layer_pass"]
     solve = {n: 0.0 for n in names}
-    for layer in passed["layers"]:
-        for name, seconds in layer["seconds"].items():
+    for layer in passed.layers:
+        for name, seconds in layer.seconds.items():
             solve[name] += seconds
     shared = wall - sum(solve.values())
 

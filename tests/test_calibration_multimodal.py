@@ -64,8 +64,8 @@ def test_entropy_per_token_kind_on_real_photos(llava):
     _, model, processor, adapter = llava
     batches = calibration_batches(processor, adapter, CalibrationConfig(alpha=0.5, samples=4, seq_len=160))
     result = measure_entropy(model, adapter, batches, k=8, k_grid=(8,), progress=False)
-    assert all(e is not None for e in result["image_entropy"] + result["text_entropy"])
-    assert result["tokens"]["image"] > 0 and result["tokens"]["text"] > 0
+    assert all(e is not None for e in result.image_entropy + result.text_entropy)
+    assert result.tokens["image"] > 0 and result.tokens["text"] > 0
 
 
 def test_cli_entropy_with_images(llava, tmp_path):

@@ -26,8 +26,8 @@ def test_subsampled_ranking_stays_close_to_the_full_one(smollm2_calibration):
     model, adapter, batches = smollm2_calibration
     full = measure_entropy(model, adapter, batches, k=100, k_grid=(100,), progress=False)
     sub = measure_entropy(model, adapter, batches, k=100, k_grid=(100,), subsample=1024, progress=False)
-    distance = kendall_distance(full["ranking"], sub["ranking"])
+    distance = kendall_distance(full.ranking, sub.ranking)
     print(f"Kendall distance, full vs 1,024-token subsample: {distance:.3f}")
     assert distance < 0.3
     # the shallow layers are the low-entropy ones either way
-    assert set(full["ranking"][:8]) & set(sub["ranking"][:8]) and max(full["ranking"][:5]) < 10
+    assert set(full.ranking[:8]) & set(sub.ranking[:8]) and max(full.ranking[:5]) < 10

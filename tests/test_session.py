@@ -64,7 +64,7 @@ def test_the_steps_one_at_a_time_make_the_quantize_plan(tiny):
     s = luq.Session(tiny["model"], config, cache_dir=tiny["root"] / "cache", progress=False, log=lambda s: None,
                     on_stage=lambda name, seconds: stages.append((name, seconds is None)))
     m = s.measure()
-    assert set(m.costs) == set(m.sizes.linears) and m.passed["layers"]
+    assert set(m.costs) == set(m.sizes.linears) and m.passed.layers
     d = s.choose(m)
     assert m.sizes.total_bytes(d.plan) <= 0.0125e9 and set(d.plan.values()) <= {"gptq2-g64", "gptq4-g64", "keep"}
     assert s.finalize(d)

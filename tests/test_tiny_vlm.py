@@ -67,10 +67,10 @@ def test_entropy_pipeline_on_real_photos(vlm, tmp_path):
 
     result = measure_entropy(model, adapter_for(model), batches, k_grid=(4, 8), progress=False)
     n_layers = model.config.text_config.num_hidden_layers
-    assert result["tokens"]["image"] == 2 * 64 and result["tokens"]["text"] > 96
-    assert len(result["image_entropy"]) == len(result["text_entropy"]) == n_layers
-    assert all(e is not None and e > 0 for e in result["image_entropy"] + result["text_entropy"])
-    assert sorted(result["ranking"]) == list(range(n_layers))
+    assert result.tokens["image"] == 2 * 64 and result.tokens["text"] > 96
+    assert len(result.image_entropy) == len(result.text_entropy) == n_layers
+    assert all(e is not None and e > 0 for e in result.image_entropy + result.text_entropy)
+    assert sorted(result.ranking) == list(range(n_layers))
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

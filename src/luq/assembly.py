@@ -9,6 +9,7 @@ the originals back.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from luq.quant.embedding import QuantEmbedding, TiedQuantHead
 from luq.quant.formats import get_format
 from luq.quant.linear import replace_linears, restore_linears
 from luq.variants import OUTSIDE, VariantCache
+
+if TYPE_CHECKING:
+    from luq.pipeline import LayerSummary, OutsidePass
 
 
 def linear_names(model: nn.Module, adapter: Adapter) -> list[list[str]]:
@@ -41,16 +45,16 @@ def keep_bytes(unit: Unit, storage_dtype: torch.dtype) -> int:
     return unit.module.weight.numel() * torch.empty((), dtype=storage_dtype).element_size()
 
 
-def size_table(model: nn.Module, adapter: Adapter, layers: list[dict], storage_dtype: torch.dtype,
-               outside: dict | None = None, units: dict[str, Unit] | None = None,
+def size_table(model: nn.Module, adapter: Adapter, layers: list[LayerSummary], storage_dtype: torch.dtype,
+               outside: OutsidePass | None = None, units: dict[str, Unit] | None = None,
                vector_dtype: torch.dtype | None = None) -> SizeTable:
-    """Exact artifact bytes of any plan, from the model and the variant pass's records
-    (`outside`: `outside_pass`'s summary of `units`, which then join the plan with KEEP
-    as one more choice)."""
+    """Exact artifact bytes of any plan, from the model and the variant pass's per-layer summaries
+    (`layer_pass`'s `layers`; `outside`: `outside_pass`'s summary of `units`, which then join the plan
+    with KEEP as one more choice)."""
     units = units or {}
     base = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units), vector_dtype=vector_dtype)
     linears = {}
-    for name, info in (outside or {}).get("units", {}).items():
+    for name, info in (outside.units if outside is not None else {}).items():
         rows, cols = info["shape"]
         linears[name] = LinearSizes(
             layer=None, n_weights=rows * cols,
@@ -58,11 +62,11 @@ def size_table(model: nn.Module, adapter: Adapter, layers: list[dict], storage_d
             nominal_bits={**{f: v["nominal_bits"] for f, v in info["formats"].items()},
                           KEEP: 8.0 * torch.empty((), dtype=storage_dtype).element_size()})
     for record in layers:
-        prefix = adapter.layer_prefix(record["index"])
-        for name, info in record["linears"].items():
+        prefix = adapter.layer_prefix(record.index)
+        for name, info in record.linears.items():
             rows, cols = info["shape"]
             linears[prefix + name] = LinearSizes(
-                layer=record["index"], n_weights=rows * cols,
+                layer=record.index, n_weights=rows * cols,
                 bytes={f: v["bytes"] for f, v in info["formats"].items()},
                 nominal_bits={f: v["nominal_bits"] for f, v in info["formats"].items()})
     return SizeTable(base_bytes=base, linears=linears)

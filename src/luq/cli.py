@@ -168,7 +168,7 @@ def cmd_entropy(args) -> None:
     batches = calibration_batches(tokenizer, adapter, config)
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure_entropy(model, adapter, batches, k=args.kmeans_clusters, device=args.device, subsample=args.subsample,
-                             seed=args.seed, offload_dir=args.offload_dir)
+                             seed=args.seed, offload_dir=args.offload_dir).to_json()
     result["tokens"]["multimodal_fraction"] = multimodal_fraction(batches)
     result.update(model=args.model or "smollm2", calibration=vars(config))
     write_json(args.out / "entropy.json", result)

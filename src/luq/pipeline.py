@@ -4,13 +4,16 @@ One pass over the decoder: for each layer, its full-precision forward on the
 calibration batches gives the output activations (-> entropy) and, through hooks on
 its linears, their Hessians (-> every linear in every format of the menu, into the
 variant cache). The outputs feed the next layer.
+
+Each pass returns a dataclass of numbers (`LayerPass`, `OutsidePass`; `measure_entropy` an
+`EntropySummary`); a run keeps them together as `Passes`, what its report is built from.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -29,6 +32,75 @@ from luq.variants import OUTSIDE, FormatResult, VariantCache, tensor_digest
 
 # the K grid of the stability analysis (the paper settles on K = 100)
 DEFAULT_K_GRID = (8, 16, 32, 50, 75, 100, 150, 200)
+
+
+@dataclass
+class EntropySummary:
+    """The output-activation entropy of every decoder layer (paper Eq. 2-5) at the chosen K, over all,
+    text and image tokens (None where a layer saw none of that kind), the ranking (Eq. 6), the
+    Kendall distance between the rankings of consecutive Ks ([K, distance]), every K's entropies, the
+    token counts (text, image, padding) and the subsample. `to_json()` is entropy.json's dict (these
+    keys, in this order)."""
+
+    kmeans_clusters: int
+    entropy: list[float]
+    text_entropy: list[float | None]
+    image_entropy: list[float | None]
+    ranking: list[int]
+    kendall: list[list]
+    entropy_by_k: dict[str, list[float]]
+    tokens: dict[str, int]
+    subsample: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerSummary:
+    """One decoder layer of a quantizing pass, numbers only: per linear (by its name in the layer) its
+    shape and per format its bytes, nominal bits and error ({"shape": [rows, cols], "formats": {format:
+    {"bytes", "nominal_bits", "error"}}}), and each format's solver seconds."""
+
+    index: int
+    linears: dict[str, dict]
+    seconds: dict[str, float]
+
+
+@dataclass
+class LayerPass:
+    """What `layer_pass` measured: each layer's summary (empty where it quantized nothing) and the
+    entropy (None where it measured none)."""
+
+    layers: list[LayerSummary] = field(default_factory=list)
+    entropy: EntropySummary | None = None
+
+
+@dataclass
+class OutsidePass:
+    """What `outside_pass` measured: per unit outside the decoder {"kind", "shape", "formats": {format:
+    {"bytes", "nominal_bits", "error"}}}, and each format's solver seconds."""
+
+    units: dict[str, dict]
+    seconds: dict[str, float]
+
+
+@dataclass
+class Passes:
+    """What a run's passes measured (a Session's `Measurement.passed`, the report's source): each decoder
+    layer's summary (`layer_pass`), the entropy (None where the run measured none), the units outside the
+    decoder (`outside_pass`; None where there are none) and, once the final pass is kept, its own
+    per-layer summaries (their bytes and errors are the artifact's)."""
+
+    layers: list[LayerSummary]
+    entropy: EntropySummary | None = None
+    outside: OutsidePass | None = None
+    final_layers: list[LayerSummary] | None = None
+
+    @classmethod
+    def of(cls, passed: LayerPass, outside: OutsidePass | None = None) -> Passes:
+        """From `layer_pass`'s result (and `outside_pass`'s)."""
+        return cls(layers=passed.layers, entropy=passed.entropy, outside=outside)
 
 
 @dataclass
@@ -113,21 +185,22 @@ def quantize_linears(layer: nn.Module, hessians: Mapping[str, torch.Tensor], nee
     return quantize_weights({name: m.weight for name, m in quantizable_linears(layer).items()}, hessians, needs, device)
 
 
-def _entropy_summary(per_layer: list[dict], ks: list[int], k: int | None, kinds: torch.Tensor) -> dict:
+def _entropy_summary(per_layer: list[dict], ks: list[int], k: int | None, kinds: torch.Tensor,
+                     subsample: int | None) -> EntropySummary:
     rankings = {K: entropy_ranking([layer[K]["all"] for layer in per_layer]) for K in ks}
     curve = [(b, kendall_distance(rankings[a], rankings[b])) for a, b in zip(ks, ks[1:])]
     chosen = k if k else select_k(curve)
-    return {
-        "kmeans_clusters": chosen,
-        "entropy": [layer[chosen]["all"] for layer in per_layer],
-        "text_entropy": [layer[chosen]["text"] for layer in per_layer],
-        "image_entropy": [layer[chosen]["image"] for layer in per_layer],
-        "ranking": rankings[chosen],
-        "kendall": [[K, d] for K, d in curve],
-        "entropy_by_k": {str(K): [layer[K]["all"] for layer in per_layer] for K in ks},
-        "tokens": {"text": int((kinds == TEXT).sum()), "image": int((kinds == IMAGE).sum()),
-                   "padding": int((kinds == PAD).sum())},
-    }
+    return EntropySummary(
+        kmeans_clusters=chosen,
+        entropy=[layer[chosen]["all"] for layer in per_layer],
+        text_entropy=[layer[chosen]["text"] for layer in per_layer],
+        image_entropy=[layer[chosen]["image"] for layer in per_layer],
+        ranking=rankings[chosen],
+        kendall=[[K, d] for K, d in curve],
+        entropy_by_k={str(K): [layer[K]["all"] for layer in per_layer] for K in ks},
+        tokens={"text": int((kinds == TEXT).sum()), "image": int((kinds == IMAGE).sum()),
+                "padding": int((kinds == PAD).sum())},
+        subsample=subsample)
 
 
 def entropy_grid(k: int | None, k_grid, n_tokens: int) -> list[int]:
@@ -156,7 +229,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
                hessians: str = "fp", chain_format: Format | None = None, k: int | None = None,
                k_grid=DEFAULT_K_GRID, device: str | torch.device = "cpu", subsample: int | None = None,
                seed: int = 0, progress: bool = True, desc: str = "layers", entropy: bool = True,
-               offload_dir: str | None = None) -> dict:
+               offload_dir: str | None = None) -> LayerPass:
     """The one pass over the decoder layers (docs/architecture.md): the entropy of each layer's output
     (paper Eq. 2-5) and every linear quantized in every format of `formats` (or, with
     `plan_of_layer`, each linear in the one format its layer's plan gives it: the final
@@ -165,9 +238,10 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
     hessians: "fp" feeds each layer the full-precision chain; "sequential" feeds it the
     outputs of the layers before it quantized (each linear in its planned format, or in
     `chain_format` when filling the menu). In "sequential" mode the entropy is that of each
-    layer's full-precision forward on the quantized chain's inputs. Returns the entropy
-    summary (see `measure_entropy`, when `entropy`) plus `layers`: per layer, per linear,
-    its shape and per format its bytes, nominal bits and error, and each format's seconds.
+    layer's full-precision forward on the quantized chain's inputs. Returns a `LayerPass`: the
+    entropy summary (see `measure_entropy`; None unless `entropy`) and, when quantizing, per layer
+    a `LayerSummary` (per linear its shape and per format its bytes, nominal bits and error; each
+    format's seconds).
     offload_dir: keep the activations between layers in memory-mapped files there.
     """
     formats = list(formats)
@@ -241,13 +315,9 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
             outputs[:] = [offload(layer_forward(layer, inp, device), "cpu", disk) for inp in inputs]
             restore_linears(layer, swapped)
         inputs = [replace(inp, hidden=out) for inp, out in zip(inputs, outputs)]
-    out = {}
-    if entropy:
-        out = _entropy_summary(per_layer, [K for K in ks if all(K in e for e in per_layer)], k, kinds)
-        out["subsample"] = subsample
-    if quantizing:
-        out["layers"] = summaries
-    return out
+    summary = _entropy_summary(per_layer, [K for K in ks if all(K in e for e in per_layer)], k, kinds,
+                               subsample) if entropy else None
+    return LayerPass(layers=summaries, entropy=summary)
 
 
 @torch.no_grad()
@@ -297,11 +367,11 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
 
 
 def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], formats: Sequence[Format],
-                 cache: VariantCache | None, device: str | torch.device = "cpu") -> dict:
+                 cache: VariantCache | None, device: str | torch.device = "cpu") -> OutsidePass:
     """Every unit outside the decoder (embedding, head, vision tower, projector) in every format
     of `formats`, into `cache` (one file per format for the whole group; what is cached is read).
-    Returns {"units": {name: {"kind", "shape", "formats": {fmt: bytes / nominal_bits / error}}},
-    "seconds": {fmt: solver seconds}}."""
+    Returns an `OutsidePass`: units {name: {"kind", "shape", "formats": {fmt: bytes / nominal_bits /
+    error}}}, seconds {fmt: solver seconds}."""
     weights = StoredWeights(model, units)  # a streamed part's weights are read one at a time
     digest = tensor_digest(weights) if cache is not None else None
     results: dict[str, FormatResult] = {}
@@ -325,10 +395,11 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
     summary = {name: {"kind": u.kind, "shape": list(u.shape),
                       "formats": {f: {k: results[f].records[name][k] for k in ("bytes", "nominal_bits", "error")}
                                   for f in results if name in results[f].records}} for name, u in units.items()}
-    return {"units": summary, "seconds": {f: r.seconds for f, r in results.items()}}
+    return OutsidePass(units=summary, seconds={f: r.seconds for f, r in results.items()})
 
 
-def _layer_summary(index: int, needs: Mapping[str, Sequence[Format]], results: Mapping[str, FormatResult]) -> dict:
+def _layer_summary(index: int, needs: Mapping[str, Sequence[Format]],
+                   results: Mapping[str, FormatResult]) -> LayerSummary:
     """Numbers only: per linear its shape and, per format, bytes / nominal bits / error; per format seconds."""
     linears = {}
     for name, fmts in needs.items():
@@ -336,13 +407,14 @@ def _layer_summary(index: int, needs: Mapping[str, Sequence[Format]], results: M
         linears[name] = {"shape": some["shape"],
                          "formats": {f.name: {k: results[f.name].records[name][k]
                                               for k in ("bytes", "nominal_bits", "error")} for f in fmts}}
-    return {"index": index, "linears": linears, "seconds": {name: r.seconds for name, r in results.items()}}
+    return LayerSummary(index=index, linears=linears, seconds={name: r.seconds for name, r in results.items()})
 
 
 def measure_entropy(model, adapter: Adapter, batches, *, k: int | None = None, k_grid=DEFAULT_K_GRID,
                     device: str | torch.device = "cpu", subsample: int | None = None, seed: int = 0,
-                    progress: bool = True, offload_dir: str | None = None) -> dict:
-    """Per-layer output-activation entropy (paper Eq. 2-5), its ranking (Eq. 6) and K.
+                    progress: bool = True, offload_dir: str | None = None) -> EntropySummary:
+    """Per-layer output-activation entropy (paper Eq. 2-5), its ranking (Eq. 6) and K (an
+    `EntropySummary`; `.to_json()` is entropy.json's dict).
 
     The layers run one at a time on the calibration batches; for every K of the grid
     (plus `k` if given) each layer's non-padding tokens are clustered once and the
@@ -350,4 +422,4 @@ def measure_entropy(model, adapter: Adapter, batches, *, k: int | None = None, k
     of the Kendall-distance curve between consecutive rankings (`k="auto"` upstream).
     """
     return layer_pass(model, adapter, batches, k=k, k_grid=k_grid, device=device, subsample=subsample, seed=seed,
-                      progress=progress, desc="entropy", offload_dir=offload_dir)
+                      progress=progress, desc="entropy", offload_dir=offload_dir).entropy

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from luq.pipeline import Passes
 
 
 def plot_entropy(result: dict, out_dir: Path, title: str = "") -> list[Path]:
@@ -67,7 +71,7 @@ def _method(fmt_names) -> str:
     return methods.pop() if len(methods) == 1 else "mixed"
 
 
-def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: dict, decision: dict,
+def build_report(model_name, net, adapter, config, passed: Passes, sizes, plan: dict, decision: dict,
                  costs: dict | None) -> dict:
     """luq_report.json: the plan, what it weighs to the byte, what it was predicted and measured
     to cost, and how it was chosen (the stopping rule's search, the frontier of plans). The entropy
@@ -79,9 +83,10 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
 
     from luq.plan import KEEP
 
-    records = {adapter.layer_prefix(r["index"]) + name: info
-               for r in passed.get("final_layers") or passed["layers"] for name, info in r["linears"].items()}
-    records.update((passed.get("outside") or {}).get("units", {}))
+    records = {adapter.layer_prefix(r.index) + name: info
+               for r in passed.final_layers or passed.layers for name, info in r.linears.items()}
+    if passed.outside is not None:
+        records.update(passed.outside.units)
     linears = {}
     for name, fmt in plan.items():
         s = sizes.linears[name]
@@ -95,7 +100,7 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
         row = by_kind.setdefault(info["kind"], {"bytes": 0, "formats": {}})
         row["bytes"] += info["bytes"]
         row["formats"][info["format"]] = row["formats"].get(info["format"], 0) + 1
-    entropy = passed.get("entropy")   # None where the run measured no entropy (not asked for)
+    entropy = passed.entropy   # None where the run measured no entropy (not asked for)
     layers = []
     for i in range(len(adapter.decoder_layers(net))):
         own = layer_plan(plan, adapter.layer_prefix(i))
@@ -107,7 +112,7 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
                        "nominal_bits": sum(linears[n]["nominal_bits"] * sizes.linears[n].n_weights for n in names)
                        / n_weights,
                        "bytes": sizes.layer_bytes(plan, i),
-                       **({} if entropy is None else {"entropy": entropy[i]}),
+                       **({} if entropy is None else {"entropy": entropy.entropy[i]}),
                        "mean_relative_error": sum(errors) / len(errors) if errors else None})
     frontier = []
     for point in decision["frontier"]:
@@ -123,9 +128,8 @@ def build_report(model_name, net, adapter, config, passed: dict, sizes, plan: di
         paper = {"n_low_layers": n_low, "low_layers": sorted(order[:n_low]), "order": order,
                  "order_rule": config.entropy.order if isinstance(config.entropy.order, str) else "explicit"}
     measured_entropy = {} if entropy is None else {
-        "entropy": entropy, "kmeans_clusters": passed["kmeans_clusters"], "kendall": passed.get("kendall"),
-        "text_entropy": passed.get("text_entropy"), "image_entropy": passed.get("image_entropy"),
-        "tokens": passed.get("tokens")}
+        "entropy": entropy.entropy, "kmeans_clusters": entropy.kmeans_clusters, "kendall": entropy.kendall,
+        "text_entropy": entropy.text_entropy, "image_entropy": entropy.image_entropy, "tokens": entropy.tokens}
     return {
         "model": model_name or "smollm2", "family": adapter.family, "luq_version": __version__,
         "allocate": config.allocate, "menu": list(config.menu()), **paper,

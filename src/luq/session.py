@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from luq.config import LUQConfig
 from luq.errors import LuqError
 from luq.models import adapter_for, outside_units
 from luq.models.loading import can_stream, check_device, load_model, parse_dtype
-from luq.pipeline import layer_pass, outside_pass
+from luq.pipeline import LayerPass, Passes, layer_pass, outside_pass
 from luq.plan import KEEP, SizeTable, layer_plan, uniform_plan
 from luq.plan.choose import Decision, check_reachable, choose_plan, compact_hint
 from luq.quant.formats import get_format
@@ -43,11 +43,11 @@ from luq.variants import VariantCache, model_fingerprint, settings_digest
 
 @dataclass
 class Measurement:
-    """What the variant pass measured: its per-layer summary (entropy where measured, each linear's
-    bytes and error per format), the exact size table of every plan, and the costs (measured allocation
-    with a choice to make; None otherwise)."""
+    """What the variant pass measured: its per-layer summaries (`Passes`: entropy where measured, each
+    linear's bytes and error per format), the exact size table of every plan, and the costs (measured
+    allocation with a choice to make; None otherwise)."""
 
-    passed: dict
+    passed: Passes
     sizes: SizeTable
     costs: dict | None
 
@@ -137,18 +137,19 @@ class Session:
         config, net, adapter = self.config, self.net, self.adapter
         formats = [get_format(n) for n in config.menu()]
         with self.stage("layer_pass"):
-            passed = layer_pass(net, adapter, self.batches, formats=formats, cache=self.cache,
-                                hessians=config.hessians, k=config.entropy.kmeans_clusters, device=self.device,
-                                subsample=config.entropy.subsample, seed=config.calibration.seed, progress=self.progress,
-                                desc="quantize", offload_dir=config.offload_dir, entropy=self.measures_entropy)
+            passed = Passes.of(layer_pass(net, adapter, self.batches, formats=formats, cache=self.cache,
+                                          hessians=config.hessians, k=config.entropy.kmeans_clusters,
+                                          device=self.device, subsample=config.entropy.subsample,
+                                          seed=config.calibration.seed, progress=self.progress, desc="quantize",
+                                          offload_dir=config.offload_dir, entropy=self.measures_entropy))
         if self.units:
             with self.stage("outside_pass"):
                 kinds = ", ".join(sorted({u.kind for u in self.units.values()}))
                 self.log(f"quantizing {len(self.units)} units outside the decoder ({kinds}) in "
                          f"{len(self.unit_formats)} formats")
-                passed["outside"] = outside_pass(net, adapter, self.batches, self.units, self.unit_formats,
-                                                 self.cache, self.device)
-        sizes = size_table(net, adapter, passed["layers"], self.storage_dtype, passed.get("outside"), self.units,
+                passed.outside = outside_pass(net, adapter, self.batches, self.units, self.unit_formats,
+                                              self.cache, self.device)
+        sizes = size_table(net, adapter, passed.layers, self.storage_dtype, passed.outside, self.units,
                            self.vector_dtype)
         costs = None
         if config.allocate == "measured":
@@ -175,10 +176,11 @@ class Session:
                 finally:
                     assembly.undo()
             reference = score
+        entropy = measured.passed.entropy
         with self.stage("plan"):
             decision = choose_plan(config, measured.sizes, measured.costs, linear_names(self.net, self.adapter),
-                                   list(self.units), measured.passed.get("entropy"), evaluate, reference, higher,
-                                   self.log)
+                                   list(self.units), None if entropy is None else entropy.entropy, evaluate,
+                                   reference, higher, self.log)
         self.measurement, self.decision = measured, decision
         self.sources = [self.cache]
         return decision
@@ -193,13 +195,13 @@ class Session:
         final_cache = self._final_cache(plan)
         with self.stage("final_pass"):
             final = self._plan_pass(plan, final_cache, "sequential", "final pass", entropy=False)
-        sizes = _with_final(measured.sizes, size_table(self.net, self.adapter, final["layers"], self.storage_dtype))
+        sizes = _with_final(measured.sizes, size_table(self.net, self.adapter, final.layers, self.storage_dtype))
         budget = self.config.budget_gb
         if budget is not None and sizes.total_bytes(plan) > budget * 1e9:
             self.log(f"the final pass would make the model {sizes.total_bytes(plan):,} bytes, over the budget; "
                      "keeping the cached configuration, which fits")
             return False
-        self.measurement = Measurement(dict(measured.passed, final_layers=final["layers"]), sizes, measured.costs)
+        self.measurement = Measurement(replace(measured.passed, final_layers=final.layers), sizes, measured.costs)
         self.sources = [final_cache, self.cache]
         self.final_pass = True
         return True
@@ -215,13 +217,13 @@ class Session:
         self.log(f"one format ({fmt}): one {'sequential ' if sequential else ''}pass over the layers")
         cache = self._final_cache(plan) if sequential else self.cache
         with self.stage("layer_pass"):
-            passed = self._plan_pass(plan, cache, "sequential" if sequential else config.hessians, "quantize",
-                                     entropy=self.measures_entropy)
+            passed = Passes.of(self._plan_pass(plan, cache, "sequential" if sequential else config.hessians,
+                                               "quantize", entropy=self.measures_entropy))
         if self.units:
             with self.stage("outside_pass"):
-                passed["outside"] = outside_pass(self.net, self.adapter, self.batches, self.units, self.unit_formats,
-                                                 self.cache, self.device)
-        sizes = size_table(self.net, self.adapter, passed["layers"], self.storage_dtype, passed.get("outside"),
+                passed.outside = outside_pass(self.net, self.adapter, self.batches, self.units, self.unit_formats,
+                                              self.cache, self.device)
+        sizes = size_table(self.net, self.adapter, passed.layers, self.storage_dtype, passed.outside,
                            self.units, self.vector_dtype)
         if config.budget_gb is not None and sizes.total_bytes(plan) > config.budget_gb * 1e9:
             raise LuqError(f"the uniform {fmt} model is {sizes.total_bytes(plan) / 1e9:.4g} GB, over the budget")
@@ -272,7 +274,7 @@ class Session:
     def _final_cache(self, plan) -> VariantCache:
         return VariantCache(self.cache.dir.parent, dict(self.cache.key, final=settings_digest(plan)))
 
-    def _plan_pass(self, plan, cache: VariantCache, hessians: str, desc: str, entropy: bool) -> dict:
+    def _plan_pass(self, plan, cache: VariantCache, hessians: str, desc: str, entropy: bool) -> LayerPass:
         config, adapter = self.config, self.adapter
         return layer_pass(self.net, adapter, self.batches, plan_of_layer=lambda i: layer_plan(plan, adapter.layer_prefix(i)),
                           cache=cache, hessians=hessians, k=config.entropy.kmeans_clusters, device=self.device,
