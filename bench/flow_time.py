@@ -1,12 +1,16 @@
 """How long `luq quantize smollm2 --formats gptq3-g128` takes now against an earlier commit of luq, the two
-runs side by side (started together, one thread each, so the machine's load falls on both alike).
+runs side by side (started together, one thread each).
 
 A one-format model needs no measurement: the current flow solves it in one sequential pass. The earlier
-flow (default: commit 1cf34b0, before the Session) ran the variant pass, a sensitivity pass over every
-layer and a final pass that solved everything again. Each side gets a fresh variant cache, so nothing is
-reused. Writes bench/results/flow-time.json: wall seconds of each, their ratio, and whether each log shows
-a sensitivity pass. With --bound B the old run is stopped once it has run B times the new one's time: its
-seconds are then a lower bound (and the ratio an upper bound), with the old run's last progress line.
+flow (default: commit 1cf34b0, before the Session) ran the variant pass (the format solved on the
+full-precision chain, with the K-means entropy of every layer for the report) and then a final pass that
+solved everything again sequentially; its log shows no sensitivity pass for one format (the file's
+`sensitivity_pass` says so for each side). Each side gets a fresh variant cache, so nothing is reused.
+Writes bench/results/flow-time.json: wall and CPU seconds of each (user + system: CPU seconds do not
+depend on what else the machine runs, wall seconds do, and the old run's last part runs alone once the
+new one is done), their ratios, and the load average. With --bound B the old run is stopped once it has
+used B times the new one's CPU seconds: its seconds are then lower bounds (the ratios upper bounds), with
+its last progress line.
 
     python -m bench.flow_time                       # needs git and this repository's history
     python -m bench.flow_time --samples 16 --seq-len 256 --bound 2   # a smaller calibration, both sides
@@ -22,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -49,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new", default="HEAD")
     p.add_argument("--json", type=Path, default=RESULTS / "flow-time.json")
     p.add_argument("--bound", type=float, default=None,
-                   help="stop the old run once it has taken BOUND x the new one's time; the file then gives a "
-                        "lower bound on the old time (ratio new/old at most 1/BOUND)")
+                   help="stop the old run once it has used BOUND x the new one's CPU seconds; the file then gives "
+                        "lower bounds on the old time (ratio new/old at most 1/BOUND)")
     p.add_argument("--samples", type=int, default=None, help="calibration sequences, both sides (default: luq's)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length, both sides")
     args = p.parse_args(argv)
@@ -65,27 +71,36 @@ def main(argv: list[str] | None = None) -> None:
         for side, rev in revs.items():
             (tmp / side).mkdir()
             procs[side] = start(checkout(rev, tmp / f"{side}-src"), tmp / side, tmp / f"{side}.log", extra)
-        seconds, stopped, loads = {}, None, []
+        seconds, cpu, stopped, loads = {}, {}, None, []
+        live = {side: psutil.Process(proc.pid) for side, proc in procs.items()}
         while len(seconds) < len(procs):
             loads.append(os.getloadavg()[0])
             for side, proc in procs.items():
-                if side not in seconds and proc.poll() is not None:
+                if side in seconds:
+                    continue
+                try:   # CPU seconds so far (user + system): what the run cost, whatever else the machine ran
+                    times = live[side].cpu_times()
+                    cpu[side] = round(times.user + times.system, 1)
+                except psutil.NoSuchProcess:
+                    pass
+                if proc.poll() is not None:
                     if proc.returncode != 0:
                         sys.exit(f"{side} ({revs[side]}) failed: {(tmp / f'{side}.log').read_text()[-2000:]}")
                     seconds[side] = round(time.perf_counter() - t0, 1)
-                    print(f"{side} ({revs[side]}): {seconds[side]} s", flush=True)
-            if args.bound and "new" in seconds and "old" not in seconds \
-                    and time.perf_counter() - t0 >= args.bound * seconds["new"]:
+                    print(f"{side} ({revs[side]}): {seconds[side]} s wall, {cpu[side]} s CPU", flush=True)
+            if args.bound and "new" in seconds and "old" not in seconds and cpu["old"] >= args.bound * cpu["new"]:
                 procs["old"].kill()
                 procs["old"].wait()
                 seconds["old"] = stopped = round(time.perf_counter() - t0, 1)
-                print(f"old ({revs['old']}): still running at {stopped} s ({args.bound}x new): stopped", flush=True)
+                print(f"old ({revs['old']}): still running at {cpu['old']} s CPU ({args.bound}x new's): stopped",
+                      flush=True)
             time.sleep(1)
         logs = {side: (tmp / f"{side}.log").read_text() for side in procs}
         old_stage = logs["old"].replace("\r", "\n").strip().splitlines()[-1][:200] if stopped else None
     result = {"command": "luq " + " ".join(COMMAND + extra), "commits": revs, "seconds": seconds,
-              "ratio_new_to_old": round(seconds["new"] / seconds["old"], 3),
-              "old_stopped_at": stopped, "old_last_progress": old_stage,   # seconds["old"] a lower bound if stopped
+              "cpu_seconds": cpu, "ratio_new_to_old": round(seconds["new"] / seconds["old"], 3),
+              "cpu_ratio_new_to_old": round(cpu["new"] / cpu["old"], 3),
+              "old_stopped_at": stopped, "old_last_progress": old_stage,   # old's seconds lower bounds if stopped
               "sensitivity_pass": {side: "sensitivity" in log for side, log in logs.items()},
               "threads_each": 1, "side_by_side": True,
               "load_average": {"mean": round(sum(loads) / len(loads), 2), "max": round(max(loads), 2)}}
