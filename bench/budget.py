@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.work = args.work or Path("out/bench-budget" + ("" if args.model == "smollm2" else f"-{args.model}"))
     calibration = calibration_of(args)
-    common = dict(calibration=calibration, validation_samples=args.eval_samples)
+    common = dict(calibration=calibration, validation_samples=args.eval_samples, measure_kl=True)  # uniform rows too
     if args.set == "all":   # the paper's entropy ranking is one of its rows (K-means clusters)
         common["kmeans_clusters"] = args.k
 

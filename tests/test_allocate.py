@@ -89,7 +89,7 @@ def run(real, out, **kw):
 
 @pytest.fixture(scope="module")
 def uniform3(real):
-    return run(real, "uniform3", formats=("gptq3-g128",))
+    return run(real, "uniform3", formats=("gptq3-g128",), measure_kl=True)
 
 
 def test_one_format_makes_the_uniform_model(real, uniform3):

@@ -3,6 +3,7 @@ artifact as the same model given by path; `luq.Session`'s steps, one at a time, 
 `luq.quantize`; a one-format model runs one pass and no sensitivity pass; the stages are told to a
 callback."""
 
+import dataclasses
 import json
 
 import pytest
@@ -43,6 +44,10 @@ def test_an_in_memory_module_writes_the_same_artifact_as_its_path(tiny):
     # one format: one sequential pass, no variant pass over a menu and no sensitivity pass
     assert set(report["seconds"]) == {"load", "calibration", "layer_pass", "write", "total"}
     assert any(line.startswith("one format (gptq4-g128): one sequential pass") for line in lines)
+    assert report["measured_cost"] is None   # no plan to check: no whole-model KL unless asked for
+    asked = luq.quantize(tiny["model"], tiny["root"] / "kl", dataclasses.replace(config, measure_kl=True),
+                         progress=False, log=lambda s: None, cache_dir=tiny["root"] / "cache-path")
+    assert asked["measured_cost"] > 0 and tensor_files(tiny["root"] / "kl") == tensor_files(tiny["root"] / "path")
     loaded, tokenizer, _ = luq.load(tiny["root"] / "memory")
     ids = tokenizer("A model from memory.", return_tensors="pt").input_ids
     with torch.no_grad():

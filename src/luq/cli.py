@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hessians from the full-precision chain (default) or the quantized-so-far chain")
     p.add_argument("--final-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="re-quantize the chosen configuration sequentially (default: on; it lowers perplexity)")
+    p.add_argument("--measure-kl", action=argparse.BooleanOptionalAction, default=None,
+                   help="the finished model's KL from full precision on the sensitivity windows, in the report "
+                        "(default: where a plan was chosen from measured costs; a uniform model skips it)")
     _entropy_options(p)
     p.add_argument("--storage-dtype", default="float16", help="dtype of the unquantized tensors (default float16)")
     p.add_argument("--cache-dir", type=Path, default=None, help="variant cache root (default: $LUQ_CACHE/variants)")
@@ -196,7 +199,7 @@ def cmd_quantize(args) -> None:
                        hessians=args.hessians, allocate=args.allocate, formats=args.formats,
                        sensitivity_samples=args.sensitivity_samples, keep=args.keep,
                        final_pass=args.final_pass, kmeans_clusters=args.kmeans_clusters, subsample=args.subsample,
-                       storage_dtype=args.storage_dtype, offload_dir=args.offload_dir)
+                       storage_dtype=args.storage_dtype, offload_dir=args.offload_dir, measure_kl=args.measure_kl)
     gguf_out = args.out.with_name(args.out.name + ".gguf") if args.export else None
     if gguf_out is not None:   # refused now, not after the run: a format with no ggml form
         from luq.checks import check_out_file

@@ -112,6 +112,10 @@ class LUQConfig:
     with a stopping rule; the entropy allocation and a one-format uniform model keep them all, as the
     paper and peers do.
     offload_dir: activations between layers in memory-mapped files there, not RAM.
+    measure_kl: the finished model's KL from full precision on the held-out sensitivity windows, in the
+    report (`measured_cost`): two more forwards of the whole model over those windows. None (default):
+    where the plan was chosen from predicted costs (a measured allocation over more than one format),
+    whose sum it checks; True: for any run (a uniform model, the entropy allocation); False: never.
     """
 
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -126,6 +130,7 @@ class LUQConfig:
     storage_dtype: str = "float16"
     keep: tuple[str, ...] | None = None
     offload_dir: str | None = None
+    measure_kl: bool | None = None
     measured: MeasuredConfig = field(default_factory=MeasuredConfig)
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
 

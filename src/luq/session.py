@@ -91,7 +91,8 @@ class Session:
             self.batches = calibration_batches(self.processor, self.adapter, config.calibration)
             self.sens_batches = (sensitivity_batches(self.processor, self.adapter, config.calibration,
                                                      config.measured.sensitivity_samples, config.validation_samples)
-                                 if config.allocate == "measured" else None)
+                                 if (config.allocate == "measured" and not self.plan_is_known) or config.measure_kl
+                                 else None)
         self.cache = variant_cache(self.net, config, cache_dir)
         log(f"variant cache: {self.cache.dir}")
 
@@ -235,10 +236,11 @@ class Session:
 
     def save(self, out: Path | str) -> dict:
         """The decided plan assembled into the model, its report (with the measured KL of the whole model
-        from full precision where the sensitivity windows exist) and the artifact at `out`."""
+        from full precision on the sensitivity windows: `LUQConfig.measure_kl`) and the artifact at `out`."""
         check_out_dir(Path(out))
         decision, measured = self.decision, self.measurement
-        reference = reference_log_probs(self.net, self.sens_batches) if self.sens_batches is not None else None
+        measure_kl = self.sens_batches is not None and self.config.measure_kl is not False
+        reference = reference_log_probs(self.net, self.sens_batches) if measure_kl else None
         Assembly(self.net, self.adapter, self.sources, self.device, units=self.units).apply(decision.plan)
         if reference is not None:
             decision.measured_cost = output_kl(self.net, self.sens_batches, reference)
