@@ -206,9 +206,11 @@ def format_summary(report: dict) -> str:
         for kind, info in (report.get("bytes_by_kind") or {}).items():
             formats = ", ".join(f"{n} x {f}" for f, n in sorted(info["formats"].items(), key=lambda x: -x[1]))
             lines.append(f"  {kind}: {info['bytes'] / 1e6:.2f} MB ({formats})")
-        if report.get("predicted_cost") is not None:
-            lines.append(f"cost (KL from full precision, nats/token): predicted {report['predicted_cost']:.4f}, "
-                         f"measured {report['measured_cost']:.4f}")
+        costs = [f"{which} {report[key]:.4f}" for which, key in (("predicted", "predicted_cost"),
+                                                                 ("measured", "measured_cost"))
+                 if report.get(key) is not None]
+        if costs:
+            lines.append("cost (KL from full precision, nats/token): " + ", ".join(costs))
     gguf = report.get("gguf")
     if gguf and "bytes" in gguf:
         lines.append(f"as GGUF (luq export --format gguf): {gguf['bytes']:,} bytes, of which tensors "
