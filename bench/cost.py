@@ -380,7 +380,7 @@ E2E_BETWEEN = "checks, assembly, measured KL, report (between stages)"
 # sequential as the final pass
 E2E_STAGES = {"load": "load model", "calibration": "calibration and sensitivity windows",
               "layer_pass": "layer pass (capture + Hessians + GPTQ-4, sequential)",
-              "outside_pass": "outside the decoder (embedding, head)", "sensitivity": "sensitivity",
+              "unit_pass": "outside the decoder (embedding, head)", "sensitivity": "sensitivity",
               "plan": "plan", "final_pass": "final pass (sequential)", "write": "write artifact"}
 
 
@@ -408,8 +408,8 @@ def worker_e2e(args, meter: Meter) -> dict:
     meter.add_solver(E2E_STAGES["layer_pass"], solver_seconds(passed.layers))
     if passed.final_layers:
         meter.add_solver(E2E_STAGES["final_pass"], solver_seconds(passed.final_layers))
-    if passed.outside is not None:
-        meter.add_solver(E2E_STAGES["outside_pass"], sum(passed.outside.seconds.values()))
+    if passed.unit_pass is not None:
+        meter.add_solver(E2E_STAGES["unit_pass"], sum(passed.unit_pass.seconds.values()))
     return {"artifact_mb": _dir_mb(artifact), "final_pass": report["final_pass"], "quantize_seconds": report["seconds"],
             "versions": {"luq": luq.__version__, "torch": torch.__version__}}
 

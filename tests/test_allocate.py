@@ -14,7 +14,7 @@ from luq.assembly import Assembly, linear_names
 from luq.calibration import CalibrationConfig, sensitivity_batches
 from luq.cli import main
 from luq.errors import LuqError
-from luq.models import outside_units
+from luq.models import find_units
 from luq.models.loading import load_model
 from luq.plan import KEEP, LinearSizes, SizeTable, knapsack, lagrangian_bound, plan_cost
 from luq.sensitivity import measure_sensitivity, output_kl, reference_log_probs
@@ -114,7 +114,7 @@ def test_sensitivity_predicts_the_measured_kl_of_each_linear(real, uniform3):
     luq.quantize(real["model"], real["root"] / "fill", luq.LUQConfig(calibration=CALIBRATION, kmeans_clusters=8,
                  formats=MENU, budget_gb=1.0, final_pass=False, sensitivity_samples=2), cache_dir=real["cache"],
                  progress=False, log=lambda s: None)
-    units = outside_units(net, adapter)  # the tied embedding (and head), in the same cache
+    units = find_units(net, adapter)  # the tied embedding (and head), in the same cache
     predicted = measure_sensitivity(net, adapter, batches, cache, formats, units=units, unit_formats=formats,
                                     progress=False)
     reference = reference_log_probs(net, batches, dtype=torch.float32)

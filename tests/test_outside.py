@@ -12,7 +12,7 @@ from safetensors import safe_open
 import luq
 from luq.calibration import CalibrationConfig
 from luq.errors import LuqError
-from luq.models import outside_units
+from luq.models import find_units
 from luq.models.loading import load_model
 from luq.plan import KEEP
 from luq.quant import get_format
@@ -112,7 +112,7 @@ def test_vision_tower_and_projector_join_the_budget_and_load(llava):
     """With everything but the vision tower kept, a budget under the fp16 size forces vision and
     projector linears into formats; their costs come from the backward through the tower."""
     net, processor, adapter = load_model(llava["model"])
-    units = outside_units(net, adapter, ("vision",))
+    units = find_units(net, adapter, ("vision",))
     assert units and {u.kind for u in units.values()} == {"vision"}
     assert any(".multi_modal_projector." in n for n in units)
     vision_bytes = sum(2 * u.module.weight.numel() for u in units.values())
@@ -150,11 +150,11 @@ def test_one_format_with_every_unit_quantized_is_the_uniform_whole_model(tied):
 def test_keep_options_are_checked_and_the_paper_mode_keeps_everything():
     with pytest.raises(LuqError, match="--keep takes embed, head, vision"):
         luq.LUQConfig(budget_gb=1.0, keep="embed,tokens")
-    assert luq.LUQConfig(allocate="entropy", n_low_layers=3).outside_kinds() == ()
-    assert luq.LUQConfig(formats=("gptq3-g128",)).outside_kinds() == ()  # the uniform model, as peers make it
-    assert luq.LUQConfig(budget_gb=1.0).outside_kinds() == ("embed", "head", "vision")
-    assert luq.LUQConfig(budget_gb=1.0, keep="").outside_kinds() == ("embed", "head", "vision")
-    assert luq.LUQConfig(budget_gb=1.0, keep="vision").outside_kinds() == ("embed", "head")
+    assert luq.LUQConfig(allocate="entropy", n_low_layers=3).unit_kinds() == ()
+    assert luq.LUQConfig(formats=("gptq3-g128",)).unit_kinds() == ()  # the uniform model, as peers make it
+    assert luq.LUQConfig(budget_gb=1.0).unit_kinds() == ("embed", "head", "vision")
+    assert luq.LUQConfig(budget_gb=1.0, keep="").unit_kinds() == ("embed", "head", "vision")
+    assert luq.LUQConfig(budget_gb=1.0, keep="vision").unit_kinds() == ("embed", "head")
 
 
 def test_streaming_refuses_a_vqa_threshold(tmp_path):

@@ -22,10 +22,10 @@ from luq.plan.sizes import KEEP, LinearSizes, Plan, SizeTable, layer_plan
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
 from luq.quant.formats import get_format
 from luq.quant.linear import replace_linears, restore_linears
-from luq.variants import OUTSIDE, VariantCache
+from luq.variants import UNITS, VariantCache
 
 if TYPE_CHECKING:
-    from luq.pipeline import LayerSummary, OutsidePass
+    from luq.pipeline import LayerSummary, UnitPass
 
 
 def linear_names(model: nn.Module, adapter: Adapter) -> list[list[str]]:
@@ -46,15 +46,15 @@ def keep_bytes(unit: Unit, storage_dtype: torch.dtype) -> int:
 
 
 def size_table(model: nn.Module, adapter: Adapter, layers: list[LayerSummary], storage_dtype: torch.dtype,
-               outside: OutsidePass | None = None, units: dict[str, Unit] | None = None,
+               unit_pass: UnitPass | None = None, units: dict[str, Unit] | None = None,
                vector_dtype: torch.dtype | None = None) -> SizeTable:
     """Exact artifact bytes of any plan, from the model and the variant pass's per-layer summaries
-    (`layer_pass`'s `layers`; `outside`: `outside_pass`'s summary of `units`, which then join the plan
+    (`layer_pass`'s `layers`; `unit_pass`: the summary of `units`, which then join the plan
     with KEEP as one more choice)."""
     units = units or {}
     base = stored_bytes(model, storage_dtype, exclude=_planned_weights(model, adapter, units), vector_dtype=vector_dtype)
     linears = {}
-    for name, info in (outside.units if outside is not None else {}).items():
+    for name, info in (unit_pass.units if unit_pass is not None else {}).items():
         rows, cols = info["shape"]
         linears[name] = LinearSizes(
             layer=None, n_weights=rows * cols,
@@ -149,7 +149,7 @@ class Assembly:
                 by_format[plan[name]].append(name)
         weights = {}
         for fmt, names in by_format.items():
-            weights.update(self._weights(OUTSIDE, fmt, names))
+            weights.update(self._weights(UNITS, fmt, names))
         linears = {n: q for n, q in weights.items() if self.units[n].kind != "embed"}
         # packed weights stay in memory even in a streamed part (they are small); its other tensors stream
         self._replaced_outside = replace_linears(self.model, linears, dtype=self.dtype, dense=self.dense,

@@ -199,7 +199,7 @@ class LUQConfig:
             return (high, low) if high != low else (high,)
         return self.measured.formats or DEFAULT_MENU
 
-    def outside_kinds(self) -> tuple[str, ...]:
+    def unit_kinds(self) -> tuple[str, ...]:
         """The kinds of units outside the decoder that join the budget (see `keep`)."""
         if self.keep is None:
             uniform = self.allocate == "measured" and len(self.menu()) == 1 and self.budget_gb is None \
@@ -233,7 +233,7 @@ class LUQConfig:
         order = self.entropy.order
         out["entropy"]["order"] = order if isinstance(order, str) else list(order)
         out["menu"] = list(self.menu())
-        out["outside_kinds"] = list(self.outside_kinds())
+        out["unit_kinds"] = list(self.unit_kinds())
         return out
 
 

@@ -5,7 +5,7 @@ calibration batches gives the output activations (-> entropy) and, through hooks
 its linears, their Hessians (-> every linear in every format of the menu, into the
 variant cache). The outputs feed the next layer.
 
-Each pass returns a dataclass of numbers (`LayerPass`, `OutsidePass`; `measure_entropy` an
+Each pass returns a dataclass of numbers (`LayerPass`, `UnitPass`; `measure_entropy` an
 `EntropySummary`); a run keeps them together as `Passes`, what its report is built from.
 """
 
@@ -28,7 +28,7 @@ from luq.errors import LuqError
 from luq.quant import HessianAccumulator, relative_output_error
 from luq.quant.formats import Format, get_format
 from luq.quant.linear import replace_linears, restore_linears
-from luq.variants import OUTSIDE, FormatResult, VariantCache, tensor_digest
+from luq.variants import UNITS, FormatResult, VariantCache, tensor_digest
 
 # the K grid of the stability analysis (the paper settles on K = 100)
 DEFAULT_K_GRID = (8, 16, 32, 50, 75, 100, 150, 200)
@@ -77,8 +77,8 @@ class LayerPass:
 
 
 @dataclass
-class OutsidePass:
-    """What `outside_pass` measured: per unit outside the decoder {"kind", "shape", "formats": {format:
+class UnitPass:
+    """What `unit_pass` measured: per unit outside the decoder {"kind", "shape", "formats": {format:
     {"bytes", "nominal_bits", "error"}}}, and each format's solver seconds."""
 
     units: dict[str, dict]
@@ -89,18 +89,18 @@ class OutsidePass:
 class Passes:
     """What a run's passes measured (a Session's `Measurement.passed`, the report's source): each decoder
     layer's summary (`layer_pass`), the entropy (None where the run measured none), the units outside the
-    decoder (`outside_pass`; None where there are none) and, once the final pass is kept, its own
+    decoder (`unit_pass`; None where there are none) and, once the final pass is kept, its own
     per-layer summaries (their bytes and errors are the artifact's)."""
 
     layers: list[LayerSummary]
     entropy: EntropySummary | None = None
-    outside: OutsidePass | None = None
+    unit_pass: UnitPass | None = None
     final_layers: list[LayerSummary] | None = None
 
     @classmethod
-    def of(cls, passed: LayerPass, outside: OutsidePass | None = None) -> Passes:
-        """From `layer_pass`'s result (and `outside_pass`'s)."""
-        return cls(layers=passed.layers, entropy=passed.entropy, outside=outside)
+    def of(cls, passed: LayerPass, unit_pass: UnitPass | None = None) -> Passes:
+        """From `layer_pass`'s result (and `unit_pass`'s)."""
+        return cls(layers=passed.layers, entropy=passed.entropy, unit_pass=unit_pass)
 
 
 @dataclass
@@ -321,7 +321,7 @@ def layer_pass(model, adapter: Adapter, batches, *, formats: Sequence[Format] = 
 
 
 @torch.no_grad()
-def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]) -> dict[str, torch.Tensor]:
+def unit_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]) -> dict[str, torch.Tensor]:
     """The Hessian (X^T X / n) of each unit outside the decoder, from one full-precision forward of
     the whole model over the calibration batches: a head (tied or not) sees the final norm's output
     on non-padding tokens, a vision linear its own inputs (every image token); an untied embedding
@@ -366,11 +366,11 @@ def outside_hessians(model, adapter: Adapter, batches, units: Mapping[str, Unit]
     return out
 
 
-def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], formats: Sequence[Format],
-                 cache: VariantCache | None, device: str | torch.device = "cpu") -> OutsidePass:
+def unit_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], formats: Sequence[Format],
+              cache: VariantCache | None, device: str | torch.device = "cpu") -> UnitPass:
     """Every unit outside the decoder (embedding, head, vision tower, projector) in every format
     of `formats`, into `cache` (one file per format for the whole group; what is cached is read).
-    Returns an `OutsidePass`: units {name: {"kind", "shape", "formats": {fmt: bytes / nominal_bits /
+    Returns a `UnitPass`: units {name: {"kind", "shape", "formats": {fmt: bytes / nominal_bits /
     error}}}, seconds {fmt: solver seconds}."""
     weights = StoredWeights(model, units)  # a streamed part's weights are read one at a time
     digest = tensor_digest(weights) if cache is not None else None
@@ -378,24 +378,24 @@ def outside_pass(model, adapter: Adapter, batches, units: Mapping[str, Unit], fo
     missing = []
     able = {f.name: {n for n, u in units.items() if f.supports(u.shape)} for f in formats}
     for fmt in formats:
-        record = cache.record(OUTSIDE, fmt, digest) if cache is not None else None
+        record = cache.record(UNITS, fmt, digest) if cache is not None else None
         if record is not None and set(record.records) >= able[fmt.name]:
             results[fmt.name] = record
         elif able[fmt.name]:
             missing.append(fmt)
     if missing:
-        hessians = outside_hessians(model, adapter, batches, units)
+        hessians = unit_hessians(model, adapter, batches, units)
         fresh = quantize_weights(weights, hessians, {n: [f for f in missing if n in able[f.name]] for n in units},
                                  device)
         for fmt in missing:
             if cache is not None:
-                cache.save(OUTSIDE, fmt, fresh[fmt.name], digest)
+                cache.save(UNITS, fmt, fresh[fmt.name], digest)
             results[fmt.name] = FormatResult(fmt.name, {}, fresh[fmt.name].records, fresh[fmt.name].seconds)
         del fresh
     summary = {name: {"kind": u.kind, "shape": list(u.shape),
                       "formats": {f: {k: results[f].records[name][k] for k in ("bytes", "nominal_bits", "error")}
                                   for f in results if name in results[f].records}} for name, u in units.items()}
-    return OutsidePass(units=summary, seconds={f: r.seconds for f, r in results.items()})
+    return UnitPass(units=summary, seconds={f: r.seconds for f, r in results.items()})
 
 
 def _layer_summary(index: int, needs: Mapping[str, Sequence[Format]],

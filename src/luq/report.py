@@ -85,8 +85,8 @@ def build_report(model_name, net, adapter, config, passed: Passes, sizes, plan: 
 
     records = {adapter.layer_prefix(r.index) + name: info
                for r in passed.final_layers or passed.layers for name, info in r.linears.items()}
-    if passed.outside is not None:
-        records.update(passed.outside.units)
+    if passed.unit_pass is not None:
+        records.update(passed.unit_pass.units)
     linears = {}
     for name, fmt in plan.items():
         s = sizes.linears[name]
@@ -135,7 +135,7 @@ def build_report(model_name, net, adapter, config, passed: Passes, sizes, plan: 
         "allocate": config.allocate, "menu": list(config.menu()), **paper,
         "avg_bits": sizes.avg_bits(plan), "nominal_avg_bits": sizes.nominal_avg_bits(plan),
         "total_bytes": total, "total_gb": total / 1e9, "unquantized_bytes": sizes.base_bytes,
-        "outside_kinds": list(config.outside_kinds()), "bytes_by_kind": by_kind,
+        "unit_kinds": list(config.unit_kinds()), "bytes_by_kind": by_kind,
         "budget_gb": config.budget_gb, "max_drop": config.max_drop,
         "metric": config.metric if decision["search"] else None, "search": decision["search"],
         "predicted_cost": None if costs is None else plan_cost(plan, costs),

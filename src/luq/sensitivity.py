@@ -43,7 +43,7 @@ from luq.capture import (PAD, TEXT, capture_first_layer_inputs, first_layer_hidd
 from luq.models import Adapter, Unit, adapter_for, quantizable_linears
 from luq.models.streaming import StoredWeights, is_streamed, layer_digest, layer_on, model_device, parts_on
 from luq.quant.formats import Format
-from luq.variants import OUTSIDE, VariantCache, tensor_digest
+from luq.variants import UNITS, VariantCache, tensor_digest
 
 Costs = dict[str, dict[str, float]]  # full unit name -> format -> predicted cost (nats per token)
 HEAD_TOKENS = 2048  # tokens the head's cost is averaged over (its [tokens, vocab] products dominate)
@@ -129,7 +129,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
     settings = sensitivity_settings(batches_digest(batches), seed)
     digests = [layer_digest(layer) for layer in layers]
     weights = StoredWeights(model, units)  # a streamed part's weights are read when asked
-    outside_digest = tensor_digest(weights) if units else None
+    unit_digest = tensor_digest(weights) if units else None
     costs: Costs = {}
 
     def cached(index, digest, fmts) -> list[Format]:
@@ -145,8 +145,8 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
         return missing
 
     todo = [cached(i, digests[i], formats) for i in range(len(layers))]
-    outside_todo = cached(OUTSIDE, outside_digest, unit_formats) if units else []
-    if not any(todo) and not outside_todo:
+    unit_todo = cached(UNITS, unit_digest, unit_formats) if units else []
+    if not any(todo) and not unit_todo:
         return costs
 
     with torch.no_grad():
@@ -157,19 +157,19 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
             layer_inputs.append(hidden)
             hidden = list(outputs)
     n_tokens = sum(int((inp.token_kind != PAD).sum()) for inp in first)
-    outside_costs: Costs = {name: {} for name in units}
+    unit_costs: Costs = {name: {} for name in units}
     head_units = [u for u in units.values() if u.kind == "head" or u.tied_head]
-    if outside_todo and head_units:
+    if unit_todo and head_units:
         for unit in head_units:
-            outside_costs[unit.name].update(_head_costs(model, adapter, unit, weights[unit.name], hidden, first,
-                                                        outside_todo, cache, outside_digest, device, seed))
+            unit_costs[unit.name].update(_head_costs(model, adapter, unit, weights[unit.name], hidden, first,
+                                                        unit_todo, cache, unit_digest, device, seed))
     generator = torch.Generator().manual_seed(seed)
     head_device = model_device(model)
     with layer_on(model.get_output_embeddings(), head_device):  # a streamed head is read from disk for this
         grads = [_score_gradient(model, adapter, h.to(head_device), inp.token_kind, generator).to("cpu")
                  for h, inp in zip(hidden, first)]
 
-    reach_layer0 = bool(outside_todo) and any(u.kind in ("embed", "vision") for u in units.values())
+    reach_layer0 = bool(unit_todo) and any(u.kind in ("embed", "vision") for u in units.values())
     lowest = 0 if reach_layer0 else min(i for i, t in enumerate(todo) if t)
     bar = tqdm(range(len(layers) - 1, lowest - 1, -1), desc="sensitivity", unit="layer", disable=not progress)
     for i in bar:
@@ -205,21 +205,21 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, batches, cache: Vari
                 costs.setdefault(adapter.layer_prefix(i) + name, {})[fmt.name] = value
         del deltas, hooks
 
-    if outside_todo:
+    if unit_todo:
         for unit in units.values():
             if unit.kind == "embed":
-                for fmt, value in _embedding_costs(unit, weights[unit.name], batches, first, grads, outside_todo,
-                                                   cache, outside_digest, device).items():
-                    outside_costs[unit.name][fmt] = outside_costs[unit.name].get(fmt, 0.0) + value
+                for fmt, value in _embedding_costs(unit, weights[unit.name], batches, first, grads, unit_todo,
+                                                   cache, unit_digest, device).items():
+                    unit_costs[unit.name][fmt] = unit_costs[unit.name].get(fmt, 0.0) + value
         vision = {n: u for n, u in units.items() if u.kind == "vision"}
         if vision:
             with parts_on(model, adapter, model_device(model), head=False):  # the tower runs forward and backward
-                for name, per_format in _vision_costs(model, adapter, vision, batches, grads, outside_todo, cache,
-                                                      outside_digest, device).items():
-                    outside_costs[name].update(per_format)
-        for fmt in outside_todo:
-            per_unit = {name: c[fmt.name] / n_tokens for name, c in outside_costs.items() if fmt.name in c}
-            cache.save_json(OUTSIDE, f"cost-{fmt.name}-{fmt.digest}", settings, per_unit, outside_digest)
+                for name, per_format in _vision_costs(model, adapter, vision, batches, grads, unit_todo, cache,
+                                                      unit_digest, device).items():
+                    unit_costs[name].update(per_format)
+        for fmt in unit_todo:
+            per_unit = {name: c[fmt.name] / n_tokens for name, c in unit_costs.items() if fmt.name in c}
+            cache.save_json(UNITS, f"cost-{fmt.name}-{fmt.digest}", settings, per_unit, unit_digest)
             for name, value in per_unit.items():
                 costs.setdefault(name, {})[fmt.name] = value
     return costs
@@ -243,7 +243,7 @@ class _frozen:
 
 def _deltas(unit_names, fmt: Format, cache: VariantCache, digest: str, device, weights) -> dict[str, torch.Tensor]:
     """D = W - Q for each unit in `fmt`, read from the variant cache (float32, on `device`)."""
-    result = cache.load(OUTSIDE, fmt, digest, device=device)
+    result = cache.load(UNITS, fmt, digest, device=device)
     if result is None:
         raise RuntimeError(f"no {fmt.name} weights outside the decoder in {cache.dir}: run the variant pass first")
     return {n: weights[n].detach().to(device, torch.float32) - result.weights[n].dequantize().to(device)

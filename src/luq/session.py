@@ -9,7 +9,7 @@
 `luq.quantize` runs these steps (`Session.run`); a one-format model skips `measure` and `choose`: its
 plan is known before any pass, so one sequential pass solves it (`Session.solve_uniform`). Every step
 adds its wall time to `seconds` (the report's "seconds"); `on_stage(name, None)` hears each one start
-and `on_stage(name, seconds)` end (stages: load, calibration, layer_pass, outside_pass, sensitivity,
+and `on_stage(name, seconds)` end (stages: load, calibration, layer_pass, unit_pass, sensitivity,
 plan, final_pass, write).
 """
 
@@ -29,9 +29,9 @@ from luq.calibration import calibration_batches, sensitivity_batches, text_token
 from luq.checks import check_out_dir, check_run
 from luq.config import LUQConfig
 from luq.errors import LuqError
-from luq.models import adapter_for, outside_units
+from luq.models import adapter_for, find_units
 from luq.models.loading import can_stream, check_device, load_model, parse_dtype
-from luq.pipeline import LayerPass, Passes, layer_pass, outside_pass
+from luq.pipeline import LayerPass, Passes, layer_pass, unit_pass
 from luq.plan import KEEP, SizeTable, layer_plan, uniform_plan
 from luq.plan.choose import Decision, check_reachable, choose_plan, compact_hint
 from luq.quant.formats import get_format
@@ -77,11 +77,11 @@ class Session:
         with self.stage("load"):
             self.model_name, self.net, self.processor, self.adapter = self._load(model, tokenizer, dtype, stream)
         check_run(config, len(self.adapter.decoder_layers(self.net)), self.processor, self.adapter)
-        self.units = outside_units(self.net, self.adapter, config.outside_kinds())
+        self.units = find_units(self.net, self.adapter, config.unit_kinds())
         self.unit_formats = [get_format(n) for n in config.unit_menu()] if self.units else []
         bounds = size_bounds(self.net, self.adapter, list(config.menu()), self.storage_dtype, self.units,
                              list(config.unit_menu()) if self.units else [], self.vector_dtype)
-        check_reachable(config, bounds, [k for k in ("embed", "head", "vision") if k not in config.outside_kinds()])
+        check_reachable(config, bounds, [k for k in ("embed", "head", "vision") if k not in config.unit_kinds()])
         hint = compact_hint(config, size_bounds(self.net, self.adapter, ["gptq3-g128"], self.storage_dtype,
                                                 self.units, list(config.unit_menu()) if self.units else [],
                                                 self.vector_dtype))
@@ -144,13 +144,13 @@ class Session:
                                           seed=config.calibration.seed, progress=self.progress, desc="quantize",
                                           offload_dir=config.offload_dir, entropy=self.measures_entropy))
         if self.units:
-            with self.stage("outside_pass"):
+            with self.stage("unit_pass"):
                 kinds = ", ".join(sorted({u.kind for u in self.units.values()}))
                 self.log(f"quantizing {len(self.units)} units outside the decoder ({kinds}) in "
                          f"{len(self.unit_formats)} formats")
-                passed.outside = outside_pass(net, adapter, self.batches, self.units, self.unit_formats,
-                                              self.cache, self.device)
-        sizes = size_table(net, adapter, passed.layers, self.storage_dtype, passed.outside, self.units,
+                passed.unit_pass = unit_pass(net, adapter, self.batches, self.units, self.unit_formats,
+                                             self.cache, self.device)
+        sizes = size_table(net, adapter, passed.layers, self.storage_dtype, passed.unit_pass, self.units,
                            self.vector_dtype)
         costs = None
         if config.allocate == "measured":
@@ -221,10 +221,10 @@ class Session:
             passed = Passes.of(self._plan_pass(plan, cache, "sequential" if sequential else config.hessians,
                                                "quantize", entropy=self.measures_entropy))
         if self.units:
-            with self.stage("outside_pass"):
-                passed.outside = outside_pass(self.net, self.adapter, self.batches, self.units, self.unit_formats,
-                                              self.cache, self.device)
-        sizes = size_table(self.net, self.adapter, passed.layers, self.storage_dtype, passed.outside,
+            with self.stage("unit_pass"):
+                passed.unit_pass = unit_pass(self.net, self.adapter, self.batches, self.units, self.unit_formats,
+                                             self.cache, self.device)
+        sizes = size_table(self.net, self.adapter, passed.layers, self.storage_dtype, passed.unit_pass,
                            self.units, self.vector_dtype)
         if config.budget_gb is not None and sizes.total_bytes(plan) > config.budget_gb * 1e9:
             raise LuqError(f"the uniform {fmt} model is {sizes.total_bytes(plan) / 1e9:.4g} GB, over the budget")

@@ -35,7 +35,8 @@ from luq.store import atomic_write
 from luq.tensorfile import tensor_digest  # noqa: F401 - re-exported: the cache's key of weights
 
 CACHE_FORMAT = 2
-OUTSIDE = "outside"  # the group (in place of a layer index) of the units outside the decoder layers
+UNITS = "outside"  # the group (in place of a layer index) of the units outside the decoder layers (the folder's
+# name predates the constant's: kept so that existing caches stay valid)
 
 
 def settings_digest(settings: Any) -> str:

@@ -82,7 +82,7 @@ class Unit:
         return tuple(self.module.weight.shape)
 
 
-def outside_units(model: nn.Module, adapter: Adapter, kinds=UNIT_KINDS) -> dict[str, Unit]:
+def find_units(model: nn.Module, adapter: Adapter, kinds=UNIT_KINDS) -> dict[str, Unit]:
     """The units of `kinds` outside the decoder layers, by full module name. A head tied to
     the embedding is part of the embedding's unit, kept out when either kind is left out."""
     names = {id(m): n for n, m in model.named_modules()}

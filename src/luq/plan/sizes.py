@@ -62,10 +62,6 @@ class SizeTable:
         return (sum(self.linears[n].nominal_bits[f] * self.linears[n].n_weights for n, f in quantized.items())
                 / sum(self.linears[n].n_weights for n in quantized))
 
-    def outside(self) -> list[str]:
-        """The units outside the decoder layers."""
-        return [name for name, s in self.linears.items() if s.layer is None]
-
     def layer_bytes(self, plan: Plan, layer: int) -> int:
         return sum(self.linears[n].bytes[f] for n, f in plan.items() if self.linears[n].layer == layer)
 
