@@ -299,6 +299,73 @@ def menu_cost(m):
     return md(["menu", "formats", "variant pass s", "× the old pass"], rows, "llrr")
 
 
+def _r(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _sensitivity_rows(s) -> list[list[str]]:
+    """The rows of a bench.sensitivity run: held out, in sample, and the measurement against itself."""
+    o, i = s["out_of_sample"], s["in_sample"] or {}
+    same = s.get("heldout_vs_in_sample_group_order") or {}
+    n_lin, n_fmt = len(s["linears"]), len(s["menu"])
+    rows = [[f"Spearman ρ, all {o['pairs']} pairs ({n_lin} linears × {n_fmt} formats)", _r(o["spearman"]),
+             _r(i.get("spearman")), _r(s["heldout_vs_in_sample_spearman"])],
+            ["median predicted / measured", _r(o["median_ratio"]), _r(i.get("median_ratio")), ""],
+            [f"ρ within one linear, over its {n_fmt} formats (mean over linears)", _r(o["within_linear_spearman_mean"]),
+             _r(i.get("within_linear_spearman_mean")), ""]]
+    for b, e in o["by_bits"].items():
+        ie = i.get("by_bits", {}).get(b, {})
+        rows.append([f"{b}-bit: ρ over its {e['pairs']} pairs (linears × groups)", _r(e["spearman"]),
+                     _r(ie.get("spearman")), ""])
+        if "group_order" in e:
+            g, ig = e["group_order"], ie.get("group_order")
+            groups = "/".join(f.rsplit("-", 1)[-1] for f in g["formats"])
+            rows.append([f"{b}-bit: linears whose {groups} order comes out right; Kendall τ (mean)",
+                         f"{g['same_order']}/{g['linears']}; {_r(g['kendall_tau_mean'])}",
+                         "—" if not ig else f"{ig['same_order']}/{ig['linears']}; {_r(ig['kendall_tau_mean'])}",
+                         f"{same[b]['same_order']}/{same[b]['linears']}" if b in same else ""])
+            smallest = "<".join(sorted((f.rsplit("-", 1)[-1] for f in g["formats"]), key=lambda x: int(x[1:])))
+            rows.append([f"{b}-bit: linears whose measured order is simply {smallest} (no estimate needed)",
+                         f"{g['smaller_groups_cost_less']}/{g['linears']}",
+                         "—" if not ig else f"{ig['smaller_groups_cost_less']}/{ig['linears']}", ""])
+        fmts = [f for f in s["menu"] if f.startswith(f"gptq{b}-")]
+        per = [o["by_format"][f]["spearman"] for f in fmts]
+        iper = [i.get("by_format", {}).get(f, {}).get("spearman") for f in fmts]
+        rows.append([f"{b}-bit: ρ across the {n_lin} linears in one format, "
+                     f"{'/'.join(f.rsplit('-', 1)[-1] for f in fmts)}", " / ".join(map(_r, per)),
+                     " / ".join(map(_r, iper)), ""])
+    return rows
+
+
+def _sensitivity_table(s) -> str:
+    w = s["windows"]
+    header = ["predicted (from the sensitivity windows) against measured KL",
+              f"held out ({len(w['slots']['heldout'])} validation windows)",
+              f"in sample (the {len(w['slots']['sensitivity'])} sensitivity windows)",
+              "measured held out against measured in sample"]
+    rows = _sensitivity_rows(s)
+    if s["in_sample"] is None:   # a run with --no-in-sample: the held-out column only
+        header, rows = header[:2], [r[:2] for r in rows]
+    return md(header, rows, "lrrr"[:len(header)])
+
+
+@table("sensitivity-out-of-sample", f"{RESULTS}/sensitivity-smollm2-offgrid.json")
+def sensitivity_out_of_sample(s):
+    return _sensitivity_table(s)
+
+
+@table("sensitivity-plans", f"{RESULTS}/sensitivity-smollm2-offgrid.json")
+def sensitivity_plans(s):
+    rows = [[mb(q["total_bytes"]), bits(q["avg_bits"]), f"{q['predicted']:.4f}", f"{q['measured']:.4f}",
+             f"{q['predicted'] / q['measured']:.2f}",
+             "" if q["measured_in_sample"] is None else f"{q['measured_in_sample']:.4f}"] for q in s["plans"]]
+    header = ["knapsack plan total MB", "true avg bits", "predicted KL (sum)", "measured, held out",
+              "predicted / measured", "measured, in sample"]
+    if all(q["measured_in_sample"] is None for q in s["plans"]):
+        header, rows = header[:-1], [r[:-1] for r in rows]
+    return md(header, rows, "r" * len(header))
+
+
 def _spearman_with_index(xs: list[float]) -> float:
     """Spearman's rho of xs against 0..n-1 (no ties in real entropies)."""
     n = len(xs)
@@ -500,12 +567,22 @@ def _types(types: dict[str, int]) -> str:
     return ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda x: -x[1]) if t not in ("F32",))
 
 
+def _gguf_name(r) -> str:
+    if r["tool"] == "luq":
+        return r["name"].replace("luq-at-", "luq at ")
+    if r["tool"] == "auto-round":   # autoround-Q4_K_M-i50
+        preset = r["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
+        how = f"{r['iters']} iters" if r["iters"] else "no tuning, imatrix RTN"
+        return f"AutoRound {preset} ({how}, {r['nsamples']} x {r['seqlen']} tokens)"
+    return r["name"]
+
+
 def gguf_rows(g):
-    """Every file of a bench.gguf run: llama.cpp's presets and luq's GGUFs, by size."""
+    """Every file of a bench.gguf run: llama.cpp's presets, luq's GGUFs (and AutoRound's), by size."""
     rows = []
     for r in sorted((r for r in g["rows"] if "error" not in r), key=lambda r: -r["tensor_bytes"]):
         speed = [f"{r['prefill_tps']:.0f}", f"{r['decode_tps']:.1f}"] if "decode_tps" in r else ["", ""]
-        name = r["name"].replace("luq-at-", "luq at ") if r["tool"] == "luq" else r["name"]
+        name = _gguf_name(r)
         rows.append([bold(name, r["tool"] == "luq"), mb(r["tensor_bytes"]), mb(r["file_bytes"]),
                      f"{r['kl_divergence']:.4f}", ppl(r["perplexity"]), *speed, _types(r["types"])])
     return md(["file", "tensor MB", "file MB", "mean KL", "perplexity", "prefill tok/s", "decode tok/s",
@@ -537,6 +614,7 @@ def gguf_pairs(g):
 for _model in ("smollm2-offgrid", "smollm2"):   # every file of a bench.gguf run, and luq beside each preset
     table(f"gguf-{_model}", f"{RESULTS}/gguf-{_model}.json")(gguf_rows)
     table(f"gguf-{_model}-pairs", f"{RESULTS}/gguf-{_model}.json")(gguf_pairs)
+table("gguf-smollm2-offgrid-autoround", f"{RESULTS}/gguf-smollm2-offgrid-autoround.json")(gguf_rows)   # + AutoRound
 
 
 @table("kernels-binary", f"{RESULTS}/kernels-binary.json")

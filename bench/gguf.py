@@ -8,7 +8,14 @@ For each model (SmolLM2, and the off-grid control whose weights sit on no 4-bit 
    the commands a user types:
        luq quantize MODEL --out D --formats ggml --budget-gb B --calib-text FILE --samples 16 --seq-len 256 --seed 0
        luq export D --format gguf --out D.gguf
-4. every file scored by llama.cpp itself: `llama-perplexity --kl-divergence` against the base's
+4. optionally Intel AutoRound's own GGUF export at some presets (`--autoround gguf:q4_k_m ...`), its
+   sign-gradient rounding tuned on the same calibration text, run in AutoRound's own virtual environment
+   (`--autoround-python`; `pip install auto-round` there, with `gguf` and `sentencepiece`, never into luq's):
+       python -m auto_round --model MODEL --format gguf:q4_k_m --iters N --nsamples 32 --seqlen 256
+           --dataset calib-autoround-256.jsonl --device_map cpu --seed 0 --disable_torch_compile --output_dir D
+   (AutoRound's defaults are 200 iters on 128 x 2048 tokens; the bench's lighter ones are recorded in each row;
+   --iters 0, no tuning, is the RTN it recommends for GGUF but at 3 bits);
+5. every file scored by llama.cpp itself: `llama-perplexity --kl-divergence` against the base's
    log-probabilities on held-out text (mean KL divergence, perplexity), `llama-bench` prefill/decode.
 
 Calibration and held-out text are two disjoint pieces of the offline Wikipedia text (its first
@@ -17,12 +24,16 @@ Calibration and held-out text are two disjoint pieces of the offline Wikipedia t
 
     python -m bench.gguf --model smollm2-offgrid
     python -m bench.gguf --model smollm2 --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K
+    python -m bench.gguf --presets Q4_K_M --luq-at Q4_K_M --autoround gguf:q4_k_m \
+        --autoround-python ../autoround-venv/bin/python --json bench/results/gguf-smollm2-offgrid-autoround.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,12 +98,81 @@ def score(row: dict, path: Path, heldout: Path, logits: Path, args) -> dict:
     return {**row, **scored}
 
 
+def autoround_calib(work: Path, calib: Path, seqlen: int, nsamples: int) -> Path:
+    """calib.txt cut into consecutive pieces of 6 x seqlen characters (over seqlen tokens each: AutoRound drops
+    shorter samples and cuts longer ones to seqlen), one JSON line each: AutoRound's local dataset format."""
+    text, n = calib.read_text(), 6 * seqlen
+    lines = [json.dumps({"text": text[i:i + n]}) for i in range(0, len(text) - n + 1, n)]
+    if len(lines) < nsamples:
+        raise LuqError(f"AutoRound: {calib.name} holds {len(lines)} pieces of {n} characters, not {nsamples}")
+    path = work / f"calib-autoround-{seqlen}.jsonl"
+    body = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text() != body:
+        path.write_text(body)
+    return path
+
+
+def autoround_name(scheme: str, iters: int) -> str:
+    """gguf:q4_k_m at 50 iters -> autoround-Q4_K_M-i50 (its file's name and its row's)."""
+    return f"autoround-{scheme.upper().removeprefix('GGUF:')}-i{iters}"
+
+
+def autoround(scheme: str, iters: int, model: str, out: Path, calib: Path, args) -> tuple[Path, dict]:
+    """AutoRound's GGUF of MODEL at SCHEME (gguf:q4_k_m ...) after ITERS tuning steps a block (0: its RTN
+    weighted by an importance matrix, which it recommends for GGUF but at 3 bits), run by --autoround-python
+    in its own process: out/autoround-Q4_K_M-i50.gguf, and its settings and time (kept beside it in
+    autoround-Q4_K_M-i50.json; the file is made again when the settings change)."""
+    name = autoround_name(scheme, iters)
+    path, saved = out / f"{name}.gguf", out / f"{name}.json"
+    dataset = autoround_calib(out.parent, calib, args.autoround_seqlen, args.autoround_nsamples)
+    settings = {"scheme": scheme.lower(), "iters": iters, "nsamples": args.autoround_nsamples,
+                "seqlen": args.autoround_seqlen, "calibration": f"{calib.name} in pieces of "
+                f"{6 * args.autoround_seqlen} characters ({dataset.name})", "seed": 0}
+    kept = json.loads(saved.read_text()) if saved.is_file() else None
+    if path.is_file() and kept is not None and {k: kept.get(k) for k in settings} == settings:
+        return path, kept
+    python = str(args.autoround_python)
+    version = subprocess.run([python, "-c", "import auto_round; print(auto_round.__version__)"],
+                             capture_output=True, text=True)
+    if version.returncode != 0:
+        raise LuqError(f"AutoRound: cannot import auto_round with {python}")
+    d = out / f"{name}.d"
+    shutil.rmtree(d, ignore_errors=True)
+    command = ["--model", resolve(model), "--format", scheme.lower(), "--iters", iters,
+               "--nsamples", args.autoround_nsamples, "--seqlen", args.autoround_seqlen, "--dataset", dataset,
+               "--device_map", "cpu", "--seed", 0, "--disable_torch_compile", "--output_dir", d]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    started = time.perf_counter()
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.run([python, "-m", "auto_round", *map(str, command)], stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
+    seconds = round(time.perf_counter() - started, 1)
+    made = sorted(d.rglob("*.gguf"))
+    if proc.returncode != 0 or len(made) != 1:
+        raise LuqError(f"AutoRound {scheme}: exit {proc.returncode}, {len(made)} GGUF files; see {name}.log")
+    made[0].replace(path)
+    shutil.rmtree(d, ignore_errors=True)
+    kept = {**settings, "auto_round": version.stdout.strip(), "seconds": seconds,
+            "command": "python -m auto_round " + " ".join(map(str, command)).replace(str(out.parent) + "/", "")
+                                                    .replace(str(Path.home()), "~")}
+    saved.write_text(json.dumps(kept, indent=1) + "\n")
+    return path, kept
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-offgrid")
     p.add_argument("--presets", nargs="+", default=list(PRESETS))
     p.add_argument("--luq-at", nargs="*", default=list(LUQ_AT),
                    help="a preset's tensor bytes, or a size like 60MB (decimal megabytes)")
+    p.add_argument("--autoround", nargs="*", default=[], metavar="SCHEME",
+                   help="AutoRound's GGUF at these schemes too (gguf:q4_k_m gguf:q4_0 ...; default none)")
+    p.add_argument("--autoround-python", type=Path, default=None,
+                   help="the python of a virtual environment with auto-round (never luq's)")
+    p.add_argument("--autoround-iters", type=int, nargs="+", default=[50],
+                   help="AutoRound's tuning steps a block, a file for each (its default 200; 0: no tuning)")
+    p.add_argument("--autoround-nsamples", type=int, default=32, help="its calibration samples (its default 128)")
+    p.add_argument("--autoround-seqlen", type=int, default=256, help="their tokens (its default 2048)")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--chunks", type=int, default=64, help="held-out chunks of --ctx tokens scored (second halves)")
     p.add_argument("--imatrix-chunks", type=int, default=64)
@@ -101,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("out/bench-gguf"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.autoround and args.autoround_python is None:
+        p.error("--autoround needs --autoround-python (the python of AutoRound's own virtual environment)")
     work = args.work.resolve()
     (work / args.model).mkdir(parents=True, exist_ok=True)
     calib, heldout = texts(work)
@@ -160,6 +242,16 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(dict(row, error=str(e)))
         print(_line(rows[-1]), flush=True)
 
+    for scheme in args.autoround:
+        for iters in args.autoround_iters:
+            row = {"tool": "auto-round", "name": autoround_name(scheme, iters)}
+            try:
+                path, settings = autoround(scheme, iters, args.model, out, calib, args)
+                rows.append(score({**row, **settings}, path, heldout, logits, args))
+            except LuqError as e:
+                rows.append(dict(row, error=str(e)))
+            print(_line(rows[-1]), flush=True)
+
     if args.bench_reps:
         speeds(rows, out, args)
 
@@ -174,8 +266,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def speeds(rows: list[dict], out: Path, args) -> None:
-    """llama-bench of every file, last: each luq file beside the preset of its size in the order A B B A (the
-    machine's drift falls on both alike; each figure the mean of its two runs), then the other presets."""
+    """llama-bench of every file, last: each luq (or AutoRound) file beside the preset of its size in the order
+    A B B A (the machine's drift falls on both alike; each figure the mean of its runs), then the other presets."""
     def path(row):
         return out / (f"llama-{row['name']}.gguf" if row["tool"] == "llama.cpp" else f"{row['name']}.gguf")
 
@@ -183,8 +275,8 @@ def speeds(rows: list[dict], out: Path, args) -> None:
     presets = {r["name"]: r for r in ok if r["tool"] == "llama.cpp"}
     runs: dict[int, list[dict]] = {}
     for row in ok:
-        if row["tool"] == "luq":
-            peer = presets.get(row["name"].replace("luq-at-", "")) or presets.get("Q2_K")
+        if row["tool"] != "llama.cpp":
+            peer = presets.get(_preset_of(row)) or presets.get("Q2_K")
             order = [peer, row, row, peer] if peer else [row]
             for r in order:
                 runs.setdefault(id(r), []).append(llamacpp.bench(path(r), threads=args.threads, reps=args.bench_reps))
@@ -195,6 +287,13 @@ def speeds(rows: list[dict], out: Path, args) -> None:
         got = runs[id(row)]
         row.update({k: sum(g[k] for g in got) / len(got) for k in ("prefill_tps", "decode_tps")}, speed_runs=len(got))
         print(f"{row['name']}: prefill {row['prefill_tps']:.1f} tok/s, decode {row['decode_tps']:.1f} tok/s", flush=True)
+
+
+def _preset_of(row: dict) -> str:
+    """The preset a luq or AutoRound row stands beside: luq-at-Q4_K_M, autoround-Q4_K_M-i50 -> Q4_K_M."""
+    if row["tool"] == "auto-round":
+        return row["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
+    return row["name"].removeprefix("luq-at-")
 
 
 def _line(row: dict) -> str:
@@ -212,18 +311,22 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for tool, style in (("llama.cpp", "o-"), ("luq", "s-")):
-        rows = sorted((r for r in result["rows"] if r["tool"] == tool and "error" not in r),
-                      key=lambda r: r["file_bytes"])
+    series = [("llama.cpp", None, "o-", "imatrix presets"), ("luq", None, "s-", "--formats ggml, budget")]
+    series += [("auto-round", n, "^-" if n else "v-", f"its GGUF export, {n} iters" if n else "its GGUF export, no tuning")
+               for n in sorted({r["iters"] for r in result["rows"] if r["tool"] == "auto-round" and "iters" in r})]
+    for tool, iters, style, what in series:   # one line per tool (AutoRound: per tuning steps)
+        rows = sorted((r for r in result["rows"] if r["tool"] == tool and "error" not in r
+                       and (iters is None or r["iters"] == iters)), key=lambda r: r["file_bytes"])
         if not rows:
             continue
         ax.plot([r["file_bytes"] / 1e6 for r in rows], [r["kl_divergence"] for r in rows], style,
-                label=f"{tool} ({'imatrix presets' if tool == 'llama.cpp' else '--formats ggml, budget'})")
+                label=f"{tool} ({what})")
         for r in rows:
-            label = r["name"].replace("luq-at-", "")
+            label = _preset_of(r)
             ax.annotate(label, (r["file_bytes"] / 1e6, r["kl_divergence"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.set_yscale("log")
+    ax.ticklabel_format(axis="x", useOffset=False)   # a few files of nearly one size: MB, not an offset
     ax.set_xlabel("GGUF file MB")
     ax.set_ylabel("mean KL divergence from the base (nats/token)")
     ax.set_title(f"{result['model']}: llama-perplexity --kl-divergence, {result['chunks']} held-out chunks of "
