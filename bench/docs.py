@@ -337,33 +337,32 @@ def _sensitivity_rows(s) -> list[list[str]]:
     return rows
 
 
-def _sensitivity_table(s) -> str:
-    w = s["windows"]
+@table("sensitivity-out-of-sample", f"{RESULTS}/sensitivity-smollm2-offgrid.json", f"{RESULTS}/sensitivity-smollm2.json")
+def sensitivity_out_of_sample(off, on):
+    """The off-grid control held out, in sample and against itself; SmolLM2 (on its grid) held out."""
+    w = off["windows"]
     header = ["predicted (from the sensitivity windows) against measured KL",
-              f"held out ({len(w['slots']['heldout'])} validation windows)",
-              f"in sample (the {len(w['slots']['sensitivity'])} sensitivity windows)",
-              "measured held out against measured in sample"]
-    rows = _sensitivity_rows(s)
-    if s["in_sample"] is None:   # a run with --no-in-sample: the held-out column only
-        header, rows = header[:2], [r[:2] for r in rows]
-    return md(header, rows, "lrrr"[:len(header)])
+              f"off-grid control: held out ({len(w['slots']['heldout'])} validation windows)",
+              f"off-grid: in sample (the {len(w['slots']['sensitivity'])} sensitivity windows)",
+              "off-grid: measured held out against measured in sample", "SmolLM2 (on its grid): held out"]
+    rows = []
+    for a, b in zip(_sensitivity_rows(off), _sensitivity_rows(on), strict=True):
+        assert a[0] == b[0], (a[0], b[0])   # the same linears, menu and windows
+        rows.append([*a, b[1]])
+    return md(header, rows, "lrrrr")
 
 
-@table("sensitivity-out-of-sample", f"{RESULTS}/sensitivity-smollm2-offgrid.json")
-def sensitivity_out_of_sample(s):
-    return _sensitivity_table(s)
-
-
-@table("sensitivity-plans", f"{RESULTS}/sensitivity-smollm2-offgrid.json")
-def sensitivity_plans(s):
-    rows = [[mb(q["total_bytes"]), bits(q["avg_bits"]), f"{q['predicted']:.4f}", f"{q['measured']:.4f}",
-             f"{q['predicted'] / q['measured']:.2f}",
-             "" if q["measured_in_sample"] is None else f"{q['measured_in_sample']:.4f}"] for q in s["plans"]]
-    header = ["knapsack plan total MB", "true avg bits", "predicted KL (sum)", "measured, held out",
-              "predicted / measured", "measured, in sample"]
-    if all(q["measured_in_sample"] is None for q in s["plans"]):
-        header, rows = header[:-1], [r[:-1] for r in rows]
-    return md(header, rows, "r" * len(header))
+@table("sensitivity-plans", f"{RESULTS}/sensitivity-smollm2-offgrid.json", f"{RESULTS}/sensitivity-smollm2.json")
+def sensitivity_plans(off, on):
+    rows = []
+    for q, o in zip(off["plans"], on["plans"], strict=True):
+        rows.append([mb(q["total_bytes"]), bits(q["avg_bits"]), f"{q['predicted']:.4f}", f"{q['measured']:.4f}",
+                     f"{q['predicted'] / q['measured']:.2f}",
+                     "" if q["measured_in_sample"] is None else f"{q['measured_in_sample']:.4f}",
+                     f"{o['predicted']:.4f}", f"{o['measured']:.4f}", f"{o['predicted'] / o['measured']:.2f}"])
+    return md(["knapsack plan total MB", "true avg bits", "off-grid: predicted KL (sum)", "measured, held out",
+               "predicted / measured", "measured, in sample", "SmolLM2: predicted KL (sum)", "measured, held out",
+               "predicted / measured"], rows, "r" * 9)
 
 
 def _spearman_with_index(xs: list[float]) -> float:
