@@ -115,10 +115,8 @@ DENSE_TILE_BYTES = 16 * 2 ** 20   # bound on the transient bfloat16 weight tile 
 # Below this many kernel weights (rows x inner columns), the CPU int4 op runs on one thread: waking
 # torch's other OpenMP threads (OMP_WAIT_POLICY=PASSIVE) costs more than a small product takes.
 # `python -m bench.kernels --only threads` (bench/results/kernels-threads.json, `rows`: one token, 2 threads
-# vs 1; docs/performance.md) found one thread faster on every shape up to 1024x1024 (1 M weights) and two
-# threads faster at 2048x2048 (4 M); the code puts the threshold between them, at 2 M. That file's
-# `int4_one_thread_below` field (8 M) is not this value: it records the constant in the code when the run
-# was made, which would have put 2048x2048 on the slower single thread. Rerun `--only threads` to record 2 M.
+# vs 1; docs/performance.md) finds one thread faster up to 1024x1024 (1 M weights) and two threads faster
+# from 2048x2048 (4 M); the threshold sits between them.
 INT4_ONE_THREAD_BELOW = 2 * 2 ** 20
 # torch's CPU capabilities on which few tokens (< dense_from) take the compiled int4 GEMV
 # (luq.quant.native.int4_gemv) instead of torch's op, on an x86 CPU with AVX2 and FMA. AVX2: `python -m
