@@ -77,6 +77,18 @@ def test_held_out_text_too_short_for_its_windows(tmp_path, capsys):
     assert "validation windows" in line
     line = refuse(common + ["--budget-gb", "0.1"], tmp_path, capsys)
     assert "sensitivity windows" in line
+    # one format reads no sensitivity windows (unless the KL check is asked for): not refused for them
+    import luq
+    from luq.calibration import CalibrationConfig
+    from luq.config import LUQConfig
+
+    cal = CalibrationConfig(text=str(short), samples=4, seq_len=64)
+    config = LUQConfig(formats=("gptq4-g128",), calibration=cal)
+    session = luq.Session("smollm2", config, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    assert session.sens_batches is None
+    with pytest.raises(LuqError, match="sensitivity windows"):
+        luq.Session("smollm2", LUQConfig(formats=("gptq4-g128",), calibration=cal, measure_kl=True),
+                    cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
 
 
 def test_bad_metric_data_on_a_vision_language_model(tmp_path, capsys):

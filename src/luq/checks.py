@@ -42,10 +42,11 @@ def _check_writable_parent(out: Path) -> None:
             return
 
 
-def check_run(config: LUQConfig, n_layers: int, processor, adapter) -> None:
+def check_run(config: LUQConfig, n_layers: int, processor, adapter, sensitivity: bool) -> None:
     """Every refusal of `config` on this model that needs no quantization: the rule's layer count and
     order against the model's layers, the --max-drop metric against the model kind and its data, and
-    the held-out text windows the metric and the sensitivity need."""
+    the held-out text windows the metric and (where the run reads them: `sensitivity`) the sensitivity
+    need."""
     if config.allocate == "entropy":
         if config.entropy.n_low_layers is not None and config.entropy.n_low_layers > n_layers:
             raise LuqError(f"--n-low-layers {config.entropy.n_low_layers} asked for, but the model has {n_layers} decoder "
@@ -59,7 +60,7 @@ def check_run(config: LUQConfig, n_layers: int, processor, adapter) -> None:
                                f"{len(config.entropy.order)} layers")
     if config.max_drop is not None:
         _check_metric(config, processor)
-    if config.allocate == "measured":
+    if sensitivity:
         from luq.calibration import sensitivity_batches
 
         sensitivity_batches(processor, adapter, config.calibration, config.measured.sensitivity_samples,

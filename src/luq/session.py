@@ -76,8 +76,9 @@ class Session:
         dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         with self.stage("load"):
             self.model_name, self.net, self.processor, self.adapter = self._load(model, tokenizer, dtype, stream)
-        check_run(config, len(self.adapter.decoder_layers(self.net)), self.processor, self.adapter)
         self.units = find_units(self.net, self.adapter, config.unit_kinds())
+        check_run(config, len(self.adapter.decoder_layers(self.net)), self.processor, self.adapter,
+                  self.needs_sensitivity_windows)
         self.unit_formats = [get_format(n) for n in config.unit_menu()] if self.units else []
         bounds = size_bounds(self.net, self.adapter, list(config.menu()), self.storage_dtype, self.units,
                              list(config.unit_menu()) if self.units else [], self.vector_dtype)
@@ -91,8 +92,7 @@ class Session:
             self.batches = calibration_batches(self.processor, self.adapter, config.calibration)
             self.sens_batches = (sensitivity_batches(self.processor, self.adapter, config.calibration,
                                                      config.measured.sensitivity_samples, config.validation_samples)
-                                 if (config.allocate == "measured" and not self.plan_is_known) or config.measure_kl
-                                 else None)
+                                 if self.needs_sensitivity_windows else None)
         self.cache = variant_cache(self.net, config, cache_dir)
         log(f"variant cache: {self.cache.dir}")
 
@@ -131,6 +131,11 @@ class Session:
         config = self.config
         has_rule = config.budget_gb is not None or config.max_drop is not None
         return config.allocate == "measured" and len(config.menu()) == 1 and not (self.units and has_rule)
+
+    @property
+    def needs_sensitivity_windows(self) -> bool:
+        """Whether the run reads the held-out sensitivity windows: to measure costs, or for the KL check."""
+        return (self.config.allocate == "measured" and not self.plan_is_known) or bool(self.config.measure_kl)
 
     def measure(self) -> Measurement:
         """Every linear in every format of the menu (into the variant cache), the units outside the decoder
