@@ -48,7 +48,8 @@ from luq.zoo.smollm2 import wikipedia_text
 RESULTS = Path(__file__).parent / "results"
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S",
            "IQ3_M", "IQ3_XXS", "Q2_K", "IQ2_M")
-LUQ_AT = ("Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "60MB")
+LUQ_AT = ("Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "60MB", "69.6MB", "73MB", "77MB")
+LUQ_FAST_AT = ("Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 CALIB_CHARS, HELDOUT_CHARS = 2_000_000, 400_000
 
 
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--presets", nargs="+", default=list(PRESETS))
     p.add_argument("--luq-at", nargs="*", default=list(LUQ_AT),
                    help="a preset's tensor bytes, or a size like 60MB (decimal megabytes)")
+    p.add_argument("--luq-fast-at", nargs="*", default=list(LUQ_FAST_AT),
+                   help="a preset: luq at its tensor bytes held to its decode speed too (--speed-of that file)")
     p.add_argument("--autoround", nargs="*", default=[], metavar="SCHEME",
                    help="AutoRound's GGUF at these schemes too (gguf:q4_k_m gguf:q4_0 ...; default none)")
     p.add_argument("--autoround-python", type=Path, default=None,
@@ -216,16 +219,19 @@ def main(argv: list[str] | None = None) -> None:
         print(_line(rows[-1]), flush=True)
 
     sizes = {r["name"]: r["tensor_bytes"] for r in rows if "tensor_bytes" in r}
-    for target in args.luq_at:
+    targets = [(t, False) for t in args.luq_at] + [(t, True) for t in args.luq_fast_at]
+    for target, fast in targets:
         nbytes = sizes.get(target) if not target.upper().endswith("MB") else int(float(target[:-2]) * 1e6)
         if nbytes is None:
             print(f"luq at {target}: no such preset measured", flush=True)
             continue
-        tag = f"luq-at-{target}"
+        tag = f"luq-{'fast-' if fast else ''}at-{target}"
         row = {"tool": "luq", "name": tag, "budget_bytes": nbytes}
         d = out / tag
         command = ["quantize", args.model, "--out", d, "--formats", "ggml", "--budget-gb", f"{nbytes / 1e9:.9f}",
                    "--calib-text", calib, "--samples", "16", "--seq-len", "256", "--seed", "0"]
+        if fast:
+            command += ["--speed-of", out / f"llama-{target}.gguf"]
         row["command"] = "luq " + " ".join(map(str, command)).replace(str(work) + "/", "")
         try:
             started = time.perf_counter()
@@ -235,8 +241,11 @@ def main(argv: list[str] | None = None) -> None:
             if not gguf_file.is_file() or gguf_file.stat().st_mtime < (d / "luq_report.json").stat().st_mtime:
                 luq_cli("export", d, "--format", "gguf", "--out", gguf_file)
             report = json.loads((d / "luq_report.json").read_text())
+            speed = report.get("knapsack") or {}
             row.update(seconds=round(time.perf_counter() - started, 1), report_gguf=report.get("gguf"),
-                       predicted_kl=report.get("predicted_cost"), measured_kl=report.get("measured_cost"))
+                       predicted_kl=report.get("predicted_cost"), measured_kl=report.get("measured_cost"),
+                       predicted_decode_tps=speed.get("predicted_decode_tps"),
+                       speed_of_decode_tps=speed.get("speed_of_decode_tps"))
             rows.append(score(row, gguf_file, heldout, logits, args))
         except LuqError as e:
             rows.append(dict(row, error=str(e)))
@@ -252,13 +261,16 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(dict(row, error=str(e)))
             print(_line(rows[-1]), flush=True)
 
+    load = None
     if args.bench_reps:
+        before = os.getloadavg()[0]
         speeds(rows, out, args)
+        load = [round(before, 2), round(os.getloadavg()[0], 2)]   # the 1-minute load around the speed runs
 
     result = {"model": args.model, "base_perplexity": base_ppl, "ctx": args.ctx, "chunks": args.chunks,
               "imatrix_chunks": args.imatrix_chunks, "threads": args.threads, "calib_chars": CALIB_CHARS,
               "heldout_chars": HELDOUT_CHARS, "llama_cpp": llamacpp.LLAMA_VERSION,
-              "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+              "seconds": round(time.perf_counter() - t0, 1), "speed_load_average": load, "rows": rows}
     path = args.json or RESULTS / f"gguf-{args.model}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, path.with_suffix(".png"))
@@ -293,7 +305,7 @@ def _preset_of(row: dict) -> str:
     """The preset a luq or AutoRound row stands beside: luq-at-Q4_K_M, autoround-Q4_K_M-i50 -> Q4_K_M."""
     if row["tool"] == "auto-round":
         return row["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
-    return row["name"].removeprefix("luq-at-")
+    return row["name"].removeprefix("luq-fast-at-").removeprefix("luq-at-")
 
 
 def _line(row: dict) -> str:
@@ -311,12 +323,14 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("llama.cpp", None, "o-", "imatrix presets"), ("luq", None, "s-", "--formats ggml, budget")]
+    series = [("llama.cpp", None, "o-", "imatrix presets"), ("luq", False, "s-", "--formats ggml, budget"),
+              ("luq", True, "D-", "the same held to the preset's decode speed, --speed-of")]
     series += [("auto-round", n, "^-" if n else "v-", f"its GGUF export, {n} iters" if n else "its GGUF export, no tuning")
                for n in sorted({r["iters"] for r in result["rows"] if r["tool"] == "auto-round" and "iters" in r})]
     for tool, iters, style, what in series:   # one line per tool (AutoRound: per tuning steps)
         rows = sorted((r for r in result["rows"] if r["tool"] == tool and "error" not in r
-                       and (iters is None or r["iters"] == iters)), key=lambda r: r["file_bytes"])
+                       and (iters is None or (r["name"].startswith("luq-fast-") if tool == "luq" else r["iters"])
+                            == iters)), key=lambda r: r["file_bytes"])
         if not rows:
             continue
         ax.plot([r["file_bytes"] / 1e6 for r in rows], [r["kl_divergence"] for r in rows], style,

@@ -116,3 +116,17 @@ def test_a_ggml_budget_offers_each_linear_only_the_types_that_can_store_it(tmp_p
     assert report["gguf"]["bytes"] == (tmp_path / "q.gguf").stat().st_size
     from luq.artifact import read_tensors
     assert read_tensors(out)["model.norm.weight"].dtype == torch.float32
+    # llama.cpp's decode, predicted from the per-type table: the plan's prediction is the exported file's
+    from luq.plan.speed import gguf_decode_ns
+    free = report["knapsack"]
+    assert free["predicted_decode_tps"] == pytest.approx(1e9 / gguf_decode_ns(tmp_path / "q.gguf"), rel=1e-9)
+    # held to the speed of a file with every linear in q4_0 (the cached variants: no new quantization)
+    fast = tmp_path / "fast"
+    assert main(["quantize", model, "--out", str(fast), "--formats", "ggml", "--budget-gb", "0.005", "--samples", "4",
+                 "--seq-len", "64", "--sensitivity-samples", "2", "--speed-of", "q4_0",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    held = json.loads((fast / "luq_report.json").read_text())
+    assert held["total_bytes"] <= 0.005e9
+    assert held["knapsack"]["speed_of"] == "q4_0"
+    assert held["knapsack"]["predicted_decode_tps"] >= held["knapsack"]["speed_of_decode_tps"]
+    assert held["predicted_cost"] >= report["predicted_cost"] - 1e-12   # a second limit never lowers the cost

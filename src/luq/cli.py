@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fp16", dest="keep", action=_DeprecatedKeep, help=argparse.SUPPRESS)
     p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
                    help="held-out sequences the costs are measured on (default 16)")
+    p.add_argument("--speed-of", default=None, metavar="GGUF|TYPE",
+                   help="with --formats ggml: decode in llama.cpp no slower than this GGUF file (or the model with "
+                        "every linear in this ggml type), predicted from luq's measured per-type speed table")
     p.add_argument("--metric", default="perplexity",
                    help="metric of --max-drop: perplexity on held-out text (default) or a VQA task (textvqa, pope, ...)")
     p.add_argument("--metric-data", default=None, metavar="PATH",
@@ -197,7 +200,7 @@ def cmd_quantize(args) -> None:
     config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
                        metric_data=args.metric_data, n_low_layers=args.n_low_layers, search=args.search, **paper,
                        hessians=args.hessians, allocate=args.allocate, formats=args.formats,
-                       sensitivity_samples=args.sensitivity_samples, keep=args.keep,
+                       sensitivity_samples=args.sensitivity_samples, speed_of=args.speed_of, keep=args.keep,
                        final_pass=args.final_pass, kmeans_clusters=args.kmeans_clusters, subsample=args.subsample,
                        storage_dtype=args.storage_dtype, offload_dir=args.offload_dir, measure_kl=args.measure_kl)
     gguf_out = args.out.with_name(args.out.name + ".gguf") if args.export else None

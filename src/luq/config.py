@@ -24,10 +24,14 @@ class MeasuredConfig:
     (luq.sensitivity), and a knapsack picks the least-cost plan under the rule (luq.plan.measured);
     None: `luq.quant.DEFAULT_MENU`. One format alone makes the uniform model (no rule needed).
     sensitivity_samples: held-out sequences of L tokens the costs are measured on.
+    speed_of: a GGUF file or a ggml type name: the plan also decodes in llama.cpp no slower than that file
+    (or the model with every linear in that type), as predicted by luq.plan.speed; None: bytes and cost
+    only.
     """
 
     formats: tuple[str, ...] | None = None
     sensitivity_samples: int = 16
+    speed_of: str | None = None
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -178,6 +182,10 @@ class LUQConfig:
             raise LuqError(f"--budget-gb must be positive, got {self.budget_gb}")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise LuqError(f"--max-drop must be zero or positive, got {self.max_drop}")
+        if self.measured.speed_of is not None and (self.allocate != "measured" or not self.for_gguf()
+                                                   or (self.budget_gb is None and self.max_drop is None)):
+            raise LuqError("--speed-of holds a plan of llama.cpp's block types to a decode speed: use it with "
+                           "--formats ggml (or ggml type names) and --budget-gb or --max-drop")
         if self.hessians not in HESSIAN_SOURCES:
             raise LuqError(f"--hessians must be one of {', '.join(HESSIAN_SOURCES)}, got {self.hessians!r}")
         if self.storage_dtype not in STORAGE_DTYPES:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from luq.errors import LuqError
@@ -51,12 +52,17 @@ def _model(path: str | Path) -> Path:
     return Path(path)
 
 
-def _run(name: str, *args: object) -> str:
+def _run(name: str, *args: object, passive_wait: bool = True) -> str:
     """Run a tool; its stdout and stderr together (llama.cpp logs results to both). A non-zero exit
-    is a LuqError with the tool's last line of stderr that names an error."""
-    # The tools use OpenMP: its spin-waiting threads ran llama-bench many times slower whenever another
-    # process was busy on this 2-core machine; passive waiting does not.
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    is a LuqError with the tool's last line of stderr that names an error. `passive_wait`: OpenMP's
+    threads sleep between operations (OMP_WAIT_POLICY=PASSIVE, unless the environment sets a policy):
+    spin-waiting threads run many times slower whenever another process is busy on the cores, while on
+    idle cores they decode several times faster than sleeping ones; False leaves OpenMP's default."""
+    env = dict(os.environ)
+    if passive_wait:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
     proc = subprocess.run([str(llama_tool(name)), *map(str, args)], capture_output=True, text=True,
                           errors="replace", stdin=subprocess.DEVNULL, env=env)
     if proc.returncode != 0:
@@ -125,11 +131,13 @@ def save_logits(gguf: str | Path, text_file: str | Path, out_file: str | Path, c
 
 
 def bench(gguf: str | Path, threads: int = 2, prompt: int = 128, gen: int = 64,
-          reps: int = 5) -> dict[str, float]:
+          reps: int = 5, passive_wait: bool = False) -> dict[str, float]:
     """llama-bench: {"prefill_tps": prompt tokens/s processing `prompt` tokens, "decode_tps": tokens/s
-    generating `gen` tokens one at a time}, each the mean of `reps` runs."""
+    generating `gen` tokens one at a time}, each the mean of `reps` runs (`prompt` or `gen` 0: that one
+    not run). OpenMP's own waiting by default, as a user's llama.cpp runs (see `_run`): time it on idle
+    cores."""
     out = _run("llama-bench", "-m", _model(gguf), "-t", threads, "-p", prompt, "-n", gen, "-r", reps,
-               "-o", "json")
+               "-o", "json", passive_wait=passive_wait)
     try:
         rows = json.loads(out[out.index("["): out.rindex("]") + 1])
     except ValueError:
@@ -143,14 +151,28 @@ def bench(gguf: str | Path, threads: int = 2, prompt: int = 128, gen: int = 64,
 
 
 def quantize(src_gguf: str | Path, dst_gguf: str | Path, qtype: str, imatrix: str | Path | None = None,
-             threads: int = 2, allow_requantize: bool = False) -> Path:
+             threads: int = 2, allow_requantize: bool = False, pure: bool = False,
+             tensor_types: Mapping[str, str] | None = None) -> Path:
     """llama-quantize `src_gguf` (F32/F16/BF16; an already quantized one only with `allow_requantize`)
     to `dst_gguf` as `qtype` ("Q4_K_M", "Q4_1", "IQ2_XS", ...), with an importance matrix from
-    `imatrix()` where given (the low-bit IQ types require one)."""
+    `imatrix()` where given (the low-bit IQ types require one). `pure`: every tensor in `qtype` (the
+    token embedding and output too) where its rows allow it, llama.cpp's fallback type elsewhere;
+    `tensor_types`: tensors whose name matches a key ("ffn_down") in that type instead. Written beside
+    `dst_gguf` and renamed into place, so a failed run leaves no file."""
     args = ["--imatrix", _file(imatrix)] if imatrix is not None else []
     args += ["--allow-requantize"] if allow_requantize else []
-    _run("llama-quantize", *args, _model(src_gguf), dst_gguf, qtype, threads)
-    return Path(dst_gguf)
+    if pure:
+        args += ["--pure", "--token-embedding-type", qtype, "--output-tensor-type", qtype]
+    for name, type_ in (tensor_types or {}).items():
+        args += ["--tensor-type", f"{name}={type_}"]
+    dst = Path(dst_gguf)
+    partial = dst.with_name(dst.name + ".partial")
+    try:
+        _run("llama-quantize", *args, _model(src_gguf), partial, qtype, threads)
+        os.replace(partial, dst)
+    finally:
+        partial.unlink(missing_ok=True)
+    return dst
 
 
 def imatrix(gguf: str | Path, text_file: str | Path, out: str | Path, ctx: int = 512,

@@ -18,6 +18,7 @@ from luq.errors import LuqError
 from luq.plan.entropy import entropy_plan, layer_order, smallest_fitting_k, threshold_search
 from luq.plan.measured import Costs, knapsack, lagrangian_bound, smallest_budget_within
 from luq.plan.sizes import Plan, SizeTable
+from luq.plan.speed import knapsack_within, plan_decode_ns, reference_decode_ns
 from luq.quant.formats import COMPACT_MENU
 
 FRONTIER_POINTS = 12   # plans of the measured frontier drawn in the report, evenly spaced in bytes
@@ -73,11 +74,20 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
     smallest = sizes.total_bytes(sizes.extreme_plan(menu))
     largest = sizes.total_bytes(sizes.extreme_plan(menu, largest=True))
 
-    def plan_for_budget(b: int):
-        return knapsack(sizes, costs, menu, b)
+    max_ns = None
+    if config.measured.speed_of is not None:
+        max_ns = reference_decode_ns(config.measured.speed_of, sizes)
+        log(f"  decode held to {config.measured.speed_of}: {1e9 / max_ns:.0f} tokens/s predicted")
 
-    frontier = [{"budget_bytes": int(b), "plan": plan_for_budget(int(b)).plan}
-                for b in torch.linspace(smallest, largest, FRONTIER_POINTS).tolist()]
+    def plan_for_budget(b: int):
+        return knapsack(sizes, costs, menu, b) if max_ns is None else knapsack_within(sizes, costs, menu, b, max_ns)
+
+    frontier = []
+    for b in torch.linspace(smallest, largest, FRONTIER_POINTS).tolist():
+        try:
+            frontier.append({"budget_bytes": int(b), "plan": plan_for_budget(int(b)).plan})
+        except LuqError:   # no plan of so few bytes decodes as fast as --speed-of asks
+            continue
     steps = []
     if budget is not None:
         result = plan_for_budget(budget)
@@ -91,9 +101,16 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
                               f"{s.value:.4f} (drop {s.drop:+.4f}) {'ok' if s.ok else 'too far'}"))
         steps = [asdict(s) for s in history]
         bound, _ = lagrangian_bound(sizes, costs, menu, result.total_bytes)
+    speed = {}
+    plan_ns = plan_decode_ns(sizes, result.plan) if config.for_gguf() else None
+    if plan_ns is not None:   # llama.cpp's decode, predicted (luq.plan.speed)
+        speed = {"predicted_decode_tps": 1e9 / plan_ns, "speed_of": config.measured.speed_of,
+                 "speed_of_decode_tps": None if max_ns is None else 1e9 / max_ns}
+        log(f"  predicted llama.cpp decode: {1e9 / plan_ns:.0f} tokens/s"
+            + ("" if max_ns is None else f" (held to {1e9 / max_ns:.0f})"))
     return Decision(result.plan, steps, frontier, predicted_cost=result.cost,
                     knapsack={"cell_bytes": result.cell_bytes, "lagrangian_lower_bound": bound,
-                              "gap": result.cost - bound})
+                              "gap": result.cost - bound, **speed})
 
 
 def _entropy_decision(config: LUQConfig, sizes: SizeTable, names, units, entropy, budget, evaluate,

@@ -1,0 +1,168 @@
+"""How fast llama.cpp decodes a plan, and the knapsack held to a decode speed (`--speed-of REF`).
+
+A plan of llama.cpp block types runs in llama.cpp at a speed its types decide: on an x86 CPU llama.cpp's
+dot products for Q4_1, Q5_0, Q5_1 and Q5_K take far longer per weight than those of Q4_0, IQ4_NL or the
+other K-quants, so the plan of least predicted KL at a size can decode slower than llama.cpp's own file
+of that size. The model here: a token's decode time is the sum over the plan's weights of the seconds per
+weight of each one's type (`ns_per_weight`), a table `python -m bench.ggml_speed` fits from llama-bench
+runs of one-type files and checks on files it was not fitted on (the shipped table: `luq/data/
+ggml_decode_speed.json`, written by that bench with `--package`, names its source and machine). The weights of a tied embedding count once,
+as the output head's product (its row lookup costs next to nothing).
+
+`knapsack_within`: the knapsack of `luq.plan.measured` under the byte budget and a decode time, solved by
+pricing time: for a price p the plan of least (cost + p x time) is an exact knapsack; the least p whose
+plan is fast enough is found by bisection (the plan's time falls as p rises).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from luq.errors import LuqError
+from luq.plan.measured import Costs, KnapsackResult, knapsack
+from luq.plan.sizes import Plan, SizeTable
+
+TABLE = "ggml_decode_speed.json"
+BISECTION_STEPS = 30
+
+
+@cache
+def speed_table() -> dict:
+    """The shipped table: {"ns_per_weight": {ggml type: ns}, "source": ..., "machine": ...}."""
+    path = resources.files("luq") / "data" / TABLE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LuqError(f"the decode speed table {TABLE} is missing or unreadable ({e}); reinstall luq") from None
+
+
+def ns_per_weight() -> dict[str, float]:
+    return speed_table()["ns_per_weight"]
+
+
+def format_ns(fmt: str) -> float | None:
+    """Nanoseconds per weight a token of a format's ggml type takes; None for a format with no ggml type or
+    one the table has not measured."""
+    from luq.quant import get_format
+
+    ggml_type = get_format(fmt).ggml_type if fmt != "keep" else None
+    return None if ggml_type is None else ns_per_weight().get(ggml_type)
+
+
+def plan_decode_ns(sizes: SizeTable, plan: Plan) -> float | None:
+    """Predicted nanoseconds of a token's decode spent in the plan's weights; None where a format's speed
+    is unknown."""
+    total = 0.0
+    for name, fmt in plan.items():
+        ns = format_ns(fmt)
+        if ns is None:
+            return None
+        total += ns * sizes.linears[name].n_weights
+    return total
+
+
+def gguf_decode_ns(path: str | Path) -> float:
+    """Predicted nanoseconds of a token's decode spent in a GGUF file's quantized tensors (float vectors
+    left out; a float matrix, or a type the table has not measured, is refused)."""
+    import gguf
+
+    table = ns_per_weight()
+    try:
+        tensors = gguf.GGUFReader(str(path)).tensors
+    except (OSError, ValueError) as e:
+        raise LuqError(f"--speed-of {path}: not a readable GGUF file ({e})") from None
+    total = 0.0
+    for t in tensors:
+        ggml_type = t.tensor_type.name.lower()
+        if ggml_type in table:
+            total += table[ggml_type] * int(t.n_elements)
+        elif len(t.shape) > 1 and int(t.shape[-1]) > 1:
+            raise LuqError(f"--speed-of {path}: tensor {t.name} is {ggml_type.upper()}, whose decode speed the "
+                           f"table ({TABLE}) has not measured")
+    return total
+
+
+def reference_decode_ns(ref: str, sizes: SizeTable) -> float:
+    """The decode time a plan is held to: a GGUF file's (a path) or the model's with every linear in one
+    ggml type (a type name, which must be able to store every linear)."""
+    if Path(ref).suffix == ".gguf" or Path(ref).is_file():
+        if not Path(ref).is_file():
+            raise LuqError(f"--speed-of {ref}: no such file")
+        return gguf_decode_ns(ref)
+    table = ns_per_weight()
+    if ref not in table:
+        raise LuqError(f"--speed-of takes a GGUF file or a ggml type the speed table has measured "
+                       f"({', '.join(sorted(table))}); got {ref!r}")
+    unfit = [n for n, s in sizes.linears.items() if ref not in s.bytes and s.layer is not None]
+    if unfit:
+        raise LuqError(f"--speed-of {ref}: {ref} cannot store {unfit[0]} (its rows); name a file or a type of "
+                       "32-weight blocks")
+    return sum(table[ref] * s.n_weights for s in sizes.linears.values())
+
+
+def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budget_bytes: int,
+                    max_ns: float) -> KnapsackResult:
+    """The plan of least summed cost that fits `budget_bytes` and decodes within `max_ns` a token
+    (predicted); formats whose speed is unknown are left out."""
+    times = {name: {f: format_ns(f) for f in c} for name, c in costs.items()}
+    timed = {name: {f: c[f] for f in c if times[name][f] is not None} for name, c in costs.items()}
+
+    def priced(price: float) -> KnapsackResult:
+        per_ms = {name: {f: c[f] + price * times[name][f] * sizes.linears[name].n_weights / 1e6 for f in c}
+                  for name, c in timed.items()}
+        r = knapsack(sizes, per_ms, formats, budget_bytes)
+        return KnapsackResult(r.plan, sum(costs[n][f] for n, f in r.plan.items()), r.total_bytes, r.cell_bytes)
+
+    def ns(r: KnapsackResult) -> float:
+        return plan_decode_ns(sizes, r.plan)
+
+    best = priced(0.0)
+    if ns(best) <= max_ns:
+        return best
+    fastest = knapsack(sizes, {name: {f: times[name][f] * sizes.linears[name].n_weights for f in c}
+                               for name, c in timed.items()}, formats, budget_bytes)
+    if ns(fastest) > max_ns:
+        raise LuqError(f"no plan of {budget_bytes / 1e9:.4g} GB decodes as fast as asked: the fastest is predicted "
+                       f"at {1e9 / ns(fastest):.0f} tokens/s, the reference at {1e9 / max_ns:.0f} (--speed-of)")
+    lo, hi = 0.0, 1e-3
+    slow = best
+    while ns(fast := priced(hi)) > max_ns:
+        lo, hi, slow = hi, hi * 4, fast
+    for _ in range(BISECTION_STEPS):   # in log space: the price spans orders of magnitude
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 4
+        r = priced(mid)
+        if ns(r) <= max_ns:
+            hi, fast = mid, r
+        else:
+            lo, slow = mid, r
+        if hi - lo <= 1e-3 * hi:
+            break
+    return _blend(sizes, costs, fast, slow, budget_bytes, max_ns)
+
+
+def _blend(sizes: SizeTable, costs: Costs, fast: KnapsackResult, slow: KnapsackResult, budget_bytes: int,
+           max_ns: float) -> KnapsackResult:
+    """Between the two plans the bisection ends on (one fast enough, one not), the priced knapsack can
+    leave a wide step: from the fast plan, take the slow plan's format for a linear wherever that lowers
+    the cost and the plan still fits both limits, the most cost saved per nanosecond added first."""
+    plan = dict(fast.plan)
+    nbytes, t = sizes.total_bytes(plan), plan_decode_ns(sizes, plan)
+
+    def delta(name: str) -> tuple[float, float, int]:
+        a, b = plan[name], slow.plan[name]
+        n = sizes.linears[name].n_weights
+        return (costs[name][b] - costs[name][a], (format_ns(b) - format_ns(a)) * n,
+                sizes.linears[name].bytes[b] - sizes.linears[name].bytes[a])
+
+    moves = [(name, *delta(name)) for name in plan if plan[name] != slow.plan[name]]
+    moves = [m for m in moves if m[1] < 0]
+    for name, dc, dt, db in sorted(moves, key=lambda m: m[1] / max(m[2], 1e-9) if m[2] > 0 else -math.inf):
+        if t + dt <= max_ns and nbytes + db <= budget_bytes:
+            plan[name] = slow.plan[name]
+            t, nbytes = t + dt, nbytes + db
+    return KnapsackResult(plan, sum(costs[n][f] for n, f in plan.items()), nbytes, fast.cell_bytes)
