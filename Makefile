@@ -71,7 +71,7 @@ results: $(BSTAMP)
 # the table. DEMO_MODEL=smollm2 DEMO_BUDGET=0.075 runs the text-only demo instead.
 DEMO_MODEL  ?= tiny-vlm
 DEMO_BUDGET ?= 0.118
-DEMO_ALPHA  ?= $(if $(filter tiny-vlm,$(DEMO_MODEL)),0.5,0)
+DEMO_ALPHA  ?= $(if $(filter tiny-vlm tiny-vlm-offgrid,$(DEMO_MODEL)),0.5,0)
 demo: $(STAMP)
 	$(VENV)/bin/luq quantize $(DEMO_MODEL) --out out/demo --budget-gb $(DEMO_BUDGET) --alpha $(DEMO_ALPHA) \
 		--samples 16 --seq-len 256 --kmeans-clusters 100

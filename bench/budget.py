@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import luq
-from bench.common import add_model_args, calibration_of
+from bench.common import add_model_args, calibration_of, is_vlm
 from luq.quant.dense import dequantize_modules
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
             f"measured-decoder-at-{slug}", budget_gb=rows[ref]["total_bytes"] / 1e9, keep=decoder_only)
         rows[f"measured (whole model) at {label}'s bytes"] = run(
             f"measured-whole-at-{slug}", budget_gb=rows[ref]["total_bytes"] / 1e9)
-    vqa = args.model == "tiny-vlm"
+    vqa = is_vlm(args.model)
     small = 0.75 * rows["uniform GPTQ-4 g128"]["total_bytes"] if vqa else 75e6
     small_label = "75% of GPTQ-4's bytes" if vqa else "75 MB"
     rows[f"measured (whole model) at {small_label}"] = run("measured-whole-small", budget_gb=small / 1e9)

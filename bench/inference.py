@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import luq
+from bench.common import is_vlm
 from luq.calibration import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def make_artifacts(model: str, root: Path, variants: list[str] | None = None) ->
 def prompt_inputs(model_name: str, processor) -> dict:
     """The prompt: 128 tokens of Wikipedia text (smollm2); one generated image and its question
     in the chat template (tiny-vlm)."""
-    if model_name == "tiny-vlm":
+    if is_vlm(model_name):
         from luq.zoo import tinyvlm
         sample = tinyvlm.make_samples(1, seed=123)[0]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]

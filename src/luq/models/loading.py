@@ -15,7 +15,8 @@ from luq.models import Adapter, adapter_for
 # demo and test models; `register_builtin` adds one.
 BUILTIN = {"smollm2": "luq.zoo.smollm2:smollm2_dir",
            "smollm2-offgrid": "luq.zoo.offgrid:smollm2_offgrid_dir",
-           "tiny-vlm": "luq.zoo.tinyvlm:trained_dir"}
+           "tiny-vlm": "luq.zoo.tinyvlm:trained_dir",
+           "tiny-vlm-offgrid": "luq.zoo.offgrid:tiny_vlm_offgrid_dir"}
 DEFAULT_MODEL = "smollm2"
 
 

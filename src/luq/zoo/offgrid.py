@@ -5,14 +5,24 @@ luq's test model SmolLM2-135M-Instruct is converted from a Q4_1 GGUF
 and group of 32 columns (q in 0..15, d = (max - min) / 15), and the tied token embedding
 is exactly ``d * q`` per group of 32 (Q8_0: q in -127..127, d = absmax / 127). A 4-bit
 g32 quantizer that fits the same grid is then lossless on it, which flatters every
-quality number. :func:`offgrid_dir` writes a copy in which every such weight is moved
-by uniform noise within its own grid cell:
+quality number. tiny-vlm's language model is that SmolLM2 (:mod:`luq.zoo.tinyvlm`: LoRA
+deltas merged into its q/v projections, one more embedding row for ``<image>``), so
+most of it sits on the same grids. :func:`offgrid_dir` writes a copy of either (a causal
+LM, or a LLaVA model's language model) in which every such weight is moved by uniform
+noise within its own grid cell:
 
 * decoder linears (q/k/v/o/gate/up/down of each layer): per row and group of 32 columns,
   ``w += (u - 1/2) * (max - min) / 15`` with u uniform in [0, 1);
 * the token embedding (tied to the head; the tie is kept): per row and group of 32,
   ``w += (u - 1/2) * absmax / 127``;
-* everything else (the norms) unchanged.
+* everything else (the norms; a LLaVA model's vision tower and projector) unchanged.
+
+The decoder linears and the embedding are found by their names in the loaded model's
+state dict: ``model.layers.N.*`` and ``model.embed_tokens.weight`` for SmolLM2,
+``model.language_model.layers.N.*`` and ``model.language_model.embed_tokens.weight`` for
+tiny-vlm (transformers 5's names, the ones tiny-vlm's shipped LoRA factors use; its saved
+file stores them under the older ``language_model.model.`` prefix). Those names seed the
+noise and are recorded in ``luq_offgrid.json``.
 
 The cell is recomputed from the weights. The noise is bit-identical on every machine:
 each tensor has its own PCG64 stream, seeded from ``(seed, sha256 of its name)`` through
@@ -38,30 +48,40 @@ import torch
 from luq.errors import LuqError
 from luq.store import build_dir_once, cache_root, file_sha256
 from luq.zoo.smollm2 import smollm2_dir
+from luq.zoo.tinyvlm import trained_dir as tiny_vlm_dir
 
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
 GROUP = 32
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EMBEDDING = "model.embed_tokens.weight"
+EMBEDDING = "model.embed_tokens.weight"   # a causal LM's; a LLaVA model's is under its language model
+EMBEDDING_SUFFIX = "embed_tokens.weight"
 METADATA = "luq_offgrid.json"
 SMOLLM2_OFFGRID_CACHE = "smollm2-offgrid-v1"
+TINY_VLM_OFFGRID_CACHE = "tiny-vlm-offgrid-v{recipe}-{version}-{weights}"   # tiny-vlm's VERSION and weights digest
+TINY_VLM_INFO = "luq_tiny_vlm.json"   # written by luq.zoo.tinyvlm.trained_dir
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 _WRITTEN_BY_SAVE = ("config.json", "generation_config.json")
 _ROWS_PER_CHUNK = 4096  # rows of noise drawn at once: bounds the float64 temporaries
 
-RECIPE = {
-    "version": RECIPE_VERSION,
-    "linears": {"names": list(LINEAR_NAMES), "group": GROUP, "cell": "(max - min) / 15 per row and group",
-                "noise": "uniform [-cell/2, +cell/2)"},
-    "embedding": {"name": EMBEDDING, "group": GROUP, "cell": "absmax / 127 per row and group",
-                  "noise": "uniform [-cell/2, +cell/2)", "tied_head": "kept"},
-    "other": "unchanged",
-    "rng": "numpy PCG64 per tensor, SeedSequence([seed, first 8 bytes of sha256(name), little endian]); "
-           "u = (raw >> 11) / 2**53",
-    "arithmetic": "float64, then cast to float32",
-}
+
+def recipe(embedding: str = EMBEDDING) -> dict:
+    """The recipe as recorded in the metadata; ``embedding``: the state-dict name of the token embedding."""
+    return {
+        "version": RECIPE_VERSION,
+        "linears": {"names": list(LINEAR_NAMES), "group": GROUP, "cell": "(max - min) / 15 per row and group",
+                    "noise": "uniform [-cell/2, +cell/2)"},
+        "embedding": {"name": embedding, "group": GROUP, "cell": "absmax / 127 per row and group",
+                      "noise": "uniform [-cell/2, +cell/2)", "tied_head": "kept"},
+        "other": "unchanged",
+        "rng": "numpy PCG64 per tensor, SeedSequence([seed, first 8 bytes of sha256(name), little endian]); "
+               "u = (raw >> 11) / 2**53",
+        "arithmetic": "float64, then cast to float32",
+    }
+
+
+RECIPE = recipe()
 
 
 def is_decoder_linear(name: str) -> bool:
@@ -91,6 +111,27 @@ def q8_0_cell(groups: np.ndarray) -> np.ndarray:
     return np.abs(groups).max(axis=-1, keepdims=True) / 127.0
 
 
+def rtn_error(weight: torch.Tensor, cell: Callable[[np.ndarray], np.ndarray]) -> float:
+    """Relative error ||W - RTN(W)|| / ||W|| (float64) of round-to-nearest onto the grid of ``cell`` per row
+    and group of GROUP columns: Q4_1's ``min + d * q`` (q in 0..15) for :func:`q4_1_cell`, Q8_0's ``d * q``
+    for :func:`q8_0_cell`. 0 (to float64 rounding) for a weight that sits on the grid."""
+    w = weight.detach().to("cpu", torch.float64).numpy()
+    if w.ndim != 2 or w.shape[1] % GROUP:
+        raise LuqError(f"expected a 2-D weight with a multiple of {GROUP} columns, got {w.shape}")
+    g = w.reshape(w.shape[0], -1, GROUP)
+    d = cell(g)
+    step = np.where(d > 0, d, 1.0)
+    if cell is q4_1_cell:
+        lo = g.min(axis=-1, keepdims=True)
+        rounded = lo + d * np.clip(np.round((g - lo) / step), 0, 15)
+    elif cell is q8_0_cell:
+        rounded = d * np.round(g / step)
+    else:
+        raise LuqError("rtn_error knows the grids of q4_1_cell and q8_0_cell")
+    norm = float(np.linalg.norm(w))
+    return float(np.linalg.norm(g - rounded)) / norm if norm else 0.0
+
+
 def dither(weight: torch.Tensor, cell: Callable[[np.ndarray], np.ndarray], seed: int, name: str) -> torch.Tensor:
     """``weight`` [rows, cols] (cols a multiple of GROUP) moved by uniform noise in
     [-cell/2, +cell/2) per row and group of GROUP columns; float32, on the CPU."""
@@ -108,15 +149,31 @@ def dither(weight: torch.Tensor, cell: Callable[[np.ndarray], np.ndarray], seed:
     return torch.from_numpy(out)
 
 
-def _targets(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, Callable]]:
+def embedding_name(model: torch.nn.Module) -> str:
+    """The state-dict name of the (language model's) token embedding: ``model.embed_tokens.weight`` for a
+    causal LM, ``model.language_model.embed_tokens.weight`` for a LLaVA model in transformers 5."""
+    weight = model.get_input_embeddings().weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False)
+             if p is weight and n.split(".")[-2:] == EMBEDDING_SUFFIX.split(".")]
+    if len(names) != 1:
+        raise LuqError(f"found {len(names)} token embeddings named '*.{EMBEDDING_SUFFIX}'; "
+                       "is it a Llama-style causal LM or a LLaVA model around one?")
+    return names[0]
+
+
+def targets(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, Callable]]:
+    """(name, parameter, cell) of the embedding and of every decoder linear of the language model (the
+    layers beside its embedding: a LLaVA vision tower's are never picked), each tensor once."""
+    embedding = embedding_name(model)
+    language_model = embedding[:-len(EMBEDDING_SUFFIX)]   # "model." or "model.language_model."
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
-        if name == EMBEDDING:
+        if name == embedding:
             seen.add(id(p))
             yield name, p, q8_0_cell
-        elif is_decoder_linear(name):
+        elif name.startswith(f"{language_model}layers.") and is_decoder_linear(name):
             seen.add(id(p))
             yield name, p, q4_1_cell
 
@@ -132,22 +189,39 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def write_offgrid(source: Path, out: Path, seed: int = 0) -> dict:
-    """Write the off-grid copy of the HF model directory ``source`` into the existing
-    directory ``out`` (not atomic; see :func:`offgrid_dir`). Returns its metadata."""
-    from transformers import AutoModelForCausalLM
+def _load(source: Path) -> tuple[torch.nn.Module, bool]:
+    """(the fp32 model of the HF directory ``source``, whether it is multimodal), by luq's adapter of its family."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from luq.models import adapter_for
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise LuqError(f"cannot read the model in {source}: {str(e).splitlines()[0]}") from None
+    multimodal = adapter_for(config.model_type).multimodal
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    return auto.from_pretrained(source, dtype=torch.float32).eval(), multimodal
+
+
+def write_offgrid(source: Path, out: Path, seed: int = 0) -> dict:
+    """Write the off-grid copy of the HF model directory ``source`` (a causal LM, or a LLaVA model: its
+    language model is dithered) into the existing directory ``out`` (not atomic; see :func:`offgrid_dir`).
+    Returns its metadata."""
     source, out = Path(source), Path(out)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model, multimodal = _load(source)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    embedding = embedding_name(model)
     counts = {"linears": 0, "embedding": 0}
+    names = []
     with torch.no_grad():
-        for name, p, cell in _targets(model):
+        for name, p, cell in targets(model):
             p.copy_(dither(p, cell, seed, name))
-            counts["embedding" if name == EMBEDDING else "linears"] += 1
+            counts["embedding" if name == embedding else "linears"] += 1
+            names.append(name)
     if counts["embedding"] != 1 or counts["linears"] == 0:
         raise LuqError(f"{source}: found {counts['linears']} decoder linears and {counts['embedding']} "
-                       f"'{EMBEDDING}'; is it a Llama-style causal LM?")
+                       f"'{embedding}'; is it a Llama-style causal LM or a LLaVA model around one?")
     if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         raise LuqError(f"{source}: the tied embedding and head came apart")
     model.save_pretrained(out)
@@ -157,7 +231,7 @@ def write_offgrid(source: Path, out: Path, seed: int = 0) -> dict:
     weights = sorted(p.name for p in out.glob("*.safetensors"))
     meta = {
         "seed": int(seed),
-        "recipe": RECIPE,
+        "recipe": recipe(embedding),
         "source": source.name,
         "source_weights": {p.name: file_sha256(p) for p in sorted(source.glob("*.safetensors"))},
         "dithered": counts,
@@ -167,6 +241,9 @@ def write_offgrid(source: Path, out: Path, seed: int = 0) -> dict:
     }
     if len(weights) == 1:
         meta["sha256"] = meta["weights"][weights[0]]
+    if multimodal:   # (a causal LM's metadata stays as smollm2-offgrid-v1 first wrote it)
+        meta["dithered_names"] = names
+        meta["unchanged"] = "every other tensor: the vision tower, the projector, the norms"
     (out / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -185,6 +262,21 @@ def smollm2_offgrid_dir() -> Path:
     """SmolLM2-135M-Instruct with every weight moved off its GGUF grid (seed 0), cached
     under ``luq.store.cache_root()``."""
     return offgrid_dir(smollm2_dir(), cache_root() / SMOLLM2_OFFGRID_CACHE, seed=0)
+
+
+def tiny_vlm_offgrid_dir() -> Path:
+    """tiny-vlm (:func:`luq.zoo.tinyvlm.trained_dir`, the shipped weights merged) with its language
+    model's decoder linears and token embedding moved off their GGUF grids (seed 0); the vision tower
+    and the projector are tiny-vlm's. Cached under ``luq.store.cache_root()``, keyed by tiny-vlm's
+    VERSION and weights digest (a new tiny-vlm builds a new copy)."""
+    source = tiny_vlm_dir()
+    try:
+        info = json.loads((source / TINY_VLM_INFO).read_text())
+        name = TINY_VLM_OFFGRID_CACHE.format(recipe=RECIPE_VERSION, version=info["version"],
+                                             weights=info["weights_sha256"])
+    except (OSError, ValueError, KeyError):
+        raise LuqError(f"{source} has no readable {TINY_VLM_INFO}; is it luq.zoo.tinyvlm's trained_dir?") from None
+    return offgrid_dir(source, cache_root() / name, seed=0)
 
 
 def read_metadata(path: Path) -> dict:
