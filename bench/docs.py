@@ -290,6 +290,11 @@ def frontier_all_whole_tiny_vlm(f):
     return _whole_frontier(f, vision=True)
 
 
+@table("frontier-all-whole-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
+def frontier_all_whole_smollm2_offgrid(f):
+    return _whole_frontier(f, vision=False)
+
+
 @table("menu-cost", f"{RESULTS}/menu_cost-smollm2.json")
 def menu_cost(m):
     rows = [[name, ", ".join(fmt_name(x) for x in menu["formats"]) if len(menu["formats"]) <= 3 else
@@ -378,8 +383,23 @@ def _span(xs) -> str:
     return f"{min(xs):.2f}–{max(xs):.2f}" if xs else "—"
 
 
-@table("entropy", f"{RESULTS}/entropy-smollm2/entropy.json", f"{RESULTS}/entropy-tiny-vlm/entropy.json")
-def entropy_table(s, t):
+def _kendall_distance(r1: list[int], r2: list[int]) -> float:
+    """The share of layer pairs that two rankings (lowest entropy first) put in opposite orders."""
+    p1, p2 = {l: i for i, l in enumerate(r1)}, {l: i for i, l in enumerate(r2)}
+    pairs = [(a, b) for a in p1 for b in p1 if a < b]
+    return sum((p1[a] - p1[b]) * (p2[a] - p2[b]) < 0 for a, b in pairs) / len(pairs)
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rho of two per-layer series (no ties in real entropies)."""
+    rx = sorted(range(len(xs)), key=lambda i: xs[i])
+    ry = sorted(range(len(ys)), key=lambda i: ys[i])
+    return _spearman_with_index([ry.index(i) for i in rx])
+
+
+@table("entropy", f"{RESULTS}/entropy-smollm2/entropy.json", f"{RESULTS}/entropy-smollm2-offgrid/entropy.json",
+       f"{RESULTS}/entropy-tiny-vlm/entropy.json")
+def entropy_table(s, o, t):
     def col(e):
         chosen = e.get("kmeans_clusters", e.get("k"))   # "k": an entropy.json of an older luq
         tok = e["tokens"]
@@ -397,11 +417,18 @@ def entropy_table(s, t):
     labels = ["tokens", "K picked by Kneedle on {8, …, 200}", "Kendall distance between the rankings at consecutive K",
               "entropy per layer (nats)", "Spearman ρ of entropy vs layer index", "lowest-entropy layers first",
               "text-token entropy per layer", "image-token entropy per layer",
-              "layers where image tokens have the higher entropy"]
-    a, b = col(s), col(t)
+              "layers where image tokens have the higher entropy",
+              "against SmolLM2's: Spearman ρ of the per-layer entropy", "against SmolLM2's: Kendall distance of the ranking",
+              "against SmolLM2's: first 10 layers in common"]
+    a, b, c = col(s), col(o), col(t)
+    b += [f"{_spearman(s['entropy'], o['entropy']):.2f}", f"{_kendall_distance(s['ranking'], o['ranking']):.2f}",
+          f"{len(set(s['ranking'][:10]) & set(o['ranking'][:10]))} of 10"]
+    a += ["—"] * 3
+    c += ["—"] * 3
     return md(["", f"SmolLM2-135M (text, α = {s['calibration']['alpha']:g})",
+               f"off-grid control (text, α = {o['calibration']['alpha']:g})",
                f"tiny-vlm (α = {t['calibration']['alpha']:g})"],
-              [[label, x, y] for label, x, y in zip(labels, a, b)])
+              [[label, x, y, z] for label, x, y, z in zip(labels, a, b, c)])
 
 
 _ORDERS = ["entropy", "reverse-entropy", "depth", "random0", "random1", "random2"]
@@ -422,6 +449,11 @@ def orders_smollm2(f):
 
 @table("orders-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
 def orders_tiny_vlm(f):
+    return _orders(f)
+
+
+@table("orders-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
+def orders_smollm2_offgrid(f):
     return _orders(f)
 
 
@@ -460,6 +492,31 @@ def frontier_all_smollm2(f):
 @table("frontier-all-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
 def frontier_all_tiny_vlm(f):
     return _frontier_all(f)
+
+
+@table("frontier-all-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
+def frontier_all_smollm2_offgrid(f):
+    return _frontier_all(f)
+
+
+@table("frontier-peers-smollm2-vs-offgrid", f"{RESULTS}/frontier-smollm2-all.json",
+       f"{RESULTS}/frontier-smollm2-offgrid.json")
+def frontier_peers_smollm2_vs_offgrid(on, off):
+    """Every uniform configuration and the measured allocation at GPTQ-3's and GPTQ-4's bytes, on SmolLM2 (on its
+    grid) and on the off-grid control: the same settings, decoder only, no final pass."""
+    fp_on, fp_off = on["full_precision"]["value"], off["full_precision"]["value"]
+    rows = [["full precision", "", ppl(fp_on), "1.00", ppl(fp_off), "1.00"]]
+    pts = [(name, on["uniform"][name], off["uniform"][name]) for name in on["uniform"] if name in off["uniform"]]
+    for budget, label in (("6/6 of GPTQ-2..GPTQ-4", "measured allocation at GPTQ-4's bytes"),
+                          ("GPTQ-3 g128's bytes", "measured at GPTQ-3's bytes")):
+        pts.append((label, next(m for m in on["measured"] if m["budget"] == budget),
+                    next(m for m in off["measured"] if m["budget"] == budget)))
+    for name, a, b in sorted(pts, key=lambda x: -x[2]["avg_bits"]):
+        strong = name.startswith("measured")
+        rows.append([bold(name, strong), bits(b["avg_bits"]), ppl(a["value"]), ppl(a["value"] / fp_on),
+                     bold(ppl(b["value"]), strong), ppl(b["value"] / fp_off)])
+    return md(["configuration", "true avg bits", "SmolLM2 (on its grid): perplexity", "× its full precision",
+               "off-grid control: perplexity", "× its full precision"], rows, "lrrrrr")
 
 
 @table("calibration-mix", f"{RESULTS}/calibration_mix.json")
@@ -568,6 +625,8 @@ def _types(types: dict[str, int]) -> str:
 
 def _gguf_name(r) -> str:
     if r["tool"] == "luq":
+        if r["name"].startswith("luq-fast-at-"):
+            return r["name"].replace("luq-fast-at-", "luq at ") + ", its speed"
         return r["name"].replace("luq-at-", "luq at ")
     if r["tool"] == "auto-round":   # autoround-Q4_K_M-i50
         preset = r["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
@@ -595,25 +654,40 @@ def gguf_pairs(g):
     smallest = by_name.get("Q2_K") or min(by_name.values(), key=lambda r: r["tensor_bytes"])  # its smallest K preset
     rows = []
     for r in (r for r in g["rows"] if r["tool"] == "luq"):
-        target = r["name"].replace("luq-at-", "")
+        fast = r["name"].startswith("luq-fast-at-")
+        target = r["name"].replace("luq-fast-at-", "").replace("luq-at-", "")
         peer = by_name.get(target, smallest)
+        how = "bytes and speed" if fast else "bytes"
         if "error" in r:
-            rows.append([target, mb(peer["tensor_bytes"]), f"{peer['kl_divergence']:.4f}", "", "", "", "",
+            rows.append([target, how, mb(peer["tensor_bytes"]), f"{peer['kl_divergence']:.4f}", "", "", "", "",
                          r["error"]])
             continue
         ratio = r["kl_divergence"] / peer["kl_divergence"]
         decode = f"{r['decode_tps'] / peer['decode_tps']:.2f}" if "decode_tps" in r and "decode_tps" in peer else ""
-        rows.append([target if target in by_name else f"{target} (vs {peer['name']})", mb(peer["tensor_bytes"]),
+        rows.append([target if target in by_name else f"{target} (vs {peer['name']})", how, mb(peer["tensor_bytes"]),
                      f"{peer['kl_divergence']:.4f}", mb(r["tensor_bytes"]), f"{r['kl_divergence']:.4f}",
                      bold(f"{ratio:.2f}", ratio <= 0.7), decode, ""])
-    return md(["size of", "llama.cpp tensor MB", "llama.cpp KL", "luq tensor MB", "luq KL", "KL ratio",
-               "decode ratio", "note"], rows, "lrrrrrrl")
+    return md(["size of", "luq matches its", "llama.cpp tensor MB", "llama.cpp KL", "luq tensor MB", "luq KL",
+               "KL ratio", "decode ratio", "note"], rows, "llrrrrrrl")
 
 
 for _model in ("smollm2-offgrid", "smollm2"):   # every file of a bench.gguf run, and luq beside each preset
     table(f"gguf-{_model}", f"{RESULTS}/gguf-{_model}.json")(gguf_rows)
     table(f"gguf-{_model}-pairs", f"{RESULTS}/gguf-{_model}.json")(gguf_pairs)
 table("gguf-smollm2-offgrid-autoround", f"{RESULTS}/gguf-smollm2-offgrid-autoround.json")(gguf_rows)   # + AutoRound
+
+
+@table("ggml-speed", f"{RESULTS}/ggml-speed-smollm2-offgrid.json")
+def ggml_speed(g):
+    """bench.ggml_speed: nanoseconds per weight of each ggml type in llama.cpp's decode, and how well the
+    fitted table predicts the files it was not fitted on."""
+    ns = g["ns_per_weight"]
+    rows = [[t.upper(), f"{v:.4f}", f"{v / ns['q4_0']:.2f}"] for t, v in sorted(ns.items(), key=lambda kv: kv[1])]
+    checks = [r for r in g["rows"] if not r["fitted_on"] and r["predicted_tps"] is not None]
+    errors = sorted(abs(r["decode_tps"] / r["predicted_tps"] - 1) for r in checks)
+    return (md(["type", "ns per weight", "vs Q4_0"], rows, "lrr") + "\n\n"
+            + f"Checked on {len(checks)} files it was not fitted on (llama.cpp's presets, luq's and AutoRound's "
+              f"files): median error {100 * errors[len(errors) // 2]:.1f}%, largest {100 * errors[-1]:.1f}%.")
 
 
 @table("kernels-binary", f"{RESULTS}/kernels-binary.json")
@@ -812,6 +886,41 @@ def tiny_vlm_accuracy(a):
              f"{v / a['chance'][k]:.1f}×"] for k, v in a["accuracy"].items()]
     rows.append(["all", "", f"{a['overall']:.2f}", "", ""])
     return md(["question type", "answers", "held-out accuracy", "chance", "over chance"], rows, "lrrrr")
+
+
+@table("offgrid", f"{RESULTS}/offgrid.json")
+def offgrid_controls(o):
+    models = o["models"]
+
+    def one(v: float) -> str:
+        return "0" if v == 0 else f"{v:.1e}"
+
+    def err(r: dict) -> str:
+        return one(r["min"]) if r["min"] == r["max"] else f"{one(r['min'])} – {one(r['max'])}"
+
+    def builds(m: dict) -> str:
+        if "builds" not in m:
+            return ""
+        b = m["builds"]
+        return f"`{b['cached']['tensors_sha256'][:12]}`, " + ("the same" if b["match"] else "DIFFERENT")
+
+    rows = [["two builds (cached, fresh): tensors sha256"] + [builds(m) for m in models.values()],
+            ["Q4_1 round-to-nearest error, decoder linears"] + [err(m["grid"]["q4_1_rtn"]) for m in models.values()],
+            ["decoder linears on Q4_1's grid"] + [f"{m['grid']['on_q4_1_grid']} of {m['grid']['linears']}"
+                                                 for m in models.values()],
+            ["Q8_0 round-to-nearest error, embedding"] + [one(m["grid"]["embedding"]["q8_0_rtn"])
+                                                          for m in models.values()],
+            ["luq's RTN-4 g32 error, decoder linears"] + [err(m["grid"]["luq_rtn4_g32"]) for m in models.values()],
+            [f"held-out perplexity ({o['text_windows']['n']} × {o['text_windows']['seq_len']} tokens)"]
+            + [ppl(m["perplexity"]) for m in models.values()]]
+    vlms = [m["vqa"] for m in models.values() if "vqa" in m]
+    for kind in (vlms[0]["by_kind"] if vlms else []):
+        rows.append([f"VQA accuracy: {kind}"] + [acc(m["vqa"]["by_kind"][kind]) if "vqa" in m else ""
+                                                 for m in models.values()])
+    if vlms:
+        rows.append([f"VQA accuracy: all {o['vqa']['questions']}"] + [bold(acc(m["vqa"]["accuracy"])) if "vqa" in m
+                                                                      else "" for m in models.values()])
+    return md([""] + list(models), rows, "l" + "r" * len(models))
 
 
 # ------------------------------------------------------------------------------------------- the rewrite

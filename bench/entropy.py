@@ -1,16 +1,18 @@
 """Output-activation entropy of every decoder layer on the real models (paper Figs. 2, 8, 9).
 
-SmolLM2-135M on text calibration (alpha 0) and tiny-vlm on image+text calibration
-(alpha 0.5, the bundled photos and their questions), N x L tokens each. For each model:
+SmolLM2-135M on text calibration (alpha 0), its off-grid control smollm2-offgrid (every
+weight moved off its GGUF grid, luq.zoo.offgrid; alpha 0) and tiny-vlm on image+text
+calibration (alpha 0.5, the bundled photos and their questions), N x L tokens each. For each model:
 the entropy per layer at the chosen K (Eq. 2-5), the same clusters' entropy over text
 tokens and over image tokens (Fig. 2), the layer ranking (Eq. 6), and the Kendall
 distance between the rankings of consecutive K of the grid with the K that Kneedle
 picks (Fig. 9).
 
-    python -m bench.entropy          # ~8 min on 2 CPU cores
+    python -m bench.entropy                                   # every model, a few minutes each on 2 CPU cores
+    python -m bench.entropy --models smollm2-offgrid --reuse  # one model; the others' saved results kept
 
 Writes bench/results/entropy-<model>/ (entropy.json and luq's three entropy plots),
-bench/results/entropy.png (entropy vs relative depth of both models, Fig. 8, with
+bench/results/entropy.png (entropy vs relative depth of every model, Fig. 8, with
 tiny-vlm's text and image tokens) and prints the tables.
 """
 
@@ -29,7 +31,7 @@ from luq.pipeline import measure_entropy
 from luq.report import plot_entropy
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = {"smollm2": 0.0, "tiny-vlm": 0.5}
+MODELS = {"smollm2": 0.0, "smollm2-offgrid": 0.0, "tiny-vlm": 0.5}
 
 
 def run(model: str, alpha: float, args) -> dict:
@@ -110,7 +112,7 @@ def plot_depth(results: dict[str, dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: smollm2, tiny-vlm")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--k", type=int, default=None, help="fix K instead of Kneedle on the grid")

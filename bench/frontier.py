@@ -11,7 +11,8 @@ held-out data (disjoint from the calibration and sensitivity windows) and placed
 average bits per decoder weight counted from stored bytes, with the paper's nominal bits
 beside.
 
-- `--model smollm2`: perplexity on held-out Wikipedia windows (disjoint from calibration).
+- `--model smollm2`: perplexity on held-out Wikipedia windows (disjoint from calibration);
+  `--model smollm2-offgrid` the same on its off-grid control (luq.zoo.offgrid).
 - `--model tiny-vlm`: exact-match accuracy on held-out generated VQA (luq.zoo.tinyvlm), per
   question kind and overall; calibration is image+text (`--alpha`, default 0.5).
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import add_model_args, calibration_of
+from bench.common import add_model_args, calibration_of, is_vlm
 from luq.assembly import Assembly, linear_names, size_table
 from luq.calibration import CalibrationConfig, text_token_ids, validation_windows
 from luq.config import LUQConfig
@@ -92,7 +93,7 @@ class Metric:
 
     def __init__(self, model_name: str, net, processor, args, calibration: CalibrationConfig) -> None:
         self.net, self.processor = net, processor
-        self.vqa = model_name == "tiny-vlm"
+        self.vqa = is_vlm(model_name)
         if self.vqa:
             from luq.zoo import tinyvlm
 
