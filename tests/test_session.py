@@ -94,9 +94,9 @@ def test_a_ggml_budget_offers_each_linear_only_the_types_that_can_store_it(tmp_p
 
     model = tiny_llama_dir(tmp_path / "model", layers=2, hidden=128)
     out = tmp_path / "q"
-    assert main(["quantize", model, "--out", str(out), "--formats", "ggml", "--budget-gb", "0.005", "--samples", "4",
-                 "--seq-len", "64", "--sensitivity-samples", "2", "--export", "gguf",
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    run = ["quantize", model, "--formats", "ggml", "--budget-gb", "0.005", "--samples", "4", "--seq-len", "64",
+           "--sensitivity-samples", "2", "--cache-dir", str(tmp_path / "cache")]
+    assert main(run + ["--out", str(out), "--export", "gguf"]) == 0
     report = json.loads((out / "luq_report.json").read_text())
     assert report["total_bytes"] <= 0.005e9
     k_quants = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
@@ -122,9 +122,7 @@ def test_a_ggml_budget_offers_each_linear_only_the_types_that_can_store_it(tmp_p
     assert free["predicted_decode_tps"] == pytest.approx(1e9 / gguf_decode_ns(tmp_path / "q.gguf"), rel=1e-9)
     # held to the speed of a file with every linear in q4_0 (the cached variants: no new quantization)
     fast = tmp_path / "fast"
-    assert main(["quantize", model, "--out", str(fast), "--formats", "ggml", "--budget-gb", "0.005", "--samples", "4",
-                 "--seq-len", "64", "--sensitivity-samples", "2", "--speed-of", "q4_0",
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(run + ["--out", str(fast), "--speed-of", "q4_0"]) == 0
     held = json.loads((fast / "luq_report.json").read_text())
     assert held["total_bytes"] <= 0.005e9
     assert held["knapsack"]["speed_of"] == "q4_0"
