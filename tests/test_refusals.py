@@ -54,6 +54,9 @@ QUANTIZE = ["quantize", "smollm2", "--out", "{tmp}/out", "--samples", "4", "--se
     (["--max-drop", "0.1", "--metric", "bleu"], "unknown metric 'bleu'"),
     (["--device", "cuda"], "no CUDA GPU is available"),
     (["--device", "gpu0"], "is not a torch device"),
+    (["--budget-gb", "0.1", "--speed-of", "q4_0"], "--speed-of holds a plan of llama.cpp's block types"),
+    (["--formats", "ggml", "--budget-gb", "0.1", "--speed-of", "q4_k"], "q4_k cannot store a"),
+    (["--formats", "ggml", "--budget-gb", "0.1", "--speed-of", "{tmp}/none.gguf"], "no such file"),
 ])
 def test_quantize_refuses_before_any_work(extra, message, tmp_path, capsys):
     rule = [] if {"--max-drop", "--n-low-layers", "--layers"} & set(extra) else ["--budget-gb", "0.1"]

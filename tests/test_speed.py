@@ -9,8 +9,8 @@ import pytest
 from luq.errors import LuqError
 from luq.plan import LinearSizes, SizeTable
 from luq.plan.measured import knapsack
-from luq.plan.speed import (format_ns, gguf_decode_ns, knapsack_within, ns_per_weight, plan_decode_ns,
-                            reference_decode_ns, speed_table)
+from luq.plan.speed import (check_reference, format_ns, gguf_decode_ns, knapsack_within, ns_per_weight,
+                            plan_decode_ns, reference_decode_ns, speed_table)
 from luq.quant.formats import GGML_MENU
 from luq.quant.ggml import ggml_nbytes
 
@@ -84,15 +84,19 @@ def test_a_decode_time_no_plan_meets_is_refused_with_the_fastest_reachable():
 
 
 def test_references_a_type_or_a_file(tmp_path):
-    sizes = _table({"a": (64, 576), "b": (64, 1536)}, ("q4_0", "q4_k"))
-    sizes.linears["a"].bytes.pop("q4_k")   # 576 columns: no 256-weight blocks
+    sizes = _table({"a": (64, 576), "b": (64, 1536)}, ("q4_0",))
     assert reference_decode_ns("q4_0", sizes) == pytest.approx(ns_per_weight()["q4_0"] * 64 * (576 + 1536))
-    with pytest.raises(LuqError, match="cannot store a"):
-        reference_decode_ns("q4_k", sizes)
-    with pytest.raises(LuqError, match="takes a GGUF file or a ggml type"):
-        reference_decode_ns("q9_9", sizes)
+    shapes = [(64, 576), (64, 1536)]
+    check_reference("q4_0", shapes)
+    with pytest.raises(LuqError, match="q4_k cannot store a 64x576 linear"):   # 576 columns: no 256-blocks
+        check_reference("q4_k", shapes)
+    for bad in ("q9_9", "gptq4-g128"):
+        with pytest.raises(LuqError, match="takes a GGUF file or a ggml type"):
+            check_reference(bad, shapes)
+        with pytest.raises(LuqError, match="takes a GGUF file or a ggml type"):
+            reference_decode_ns(bad, sizes)
     with pytest.raises(LuqError, match="no such file"):
-        reference_decode_ns(str(tmp_path / "missing.gguf"), sizes)
+        check_reference(str(tmp_path / "missing.gguf"), shapes)
 
     import gguf
 
@@ -104,6 +108,7 @@ def test_references_a_type_or_a_file(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     assert gguf_decode_ns(path) == pytest.approx(ns_per_weight()["q4_0"] * 64 * 576)
     assert reference_decode_ns(str(path), sizes) == gguf_decode_ns(path)
+    check_reference(str(path), shapes)
 
     bad = tmp_path / "f32.gguf"
     w = gguf.GGUFWriter(str(bad), "llama")

@@ -34,6 +34,7 @@ from luq.models.loading import can_stream, check_device, load_model, parse_dtype
 from luq.pipeline import LayerPass, Passes, layer_pass, unit_pass
 from luq.plan import KEEP, SizeTable, layer_plan, uniform_plan
 from luq.plan.choose import Decision, check_reachable, choose_plan, compact_hint
+from luq.plan.speed import check_reference
 from luq.quant.formats import get_format
 from luq.quant.linear import kernel_line
 from luq.report import build_report, kernel_report
@@ -79,6 +80,9 @@ class Session:
         self.units = find_units(self.net, self.adapter, config.unit_kinds())
         check_run(config, len(self.adapter.decoder_layers(self.net)), self.processor, self.adapter,
                   self.needs_sensitivity_windows)
+        if config.measured.speed_of is not None:   # a bad reference refused now, not after the measurement
+            check_reference(config.measured.speed_of, [self.net.get_submodule(n).weight.shape
+                                                       for layer in linear_names(self.net, self.adapter) for n in layer])
         self.unit_formats = [get_format(n) for n in config.unit_menu()] if self.units else []
         bounds = size_bounds(self.net, self.adapter, list(config.menu()), self.storage_dtype, self.units,
                              list(config.unit_menu()) if self.units else [], self.vector_dtype)

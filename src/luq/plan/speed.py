@@ -87,22 +87,41 @@ def gguf_decode_ns(path: str | Path) -> float:
     return total
 
 
-def reference_decode_ns(ref: str, sizes: SizeTable) -> float:
-    """The decode time a plan is held to: a GGUF file's (a path) or the model's with every linear in one
-    ggml type (a type name, which must be able to store every linear)."""
-    if Path(ref).suffix == ".gguf" or Path(ref).is_file():
-        if not Path(ref).is_file():
-            raise LuqError(f"--speed-of {ref}: no such file")
-        return gguf_decode_ns(ref)
+def _is_file(ref: str) -> bool:
+    return Path(ref).suffix == ".gguf" or Path(ref).is_file()
+
+
+def _measured_type(ref: str) -> float:
     table = ns_per_weight()
     if ref not in table:
         raise LuqError(f"--speed-of takes a GGUF file or a ggml type the speed table has measured "
                        f"({', '.join(sorted(table))}); got {ref!r}")
-    unfit = [n for n, s in sizes.linears.items() if ref not in s.bytes and s.layer is not None]
+    return table[ref]
+
+
+def reference_decode_ns(ref: str, sizes: SizeTable) -> float:
+    """The decode time a plan is held to: a GGUF file's (a path), or the model's with every linear and unit
+    in one ggml type (a type name; `check_reference` has checked that it stores them)."""
+    if _is_file(ref):
+        return gguf_decode_ns(ref)
+    return _measured_type(ref) * sum(s.n_weights for s in sizes.linears.values())
+
+
+def check_reference(ref: str, shapes: Sequence[tuple[int, int]]) -> None:
+    """Refuse a `--speed-of` reference before any work: a GGUF file must be readable with every matrix in a
+    measured type; a type name must be measured and able to store every decoder linear (`shapes`)."""
+    if _is_file(ref):
+        if not Path(ref).is_file():
+            raise LuqError(f"--speed-of {ref}: no such file")
+        gguf_decode_ns(ref)
+        return
+    from luq.quant import get_format
+
+    _measured_type(ref)
+    unfit = [tuple(s) for s in shapes if not get_format(ref).supports(tuple(s))]
     if unfit:
-        raise LuqError(f"--speed-of {ref}: {ref} cannot store {unfit[0]} (its rows); name a file or a type of "
-                       "32-weight blocks")
-    return sum(table[ref] * s.n_weights for s in sizes.linears.values())
+        raise LuqError(f"--speed-of {ref}: {ref} cannot store a {unfit[0][0]}x{unfit[0][1]} linear (its rows); name a "
+                       "file or a type of 32-weight blocks")
 
 
 def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budget_bytes: int,
