@@ -152,9 +152,10 @@ def package(result: dict, source: Path) -> None:
     if bad:
         raise SystemExit(f"bench.ggml_speed: the fit gives {', '.join(bad)} no positive time (too noisy a run?); "
                          "not packaged")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-        else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor()
     table = {"source": f"bench/results/{source.name}", "model": result["model"], "llama_cpp": result["llama_cpp"],
              "threads": result["threads"], "cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
              "ns_per_weight": result["ns_per_weight"]}

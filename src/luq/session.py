@@ -81,8 +81,9 @@ class Session:
         check_run(config, len(self.adapter.decoder_layers(self.net)), self.processor, self.adapter,
                   self.needs_sensitivity_windows)
         if config.measured.speed_of is not None:   # a bad reference refused now, not after the measurement
-            check_reference(config.measured.speed_of, [self.net.get_submodule(n).weight.shape
-                                                       for layer in linear_names(self.net, self.adapter) for n in layer])
+            shapes = [self.net.get_submodule(n).weight.shape for layer in linear_names(self.net, self.adapter)
+                      for n in layer]
+            check_reference(config.measured.speed_of, shapes)
         self.unit_formats = [get_format(n) for n in config.unit_menu()] if self.units else []
         bounds = size_bounds(self.net, self.adapter, list(config.menu()), self.storage_dtype, self.units,
                              list(config.unit_menu()) if self.units else [], self.vector_dtype)

@@ -80,7 +80,9 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
         log(f"  decode held to {config.measured.speed_of}: {1e9 / max_ns:.0f} tokens/s predicted")
 
     def plan_for_budget(b: int):
-        return knapsack(sizes, costs, menu, b) if max_ns is None else knapsack_within(sizes, costs, menu, b, max_ns)
+        if max_ns is None:
+            return knapsack(sizes, costs, menu, b)
+        return knapsack_within(sizes, costs, menu, b, max_ns)
 
     frontier = []
     for b in torch.linspace(smallest, largest, FRONTIER_POINTS).tolist():

@@ -5,13 +5,15 @@ dot products for Q4_1, Q5_0, Q5_1 and Q5_K take far longer per weight than those
 other K-quants, so the plan of least predicted KL at a size can decode slower than llama.cpp's own file
 of that size. The model here: a token's decode time is the sum over the plan's weights of the seconds per
 weight of each one's type (`ns_per_weight`), a table `python -m bench.ggml_speed` fits from llama-bench
-runs of one-type files and checks on files it was not fitted on (the shipped table: `luq/data/
-ggml_decode_speed.json`, written by that bench with `--package`, names its source and machine). The weights of a tied embedding count once,
-as the output head's product (its row lookup costs next to nothing).
+runs of one-type files and checks on files it was not fitted on (the shipped table,
+`luq/data/ggml_decode_speed.json`, is written by that bench with `--package` and names its source and
+CPU). The weights of a tied embedding count once, as the output head's product (its row lookup costs
+next to nothing).
 
 `knapsack_within`: the knapsack of `luq.plan.measured` under the byte budget and a decode time, solved by
 pricing time: for a price p the plan of least (cost + p x time) is an exact knapsack; the least p whose
-plan is fast enough is found by bisection (the plan's time falls as p rises).
+plan is fast enough is found by bisection (the plan's time falls as p rises), then the step the price
+leaves between the last slow and fast plans is narrowed greedily (`_blend`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 from luq.errors import LuqError
 from luq.plan.measured import Costs, KnapsackResult, knapsack
-from luq.plan.sizes import Plan, SizeTable
+from luq.plan.sizes import KEEP, Plan, SizeTable
+from luq.quant import get_format
 
 TABLE = "ggml_decode_speed.json"
 BISECTION_STEPS = 30
@@ -33,7 +36,7 @@ BISECTION_STEPS = 30
 
 @cache
 def speed_table() -> dict:
-    """The shipped table: {"ns_per_weight": {ggml type: ns}, "source": ..., "machine": ...}."""
+    """The shipped table: {"ns_per_weight": {ggml type: ns}, "source": ..., "cpu": ..., ...}."""
     path = resources.files("luq") / "data" / TABLE
     try:
         return json.loads(path.read_text())
@@ -48,9 +51,7 @@ def ns_per_weight() -> dict[str, float]:
 def format_ns(fmt: str) -> float | None:
     """Nanoseconds per weight a token of a format's ggml type takes; None for a format with no ggml type or
     one the table has not measured."""
-    from luq.quant import get_format
-
-    ggml_type = get_format(fmt).ggml_type if fmt != "keep" else None
+    ggml_type = get_format(fmt).ggml_type if fmt != KEEP else None
     return None if ggml_type is None else ns_per_weight().get(ggml_type)
 
 
@@ -115,8 +116,6 @@ def check_reference(ref: str, shapes: Sequence[tuple[int, int]]) -> None:
             raise LuqError(f"--speed-of {ref}: no such file")
         gguf_decode_ns(ref)
         return
-    from luq.quant import get_format
-
     _measured_type(ref)
     unfit = [tuple(s) for s in shapes if not get_format(ref).supports(tuple(s))]
     if unfit:
