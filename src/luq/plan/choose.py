@@ -103,6 +103,8 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
                               f"{s.value:.4f} (drop {s.drop:+.4f}) {'ok' if s.ok else 'too far'}"))
         steps = [asdict(s) for s in history]
         bound, _ = lagrangian_bound(sizes, costs, menu, result.total_bytes)
+    if result.cost_lower_bound is not None:   # held to a decode time too: the two-limit bound is the tighter
+        bound = max(bound, result.cost_lower_bound)
     speed = {}
     plan_ns = plan_decode_ns(sizes, result.plan) if config.for_gguf() else None
     if plan_ns is not None:   # llama.cpp's decode, predicted (luq.plan.speed)

@@ -38,6 +38,7 @@ class KnapsackResult:
     cost: float            # summed predicted cost of the plan
     total_bytes: int       # exact artifact bytes of the plan
     cell_bytes: int        # the byte grid's resolution
+    cost_lower_bound: float | None = None   # Lagrangian lower bound on the least cost (a solver that has one)
 
 
 def _choices(sizes: SizeTable, costs: Costs, formats: Sequence[str]) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:

@@ -13,20 +13,27 @@ next to nothing).
 `knapsack_within`: the knapsack of `luq.plan.measured` under the byte budget and a decode time, solved by
 pricing time: for a price p the plan of least (cost + p x time) is an exact knapsack; the least p whose
 plan is fast enough is found by bisection (the plan's time falls as p rises), then the step the price
-leaves between the last slow and fast plans is narrowed greedily (`_blend`).
+leaves between the last slow and fast plans is narrowed greedily (`_blend`), and the plan improved by
+local search (`_exchange`: the one or two linears' format changes that lower the cost most within both
+limits, until none does). Every priced plan also bounds the optimum from below (Lagrangian duality:
+cost(p) + p x (time(p) - limit) for the plan of least cost + p x time); the result carries the best bound,
+so a report can say how far from the least cost the plan can be.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
 from luq.errors import LuqError
-from luq.plan.measured import Costs, KnapsackResult, knapsack
+import numpy as np
+
+from luq.plan.measured import Costs, KnapsackResult, _choices, knapsack
 from luq.plan.sizes import KEEP, Plan, SizeTable
 from luq.quant import get_format
 
@@ -127,21 +134,27 @@ def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budg
                     max_ns: float) -> KnapsackResult:
     """The plan of least summed cost that fits `budget_bytes` and decodes within `max_ns` a token
     (predicted); formats whose speed is unknown are left out."""
+    max_ns *= 1 + 1e-9   # a plan exactly as fast as the reference (its own types) is fast enough
     times = {name: {f: format_ns(f) for f in c} for name, c in costs.items()}
     timed = {name: {f: c[f] for f in c if times[name][f] is not None} for name, c in costs.items()}
 
+    bound = -math.inf   # the best Lagrangian lower bound on the least cost within both limits
+
     def priced(price: float) -> KnapsackResult:
+        nonlocal bound
         per_ms = {name: {f: c[f] + price * times[name][f] * sizes.linears[name].n_weights / 1e6 for f in c}
                   for name, c in timed.items()}
         r = knapsack(sizes, per_ms, formats, budget_bytes)
-        return KnapsackResult(r.plan, sum(costs[n][f] for n, f in r.plan.items()), r.total_bytes, r.cell_bytes)
+        cost = sum(costs[n][f] for n, f in r.plan.items())
+        bound = max(bound, cost + price * (plan_decode_ns(sizes, r.plan) - max_ns) / 1e6)
+        return KnapsackResult(r.plan, cost, r.total_bytes, r.cell_bytes)
 
     def ns(r: KnapsackResult) -> float:
         return plan_decode_ns(sizes, r.plan)
 
     best = priced(0.0)
     if ns(best) <= max_ns:
-        return best
+        return replace(best, cost_lower_bound=best.cost)
     fastest = knapsack(sizes, {name: {f: times[name][f] * sizes.linears[name].n_weights for f in c}
                                for name, c in timed.items()}, formats, budget_bytes)
     if ns(fastest) > max_ns:
@@ -160,7 +173,11 @@ def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budg
             lo, slow = mid, r
         if hi - lo <= 1e-3 * hi:
             break
-    return _blend(sizes, costs, fast, slow, budget_bytes, max_ns)
+    blended = _blend(sizes, costs, fast, slow, budget_bytes, max_ns)
+    plan = _exchange(sizes, {n: {f: timed[n][f] for f in fmts if f in timed[n]}
+                             for n, fmts, _, _ in _choices(sizes, costs, formats)}, blended.plan, budget_bytes, max_ns)
+    return replace(blended, plan=plan, cost=sum(costs[n][f] for n, f in plan.items()),
+                   total_bytes=sizes.total_bytes(plan), cost_lower_bound=bound)
 
 
 def _blend(sizes: SizeTable, costs: Costs, fast: KnapsackResult, slow: KnapsackResult, budget_bytes: int,
@@ -184,3 +201,43 @@ def _blend(sizes: SizeTable, costs: Costs, fast: KnapsackResult, slow: KnapsackR
             plan[name] = slow.plan[name]
             t, nbytes = t + dt, nbytes + db
     return KnapsackResult(plan, sum(costs[n][f] for n, f in plan.items()), nbytes, fast.cell_bytes)
+
+
+def _exchange(sizes: SizeTable, options: Costs, plan: Plan, budget_bytes: int, max_ns: float) -> Plan:
+    """Local search from a plan within both limits: take the change of one linear's format, or of two
+    linears' together (one gains, the other pays its bytes or time), that lowers the summed cost most while
+    the plan stays within both limits; repeat until no such change is left. `options`: per linear, the
+    formats it may take and their costs."""
+    names = list(plan)
+    pairs = [(i, f) for i, n in enumerate(names) for f in options[n]]
+    linear = np.array([i for i, _ in pairs])
+    cost = np.array([options[names[i]][f] for i, f in pairs], dtype=np.float64)
+    time = np.array([format_ns(f) * sizes.linears[names[i]].n_weights for i, f in pairs], dtype=np.float64)
+    nbytes = np.array([sizes.linears[names[i]].bytes[f] for i, f in pairs], dtype=np.int64)
+    at = np.array([pairs.index((i, plan[n])) for i, n in enumerate(names)])   # each linear's option now
+    eps = 1e-12
+    for _ in range(100 * len(names)):
+        now = at[linear]
+        dc, dt, db = cost - cost[now], time - time[now], nbytes - nbytes[now]
+        slack_t, slack_b = max_ns - float(time[at].sum()), budget_bytes - sizes.total_bytes(
+            {n: pairs[at[i]][1] for i, n in enumerate(names)})
+        single = np.where((dc < -eps) & (dt <= slack_t + 1e-9) & (db <= slack_b), dc, np.inf)
+        gain = np.flatnonzero(dc < -eps)     # first of a pair: lowers the cost
+        pays = np.flatnonzero((dt < 0) | (db < 0))   # second: frees time or bytes
+        move, change = None, -eps
+        if np.isfinite(single.min()):
+            move, change = (int(single.argmin()),), float(single.min())
+        if gain.size and pays.size:
+            both = dc[gain][:, None] + dc[pays][None, :]
+            fits = ((dt[gain][:, None] + dt[pays][None, :] <= slack_t + 1e-9)
+                    & (db[gain][:, None] + db[pays][None, :] <= slack_b)
+                    & (linear[gain][:, None] != linear[pays][None, :]))
+            both = np.where(fits, both, np.inf)
+            k = int(both.argmin())
+            if both.flat[k] < change:
+                move, change = (int(gain[k // pays.size]), int(pays[k % pays.size])), float(both.flat[k])
+        if move is None:
+            break
+        for option in move:
+            at[linear[option]] = option
+    return {n: pairs[at[i]][1] for i, n in enumerate(names)}
