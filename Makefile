@@ -60,6 +60,8 @@ results: $(BSTAMP)
 	$(VPY) -m bench.frontier --model smollm2 --orders entropy --ks 0,1,2,3,5,10,15,20,25,30 --whole-model \
 		--out bench/results/frontier-smollm2-all.json
 	$(VPY) -m bench.frontier --model tiny-vlm --whole-model
+	$(VPY) -m bench.frontier --model tiny-vlm-offgrid --whole-model --no-peers \
+		--orders entropy,reverse-entropy,depth,random0 --ks 0,3,6,10,30
 	$(VPY) -m bench.frontier --model smollm2-offgrid --ks 0,1,2,3,5,8,10,15,20,25,30 --whole-model \
 		--out bench/results/frontier-smollm2-offgrid.json
 	$(VPY) -m bench.calibration_mix --alphas 0,0.5,1

@@ -295,6 +295,11 @@ def frontier_all_whole_smollm2_offgrid(f):
     return _whole_frontier(f, vision=False)
 
 
+@table("frontier-all-whole-tiny-vlm-offgrid", f"{RESULTS}/frontier-tiny-vlm-offgrid.json")
+def frontier_all_whole_tiny_vlm_offgrid(f):
+    return _whole_frontier(f, vision=True)
+
+
 @table("menu-cost", f"{RESULTS}/menu_cost-smollm2.json")
 def menu_cost(m):
     rows = [[name, ", ".join(fmt_name(x) for x in menu["formats"]) if len(menu["formats"]) <= 3 else
@@ -397,32 +402,43 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
     return _spearman_with_index([ry.index(i) for i in rx])
 
 
+def _entropy_col(e) -> list[str]:
+    """One model's column of the entropy tables: tokens, K, its stability, the profile, text vs image."""
+    chosen = e.get("kmeans_clusters", e.get("k"))   # "k": an entropy.json of an older luq
+    tok = e["tokens"]
+    tokens = (f"{tok['text']:,} text" if not tok["image"] else
+              f"{tok['text']:,} text + {tok['image']:,} image ({tok['padding']:,} padding left out)")
+    kendall = ", ".join(bold(f"{d:.2f} (K={k})", k == chosen) if k in (e["kendall"][0][0], chosen) else f"{d:.2f}"
+                        for k, d in e["kendall"])
+    image = e["image_entropy"]
+    has_image = any(x is not None for x in image)
+    higher = sum(i > t_ for t_, i in zip(e["text_entropy"], image) if i is not None)
+    return [tokens, str(chosen), kendall, _span(e["entropy"]), f"{_spearman_with_index(e['entropy']):.2f}",
+            ", ".join(map(str, e["ranking"][:10])) + ", …",
+            _span(e["text_entropy"]) if has_image else "—", _span(image) if has_image else "—",
+            bold(f"{higher} of {len(image)}") if has_image else "—"]
+
+
+_ENTROPY_LABELS = ["tokens", "K picked by Kneedle on {8, …, 200}", "Kendall distance between the rankings at consecutive K",
+                   "entropy per layer (nats)", "Spearman ρ of entropy vs layer index", "lowest-entropy layers first",
+                   "text-token entropy per layer", "image-token entropy per layer",
+                   "layers where image tokens have the higher entropy"]
+
+
+def _against(a, b) -> list[str]:
+    """How model b's entropy profile and ranking compare with model a's."""
+    return [f"{_spearman(a['entropy'], b['entropy']):.2f}", f"{_kendall_distance(a['ranking'], b['ranking']):.2f}",
+            f"{len(set(a['ranking'][:10]) & set(b['ranking'][:10]))} of 10"]
+
+
 @table("entropy", f"{RESULTS}/entropy-smollm2/entropy.json", f"{RESULTS}/entropy-smollm2-offgrid/entropy.json",
        f"{RESULTS}/entropy-tiny-vlm/entropy.json")
 def entropy_table(s, o, t):
-    def col(e):
-        chosen = e.get("kmeans_clusters", e.get("k"))   # "k": an entropy.json of an older luq
-        tok = e["tokens"]
-        tokens = (f"{tok['text']:,} text" if not tok["image"] else
-                  f"{tok['text']:,} text + {tok['image']:,} image ({tok['padding']:,} padding left out)")
-        kendall = ", ".join(bold(f"{d:.2f} (K={k})", k == chosen) if k in (e["kendall"][0][0], chosen) else f"{d:.2f}"
-                            for k, d in e["kendall"])
-        image = e["image_entropy"]
-        has_image = any(x is not None for x in image)
-        higher = sum(i > t_ for t_, i in zip(e["text_entropy"], image) if i is not None)
-        return [tokens, str(chosen), kendall, _span(e["entropy"]), f"{_spearman_with_index(e['entropy']):.2f}",
-                ", ".join(map(str, e["ranking"][:10])) + ", …",
-                _span(e["text_entropy"]) if has_image else "—", _span(image) if has_image else "—",
-                bold(f"{higher} of {len(image)}") if has_image else "—"]
-    labels = ["tokens", "K picked by Kneedle on {8, …, 200}", "Kendall distance between the rankings at consecutive K",
-              "entropy per layer (nats)", "Spearman ρ of entropy vs layer index", "lowest-entropy layers first",
-              "text-token entropy per layer", "image-token entropy per layer",
-              "layers where image tokens have the higher entropy",
-              "against SmolLM2's: Spearman ρ of the per-layer entropy", "against SmolLM2's: Kendall distance of the ranking",
-              "against SmolLM2's: first 10 layers in common"]
-    a, b, c = col(s), col(o), col(t)
-    b += [f"{_spearman(s['entropy'], o['entropy']):.2f}", f"{_kendall_distance(s['ranking'], o['ranking']):.2f}",
-          f"{len(set(s['ranking'][:10]) & set(o['ranking'][:10]))} of 10"]
+    labels = _ENTROPY_LABELS + [
+        "against SmolLM2's: Spearman ρ of the per-layer entropy", "against SmolLM2's: Kendall distance of the ranking",
+        "against SmolLM2's: first 10 layers in common"]
+    a, b, c = _entropy_col(s), _entropy_col(o), _entropy_col(t)
+    b += _against(s, o)
     a += ["—"] * 3
     c += ["—"] * 3
     return md(["", f"SmolLM2-135M (text, α = {s['calibration']['alpha']:g})",
@@ -431,15 +447,43 @@ def entropy_table(s, o, t):
               [[label, x, y, z] for label, x, y, z in zip(labels, a, b, c)])
 
 
+@table("entropy-tiny-vlm-offgrid", f"{RESULTS}/entropy-tiny-vlm/entropy.json",
+       f"{RESULTS}/entropy-tiny-vlm-offgrid/entropy.json")
+def entropy_tiny_vlm_offgrid(t, o):
+    """tiny-vlm and its off-grid control side by side, the control's profile and ranking against tiny-vlm's."""
+    labels = _ENTROPY_LABELS + [
+        "against tiny-vlm's: Spearman ρ of the per-layer entropy", "against tiny-vlm's: Kendall distance of the ranking",
+        "against tiny-vlm's: first 10 layers in common"]
+    a, b = _entropy_col(t), _entropy_col(o)
+    a += ["—"] * 3
+    b += _against(t, o)
+    k = str(t.get("kmeans_clusters", t.get("k")))   # both at tiny-vlm's K: the same number of clusters
+    ranks = [sorted(range(len(e["entropy_by_k"][k])), key=lambda i: e["entropy_by_k"][k][i]) for e in (t, o)]
+    same_k = [{"entropy": e["entropy_by_k"][k], "ranking": r} for e, r in zip((t, o), ranks)]
+    labels += [f"at K = {k}: entropy per layer (nats)", f"at K = {k}: Spearman ρ of entropy vs layer index",
+               f"at K = {k}: lowest-entropy layers first",
+               f"at K = {k}, against tiny-vlm's: Spearman ρ of the per-layer entropy",
+               f"at K = {k}, against tiny-vlm's: Kendall distance of the ranking",
+               f"at K = {k}, against tiny-vlm's: first 10 layers in common"]
+    for col, e in zip((a, b), same_k):
+        col += [_span(e["entropy"]), f"{_spearman_with_index(e['entropy']):.2f}", ", ".join(map(str, e["ranking"][:10])) + ", …"]
+    a += ["—"] * 3
+    b += _against(*same_k)
+    return md(["", f"tiny-vlm (α = {t['calibration']['alpha']:g})",
+               f"tiny-vlm-offgrid (α = {o['calibration']['alpha']:g})"],
+              [[label, x, y] for label, x, y in zip(labels, a, b)])
+
+
 _ORDERS = ["entropy", "reverse-entropy", "depth", "random0", "random1", "random2"]
 
 
 def _orders(f) -> str:
     higher = f["higher_is_better"]
-    by = {o: {p["k"]: p["value"] for p in f["curves"][o]["points"]} for o in _ORDERS}
-    ks = sorted(set(by["depth"]) | set(by["reverse-entropy"]))
-    return md(["k", *_ORDERS], [[k, *(value(by[o][k], higher) if k in by[o] else "" for o in _ORDERS)] for k in ks],
-              "r" * (1 + len(_ORDERS)))
+    orders = [o for o in _ORDERS if o in f["curves"]]   # a run with --orders has only those
+    by = {o: {p["k"]: p["value"] for p in f["curves"][o]["points"]} for o in orders}
+    ks = sorted(set(by["depth"]) | set(by.get("reverse-entropy", {})))
+    return md(["k", *orders], [[k, *(value(by[o][k], higher) if k in by[o] else "" for o in orders)] for k in ks],
+              "r" * (1 + len(orders)))
 
 
 @table("orders-smollm2", f"{RESULTS}/frontier-smollm2.json")
@@ -454,6 +498,11 @@ def orders_tiny_vlm(f):
 
 @table("orders-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
 def orders_smollm2_offgrid(f):
+    return _orders(f)
+
+
+@table("orders-tiny-vlm-offgrid", f"{RESULTS}/frontier-tiny-vlm-offgrid.json")
+def orders_tiny_vlm_offgrid(f):
     return _orders(f)
 
 
@@ -496,6 +545,11 @@ def frontier_all_tiny_vlm(f):
 
 @table("frontier-all-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
 def frontier_all_smollm2_offgrid(f):
+    return _frontier_all(f)
+
+
+@table("frontier-all-tiny-vlm-offgrid", f"{RESULTS}/frontier-tiny-vlm-offgrid.json")
+def frontier_all_tiny_vlm_offgrid(f):
     return _frontier_all(f)
 
 
@@ -675,6 +729,34 @@ for _model in ("smollm2-offgrid", "smollm2"):   # every file of a bench.gguf run
     table(f"gguf-{_model}", f"{RESULTS}/gguf-{_model}.json")(gguf_rows)
     table(f"gguf-{_model}-pairs", f"{RESULTS}/gguf-{_model}.json")(gguf_pairs)
 table("gguf-smollm2-offgrid-autoround", f"{RESULTS}/gguf-smollm2-offgrid-autoround.json")(gguf_rows)   # + AutoRound
+
+
+def _frontier_name(r) -> str:
+    """A row of bench.gguf_frontier by what it is: a llama.cpp preset, a luq or AutoRound GGUF, a luq artifact."""
+    if r["tool"] == "auto-round":   # autoround-Q4_K_M-i20
+        preset, _, iters = r["name"].removeprefix("autoround-").rpartition("-i")
+        return f"AutoRound {preset} ({iters} iters)" if iters != "0" else f"AutoRound {preset} (no tuning)"
+    if r["tool"] == "llama.cpp":
+        return f"llama.cpp {r['name']} (imatrix)"
+    if r["tool"] == "luq":
+        return _gguf_name(r) + " (GGUF)"
+    return r["name"] + " (torch formats)"
+
+
+def gguf_frontier(g):
+    """bench.gguf_frontier: every tool's files de-quantized and scored on one held-out text, by size."""
+    fp = g["full_precision"]
+    rows = [["full precision", "", "", ppl(fp["perplexity"]), "0", ""]]
+    for r in sorted(g["rows"], key=lambda r: -r["tensor_bytes"]):
+        luq_row = r["tool"] in ("luq", "luq (torch)")
+        kl = "" if r.get("llama_kl") is None else f"{r['llama_kl']:.4f}"
+        rows.append([bold(_frontier_name(r), luq_row), r["tool"], mb(r["tensor_bytes"]), bold(ppl(r["perplexity"]), luq_row),
+                     f"{r['kl']:.4f}", kl])
+    return md(["model", "tool", "tensor MB", "perplexity", "mean KL", "llama.cpp's KL (its text)"], rows, "llrrrr")
+
+
+for _model in ("smollm2-offgrid",):
+    table(f"gguf-frontier-{_model}", f"{RESULTS}/gguf-frontier-{_model}.json")(gguf_frontier)
 
 
 @table("ggml-speed", f"{RESULTS}/ggml-speed-smollm2-offgrid.json")

@@ -1,8 +1,9 @@
 """Output-activation entropy of every decoder layer on the real models (paper Figs. 2, 8, 9).
 
 SmolLM2-135M on text calibration (alpha 0), its off-grid control smollm2-offgrid (every
-weight moved off its GGUF grid, luq.zoo.offgrid; alpha 0) and tiny-vlm on image+text
-calibration (alpha 0.5, the bundled photos and their questions), N x L tokens each. For each model:
+weight moved off its GGUF grid, luq.zoo.offgrid; alpha 0), tiny-vlm on image+text
+calibration (alpha 0.5, the bundled photos and their questions) and its off-grid control
+tiny-vlm-offgrid (alpha 0.5), N x L tokens each. For each model:
 the entropy per layer at the chosen K (Eq. 2-5), the same clusters' entropy over text
 tokens and over image tokens (Fig. 2), the layer ranking (Eq. 6), and the Kendall
 distance between the rankings of consecutive K of the grid with the K that Kneedle
@@ -31,7 +32,7 @@ from luq.pipeline import measure_entropy
 from luq.report import plot_entropy
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = {"smollm2": 0.0, "smollm2-offgrid": 0.0, "tiny-vlm": 0.5}
+MODELS = {"smollm2": 0.0, "smollm2-offgrid": 0.0, "tiny-vlm": 0.5, "tiny-vlm-offgrid": 0.5}
 
 
 def run(model: str, alpha: float, args) -> dict:
