@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             speed = report.get("knapsack") or {}
             row.update(seconds=round(time.perf_counter() - started, 1), report_gguf=report.get("gguf"),
                        predicted_kl=report.get("predicted_cost"), measured_kl=report.get("measured_cost"),
+                       predicted_kl_lower_bound=speed.get("lagrangian_lower_bound"),
                        predicted_decode_tps=speed.get("predicted_decode_tps"),
                        speed_of_decode_tps=speed.get("speed_of_decode_tps"))
             rows.append(score(row, gguf_file, heldout, logits, args))

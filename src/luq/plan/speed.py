@@ -16,8 +16,8 @@ plan is fast enough is found by bisection (the plan's time falls as p rises), th
 leaves between the last slow and fast plans is narrowed greedily (`_blend`), and the plan improved by
 local search (`_exchange`: the one or two linears' format changes that lower the cost most within both
 limits, until none does). Every priced plan also bounds the optimum from below (Lagrangian duality:
-cost(p) + p x (time(p) - limit) for the plan of least cost + p x time); the result carries the best bound,
-so a report can say how far from the least cost the plan can be.
+cost(p) + p x (time(p) - limit) for the plan of least cost + p x time, up to the byte grid's rounding); the
+result carries the best bound, so a report can say how far from the least cost the plan can be.
 """
 
 from __future__ import annotations
