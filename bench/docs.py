@@ -22,6 +22,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,31 +276,6 @@ def _whole_frontier(f, vision: bool) -> str:
     return md(header, rows, "rrrl" + ("l" if vision else "") + "l")
 
 
-@table("frontier-whole-smollm2", f"{RESULTS}/frontier-smollm2-whole.json")
-def frontier_whole_smollm2(f):
-    return _whole_frontier(f, vision=False)
-
-
-@table("frontier-whole-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm-whole.json")
-def frontier_whole_tiny_vlm(f):
-    return _whole_frontier(f, vision=True)
-
-
-@table("frontier-all-whole-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
-def frontier_all_whole_tiny_vlm(f):
-    return _whole_frontier(f, vision=True)
-
-
-@table("frontier-all-whole-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
-def frontier_all_whole_smollm2_offgrid(f):
-    return _whole_frontier(f, vision=False)
-
-
-@table("frontier-all-whole-tiny-vlm-offgrid", f"{RESULTS}/frontier-tiny-vlm-offgrid.json")
-def frontier_all_whole_tiny_vlm_offgrid(f):
-    return _whole_frontier(f, vision=True)
-
-
 @table("menu-cost", f"{RESULTS}/menu_cost-smollm2.json")
 def menu_cost(m):
     rows = [[name, ", ".join(fmt_name(x) for x in menu["formats"]) if len(menu["formats"]) <= 3 else
@@ -486,26 +462,6 @@ def _orders(f) -> str:
               "r" * (1 + len(orders)))
 
 
-@table("orders-smollm2", f"{RESULTS}/frontier-smollm2.json")
-def orders_smollm2(f):
-    return _orders(f)
-
-
-@table("orders-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
-def orders_tiny_vlm(f):
-    return _orders(f)
-
-
-@table("orders-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
-def orders_smollm2_offgrid(f):
-    return _orders(f)
-
-
-@table("orders-tiny-vlm-offgrid", f"{RESULTS}/frontier-tiny-vlm-offgrid.json")
-def orders_tiny_vlm_offgrid(f):
-    return _orders(f)
-
-
 _UNIFORM_LABEL = {"GPTQ-4 g128 (luq)": "GPTQ-4 g128 (luq) = LUQ k=0", "BiLLM (every layer)": "BiLLM on every layer = LUQ k=30",
                   "GPTQ-2 g128 (luq)": "GPTQ-2 g128 (luq) = measured at GPTQ-2's bytes"}
 
@@ -533,24 +489,19 @@ def _frontier_all(f) -> str:
                "VQA accuracy" if higher else "perplexity"], rows, "lrrrr")
 
 
-@table("frontier-all-smollm2", f"{RESULTS}/frontier-smollm2-all.json")
-def frontier_all_smollm2(f):
-    return _frontier_all(f)
-
-
-@table("frontier-all-tiny-vlm", f"{RESULTS}/frontier-tiny-vlm.json")
-def frontier_all_tiny_vlm(f):
-    return _frontier_all(f)
-
-
-@table("frontier-all-smollm2-offgrid", f"{RESULTS}/frontier-smollm2-offgrid.json")
-def frontier_all_smollm2_offgrid(f):
-    return _frontier_all(f)
-
-
-@table("frontier-all-tiny-vlm-offgrid", f"{RESULTS}/frontier-tiny-vlm-offgrid.json")
-def frontier_all_tiny_vlm_offgrid(f):
-    return _frontier_all(f)
+# one renderer, a table per run: orders per k (section 2), every configuration by true bits (section 3), the
+# whole-model allocation by bytes (sections 0b and 3)
+for _run in ("smollm2", "tiny-vlm", "smollm2-offgrid", "tiny-vlm-offgrid"):
+    table(f"orders-{_run}", f"{RESULTS}/frontier-{_run}.json")(_orders)
+for _run, _file in (("smollm2", "smollm2-all"), ("tiny-vlm", "tiny-vlm"), ("smollm2-offgrid", "smollm2-offgrid"),
+                    ("tiny-vlm-offgrid", "tiny-vlm-offgrid")):
+    table(f"frontier-all-{_run}", f"{RESULTS}/frontier-{_file}.json")(_frontier_all)
+for _name, _file, _vision in (("frontier-whole-smollm2", "smollm2-whole", False),
+                              ("frontier-whole-tiny-vlm", "tiny-vlm-whole", True),
+                              ("frontier-all-whole-tiny-vlm", "tiny-vlm", True),
+                              ("frontier-all-whole-smollm2-offgrid", "smollm2-offgrid", False),
+                              ("frontier-all-whole-tiny-vlm-offgrid", "tiny-vlm-offgrid", True)):
+    table(_name, f"{RESULTS}/frontier-{_file}.json")(partial(_whole_frontier, vision=_vision))
 
 
 @table("frontier-peers-smollm2-vs-offgrid", f"{RESULTS}/frontier-smollm2-all.json",

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from luq.errors import LuqError
 import numpy as np
 
+from luq.errors import LuqError
 from luq.plan.measured import Costs, KnapsackResult, _choices, knapsack
 from luq.plan.sizes import KEEP, Plan, SizeTable
 from luq.quant import get_format
@@ -214,13 +214,13 @@ def _exchange(sizes: SizeTable, options: Costs, plan: Plan, budget_bytes: int, m
     cost = np.array([options[names[i]][f] for i, f in pairs], dtype=np.float64)
     time = np.array([format_ns(f) * sizes.linears[names[i]].n_weights for i, f in pairs], dtype=np.float64)
     nbytes = np.array([sizes.linears[names[i]].bytes[f] for i, f in pairs], dtype=np.int64)
-    at = np.array([pairs.index((i, plan[n])) for i, n in enumerate(names)])   # each linear's option now
+    where = {pair: k for k, pair in enumerate(pairs)}
+    at = np.array([where[(i, plan[n])] for i, n in enumerate(names)])   # each linear's option now
     eps = 1e-12
     for _ in range(100 * len(names)):
         now = at[linear]
         dc, dt, db = cost - cost[now], time - time[now], nbytes - nbytes[now]
-        slack_t, slack_b = max_ns - float(time[at].sum()), budget_bytes - sizes.total_bytes(
-            {n: pairs[at[i]][1] for i, n in enumerate(names)})
+        slack_t, slack_b = max_ns - float(time[at].sum()), budget_bytes - sizes.base_bytes - int(nbytes[at].sum())
         single = np.where((dc < -eps) & (dt <= slack_t + 1e-9) & (db <= slack_b), dc, np.inf)
         gain = np.flatnonzero(dc < -eps)     # first of a pair: lowers the cost
         pays = np.flatnonzero((dt < 0) | (db < 0))   # second: frees time or bytes
