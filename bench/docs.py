@@ -668,7 +668,11 @@ def gguf_pairs(g):
                          r["error"]])
             continue
         ratio = r["kl_divergence"] / peer["kl_divergence"]
-        decode = f"{r['decode_tps'] / peer['decode_tps']:.2f}" if "decode_tps" in r and "decode_tps" in peer else ""
+        if "decode_ratio" in r:   # the median of rounds of A B B A, and their range
+            low, high = r["decode_ratio_range"]
+            decode = f"{r['decode_ratio']:.2f} ({low:.2f}–{high:.2f})"
+        else:
+            decode = f"{r['decode_tps'] / peer['decode_tps']:.2f}" if "decode_tps" in r and "decode_tps" in peer else ""
         rows.append([target if target in by_name else f"{target} (vs {peer['name']})", how, mb(peer["tensor_bytes"]),
                      f"{peer['kl_divergence']:.4f}", mb(r["tensor_bytes"]), f"{r['kl_divergence']:.4f}",
                      bold(f"{ratio:.2f}", ratio <= 0.7), decode, ""])

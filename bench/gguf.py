@@ -16,7 +16,9 @@ For each model (SmolLM2, and the off-grid control whose weights sit on no 4-bit 
    (AutoRound's defaults are 200 iters on 128 x 2048 tokens; the bench's lighter ones are recorded in each row;
    --iters 0, no tuning, is the RTN it recommends for GGUF but at 3 bits);
 5. every file scored by llama.cpp itself: `llama-perplexity --kl-divergence` against the base's
-   log-probabilities on held-out text (mean KL divergence, perplexity), `llama-bench` prefill/decode.
+   log-probabilities on held-out text (mean KL divergence, perplexity), `llama-bench` prefill/decode:
+   each luq or AutoRound file beside its preset in `--speed-rounds` rounds of A B B A, the decode ratio
+   the median of the rounds' (with their range).
 
 Calibration and held-out text are two disjoint pieces of the offline Wikipedia text (its first
 2,000,000 characters, and its last 400,000). Results go to bench/results/gguf-MODEL.json (rendered by
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--imatrix-chunks", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bench-reps", type=int, default=3, help="llama-bench repetitions (0: no speed)")
+    p.add_argument("--speed-rounds", type=int, default=5,
+                   help="rounds of A B B A for each file beside its preset (the decode ratio: their median)")
     p.add_argument("--work", type=Path, default=Path("out/bench-gguf"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -279,23 +284,37 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def speeds(rows: list[dict], out: Path, args) -> None:
-    """llama-bench of every file, last: each luq (or AutoRound) file beside the preset of its size in the order
-    A B B A (the machine's drift falls on both alike; each figure the mean of its runs), then the other presets."""
+    """llama-bench of every file, last. Each luq (or AutoRound) file beside the preset of its size in
+    `--speed-rounds` rounds of A B B A (the machine's drift falls on both alike): its `decode_ratio` is the
+    median over the rounds of its decode tokens/s over the preset's in that round, with the rounds' range
+    and every round kept, since on shared cores one round's ratio moves by up to ±20%. Each file's
+    tokens/s is the mean of all its runs; the presets no file stands beside run once."""
     def path(row):
         return out / (f"llama-{row['name']}.gguf" if row["tool"] == "llama.cpp" else f"{row['name']}.gguf")
+
+    def run(row):
+        got = llamacpp.bench(path(row), threads=args.threads, reps=args.bench_reps)
+        runs.setdefault(id(row), []).append(got)
+        return got
 
     ok = [r for r in rows if "error" not in r]
     presets = {r["name"]: r for r in ok if r["tool"] == "llama.cpp"}
     runs: dict[int, list[dict]] = {}
     for row in ok:
-        if row["tool"] != "llama.cpp":
-            peer = presets.get(_preset_of(row)) or presets.get("Q2_K")
-            order = [peer, row, row, peer] if peer else [row]
-            for r in order:
-                runs.setdefault(id(r), []).append(llamacpp.bench(path(r), threads=args.threads, reps=args.bench_reps))
+        peer = (presets.get(_preset_of(row)) or presets.get("Q2_K")) if row["tool"] != "llama.cpp" else None
+        if peer is None:
+            continue
+        ratios = []
+        for _ in range(args.speed_rounds):
+            a1, b1, b2, a2 = run(peer), run(row), run(row), run(peer)
+            ratios.append((b1["decode_tps"] + b2["decode_tps"]) / (a1["decode_tps"] + a2["decode_tps"]))
+        row.update(decode_ratio=statistics.median(ratios), decode_ratio_range=[min(ratios), max(ratios)],
+                   decode_ratio_rounds=[round(x, 4) for x in ratios], speed_peer=peer["name"])
+        print(f"{row['name']}: decode {row['decode_ratio']:.3f}x {peer['name']}'s (rounds "
+              f"{', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
     for row in ok:
         if id(row) not in runs:
-            runs[id(row)] = [llamacpp.bench(path(row), threads=args.threads, reps=args.bench_reps)]
+            run(row)
     for row in ok:
         got = runs[id(row)]
         row.update({k: sum(g[k] for g in got) / len(got) for k in ("prefill_tps", "decode_tps")}, speed_runs=len(got))
