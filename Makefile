@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.luq-installed
 BSTAMP  := $(VENV)/.luq-bench-installed
 include mk/llama.mk
 
-.PHONY: demo test bench results venv clean lock docs
+.PHONY: demo test bench results results-gguf venv clean lock docs
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -50,7 +50,7 @@ bench: $(BSTAMP)
 
 # docs/results.md: the paper's findings on the real models that run here, and luq against
 # its peers. Each table there names its full command; this target runs them with stated
-# subsets (SmolLM2's other orders at 6 k, alpha at 0, 0.5, 1). About 4.3 hours on 2 cores
+# subsets (SmolLM2's other orders at 6 k, alpha at 0, 0.5, 1). About 5.7 hours on 2 cores
 # from cold caches; the per-format variant caches make every rerun far shorter.
 results: $(BSTAMP)
 	$(VPY) -m bench.entropy
@@ -64,8 +64,21 @@ results: $(BSTAMP)
 		--orders entropy,reverse-entropy,depth,random0 --ks 0,3,6,10,30
 	$(VPY) -m bench.frontier --model smollm2-offgrid --ks 0,1,2,3,5,8,10,15,20,25,30 --whole-model \
 		--out bench/results/frontier-smollm2-offgrid.json
+	$(VPY) -m bench.budget --model smollm2 --set whole --out bench/results/budget-whole-smollm2.json
+	$(VPY) -m bench.budget --model smollm2-offgrid --set whole --out bench/results/budget-whole-smollm2-offgrid.json
 	$(VPY) -m bench.calibration_mix --alphas 0,0.5,1
 	$(VPY) -m bench.cost
+
+# docs/gguf.md and section 0c of docs/results.md: luq's GGUF files against llama.cpp's own quants, scored
+# in llama.cpp, then every tool's files on one held-out text (after the whole-model rows of `make results`).
+# The speed runs need idle cores. About 4 hours on 2 cores from cold caches, estimated from the parts:
+# 19 luq GGUF runs of 5-12 minutes each, 25 minutes of speed runs, 45 minutes of torch scoring.
+results-gguf: $(BSTAMP) $(LLAMA_STAMP)
+	$(VPY) -m bench.gguf --model smollm2-offgrid
+	$(VPY) -m bench.gguf --model smollm2 --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K
+	$(VPY) -m bench.ggml_speed --model smollm2-offgrid
+	$(VPY) -m bench.gguf_frontier --model smollm2-offgrid
+	$(VPY) -m bench.gguf_frontier --model smollm2
 
 # The whole pipeline on the real tiny-vlm (DINOv2-small + trained projector + SmolLM2-135M,
 # all offline): image+text calibration (alpha 0.5), every decoder linear in every format of

@@ -38,6 +38,11 @@ from luq.quant.dense import dequantize_modules
 RESULTS = Path(__file__).parent / "results"
 
 
+def work_dir(model: str) -> Path:
+    """Where the artifacts of MODEL's runs are written by default."""
+    return Path("out/bench-budget" + ("" if model == "smollm2" else f"-{model}"))
+
+
 def main(argv=None) -> None:
     from bench.frontier import Metric
 
@@ -50,7 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("--set", choices=("all", "whole"), default="all",
                    help="whole: only the whole-model uniform baselines and the measured allocation at their bytes")
     args = p.parse_args(argv)
-    args.work = args.work or Path("out/bench-budget" + ("" if args.model == "smollm2" else f"-{args.model}"))
+    args.work = args.work or work_dir(args.model)
     calibration = calibration_of(args)
     common = dict(calibration=calibration, validation_samples=args.eval_samples, measure_kl=True)  # uniform rows too
     if args.set == "all":   # the paper's entropy ranking is one of its rows (K-means clusters)

@@ -608,8 +608,7 @@ def inference_layer(run):
                "ratio", "ratio by CPU time"], rows, "lrrrr")
 
 
-@table("budget-whole-smollm2-offgrid", f"{RESULTS}/budget-whole-smollm2-offgrid.json")
-def budget_whole_offgrid(b):
+def budget_like_for_like(b):
     """Uniform whole-model GPTQ (embedding and head quantized too) and the measured allocation at their bytes."""
     rows = []
     for name, r in b["rows"].items():
@@ -621,6 +620,10 @@ def budget_whole_offgrid(b):
     checks = [[k, f"{v:.3f}"] for k, v in b["checks"].items()]
     return (md(["model", "total MB", "true avg bits", "perplexity", "KL from fp", "embedding / head"], rows, "lrrrrl")
             + "\n" + md(["ratio", "value"], checks, "lr"))
+
+
+for _model in ("smollm2-offgrid", "smollm2"):   # bench.budget --set whole
+    table(f"like-for-like-{_model}", f"{RESULTS}/budget-whole-{_model}.json")(budget_like_for_like)
 
 
 def _types(types: dict[str, int]) -> str:
@@ -710,7 +713,7 @@ def gguf_frontier(g):
     return md(["model", "tool", "tensor MB", "perplexity", "mean KL", "llama.cpp's KL (its text)"], rows, "llrrrr")
 
 
-for _model in ("smollm2-offgrid",):
+for _model in ("smollm2-offgrid", "smollm2"):
     table(f"gguf-frontier-{_model}", f"{RESULTS}/gguf-frontier-{_model}.json")(gguf_frontier)
 
 

@@ -19,9 +19,10 @@ What differs from llama.cpp's own scoring: llama.cpp multiplies quantized weight
 figures rank the weights alone.
 
     python -m bench.gguf_frontier --model smollm2-offgrid    # after bench.gguf and bench.budget --set whole
+    python -m bench.gguf_frontier --model smollm2            # the same on SmolLM2 itself
 
 Reads bench/results/gguf-MODEL.json (and gguf-MODEL-autoround.json if present) for the GGUF files in
-out/bench-gguf/MODEL/, bench/results/budget-whole-MODEL.json for luq's artifacts in out/bench-budget-MODEL/;
+out/bench-gguf/MODEL/, bench/results/budget-whole-MODEL.json for luq's artifacts in bench.budget's work folder;
 writes bench/results/gguf-frontier-MODEL.json and a plot of perplexity against tensor MB.
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench.budget import work_dir
 from bench.gguf import HELDOUT_CHARS, RESULTS, tensor_bytes
 from luq.calibration import text_token_ids
 from luq.capture import TEXT
@@ -92,7 +94,7 @@ def luq_artifacts(model: str) -> list[dict]:
     path = RESULTS / f"budget-whole-{model}.json"
     if not path.is_file():
         return []
-    work = Path("out") / f"bench-budget-{model}"
+    work = work_dir(model)
     rows = []
     for label, row in json.loads(path.read_text())["rows"].items():
         directory = work / row["name"]

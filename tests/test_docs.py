@@ -21,7 +21,7 @@ def test_every_generated_table_matches_its_result_files():
 def test_the_docs_render_their_tables_and_each_renderer_is_used():
     used = docs.used_tables(ROOT)
     assert "README.md" in used["gguf-smollm2-offgrid-pairs"]   # the README's one results table
-    for name in ("budget-smollm2", "budget-whole-smollm2-offgrid", "frontier-all-smollm2", "orders-smollm2",
+    for name in ("budget-smollm2", "like-for-like-smollm2-offgrid", "like-for-like-smollm2", "frontier-all-smollm2", "orders-smollm2",
                  "calibration-mix", "cost"):
         assert "docs/results.md" in used.get(name, []), name
     for name in ("gguf-smollm2-offgrid", "gguf-smollm2-offgrid-pairs", "gguf-smollm2", "gguf-smollm2-pairs"):
