@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bench-reps", type=int, default=3, help="llama-bench repetitions (0: no speed)")
     p.add_argument("--speed-rounds", type=int, default=5,
-                   help="rounds of A B B A for each file beside its preset (the decode ratio: their median)")
+                   help="rounds of A B B A for each file beside its preset (the decode ratio: their median; "
+                        "0: each file timed once, no ratio)")
     p.add_argument("--work", type=Path, default=Path("out/bench-gguf"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -302,7 +303,7 @@ def speeds(rows: list[dict], out: Path, args) -> None:
     runs: dict[int, list[dict]] = {}
     for row in ok:
         peer = (presets.get(_preset_of(row)) or presets.get("Q2_K")) if row["tool"] != "llama.cpp" else None
-        if peer is None:
+        if peer is None or args.speed_rounds < 1:
             continue
         ratios = []
         for _ in range(args.speed_rounds):
