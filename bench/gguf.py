@@ -46,6 +46,7 @@ from luq.errors import LuqError
 from luq.export import export_gguf
 from luq.export import llamacpp
 from luq.models.loading import resolve
+from luq.plan.speed import gguf_decode_ns
 from luq.zoo.smollm2 import wikipedia_text
 
 RESULTS = Path(__file__).parent / "results"
@@ -288,7 +289,8 @@ def speeds(rows: list[dict], out: Path, args) -> None:
     """llama-bench of every file, last. Each luq (or AutoRound) file beside the preset of its size in
     `--speed-rounds` rounds of A B B A (the machine's drift falls on both alike): its `decode_ratio` is the
     median over the rounds of its decode tokens/s over the preset's in that round, with the rounds' range
-    and every round kept, since on shared cores one round's ratio moves by up to ±20%. Each file's
+    and every round kept, since on shared cores one round's ratio moves by up to ±20%, and beside it the
+    ratio luq's per-type speed table predicts (`predicted_decode_ratio`). Each file's
     tokens/s is the mean of all its runs; the presets no file stands beside run once."""
     def path(row):
         return out / (f"llama-{row['name']}.gguf" if row["tool"] == "llama.cpp" else f"{row['name']}.gguf")
@@ -310,7 +312,8 @@ def speeds(rows: list[dict], out: Path, args) -> None:
             a1, b1, b2, a2 = run(peer), run(row), run(row), run(peer)
             ratios.append((b1["decode_tps"] + b2["decode_tps"]) / (a1["decode_tps"] + a2["decode_tps"]))
         row.update(decode_ratio=statistics.median(ratios), decode_ratio_range=[min(ratios), max(ratios)],
-                   decode_ratio_rounds=[round(x, 4) for x in ratios], speed_peer=peer["name"])
+                   decode_ratio_rounds=[round(x, 4) for x in ratios], speed_peer=peer["name"],
+                   predicted_decode_ratio=_predicted_ratio(path(row), path(peer)))
         print(f"{row['name']}: decode {row['decode_ratio']:.3f}x {peer['name']}'s (rounds "
               f"{', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
     for row in ok:
@@ -320,6 +323,15 @@ def speeds(rows: list[dict], out: Path, args) -> None:
         got = runs[id(row)]
         row.update({k: sum(g[k] for g in got) / len(got) for k in ("prefill_tps", "decode_tps")}, speed_runs=len(got))
         print(f"{row['name']}: prefill {row['prefill_tps']:.1f} tok/s, decode {row['decode_tps']:.1f} tok/s", flush=True)
+
+
+def _predicted_ratio(file: Path, peer: Path) -> float | None:
+    """The decode ratio luq's per-type speed table predicts (`--speed-of` holds plans to it); None where
+    a file holds a type the table has not measured."""
+    try:
+        return gguf_decode_ns(peer) / gguf_decode_ns(file)
+    except LuqError:
+        return None
 
 
 def _preset_of(row: dict) -> str:
