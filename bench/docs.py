@@ -25,6 +25,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from bench import gguf as gguf_bench
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "bench/results"
 
@@ -633,9 +635,8 @@ def _types(types: dict[str, int]) -> str:
 
 def _gguf_name(r) -> str:
     if r["tool"] == "luq":
-        if r["name"].startswith("luq-fast-at-"):
-            return r["name"].replace("luq-fast-at-", "luq at ") + ", its speed"
-        return r["name"].replace("luq-at-", "luq at ")
+        held = {"auto": "", "file": ", its file's speed", "none": ", --speed-of none"}[gguf_bench.speed_of(r)]
+        return f"luq at {gguf_bench.preset_of(r)}{held}"
     if r["tool"] == "auto-round":   # autoround-Q4_K_M-i50
         preset = r["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
         how = f"{r['iters']} iters" if r["iters"] else "no tuning, imatrix RTN"
@@ -662,10 +663,10 @@ def gguf_pairs(g):
     smallest = by_name.get("Q2_K") or min(by_name.values(), key=lambda r: r["tensor_bytes"])  # its smallest K preset
     rows = []
     for r in (r for r in g["rows"] if r["tool"] == "luq"):
-        fast = r["name"].startswith("luq-fast-at-")
-        target = r["name"].replace("luq-fast-at-", "").replace("luq-at-", "")
+        target = gguf_bench.preset_of(r)
         peer = by_name.get(target, smallest)
-        how = "bytes and speed" if fast else "bytes"
+        how = {"auto": "bytes, speed of the preset that fits", "file": "bytes, that file's speed",
+               "none": "bytes"}[gguf_bench.speed_of(r)]
         if "error" in r:
             rows.append([target, how, mb(peer["tensor_bytes"]), f"{peer['kl_divergence']:.4f}", "", "", "", "",
                          r["error"]])

@@ -53,7 +53,10 @@ RESULTS = Path(__file__).parent / "results"
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S",
            "IQ3_M", "IQ3_XXS", "Q2_K", "IQ2_M")
 LUQ_AT = ("Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "60MB", "69.6MB", "73MB", "77MB")
-LUQ_FAST_AT = ("Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+LUQ_FAST_AT = ()   # --speed-of auto holds to the same preset, as llama-quantize types it
+LUQ_FREE_AT = ("Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+# the decode speed a luq row's plan is held to -> its name's prefix
+PREFIX = {"auto": "luq-at-", "file": "luq-fast-at-", "none": "luq-free-at-"}
 CALIB_CHARS, HELDOUT_CHARS = 2_000_000, 400_000
 
 
@@ -171,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--luq-at", nargs="*", default=list(LUQ_AT),
                    help="a preset's tensor bytes, or a size like 60MB (decimal megabytes)")
     p.add_argument("--luq-fast-at", nargs="*", default=list(LUQ_FAST_AT),
-                   help="a preset: luq at its tensor bytes held to its decode speed too (--speed-of that file)")
+                   help="a preset: luq at its tensor bytes held to the decode speed of that very file (--speed-of FILE)")
+    p.add_argument("--luq-free-at", nargs="*", default=list(LUQ_FREE_AT),
+                   help="a preset: luq at its tensor bytes held to no decode speed (--speed-of none: least KL)")
     p.add_argument("--autoround", nargs="*", default=[], metavar="SCHEME",
                    help="AutoRound's GGUF at these schemes too (gguf:q4_k_m gguf:q4_0 ...; default none)")
     p.add_argument("--autoround-python", type=Path, default=None,
@@ -226,19 +231,22 @@ def main(argv: list[str] | None = None) -> None:
         print(_line(rows[-1]), flush=True)
 
     sizes = {r["name"]: r["tensor_bytes"] for r in rows if "tensor_bytes" in r}
-    targets = [(t, False) for t in args.luq_at] + [(t, True) for t in args.luq_fast_at]
-    for target, fast in targets:
+    targets = ([(t, "auto") for t in args.luq_at] + [(t, "file") for t in args.luq_fast_at]
+               + [(t, "none") for t in args.luq_free_at])
+    for target, speed_of in targets:
         nbytes = sizes.get(target) if not target.upper().endswith("MB") else int(float(target[:-2]) * 1e6)
         if nbytes is None:
             print(f"luq at {target}: no such preset measured", flush=True)
             continue
-        tag = f"luq-{'fast-' if fast else ''}at-{target}"
-        row = {"tool": "luq", "name": tag, "budget_bytes": nbytes}
+        tag = PREFIX[speed_of] + target
+        row = {"tool": "luq", "name": tag, "budget_bytes": nbytes, "speed_of": speed_of}
         d = out / tag
         command = ["quantize", args.model, "--out", d, "--formats", "ggml", "--budget-gb", f"{nbytes / 1e9:.9f}",
                    "--calib-text", calib, "--samples", "16", "--seq-len", "256", "--seed", "0"]
-        if fast:
+        if speed_of == "file":
             command += ["--speed-of", out / f"llama-{target}.gguf"]
+        elif speed_of == "none":
+            command += ["--speed-of", "none"]
         row["command"] = "luq " + " ".join(map(str, command)).replace(str(work) + "/", "")
         try:
             started = time.perf_counter()
@@ -253,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                        predicted_kl=report.get("predicted_cost"), measured_kl=report.get("measured_cost"),
                        predicted_kl_lower_bound=speed.get("lagrangian_lower_bound"),
                        predicted_decode_tps=speed.get("predicted_decode_tps"),
-                       speed_of_decode_tps=speed.get("speed_of_decode_tps"))
+                       speed_of_decode_tps=speed.get("speed_of_decode_tps"),
+                       speed_held_to=speed.get("speed_held_to"))
             rows.append(score(row, gguf_file, heldout, logits, args))
         except LuqError as e:
             rows.append(dict(row, error=str(e)))
@@ -304,7 +313,7 @@ def speeds(rows: list[dict], out: Path, args) -> None:
     presets = {r["name"]: r for r in ok if r["tool"] == "llama.cpp"}
     runs: dict[int, list[dict]] = {}
     for row in ok:
-        peer = (presets.get(_preset_of(row)) or presets.get("Q2_K")) if row["tool"] != "llama.cpp" else None
+        peer = (presets.get(preset_of(row)) or presets.get("Q2_K")) if row["tool"] != "llama.cpp" else None
         if peer is None or args.speed_rounds < 1:
             continue
         ratios = []
@@ -334,11 +343,22 @@ def _predicted_ratio(file: Path, peer: Path) -> float | None:
         return None
 
 
-def _preset_of(row: dict) -> str:
+def preset_of(row: dict) -> str:
     """The preset a luq or AutoRound row stands beside: luq-at-Q4_K_M, autoround-Q4_K_M-i50 -> Q4_K_M."""
     if row["tool"] == "auto-round":
         return row["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
-    return row["name"].removeprefix("luq-fast-at-").removeprefix("luq-at-")
+    for prefix in PREFIX.values():
+        if row["name"].startswith(prefix):
+            return row["name"].removeprefix(prefix)
+    return row["name"]
+
+
+def speed_of(row: dict) -> str:
+    """What a luq row's plan is held to: auto, file or none. Rows written before `--speed-of auto` was the
+    default have no such field: their luq-at rows were held to nothing."""
+    if "speed_of" in row:
+        return row["speed_of"]
+    return "file" if row["name"].startswith(PREFIX["file"]) else "none"
 
 
 def _line(row: dict) -> str:
@@ -356,20 +376,22 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("llama.cpp", None, "o-", "imatrix presets"), ("luq", False, "s-", "--formats ggml, budget"),
-              ("luq", True, "D-", "the same held to the preset's decode speed, --speed-of")]
+    series = [("llama.cpp", None, "o-", "imatrix presets"),
+              ("luq", "auto", "s-", "--formats ggml, budget; as fast as the preset that fits"),
+              ("luq", "file", "D-", "the same held to that very file, --speed-of FILE"),
+              ("luq", "none", "x--", "least KL however it decodes, --speed-of none")]
     series += [("auto-round", n, "^-" if n else "v-", f"its GGUF export, {n} iters" if n else "its GGUF export, no tuning")
                for n in sorted({r["iters"] for r in result["rows"] if r["tool"] == "auto-round" and "iters" in r})]
     for tool, iters, style, what in series:   # one line per tool (AutoRound: per tuning steps)
         rows = sorted((r for r in result["rows"] if r["tool"] == tool and "error" not in r
-                       and (iters is None or (r["name"].startswith("luq-fast-") if tool == "luq" else r["iters"])
-                            == iters)), key=lambda r: r["file_bytes"])
+                       and (iters is None or (speed_of(r) if tool == "luq" else r["iters"]) == iters)),
+                      key=lambda r: r["file_bytes"])
         if not rows:
             continue
         ax.plot([r["file_bytes"] / 1e6 for r in rows], [r["kl_divergence"] for r in rows], style,
                 label=f"{tool} ({what})")
         for r in rows:
-            label = _preset_of(r)
+            label = preset_of(r)
             ax.annotate(label, (r["file_bytes"] / 1e6, r["kl_divergence"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.set_yscale("log")

@@ -84,3 +84,43 @@ def test_bench_reports_both_speeds(smollm2_gguf):
     speeds = llamacpp.bench(smollm2_gguf, threads=2, prompt=16, gen=4, reps=1)
     assert set(speeds) == {"prefill_tps", "decode_tps"}
     assert all(math.isfinite(v) and v > 0 for v in speeds.values()), speeds
+
+
+@needs_llama
+def test_presets_are_typed_as_llama_quantize_types_them(smollm2_gguf, wiki_file, tmp_path):
+    """luq.plan.presets (what `--speed-of auto` holds a plan to) against llama-quantize itself, tensor by
+    tensor, on SmolLM2 with an importance matrix: the fallbacks of 576-wide rows, use_more_bits on attn_v and
+    ffn_down, Q3_K_M's attn_output, Q4_0's first ffn_down at Q4_1."""
+    import gguf
+
+    from luq.plan import LinearSizes, SizeTable
+    from luq.plan.presets import preset_plans
+    from luq.quant import get_format
+    from luq.quant.formats import GGML_MENU
+    from luq.quant.ggml import ggml_nbytes
+
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+
+    def module(gguf_name: str) -> str:   # blk.3.attn_v.weight -> model.layers.3.self_attn.v_proj
+        if gguf_name == "token_embd.weight":
+            return "model.embed_tokens"
+        _, i, kind, _ = gguf_name.split(".")
+        return f"model.layers.{i}.{hf[kind]}"
+
+    matrices = [t for t in gguf.GGUFReader(smollm2_gguf).tensors if len(t.shape) == 2]
+    shapes = {module(t.name): (int(t.shape[1]), int(t.shape[0])) for t in matrices}   # ggml: (cols, rows)
+    sizes = SizeTable(0, {name: LinearSizes(int(name.split(".")[2]) if ".layers." in name else None, r * c,
+                                            {f: ggml_nbytes((r, c), f) for f in GGML_MENU
+                                             if get_format(f).supports((r, c))}, {})
+                          for name, (r, c) in shapes.items()})
+    plans = preset_plans(sizes)
+    imat = llamacpp.imatrix(smollm2_gguf, wiki_file, tmp_path / "imatrix.gguf", ctx=128, chunks=2)
+    for preset in ("Q4_K_M", "Q3_K_M", "Q4_0", "Q4_K_S"):
+        out = llamacpp.quantize(smollm2_gguf, tmp_path / f"{preset}.gguf", preset, imatrix=imat,
+                                allow_requantize=True)
+        written = {module(t.name): t.tensor_type.name.lower() for t in gguf.GGUFReader(out).tensors
+                   if len(t.shape) == 2}
+        assert written == plans[preset], preset
+        out.unlink()

@@ -116,15 +116,27 @@ def test_a_ggml_budget_offers_each_linear_only_the_types_that_can_store_it(tmp_p
     assert report["gguf"]["bytes"] == (tmp_path / "q.gguf").stat().st_size
     from luq.artifact import read_tensors
     assert read_tensors(out)["model.norm.weight"].dtype == torch.float32
-    # llama.cpp's decode, predicted from the per-type table: the plan's prediction is the exported file's
+    # llama.cpp's decode, predicted from the per-type table: the plan's prediction is the exported file's;
+    # by default (--speed-of auto) no slower than the largest llama.cpp preset that fits the budget
     from luq.plan.speed import gguf_decode_ns
-    free = report["knapsack"]
-    assert free["predicted_decode_tps"] == pytest.approx(1e9 / gguf_decode_ns(tmp_path / "q.gguf"), rel=1e-9)
-    # held to the speed of a file with every linear in q4_0 (the cached variants: no new quantization)
-    fast = tmp_path / "fast"
-    assert main(run + ["--out", str(fast), "--speed-of", "q4_0"]) == 0
-    held = json.loads((fast / "luq_report.json").read_text())
-    assert held["total_bytes"] <= 0.005e9
-    assert held["knapsack"]["speed_of"] == "q4_0"
-    assert held["knapsack"]["predicted_decode_tps"] >= held["knapsack"]["speed_of_decode_tps"]
-    assert held["predicted_cost"] >= report["predicted_cost"] - 1e-12   # a second limit never lowers the cost
+    auto = report["knapsack"]
+    assert auto["predicted_decode_tps"] == pytest.approx(1e9 / gguf_decode_ns(tmp_path / "q.gguf"), rel=1e-9)
+    # (here no preset fits: each keeps the tied embedding at Q8_0, 6.7 MB; at 8 MB one does)
+    assert auto["speed_of"] == "auto" and auto["speed_held_to"] is None
+    wider = [a if a != "0.005" else "0.008" for a in run]
+    assert main(wider + ["--out", str(tmp_path / "auto8")]) == 0
+    auto = json.loads((tmp_path / "auto8" / "luq_report.json").read_text())["knapsack"]
+    assert auto["speed_held_to"].startswith("llama.cpp's ")
+    assert auto["predicted_decode_tps"] >= auto["speed_of_decode_tps"] * (1 - 1e-9)
+    # held to the speed of a file with every linear in q4_0, and to none (the cached variants: no new
+    # quantization)
+    held = {}
+    for ref in ("q4_0", "none"):
+        assert main(run + ["--out", str(tmp_path / ref), "--speed-of", ref]) == 0
+        held[ref] = json.loads((tmp_path / ref / "luq_report.json").read_text())
+        assert held[ref]["total_bytes"] <= 0.005e9
+    assert held["q4_0"]["knapsack"]["speed_held_to"] == "q4_0"
+    assert held["q4_0"]["knapsack"]["predicted_decode_tps"] >= held["q4_0"]["knapsack"]["speed_of_decode_tps"]
+    assert held["none"]["knapsack"]["speed_held_to"] is None
+    for limited in (held["q4_0"], report):   # a decode limit never lowers the cost
+        assert limited["predicted_cost"] >= held["none"]["predicted_cost"] - 1e-12

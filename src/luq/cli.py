@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fp16", dest="keep", action=_DeprecatedKeep, help=argparse.SUPPRESS)
     p.add_argument("--sensitivity-samples", type=int, default=16, metavar="N",
                    help="held-out sequences the costs are measured on (default 16)")
-    p.add_argument("--speed-of", default=None, metavar="GGUF|TYPE",
-                   help="with --formats ggml: decode in llama.cpp no slower than this GGUF file (or the model with "
-                        "every linear in this ggml type), predicted from luq's measured per-type speed table")
+    p.add_argument("--speed-of", default="auto", metavar="auto|none|GGUF|TYPE",
+                   help="with --formats ggml: decode in llama.cpp no slower than llama.cpp's own file of the budget's "
+                        "size (auto, the default: the largest preset that fits), this GGUF file, or the model with "
+                        "every linear in this ggml type; none: least KL at the size, however it decodes. Predicted "
+                        "from luq's measured per-type speed table")
     p.add_argument("--metric", default="perplexity",
                    help="metric of --max-drop: perplexity on held-out text (default) or a VQA task (textvqa, pope, ...)")
     p.add_argument("--metric-data", default=None, metavar="PATH",

@@ -24,14 +24,15 @@ class MeasuredConfig:
     (luq.sensitivity), and a knapsack picks the least-cost plan under the rule (luq.plan.measured);
     None: `luq.quant.DEFAULT_MENU`. One format alone makes the uniform model (no rule needed).
     sensitivity_samples: held-out sequences of L tokens the costs are measured on.
-    speed_of: a GGUF file or a ggml type name: the plan also decodes in llama.cpp no slower than that file
-    (or the model with every linear in that type), as predicted by luq.plan.speed; None: bytes and cost
-    only.
+    speed_of: where the plan is of llama.cpp's block types, it also decodes in llama.cpp (as predicted by
+    luq.plan.speed) no slower than: "auto", llama.cpp's own file of the budget's size (the largest preset
+    that fits it, luq.plan.presets); a GGUF file; the model with every linear in a ggml type (its name);
+    "none": bytes and cost only.
     """
 
     formats: tuple[str, ...] | None = None
     sensitivity_samples: int = 16
-    speed_of: str | None = None
+    speed_of: str = "auto"
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -182,7 +183,7 @@ class LUQConfig:
             raise LuqError(f"--budget-gb must be positive, got {self.budget_gb}")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise LuqError(f"--max-drop must be zero or positive, got {self.max_drop}")
-        if self.measured.speed_of is not None and (self.allocate != "measured" or not self.for_gguf()
+        if self.measured.speed_of not in ("auto", "none") and (self.allocate != "measured" or not self.for_gguf()
                                                    or (self.budget_gb is None and self.max_drop is None)):
             raise LuqError("--speed-of holds a plan of llama.cpp's block types to a decode speed: use it with "
                            "--formats ggml (or ggml type names) and --budget-gb or --max-drop")

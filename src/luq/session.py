@@ -80,7 +80,7 @@ class Session:
         self.units = find_units(self.net, self.adapter, config.unit_kinds())
         check_run(config, len(self.adapter.decoder_layers(self.net)), self.processor, self.adapter,
                   self.needs_sensitivity_windows)
-        if config.measured.speed_of is not None:   # a bad reference refused now, not after the measurement
+        if config.measured.speed_of not in ("auto", "none"):   # a bad reference refused now, not after the measurement
             shapes = [self.net.get_submodule(n).weight.shape for layer in linear_names(self.net, self.adapter)
                       for n in layer]
             check_reference(config.measured.speed_of, shapes)

@@ -18,7 +18,7 @@ from luq.errors import LuqError
 from luq.plan.entropy import entropy_plan, layer_order, smallest_fitting_k, threshold_search
 from luq.plan.measured import Costs, knapsack, lagrangian_bound, smallest_budget_within
 from luq.plan.sizes import Plan, SizeTable
-from luq.plan.speed import knapsack_within, plan_decode_ns, reference_decode_ns
+from luq.plan.speed import Limit, decode_limits, knapsack_within, plan_decode_ns
 from luq.quant.formats import COMPACT_MENU
 
 FRONTIER_POINTS = 12   # plans of the measured frontier drawn in the report, evenly spaced in bytes
@@ -74,15 +74,16 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
     smallest = sizes.total_bytes(sizes.extreme_plan(menu))
     largest = sizes.total_bytes(sizes.extreme_plan(menu, largest=True))
 
-    max_ns = None
-    if config.measured.speed_of is not None:
-        max_ns = reference_decode_ns(config.measured.speed_of, sizes)
-        log(f"  decode held to {config.measured.speed_of}: {1e9 / max_ns:.0f} tokens/s predicted")
+    # llama.cpp's decode, held to a reference where the plan is bound for a GGUF file (luq.plan.speed)
+    limits = decode_limits(config.measured.speed_of if config.for_gguf() else None, sizes)
+    held: dict[int, Limit | None] = {}   # id of a plan's result -> the limit it was held to
 
     def plan_for_budget(b: int):
-        if max_ns is None:
-            return knapsack(sizes, costs, menu, b)
-        return knapsack_within(sizes, costs, menu, b, max_ns)
+        limit = limits(b)
+        result = (knapsack(sizes, costs, menu, b) if limit is None
+                  else knapsack_within(sizes, costs, menu, b, limit.ns, known=limit.plan))
+        held[id(result)] = limit
+        return result
 
     frontier = []
     for b in torch.linspace(smallest, largest, FRONTIER_POINTS).tolist():
@@ -108,10 +109,12 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
     speed = {}
     plan_ns = plan_decode_ns(sizes, result.plan) if config.for_gguf() else None
     if plan_ns is not None:   # llama.cpp's decode, predicted (luq.plan.speed)
+        limit = held.get(id(result))
         speed = {"predicted_decode_tps": 1e9 / plan_ns, "speed_of": config.measured.speed_of,
-                 "speed_of_decode_tps": None if max_ns is None else 1e9 / max_ns}
+                 "speed_held_to": None if limit is None else limit.what,
+                 "speed_of_decode_tps": None if limit is None else 1e9 / limit.ns}
         log(f"  predicted llama.cpp decode: {1e9 / plan_ns:.0f} tokens/s"
-            + ("" if max_ns is None else f" (held to {1e9 / max_ns:.0f})"))
+            + ("" if limit is None else f" (held to {limit.what}: {1e9 / limit.ns:.0f})"))
     return Decision(result.plan, steps, frontier, predicted_cost=result.cost,
                     knapsack={"cell_bytes": result.cell_bytes, "lagrangian_lower_bound": bound,
                               "gap": result.cost - bound, **speed})

@@ -1,5 +1,9 @@
 """How fast llama.cpp decodes a plan, and the knapsack held to a decode speed (`--speed-of REF`).
 
+By default (`--speed-of auto`) a plan of llama.cpp's block types is held to the predicted decode speed of
+the file a user would otherwise run: the largest of llama.cpp's presets that fits the same budget, typed
+as `llama-quantize` would type it (`luq.plan.presets`); below the smallest preset nothing holds it.
+
 A plan of llama.cpp block types runs in llama.cpp at a speed its types decide: on an x86 CPU llama.cpp's
 dot products for Q4_1, Q5_0, Q5_1 and Q5_K take far longer per weight than those of Q4_0, IQ4_NL or the
 other K-quants, so the plan of least predicted KL at a size can decode slower than llama.cpp's own file
@@ -24,20 +28,23 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from luq.errors import LuqError
 from luq.plan.measured import Costs, KnapsackResult, _choices, knapsack
+from luq.plan.presets import preset_plans
 from luq.plan.sizes import KEEP, Plan, SizeTable
 from luq.quant import get_format
 
 TABLE = "ggml_decode_speed.json"
+AUTO, NONE = "auto", "none"   # --speed-of: llama.cpp's preset of the budget's size / no decode limit
 BISECTION_STEPS = 30
 
 
@@ -115,9 +122,40 @@ def reference_decode_ns(ref: str, sizes: SizeTable) -> float:
     return _measured_type(ref) * sum(s.n_weights for s in sizes.linears.values())
 
 
+class Limit(NamedTuple):
+    """A decode time a plan is held to (ns a token, predicted), what it is, and the reference's own plan
+    where it is one of the model's (a preset)."""
+
+    ns: float
+    what: str
+    plan: Plan | None = None
+
+
+def decode_limits(ref: str | None, sizes: SizeTable) -> Callable[[int], Limit | None]:
+    """For a budget in bytes, the decode limit a plan is held to; None: no limit (`none`, or `auto` with
+    no preset of so few bytes)."""
+    if ref is None or ref == NONE:
+        return lambda budget_bytes: None
+    if ref != AUTO:
+        limit = Limit(reference_decode_ns(ref, sizes), ref)
+        return lambda budget_bytes: limit
+    presets = [(sizes.total_bytes(plan), -plan_decode_ns(sizes, plan), name, plan)
+               for name, plan in (preset_plans(sizes) or {}).items()]
+
+    def of_budget(budget_bytes: int) -> Limit | None:
+        fitting = [p for p in presets if p[0] <= budget_bytes]
+        if not fitting:
+            return None
+        nbytes, minus_ns, name, plan = max(fitting, key=lambda p: p[:3])   # the largest; of two alike, the faster
+        return Limit(-minus_ns, f"llama.cpp's {name} ({nbytes / 1e6:.1f} MB, as llama-quantize types it)", plan)
+    return of_budget
+
+
 def check_reference(ref: str, shapes: Sequence[tuple[int, int]]) -> None:
     """Refuse a `--speed-of` reference before any work: a GGUF file must be readable with every matrix in a
     measured type; a type name must be measured and able to store every decoder linear (`shapes`)."""
+    if ref in (AUTO, NONE):
+        return
     if _is_file(ref):
         if not Path(ref).is_file():
             raise LuqError(f"--speed-of {ref}: no such file")
@@ -131,9 +169,10 @@ def check_reference(ref: str, shapes: Sequence[tuple[int, int]]) -> None:
 
 
 def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budget_bytes: int,
-                    max_ns: float) -> KnapsackResult:
+                    max_ns: float, known: Plan | None = None) -> KnapsackResult:
     """The plan of least summed cost that fits `budget_bytes` and decodes within `max_ns` a token
-    (predicted); formats whose speed is unknown are left out."""
+    (predicted); formats whose speed is unknown are left out. `known`: a plan within both limits (the
+    reference preset's) that the local search also starts from, so the result is never worse than it."""
     max_ns *= 1 + 1e-9   # a plan exactly as fast as the reference (its own types) is fast enough
     times = {name: {f: format_ns(f) for f in c} for name, c in costs.items()}
     timed = {name: {f: c[f] for f in c if times[name][f] is not None} for name, c in costs.items()}
@@ -174,8 +213,11 @@ def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budg
         if hi - lo <= 1e-3 * hi:
             break
     blended = _blend(sizes, costs, fast, slow, budget_bytes, max_ns)
-    plan = _exchange(sizes, {n: {f: timed[n][f] for f in fmts if f in timed[n]}
-                             for n, fmts, _, _ in _choices(sizes, costs, formats)}, blended.plan, budget_bytes, max_ns)
+    options = {n: {f: timed[n][f] for f in fmts if f in timed[n]} for n, fmts, _, _ in _choices(sizes, costs, formats)}
+    plan = _exchange(sizes, options, blended.plan, budget_bytes, max_ns)
+    if known is not None and all(f in options[n] for n, f in known.items()):
+        other = _exchange(sizes, options, known, budget_bytes, max_ns)
+        plan = min(plan, other, key=lambda p: sum(costs[n][f] for n, f in p.items()))
     return replace(blended, plan=plan, cost=sum(costs[n][f] for n, f in plan.items()),
                    total_bytes=sizes.total_bytes(plan), cost_lower_bound=bound)
 
