@@ -656,6 +656,13 @@ def gguf_rows(g):
                "tensor types"], rows, "lrrrrrrl")
 
 
+def _held_to(r) -> str:
+    """What a `--speed-of auto` row was held to: the speed of a preset ("llama.cpp's Q3_K_M (91.7 MB, ...)"),
+    or nothing below the smallest."""
+    held = re.match(r"llama\.cpp's (\S+)", r.get("speed_held_to") or "")
+    return f"bytes, speed of {held.group(1)}" if held else "bytes (no preset this small)"
+
+
 def gguf_pairs(g):
     """luq at each preset's tensor bytes against that preset (a size in MB against Q2_K): sizes, KL divergence
     and its ratio, decode tokens/s over the preset's."""
@@ -665,7 +672,7 @@ def gguf_pairs(g):
     for r in (r for r in g["rows"] if r["tool"] == "luq"):
         target = gguf_bench.preset_of(r)
         peer = by_name.get(target, smallest)
-        how = {"auto": "bytes, speed of the preset that fits", "file": "bytes, that file's speed",
+        how = {"auto": _held_to(r), "file": "bytes, that file's speed",
                "none": "bytes"}[gguf_bench.speed_of(r)]
         if "error" in r:
             rows.append([target, how, mb(peer["tensor_bytes"]), f"{peer['kl_divergence']:.4f}", "", "", "", "",
