@@ -75,6 +75,8 @@ results: $(BSTAMP)
 # 19 luq GGUF runs of 5-12 minutes each, 25 minutes of speed runs, 45 minutes of torch scoring.
 results-gguf: $(BSTAMP) $(LLAMA_STAMP)
 	$(VPY) -m bench.gguf --model smollm2-offgrid
+	$(VPY) -m bench.gguf --model smollm2-offgrid --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K --luq-free-at --speed-rounds 11 \
+		--json bench/results/gguf-smollm2-offgrid-rounds11.json
 	$(VPY) -m bench.gguf --model smollm2 --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K
 	$(VPY) -m bench.ggml_speed --model smollm2-offgrid
 	$(VPY) -m bench.gguf_frontier --model smollm2-offgrid
