@@ -6,8 +6,8 @@ whose block does not divide a tensor's rows replaced by a fixed fallback (Q4_K -
 from reading llama.cpp's `llama_tensor_get_type_impl` and `tensor_type_fallback` (llama-quant.cpp of the
 pinned release 11434), for dense decoders (no experts, not Falcon, not 70B) and the presets whose every
 type is one of luq's ggml formats. `--speed-of auto` holds a plan to the predicted decode speed of the
-largest of these that fits the budget; `tests/test_presets.py` checks the rules against llama-quantize's
-own choices on SmolLM2.
+largest of these that fits the budget. `tests/test_llamacpp.py` checks the rules tensor by tensor against
+llama-quantize itself on SmolLM2, `tests/test_presets.py` against the presets bench.gguf recorded.
 
 A linear's role comes from its module name (the Hugging Face names every supported family uses); a model
 with a linear of no known role has no presets here (None).
