@@ -99,9 +99,9 @@ def test_references_a_type_or_a_file(tmp_path):
     with pytest.raises(LuqError, match="q4_k cannot store a 64x576 linear"):   # 576 columns: no 256-blocks
         check_reference("q4_k", shapes)
     for bad in ("q9_9", "gptq4-g128"):
-        with pytest.raises(LuqError, match="takes a GGUF file or a ggml type"):
+        with pytest.raises(LuqError, match="takes auto, none, a GGUF file or a ggml type"):
             check_reference(bad, shapes)
-        with pytest.raises(LuqError, match="takes a GGUF file or a ggml type"):
+        with pytest.raises(LuqError, match="takes auto, none, a GGUF file or a ggml type"):
             reference_decode_ns(bad, sizes)
     with pytest.raises(LuqError, match="no such file"):
         check_reference(str(tmp_path / "missing.gguf"), shapes)

@@ -7,6 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from luq.calibration import CalibrationConfig
 from luq.errors import LuqError
 from luq.models import UNIT_KINDS
+from luq.plan.speed import AUTO, NONE
 from luq.quant.formats import DEFAULT_MENU, GPTQ_MENU_GROUPS, get_format, parse_formats
 
 ALLOCATIONS = ("measured", "entropy")
@@ -32,7 +33,7 @@ class MeasuredConfig:
 
     formats: tuple[str, ...] | None = None
     sensitivity_samples: int = 16
-    speed_of: str = "auto"
+    speed_of: str = AUTO
 
     def __post_init__(self) -> None:
         if self.formats is not None:
@@ -183,7 +184,7 @@ class LUQConfig:
             raise LuqError(f"--budget-gb must be positive, got {self.budget_gb}")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise LuqError(f"--max-drop must be zero or positive, got {self.max_drop}")
-        if self.measured.speed_of not in ("auto", "none") and (self.allocate != "measured" or not self.for_gguf()
+        if self.measured.speed_of not in (AUTO, NONE) and (self.allocate != "measured" or not self.for_gguf()
                                                    or (self.budget_gb is None and self.max_drop is None)):
             raise LuqError("--speed-of holds a plan of llama.cpp's block types to a decode speed: use it with "
                            "--formats ggml (or ggml type names) and --budget-gb or --max-drop")

@@ -80,10 +80,9 @@ class Session:
         self.units = find_units(self.net, self.adapter, config.unit_kinds())
         check_run(config, len(self.adapter.decoder_layers(self.net)), self.processor, self.adapter,
                   self.needs_sensitivity_windows)
-        if config.measured.speed_of not in ("auto", "none"):   # a bad reference refused now, not after the measurement
-            shapes = [self.net.get_submodule(n).weight.shape for layer in linear_names(self.net, self.adapter)
-                      for n in layer]
-            check_reference(config.measured.speed_of, shapes)
+        shapes = [self.net.get_submodule(n).weight.shape for layer in linear_names(self.net, self.adapter)
+                  for n in layer]
+        check_reference(config.measured.speed_of, shapes)   # a bad reference refused now, not after the measurement
         self.unit_formats = [get_format(n) for n in config.unit_menu()] if self.units else []
         bounds = size_bounds(self.net, self.adapter, list(config.menu()), self.storage_dtype, self.units,
                              list(config.unit_menu()) if self.units else [], self.vector_dtype)

@@ -109,7 +109,7 @@ def _is_file(ref: str) -> bool:
 def _measured_type(ref: str) -> float:
     table = ns_per_weight()
     if ref not in table:
-        raise LuqError(f"--speed-of takes a GGUF file or a ggml type the speed table has measured "
+        raise LuqError(f"--speed-of takes {AUTO}, {NONE}, a GGUF file or a ggml type the speed table has measured "
                        f"({', '.join(sorted(table))}); got {ref!r}")
     return table[ref]
 
