@@ -66,6 +66,9 @@ results: $(BSTAMP)
 		--out bench/results/frontier-smollm2-offgrid.json
 	$(VPY) -m bench.budget --model smollm2 --set whole --out bench/results/budget-whole-smollm2.json
 	$(VPY) -m bench.budget --model smollm2-offgrid --set whole --out bench/results/budget-whole-smollm2-offgrid.json
+	$(VPY) -m bench.budget --model smollm2-offgrid --set whole --menu clip
+	$(VPY) -m bench.budget --model smollm2 --set whole --menu clip
+	$(VPY) -m bench.gptq_clip
 	$(VPY) -m bench.calibration_mix --alphas 0,0.5,1
 	$(VPY) -m bench.cost
 

@@ -20,6 +20,7 @@ Prints a table and the ratios the issue asks for; writes bench/results/budget-<m
     python -m bench.budget                      # SmolLM2, 16 x 256 calibration
     python -m bench.budget --model tiny-vlm     # alpha 0.5
     python -m bench.budget --model smollm2-offgrid --set whole --out bench/results/budget-whole-smollm2-offgrid.json
+    python -m bench.budget --model smollm2-offgrid --set whole --menu clip   # -> budget-whole-smollm2-offgrid-clip.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import luq
 from bench.common import add_model_args, calibration_of, is_vlm
 from luq.quant.dense import dequantize_modules
+from luq.quant.formats import CLIP_MENU
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,6 +56,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--set", choices=("all", "whole"), default="all",
                    help="whole: only the whole-model uniform baselines and the measured allocation at their bytes")
+    p.add_argument("--menu", choices=("default", "clip"), default="default",
+                   help="with --set whole: clip runs every row with GPTQ on clipped grids (--formats clip)")
     args = p.parse_args(argv)
     args.work = args.work or work_dir(args.model)
     calibration = calibration_of(args)
@@ -127,22 +131,25 @@ def main(argv=None) -> None:
 
 def whole_model(args, run) -> None:
     """Uniform GPTQ-B g128 of the whole model (nothing kept at float16) and the measured allocation (the
-    default menu, the whole model in the budget) at whole-model GPTQ-3's bytes and at 75% of GPTQ-4's."""
+    default menu, the whole model in the budget) at whole-model GPTQ-3's bytes and at 75% of GPTQ-4's.
+    --menu clip: the same with GPTQ on clipped grids (`luq.quant.formats.CLIP_MENU`: the same stored bytes),
+    4 and 3 bits."""
+    clip = args.menu == "clip"
+    suffix, label, menu = ("-clip", " (clipped grids)", {"formats": CLIP_MENU}) if clip else ("", "", {})
     rows = {}
-    for bits in (4, 3, 2):
-        rows[f"uniform whole-model GPTQ-{bits} g128"] = run(f"uniform-whole-gptq{bits}",
-                                                           formats=(f"gptq{bits}-g128",), keep=())
-    gptq3, gptq4 = rows["uniform whole-model GPTQ-3 g128"], rows["uniform whole-model GPTQ-4 g128"]
-    rows["measured at whole-model GPTQ-3's bytes"] = run("measured-at-whole-gptq3", budget_gb=gptq3["total_bytes"] / 1e9)
-    rows["measured at 75% of whole-model GPTQ-4's bytes"] = run("measured-at-75pc-whole-gptq4",
-                                                               budget_gb=0.75 * gptq4["total_bytes"] / 1e9)
-    checks = {"measured / uniform GPTQ-3 at its bytes": rows["measured at whole-model GPTQ-3's bytes"]["value"] / gptq3["value"],
-              "measured at 75% of GPTQ-4's bytes / uniform GPTQ-4":
-                  rows["measured at 75% of whole-model GPTQ-4's bytes"]["value"] / gptq4["value"]}
-    result = {"model": args.model, "set": "whole", "calibration": {"samples": args.samples, "seq_len": args.seq_len},
-              "metric": "perplexity", "eval_samples": args.eval_samples, "rows": rows, "checks": checks,
-              "threads": torch.get_num_threads()}
-    out = args.out or RESULTS / f"budget-whole-{args.model}.json"
+    for bits in (4, 3) if clip else (4, 3, 2):
+        rows[f"uniform whole-model GPTQ-{bits} g128{label}"] = run(f"uniform-whole-gptq{bits}{suffix}",
+                                                                  formats=(f"gptq{bits}-g128{suffix}",), keep=())
+    gptq3, gptq4 = rows[f"uniform whole-model GPTQ-3 g128{label}"], rows[f"uniform whole-model GPTQ-4 g128{label}"]
+    at3, at75 = f"measured at whole-model GPTQ-3's bytes{label}", f"measured at 75% of whole-model GPTQ-4's bytes{label}"
+    rows[at3] = run(f"measured-at-whole-gptq3{suffix}", budget_gb=gptq3["total_bytes"] / 1e9, **menu)
+    rows[at75] = run(f"measured-at-75pc-whole-gptq4{suffix}", budget_gb=0.75 * gptq4["total_bytes"] / 1e9, **menu)
+    checks = {"measured / uniform GPTQ-3 at its bytes": rows[at3]["value"] / gptq3["value"],
+              "measured at 75% of GPTQ-4's bytes / uniform GPTQ-4": rows[at75]["value"] / gptq4["value"]}
+    result = {"model": args.model, "set": "whole", "menu": args.menu,
+              "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "metric": "perplexity",
+              "eval_samples": args.eval_samples, "rows": rows, "checks": checks, "threads": torch.get_num_threads()}
+    out = args.out or RESULTS / f"budget-whole-{args.model}{suffix}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     for name, r in rows.items():
         print(f"{name}: {r['total_bytes'] / 1e6:.2f} MB, perplexity {r['value']:.3f}")

@@ -610,6 +610,15 @@ def inference_layer(run):
                "ratio", "ratio by CPU time"], rows, "lrrrr")
 
 
+@table("gptq-clip", f"{RESULTS}/gptq-clip.json")
+def gptq_clip(run):
+    rows = [[f"GPTQ-{r['bits']} g{r['group_size']}", bold(f"{r['error_ratio_mean']:.3f}"),
+             f"{r['error_ratio_min']:.3f}–{r['error_ratio_max']:.3f}", f"{100 * r['rows_clipped']:.0f}%",
+             f"{r['time_ratio_median']:.2f}"] for r in run["rows"]]
+    return md(["grid", "output error / min-max's (mean of 21)", "per linear", "rows on the clipped grid",
+               "solving time / min-max's"], rows, "lrrrr")
+
+
 def budget_like_for_like(b):
     """Uniform whole-model GPTQ (embedding and head quantized too) and the measured allocation at their bytes."""
     rows = []

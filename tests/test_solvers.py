@@ -42,7 +42,7 @@ def test_hessian_accumulator_matches_reference_convention():
 
 @pytest.mark.parametrize("solver", [
     GPTQ(4), GPTQ(4, static_groups=False), GPTQ(4, act_order=False), GPTQ(3, sym=True), GPTQ(2, static_groups=False), GPTQ(4, group_size=-1),
-    GPTQ(8), RTN(4), BiLLM(), BiLLM(salient_metric="magnitude", compensation="reference"), Sign(),
+    GPTQ(8), GPTQ(3, clip=True), GPTQ(2, group_size=-1, act_order=False, clip=True), RTN(4), BiLLM(), BiLLM(salient_metric="magnitude", compensation="reference"), Sign(),
     CompactBiLLM(), CompactBiLLM(col_scale=False, means=True, scale_bits=6, block_size=96, lam=0),
     CompactBiLLM(sparse_runs=((64, 8), (32, 2), (2, 0)), lam=0.3, col_scale=True), CompactBiLLM(max_salient_cols=1),
     CompactBiLLM(column_feedback=True, scale_bits=4, scale_octaves=5, ref_headroom=1.0, col_scale_bits=8),
@@ -225,6 +225,7 @@ def test_bad_problems_raise_one_clear_error(bad, message, solver):
 
 @pytest.mark.parametrize("make", [
     lambda: GPTQ(bits=5), lambda: GPTQ(bits=4, group_size=0), lambda: GPTQ(damp=-1), lambda: RTN(bits=7),
+    lambda: GPTQ(clip=True, static_groups=False),
     lambda: BiLLM(block_size=0), lambda: BiLLM(salient_metric="bogus"), lambda: BiLLM(compensation="x"),
     lambda: CompactBiLLM(scale_bits=2), lambda: CompactBiLLM(sparse_runs=((12, 1),)), lambda: CompactBiLLM(sparse_runs=()),
     lambda: CompactBiLLM(sparse_runs=((8, 8),)), lambda: CompactBiLLM(lam=-1), lambda: CompactBiLLM(block_size=0),
@@ -320,3 +321,17 @@ def test_compact_billm_with_a_dead_first_block():
     assert torch.isfinite(q.dequantize()).all()
     # measured 1.30x BiLLM's error here (1.20x with no dead block)
     assert output_error(W, q, H) < 1.5 * output_error(W, BiLLM().quantize(W, H), H)
+
+
+def test_clip_formats_and_the_cache_keys_of_those_before_them():
+    """`clip` was added to GPTQ after caches of GPTQ formats existed: at its default it stays out of the
+    settings a cache is keyed by, so those caches stay valid; the -clip formats are keyed apart."""
+    from luq import LUQConfig
+    from luq.quant.formats import CLIP_MENU, get_format, parse_formats
+
+    assert "clip" not in get_format("gptq4-g128").settings()
+    assert get_format("gptq4-g128-clip").settings()["clip"] is True
+    assert get_format("gptq4-g128").digest != get_format("gptq4-g128-clip").digest
+    assert parse_formats("clip") == CLIP_MENU and all(get_format(f).solver.clip for f in CLIP_MENU)
+    # the units outside the decoder may take 6 bits with the clip menu, as with the default one
+    assert LUQConfig(formats="clip", budget_gb=0.05).unit_menu()[-3:] == tuple(f"gptq6-g{g}-clip" for g in (32, 64, 128))

@@ -8,7 +8,7 @@ from luq.calibration import CalibrationConfig
 from luq.errors import LuqError
 from luq.models import UNIT_KINDS
 from luq.plan.speed import AUTO, NONE
-from luq.quant.formats import DEFAULT_MENU, GPTQ_MENU_GROUPS, get_format, parse_formats
+from luq.quant.formats import CLIP_MENU, DEFAULT_MENU, GPTQ_MENU_GROUPS, get_format, parse_formats
 
 ALLOCATIONS = ("measured", "entropy")
 ORDERS = ("entropy", "reverse-entropy", "depth", "random")
@@ -219,12 +219,14 @@ class LUQConfig:
 
     def unit_menu(self) -> tuple[str, ...]:
         """The formats the units outside the decoder are quantized to (each may also stay
-        unquantized): the decoder's menu, plus 6-bit GPTQ with the default menu (heads and
-        embeddings are where llama.cpp's recipes spend 6 bits), or `high` with --allocate entropy."""
+        unquantized): the decoder's menu, plus 6-bit GPTQ with the default menu and the `clip` menu
+        (heads and embeddings are where llama.cpp's recipes spend 6 bits), or `high` with --allocate entropy."""
         if self.allocate == "entropy":
             return (self.entropy.high,)
         if self.measured.formats is None:
             return DEFAULT_MENU + tuple(f"gptq6-g{g}" for g in GPTQ_MENU_GROUPS)
+        if self.measured.formats == CLIP_MENU:
+            return CLIP_MENU + tuple(f"gptq6-g{g}-clip" for g in GPTQ_MENU_GROUPS)
         return self.menu()
 
     def for_gguf(self) -> bool:

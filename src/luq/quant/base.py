@@ -8,6 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+# a solver's dataclass field with this metadata key set is left out of its format's settings (the cache key)
+# while at its default, so a setting added later keeps the caches written before it
+OMIT_AT_DEFAULT = "omit_at_default"
+
 # Output rows dequantized at once when a whole matrix is asked for; bounds the
 # temporary memory of `dequantize` and of QuantLinear's forward.
 ROW_TILE = 1024

@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import torch
 
 from luq.errors import LuqError
-from luq.quant.base import QuantizedWeight
+from luq.quant.base import OMIT_AT_DEFAULT, QuantizedWeight
 from luq.quant.baselines import Sign
 from luq.quant.billm import BiLLM
 from luq.quant.billm_compact import CompactBiLLM
@@ -71,6 +72,9 @@ class Format:
     def settings(self) -> dict[str, Any]:
         """The solver and its settings: what a cached result of this format depends on."""
         fields = asdict(self.solver) if is_dataclass(self.solver) else {}
+        for f in dataclass_fields(self.solver) if is_dataclass(self.solver) else ():
+            if f.metadata.get(OMIT_AT_DEFAULT) and fields[f.name] == f.default:
+                del fields[f.name]   # a setting added later: at its default, caches written before it stay valid
         return {"solver": type(self.solver).__name__, **fields}
 
     @property
@@ -209,6 +213,16 @@ for _group in GPTQ_MENU_GROUPS:
     register_format(Format(f"gptq6-g{_group}", GPTQ(bits=6, group_size=_group),
                            f"GPTQ 6-bit, asymmetric groups of {_group}, act-order (static groups)"))
 
+# GPTQ with clipped grids (GPTQ.clip): each group's range shrunk to least Hessian-diagonal-weighted rounding
+# error, each row kept from whichever of the two solutions errs less; the same stored form, twice the solving
+# time. Not yet in the default menu: `--formats clip` (its effect on the whole model: docs/results.md, 0c)
+CLIP_MENU = tuple(f"gptq{b}-g{g}-clip" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_GROUPS)
+for _bits in GPTQ_MENU_BITS + (6,):
+    for _group in GPTQ_MENU_GROUPS:
+        register_format(Format(f"gptq{_bits}-g{_group}-clip", GPTQ(bits=_bits, group_size=_group, clip=True),
+                               f"GPTQ {_bits}-bit, groups of {_group}, act-order, each row on the better of its "
+                               "min-max and clipped grids"))
+
 # the default menu of the measured allocation: every GPTQ grid (BiLLM stores 3 true bits
 # per weight and loses to GPTQ-3 there, so it is offered only when asked for)
 DEFAULT_MENU = tuple(f"gptq{b}-g{g}" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_GROUPS)
@@ -216,7 +230,7 @@ DEFAULT_MENU = tuple(f"gptq{b}-g{g}" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_
 # the measured allocation's perplexity many times over (bench/results/frontier-smollm2-compact-menu.json,
 # docs/results.md, section 3); `--formats default,compact`
 COMPACT_MENU = ("billm-k5g64r", "billm-k8g64", "billm-k16g64")
-MENUS = {"default": DEFAULT_MENU, "compact": COMPACT_MENU}
+MENUS = {"default": DEFAULT_MENU, "compact": COMPACT_MENU, "clip": CLIP_MENU}
 
 # llama.cpp's block formats (luq.quant.ggml), named as ggml names its types: GPTQ inside each type's grid,
 # stored byte for byte as ggml stores it (a plan over them exports to GGUF without quantizing again), and

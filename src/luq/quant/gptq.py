@@ -6,7 +6,10 @@ For each column j (in act-order if asked), in blocks of `block_size` columns:
     W[:, j:] -= err_j * U[j, j:]                        OBS update (Alg. 1, within the block)
 and after each block, W[:, later] -= Err_block @ U[block, later]   (lazy batch update).
 Group grids (scale, zero) are fitted on the error-updated weights when the first
-column of each group is reached, as the reference does.
+column of each group is reached, as the reference does, or on the original W before
+solving (static groups, the default). With `clip`, the static grids are fitted a second
+way too (`fit_grid_clipped`), the problem solved on each, and each row kept from the
+solution of less output error (`_better_rows`).
 
 The stored form (`GPTQWeight`): codes packed `bits` bits each, fp16 scales per row
 per group, zeros packed at `bits` bits (none when symmetric: the zero is implied),
@@ -15,13 +18,13 @@ and `g_idx` (column -> group) when act-order reorders the groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from luq.errors import LuqError
-from luq.quant.base import QuantizedWeight
+from luq.quant.base import OMIT_AT_DEFAULT, QuantizedWeight
 from luq.quant.hessian import check_problem, inverse_hessian_cholesky, prepare_hessian
 from luq.quant.packing import pack_bits, packed_length, unpack_bits
 
@@ -53,6 +56,51 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+CLIP_SHRINKS = tuple(1 - 0.02 * i for i in range(11))   # the range kept: 100%, 98%, ..., 80%
+
+
+def fit_grid_clipped(w: torch.Tensor, bits: int, sym: bool, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max grid of each row of w [rows, cols] with its range shrunk by the factor in CLIP_SHRINKS of
+    least importance-weighted rounding error, sum_j importance_j (w_j - q_j)^2 (importance: the Hessian's
+    diagonal over these columns, imatrix's weighting) -> (scale [rows], zero [rows])."""
+    best_err = best_scale = best_zero = None
+    for shrink in CLIP_SHRINKS:
+        scale, zero = fit_grid(w * shrink, bits, sym)
+        _, q = quantize_to_grid(w, scale[:, None], zero[:, None], bits)
+        err = ((w - q) ** 2 * importance).sum(dim=1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _stack_grids(grids: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(scale [rows], zero [rows]) per group] -> (scales, zeros) [rows, n_groups]."""
+    return torch.stack([s for s, _ in grids], 1), torch.stack([z for _, z in grids], 1)
+
+
+def _better_rows(W: torch.Tensor, H: torch.Tensor, ridge: float,
+                 solved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 solve_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of several solutions (codes, scales, zeros) of one problem, each row's of least output error
+    (w - q) H (w - q)^T, on the Hessian without the damping `ridge` (H - ridge I: the inputs' own)."""
+    best = None
+    for codes, scales, zeros in solved:
+        E = W - scales[:, solve_group] * (codes - zeros[:, solve_group])
+        err = ((E @ H) * E).sum(dim=1) - ridge * (E * E).sum(dim=1)
+        if best is None:
+            best = [err, codes, scales, zeros]
+            continue
+        better = err < best[0]
+        best = [torch.where(better, err, best[0])] + [torch.where(better[:, None], new, old)
+                                                       for new, old in zip((codes, scales, zeros), best[1:])]
+    return best[1], best[2], best[3]
 
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,11 +280,14 @@ class GPTQ:
     damp: float = 0.01
     block_size: int = 128
     static_groups: bool = True
+    clip: bool = field(default=False, metadata={OMIT_AT_DEFAULT: True})   # added after caches existed
 
     def __post_init__(self) -> None:
         _check_settings("GPTQ", self.bits, self.group_size)
         if not (0 <= self.damp < 1):
             raise LuqError(f"GPTQ: damp must be in [0, 1), got {self.damp}")
+        if self.clip and not self.static_groups:
+            raise LuqError("GPTQ: clip searches grids fitted before solving, so it needs static_groups=True")
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise LuqError(f"GPTQ: block_size must be a positive integer, got {self.block_size}")
 
@@ -249,13 +300,18 @@ class GPTQ:
     def quantize(self, W: torch.Tensor, H: torch.Tensor) -> GPTQWeight:
         check_problem(W, H, "GPTQ")
         W, H, _ = prepare_hessian(W, H, self.damp)
-        rows, cols = W.shape
+        cols = W.shape[1]
         bits, sym = self.bits, self.sym
         gs = _group_width(self.group_size, cols)
         n_groups = (cols + gs - 1) // gs
 
+        grid_sets = [None]   # None: each group's grid fitted on the updated weights when the group starts
         if self.static_groups:  # grids of the original, unpermuted groups
-            grids = [fit_grid(W[:, c0:c0 + gs], bits, sym) for c0 in range(0, cols, gs)]
+            grid_sets = [_stack_grids([fit_grid(W[:, c0:c0 + gs], bits, sym) for c0 in range(0, cols, gs)])]
+            if self.clip:
+                importance = torch.diagonal(H)
+                grid_sets.append(_stack_grids([fit_grid_clipped(W[:, c0:c0 + gs], bits, sym, importance[c0:c0 + gs])
+                                               for c0 in range(0, cols, gs)]))
 
         perm = torch.argsort(torch.diagonal(H), descending=True) if self.act_order else None
         if perm is not None:
@@ -263,18 +319,43 @@ class GPTQ:
             H = H[perm]  # in two steps, so that at most two [cols, cols] copies are alive
             H = H[:, perm]
         U = inverse_hessian_cholesky(H, self.damp, "GPTQ")
-        del H
+        if len(grid_sets) == 1:
+            del H
 
-        codes = torch.zeros_like(W)
-        scales = torch.zeros(rows, n_groups, device=W.device)
-        zeros = torch.zeros(rows, n_groups, device=W.device)
         # group of each column in the (possibly permuted) solving order
         orig_col = perm if perm is not None else torch.arange(cols, device=W.device)
         solve_group = orig_col // gs if self.static_groups else torch.arange(cols, device=W.device) // gs
+        solved = [self._solve(W.clone() if len(grid_sets) > 1 else W, U, grids, solve_group, n_groups)
+                  for grids in grid_sets]
+        if len(solved) == 1:
+            codes, scales, zeros = solved[0]
+        else:
+            ridge = self.damp * float(torch.diagonal(H).mean()) / (1 + self.damp)   # what prepare_hessian added
+            codes, scales, zeros = _better_rows(W, H, ridge, solved, solve_group)
+            del H
+        del W, U  # not needed to pack: memory for packing's temporaries
+
+        if perm is None:
+            return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if self.static_groups:  # groups are the original contiguous ones
+            return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
+        return pack_gptq_weight(codes, scales, zeros, solve_group[invperm], bits, gs, sym)
+
+    def _solve(self, W: torch.Tensor, U: torch.Tensor, grids: tuple[torch.Tensor, torch.Tensor] | None,
+               solve_group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GPTQ's column loop over W (in solving order; updated in place) -> (codes, scales, zeros).
+        grids: (scales, zeros) [rows, n_groups] fixed in advance, or None to fit each group when it starts."""
+        rows, cols = W.shape
+        bits, sym, gs = self.bits, self.sym, _group_width(self.group_size, cols)
+        codes = torch.zeros_like(W)
+        if grids is None:
+            scales = torch.zeros(rows, n_groups, device=W.device)
+            zeros = torch.zeros(rows, n_groups, device=W.device)
+        else:
+            scales, zeros = grids
         solve_group_list = solve_group.tolist()
-        if self.static_groups:
-            for g, (s, z) in enumerate(grids):
-                scales[:, g], zeros[:, g] = s, z
 
         # the working block is held transposed ([columns, rows]) so each column is contiguous
         for b0 in range(0, cols, self.block_size):
@@ -286,11 +367,11 @@ class GPTQ:
             for i in range(b1 - b0):
                 j = b0 + i
                 g = solve_group_list[j]
-                if not self.static_groups and j % gs == 0:
+                if grids is None and j % gs == 0:
                     # the group's grid, on the weights as updated so far (in and past this block)
                     group_w = torch.cat([W1t[i:i + gs].T, W[:, b1:j + gs]], dim=1)
                     scales[:, g], zeros[:, g] = fit_grid(group_w, bits, sym)
-                if i == 0 or j % gs == 0 or self.static_groups:
+                if i == 0 or j % gs == 0 or grids is not None:
                     scale_g, zero_g = scales[:, g].contiguous(), zeros[:, g].contiguous()
                 w = W1t[i]
                 codes1t[i], q = quantize_to_grid(w, scale_g, zero_g, bits)
@@ -299,12 +380,4 @@ class GPTQ:
                 Err1t[i] = err
             codes[:, b0:b1] = codes1t.T
             W[:, b1:].addmm_(Err1t.T, U[b0:b1, b1:], alpha=-1)  # lazy batch update of the rest
-        del W, U  # not needed to pack: memory for packing's temporaries
-
-        if perm is None:
-            return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
-        invperm = torch.argsort(perm)
-        codes = codes[:, invperm]
-        if self.static_groups:  # groups are the original contiguous ones
-            return pack_gptq_weight(codes, scales, zeros, None, bits, gs, sym)
-        return pack_gptq_weight(codes, scales, zeros, solve_group[invperm], bits, gs, sym)
+        return codes, scales, zeros
