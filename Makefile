@@ -50,7 +50,7 @@ bench: $(BSTAMP)
 
 # docs/results.md: the paper's findings on the real models that run here, and luq against
 # its peers. Each table there names its full command; this target runs them with stated
-# subsets (SmolLM2's other orders at 6 k, alpha at 0, 0.5, 1). About 5.7 hours on 2 cores
+# subsets (SmolLM2's other orders at 6 k, alpha at 0, 0.5, 1). About 7 hours on 2 cores
 # from cold caches; the per-format variant caches make every rerun far shorter.
 results: $(BSTAMP)
 	$(VPY) -m bench.entropy

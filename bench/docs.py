@@ -637,6 +637,37 @@ for _model in ("smollm2-offgrid", "smollm2"):   # bench.budget --set whole
     table(f"like-for-like-{_model}", f"{RESULTS}/budget-whole-{_model}.json")(budget_like_for_like)
 
 
+def budget_clip(minmax, clipped):
+    """The like-for-like rows on min-max grids (bench.budget --set whole) beside the same rows on clipped grids
+    (--menu clip): the same bytes, GPTQ's grids fitted two ways."""
+    label = " (clipped grids)"
+    rows = []
+    for name, c in clipped["rows"].items():
+        m = minmax["rows"][name.removesuffix(label)]
+        luq_row = name.startswith("measured")
+        rows.append([bold(name.removesuffix(label), luq_row), mb(c["total_bytes"]), ppl(m["value"]),
+                     bold(ppl(c["value"]), luq_row), f"{c['value'] / m['value']:.3f}",
+                     f"{m['measured_cost']:.4f}", f"{c['measured_cost']:.4f}"])
+    r = clipped["rows"]
+    at75 = r[f"measured at 75% of whole-model GPTQ-4's bytes{label}"]["value"]
+    at3 = r[f"measured at whole-model GPTQ-3's bytes{label}"]["value"]
+    checks = [["clipped, at 75% of GPTQ-4's bytes / uniform GPTQ-4 on min-max grids",
+               f"{at75 / minmax['rows']['uniform whole-model GPTQ-4 g128']['value']:.3f}"],
+              ["clipped, at 75% of GPTQ-4's bytes / uniform GPTQ-4 on clipped grids",
+               f"{at75 / r[f'uniform whole-model GPTQ-4 g128{label}']['value']:.3f}"],
+              ["clipped, at GPTQ-3's bytes / uniform GPTQ-3 on min-max grids",
+               f"{at3 / minmax['rows']['uniform whole-model GPTQ-3 g128']['value']:.3f}"],
+              ["clipped, at GPTQ-3's bytes / uniform GPTQ-3 on clipped grids",
+               f"{at3 / r[f'uniform whole-model GPTQ-3 g128{label}']['value']:.3f}"]]
+    return (md(["model", "total MB", "perplexity, min-max grids", "perplexity, clipped grids", "clipped / min-max",
+                "KL, min-max", "KL, clipped"], rows, "lrrrrrr") + "\n" + md(["ratio", "value"], checks, "lr"))
+
+
+for _model in ("smollm2-offgrid", "smollm2"):   # bench.budget --set whole --menu clip
+    table(f"like-for-like-clip-{_model}", f"{RESULTS}/budget-whole-{_model}.json",
+          f"{RESULTS}/budget-whole-{_model}-clip.json")(budget_clip)
+
+
 def _types(types: dict[str, int]) -> str:
     """{'Q4_K': 16, 'Q5_0': 166, 'F32': 61} -> 'Q5_0 166, Q4_K 16' (the float vectors left out)."""
     return ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda x: -x[1]) if t not in ("F32",))

@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    start = time.perf_counter()
     problems = smollm2_linear_problems()
     rows = []
     for bits, group in SETTINGS:
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
               f"{row['error_ratio_min']:.3f}-{row['error_ratio_max']:.3f}), {100 * row['rows_clipped']:.0f}% of "
               f"rows clipped, {row['time_ratio_median']:.2f}x the time", flush=True)
     result = {"problems": "SmolLM2-135M layers 0, 15, 29 (7 linears each), 16 x 256 Wikipedia tokens",
-              "threads": torch.get_num_threads(), "rows": rows}
+              "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1), "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
