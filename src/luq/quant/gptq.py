@@ -85,6 +85,9 @@ def _stack_grids(grids: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return torch.stack([s for s, _ in grids], 1), torch.stack([z for _, z in grids], 1)
 
 
+_ROW_ERROR_COLUMNS = 1024   # columns of H in float64 at a time: bounds the copy on wide layers
+
+
 def _better_rows(W: torch.Tensor, H: torch.Tensor, ridge: float,
                  solved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  solve_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,8 +95,11 @@ def _better_rows(W: torch.Tensor, H: torch.Tensor, ridge: float,
     (w - q) H (w - q)^T, on the Hessian without the damping `ridge` (H - ridge I: the inputs' own)."""
     best = None
     for codes, scales, zeros in solved:
-        E = W - scales[:, solve_group] * (codes - zeros[:, solve_group])
-        err = ((E @ H) * E).sum(dim=1) - ridge * (E * E).sum(dim=1)
+        E = (W - scales[:, solve_group] * (codes - zeros[:, solve_group])).double()
+        err = -ridge * (E * E).sum(dim=1)
+        for c0 in range(0, H.shape[1], _ROW_ERROR_COLUMNS):   # in float64, whose sums near-ties do not flip
+            c1 = c0 + _ROW_ERROR_COLUMNS
+            err += ((E @ H[:, c0:c1].double()) * E[:, c0:c1]).sum(dim=1)
         if best is None:
             best = [err, codes, scales, zeros]
             continue
