@@ -298,7 +298,7 @@ def test_menu_names_and_the_hint_below_gptq3(tiny):
     from luq.quant.formats import MENUS
     assert parse_formats("default,compact") == DEFAULT_MENU + COMPACT_MENU
     assert parse_formats("gptq3-g128,default") == ("gptq3-g128",) + tuple(f for f in DEFAULT_MENU if f != "gptq3-g128")
-    assert set(MENUS) == {"default", "compact", "ggml"}
+    assert set(MENUS) == {"default", "compact", "ggml", "clip"}
     with pytest.raises(LuqError, match="twice"):
         parse_formats("default,default")
     net, _, adapter = load_model(str(tiny["model"]), "cpu", torch.float32)
