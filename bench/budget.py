@@ -141,7 +141,8 @@ def whole_model(args, run) -> None:
         rows[f"uniform whole-model GPTQ-{bits} g128{label}"] = run(f"uniform-whole-gptq{bits}{suffix}",
                                                                   formats=(f"gptq{bits}-g128{suffix}",), keep=())
     gptq3, gptq4 = rows[f"uniform whole-model GPTQ-3 g128{label}"], rows[f"uniform whole-model GPTQ-4 g128{label}"]
-    at3, at75 = f"measured at whole-model GPTQ-3's bytes{label}", f"measured at 75% of whole-model GPTQ-4's bytes{label}"
+    at3 = f"measured at whole-model GPTQ-3's bytes{label}"
+    at75 = f"measured at 75% of whole-model GPTQ-4's bytes{label}"
     rows[at3] = run(f"measured-at-whole-gptq3{suffix}", budget_gb=gptq3["total_bytes"] / 1e9, **menu)
     rows[at75] = run(f"measured-at-75pc-whole-gptq4{suffix}", budget_gb=0.75 * gptq4["total_bytes"] / 1e9, **menu)
     checks = {"measured / uniform GPTQ-3 at its bytes": rows[at3]["value"] / gptq3["value"],

@@ -215,7 +215,8 @@ for _group in GPTQ_MENU_GROUPS:
 
 # GPTQ with clipped grids (GPTQ.clip): each group's range shrunk to least Hessian-diagonal-weighted rounding
 # error, each row kept from whichever of the two solutions errs less; the same stored form, two solves (their
-# error and time: bench/results/gptq-clip.json). Not yet in the default menu: `--formats clip` (its effect on the whole model: docs/results.md, 0c)
+# error and time: bench/results/gptq-clip.json). Not yet in the default menu: `--formats clip` (its effect on
+# the whole model: docs/results.md, section 0c)
 CLIP_MENU = tuple(f"gptq{b}-g{g}-clip" for b in GPTQ_MENU_BITS for g in GPTQ_MENU_GROUPS)
 for _bits in GPTQ_MENU_BITS + (6,):
     for _group in GPTQ_MENU_GROUPS:

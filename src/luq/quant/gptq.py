@@ -61,7 +61,8 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
 CLIP_SHRINKS = tuple(1 - 0.02 * i for i in range(11))   # the range kept: 100%, 98%, ..., 80%
 
 
-def fit_grid_clipped(w: torch.Tensor, bits: int, sym: bool, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_grid_clipped(w: torch.Tensor, bits: int, sym: bool,
+                     importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The min-max grid of each row of w [rows, cols] with its range shrunk by the factor in CLIP_SHRINKS of
     least importance-weighted rounding error, sum_j importance_j (w_j - q_j)^2 (importance: the Hessian's
     diagonal over these columns, imatrix's weighting) -> (scale [rows], zero [rows])."""
