@@ -68,6 +68,7 @@ results: $(BSTAMP)
 	$(VPY) -m bench.budget --model smollm2-offgrid --set whole --out bench/results/budget-whole-smollm2-offgrid.json
 	$(VPY) -m bench.budget --model smollm2-offgrid --set whole --menu clip
 	$(VPY) -m bench.budget --model smollm2 --set whole --menu clip
+	$(VPY) -m bench.tune --model smollm2-offgrid --menu clip
 	$(VPY) -m bench.gptq_clip
 	$(VPY) -m bench.calibration_mix --alphas 0,0.5,1
 	$(VPY) -m bench.cost

@@ -3,6 +3,7 @@
     import luq
     report = luq.quantize("smollm2", "out/q", luq.LUQConfig(budget_gb=0.2))
     model, tokenizer, adapter = luq.load("out/q")
+    luq.tune("out/q", "out/q-tuned", luq.TuneConfig(steps=50))   # scales trained against the original
 
 After `import luq`, transformers' `AutoModelForCausalLM.from_pretrained("out/q")` (and
 `AutoModelForImageTextToText` for vision-language artifacts) loads an artifact too (`luq.hf`).
@@ -12,7 +13,8 @@ import sys
 
 from luq.errors import LuqError
 from luq.version import __version__
-__all__ = ["LuqError", "LUQConfig", "MeasuredConfig", "EntropyConfig", "Session", "quantize", "load", "__version__"]
+__all__ = ["LuqError", "LUQConfig", "MeasuredConfig", "EntropyConfig", "Session", "quantize", "load", "tune",
+           "TuneConfig", "__version__"]
 
 
 def __getattr__(name):  # the heavy imports (torch, transformers) only when asked for
@@ -22,6 +24,9 @@ def __getattr__(name):  # the heavy imports (torch, transformers) only when aske
     if name == "load":
         from luq.artifact import load
         return load
+    if name in ("tune", "TuneConfig"):
+        import luq.tuning
+        return getattr(luq.tuning, name)
     if name == "Session":
         from luq.session import Session
         return Session

@@ -131,6 +131,21 @@ def sensitivity_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int
     return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
 
 
+def tuning_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """n windows from the middle of the permutation `text_windows`, `validation_windows` and
+    `sensitivity_windows` draw from with the same seed: disjoint from all three while they take
+    fewer than half the text's windows from its start and its end (checked for n)."""
+    slots = token_ids.numel() // seq_len
+    if slots < 2 * n + 64:
+        raise LuqError(f"the text has {token_ids.numel():,} tokens: {n} tuning windows of {seq_len} tokens need "
+                       f"{(2 * n + 64) * seq_len:,} (half of it kept for the calibration and held-out windows); "
+                       "give more text or fewer windows")
+    g = torch.Generator().manual_seed(seed)
+    middle = slots // 2 - n // 2
+    chosen = torch.randperm(slots, generator=g)[middle:middle + n].sort().values
+    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+
+
 def text_token_ids(tokenizer, source: str | None) -> torch.Tensor:
     """The whole text source, tokenized without special tokens."""
     from luq.store import atomic_write, cache_root

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     _entropy_options(p)
     p.add_argument("--storage-dtype", default="float16", help="dtype of the unquantized tensors (default float16)")
     p.add_argument("--cache-dir", type=Path, default=None, help="variant cache root (default: $LUQ_CACHE/variants)")
+    p.add_argument("--tune-steps", type=int, default=None, metavar="N",
+                   help="then tune the artifact in place for N steps (`luq tune`: its GPTQ scales and norms trained "
+                        "against the full-precision model)")
     p.add_argument("--export", default=None, choices=("gguf",),
                    help="also write the artifact as OUT.gguf for llama.cpp (every tensor needs a ggml form: "
                         "--formats ggml)")
@@ -158,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="luq artifact directory")
     p.add_argument("--format", required=True, choices=("gguf",))
     p.add_argument("--out", required=True, type=Path, help="file to write")
+
+    p = sub.add_parser("tune", help="train a GPTQ artifact's scales and norms end to end against its full-precision model",
+                       description="Distil the full-precision model into the quantized artifact DIR: the fp16 scales "
+                                   "of its GPTQ-format weights and its norm weights learn to match the teacher's "
+                                   "next-token distributions on calibration text (codes, formats and bytes "
+                                   "unchanged), written as a new artifact. Resumes after an interruption.")
+    p.add_argument("dir", type=Path, help="luq artifact directory (the source; not changed)")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    p.add_argument("--windows", type=int, default=128, help="text windows drawn from (default 128)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the artifact's calibration)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam step of the scales' relative change (default 2e-3)")
+    p.add_argument("--norm-lr", type=float, default=1e-3, help="Adam step of the norm weights; 0 freezes them")
+    p.add_argument("--calib-text", metavar="SRC", default=None,
+                   help="text to tune on (default: the artifact's calibration text)")
+    p.add_argument("--teacher", default=None, help="full-precision model (default: the one the artifact was made from)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     return parser
 
 
@@ -215,7 +237,16 @@ def cmd_quantize(args) -> None:
         if other:
             raise LuqError(f"--export gguf writes llama.cpp's block formats as stored; {other[0]} has no ggml "
                            "form: use --formats ggml (or ggml type names)")
+    tune_config = None
+    if args.tune_steps is not None:   # its settings refused now, not after the run
+        from luq.tuning import TuneConfig
+
+        tune_config = TuneConfig(steps=args.tune_steps, text=args.calib_text)
     report = quantize(args.model, args.out, config, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    if tune_config is not None:
+        from luq.tuning import tune
+
+        report = tune(args.out, args.out, tune_config, device=args.device)
     print_summary(report)
     plots = plot_run(report, args.out)
     print(f"wrote {args.out} (plots: {', '.join(p.name for p in plots)})")
@@ -270,6 +301,14 @@ def cmd_report(args) -> None:
     print(f"wrote {', '.join(str(p) for p in plots)}")
 
 
+def cmd_tune(args) -> None:
+    from luq.tuning import TuneConfig, tune
+
+    config = TuneConfig(steps=args.steps, batch_size=args.batch_size, windows=args.windows, seq_len=args.seq_len,
+                        lr=args.lr, norm_lr=args.norm_lr, text=args.calib_text, teacher=args.teacher, seed=args.seed)
+    tune(args.dir, args.out, config, device=args.device)
+
+
 def cmd_export(args) -> None:
     _export(args.dir, args.out)
 
@@ -289,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         {"entropy": cmd_entropy, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats,
-         "report": cmd_report, "export": cmd_export}[args.command](args)
+         "report": cmd_report, "export": cmd_export, "tune": cmd_tune}[args.command](args)
     except LuqError as e:
         print(f"luq: error: {e}", file=sys.stderr)
         return 2
