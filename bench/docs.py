@@ -668,6 +668,23 @@ for _model in ("smollm2-offgrid", "smollm2"):   # bench.budget --set whole --men
           f"{RESULTS}/budget-whole-{_model}-clip.json")(budget_clip)
 
 
+def tuned(run):
+    """bench.tune: each like-for-like row before and after `luq tune` (the same bytes), on the same held-out windows."""
+    rows = []
+    for name, r in run["rows"].items():
+        luq_row = name.startswith("measured")
+        rows.append([bold(name.removesuffix(" (clipped grids)"), luq_row), mb(r["total_bytes"]), ppl(r["value_before"]),
+                     bold(ppl(r["value"]), luq_row), f"{r['ratio']:.3f}",
+                     f"{r['kl_first_steps']:.3f} → {r['kl_last_steps']:.3f}", f"{r['tune_seconds'] / 60:.0f}"])
+    checks = [[k, f"{v:.3f}"] for k, v in run["checks"].items()]
+    return (md(["model", "total MB", "perplexity", f"perplexity after {run['tune']['steps']} tuning steps",
+                "tuned / not", "KL on the tuning windows, first → last steps", "tuning minutes"], rows, "lrrrrrr")
+            + ("\n" + md(["ratio", "value"], checks, "lr") if checks else ""))
+
+
+table("tuned-smollm2-offgrid-clip", f"{RESULTS}/tune-smollm2-offgrid-clip.json")(tuned)
+
+
 def _types(types: dict[str, int]) -> str:
     """{'Q4_K': 16, 'Q5_0': 166, 'F32': 61} -> 'Q5_0 166, Q4_K 16' (the float vectors left out)."""
     return ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda x: -x[1]) if t not in ("F32",))

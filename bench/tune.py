@@ -3,11 +3,12 @@
 as the untuned rows (the validation windows: disjoint from the calibration, sensitivity and tuning windows).
 
     python -m bench.budget --model smollm2-offgrid --set whole --menu clip   # first: the artifacts
-    python -m bench.tune --model smollm2-offgrid --menu clip                 # -> bench/results/tune-smollm2-offgrid-clip.json
+    python -m bench.tune --model smollm2-offgrid --menu clip   # -> bench/results/tune-smollm2-offgrid-clip.json
 
 Prints each row's perplexity before and after, the ratios against uniform whole-model GPTQ-4 (untuned, on
 min-max grids: the issue's baseline; and tuned the same way) and against uniform GPTQ-3, and writes the
-result file. A tuned artifact already in the work directory with the same settings is scored, not redone.
+result file and a plot of each row's training loss beside it (.png). A tuned artifact already in the work
+directory with the same settings is scored, not redone.
 """
 
 from __future__ import annotations
@@ -81,18 +82,42 @@ def main(argv=None) -> None:
     at75, at3, gptq3 = f"{ROWS[3]}{label}", f"{ROWS[2]}{label}", f"{ROWS[1]}{label}"
     if at75 in rows and baseline_file.is_file():
         plain4 = json.loads(baseline_file.read_text())["rows"][ROWS[0]]["value"]
-        checks["tuned, at 75% of GPTQ-4's bytes / uniform GPTQ-4 on min-max grids, untuned"] = rows[at75]["value"] / plain4
+        checks["tuned, at 75% of GPTQ-4's bytes / uniform GPTQ-4 on min-max grids, untuned"] = \
+            rows[at75]["value"] / plain4
     if at75 in rows and gptq4 in rows:
         checks["tuned, at 75% of GPTQ-4's bytes / uniform GPTQ-4, tuned"] = rows[at75]["value"] / rows[gptq4]["value"]
     if at3 in rows and gptq3 in rows:
         checks["tuned, at GPTQ-3's bytes / uniform GPTQ-3, tuned"] = rows[at3]["value"] / rows[gptq3]["value"]
     result = {"model": args.model, "menu": args.menu, "source": source_file.name, "metric": "perplexity",
-              "eval_samples": args.eval_samples, "tune": {k: v for k, v in vars(config).items() if k != "text"},
+              "eval_samples": args.eval_samples,
+              "tune": {**{k: v for k, v in vars(config).items() if k != "text"}, "seq_len": args.seq_len},
               "rows": rows, "checks": checks, "threads": torch.get_num_threads()}
     out_file = args.out or RESULTS / f"tune-{args.model}{suffix}.json"
     out_file.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out_file.with_suffix(".png"))
     for name, value in checks.items():
         print(f"{name}: {value:.3f}")
+
+
+def plot(result: dict, path: Path) -> None:
+    """The distillation KL on the tuning windows at each step, one line per row (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in result["rows"].items():
+        ax.plot(range(1, len(r["kl_by_step"]) + 1), r["kl_by_step"], label=f"{name} ({r['total_bytes'] / 1e6:.1f} MB)")
+    ax.set_yscale("log")
+    tune = result["tune"]
+    ax.set_xlabel(f"tuning step ({tune['batch_size']} windows of {tune['seq_len']} tokens each)")
+    ax.set_ylabel("KL(teacher || model) on the step's windows")
+    ax.set_title(f"luq tune on {result['model']}: the training loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _reuse(out: Path, artifact: Path, config) -> dict | None:

@@ -288,8 +288,9 @@ def tune(artifact: Path | str, out: Path | str, config: TuneConfig = TuneConfig(
     if written != report["total_bytes"]:
         raise RuntimeError(f"the tuned artifact holds {written} tensor bytes, its source {report['total_bytes']}")
     checkpoint.unlink(missing_ok=True)
-    log(f"tuned {len(scale_params)} weights' scales over {config.steps} steps: KL {report['tuning']['kl_first_steps']:.4f}"
-        f" -> {report['tuning']['kl_last_steps']:.4f} on the tuning windows; wrote {out}")
+    first, last = report["tuning"]["kl_first_steps"], report["tuning"]["kl_last_steps"]
+    log(f"tuned {len(scale_params)} weights' scales over {config.steps} steps: KL {first:.4f} -> {last:.4f} on the "
+        f"tuning windows; wrote {out}")
     return json.loads((out / REPORT).read_text())
 
 
