@@ -105,6 +105,11 @@ def test_refusals_name_the_problem(smollm2_artifacts, tmp_path):
     source = smollm2_artifacts["embed"]
     with pytest.raises(LuqError, match="no quantized model"):
         tune(tmp_path / "nothing", tmp_path / "out", TuneConfig(**QUICK), progress=False, log=lambda s: None)
+    from tiny_models import tiny_llama_dir
+
+    other = tiny_llama_dir(tmp_path / "other")   # a teacher that is not the artifact's model
+    with pytest.raises(LuqError, match="output head of"):
+        tune(source, tmp_path / "out", TuneConfig(**dict(QUICK, teacher=str(other))), progress=False, log=lambda s: None)
     with pytest.raises(LuqError, match="tuning windows"):
         tune(source, tmp_path / "out", TuneConfig(**dict(QUICK, windows=10 ** 6, batch_size=2)),
              progress=False, log=lambda s: None)

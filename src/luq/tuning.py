@@ -208,13 +208,13 @@ def tune(artifact: Path | str, out: Path | str, config: TuneConfig = TuneConfig(
     device = check_device(device)
     t_start = time.perf_counter()
     student, tokenizer, _ = load(artifact, device, torch.float32, verify=False)
+    teacher_name = config.teacher or report.get("model")
+    teacher, _, _ = load_model(teacher_name, device, torch.float32)
+    _check_teacher(teacher, student, teacher_name)
     tuned = attach(student)
     if not tuned:
         raise LuqError(f"{artifact} has no GPTQ-format weight: nothing for luq tune to train "
                        "(llama.cpp's block types and binarized weights keep their scales)")
-    teacher_name = config.teacher or report.get("model")
-    teacher, _, _ = load_model(teacher_name, device, torch.float32)
-    _check_teacher(teacher, student, teacher_name)
 
     calibration = report.get("calibration") or {}
     seq_len = config.seq_len or int(calibration.get("seq_len") or 256)
