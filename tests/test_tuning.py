@@ -109,7 +109,8 @@ def test_refusals_name_the_problem(smollm2_artifacts, tmp_path):
 
     other = tiny_llama_dir(tmp_path / "other")   # a teacher that is not the artifact's model
     with pytest.raises(LuqError, match="output head of"):
-        tune(source, tmp_path / "out", TuneConfig(**dict(QUICK, teacher=str(other))), progress=False, log=lambda s: None)
+        tune(source, tmp_path / "out", TuneConfig(**dict(QUICK, teacher=str(other))), progress=False,
+             log=lambda s: None)
     with pytest.raises(LuqError, match="tuning windows"):
         tune(source, tmp_path / "out", TuneConfig(**dict(QUICK, windows=10 ** 6, batch_size=2)),
              progress=False, log=lambda s: None)

@@ -291,17 +291,18 @@ def rebuild_quantized_modules(model: nn.Module, qconfig: Mapping, keys: Iterable
         embedding = submodule(name)
         packed = QuantEmbedding(packed_weight(name, wconfig, list(embedding.weight.shape)), embedding.padding_idx,
                                 embed_scale(embedding), dtype)
-        _set_module(model, name, packed)
+        set_module(model, name, packed)
         for head, source in tied_heads.items():
             if source == name:
-                _set_module(model, head, TiedQuantHead(packed, bias(head)))
+                set_module(model, head, TiedQuantHead(packed, bias(head)))
     for name, wconfig in (qconfig.get("modules") or {}).items():
         linear = submodule(name)
         weight = packed_weight(name, wconfig, [linear.out_features, linear.in_features])
-        _set_module(model, name, QuantLinear(weight, bias(name)))
+        set_module(model, name, QuantLinear(weight, bias(name)))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted name `name` of `model`."""
     owner, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner) if owner else model, attr, module)
 

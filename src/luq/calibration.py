@@ -95,6 +95,11 @@ def _hub_text(name: str) -> str:
     return "\n\n".join(t for t in rows[column] if t)
 
 
+def _windows_at(token_ids: torch.Tensor, slots: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The windows of seq_len tokens at these slots of the text: [len(slots), seq_len]."""
+    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in slots.tolist()])
+
+
 def text_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """n non-overlapping windows of seq_len tokens at seeded random places: [n, seq_len]."""
     slots = token_ids.numel() // seq_len
@@ -103,7 +108,7 @@ def text_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int) -> to
                        f"{n} x {seq_len} = {n * seq_len:,} needed; give more text or lower --samples/--seq-len")
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(slots, generator=g)[:n].sort().values
-    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+    return _windows_at(token_ids, chosen, seq_len)
 
 
 def validation_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int, n_calibration: int) -> torch.Tensor:
@@ -115,7 +120,7 @@ def validation_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int,
                        f"{n} validation windows of {seq_len} tokens need; give more text or fewer samples")
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(slots, generator=g)[n_calibration:n_calibration + n].sort().values
-    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+    return _windows_at(token_ids, chosen, seq_len)
 
 
 def sensitivity_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int, reserved: int) -> torch.Tensor:
@@ -128,7 +133,7 @@ def sensitivity_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int
                        f"{n} sensitivity windows of {seq_len} tokens need; give more text or fewer samples")
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(slots, generator=g)[slots - n:].sort().values
-    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+    return _windows_at(token_ids, chosen, seq_len)
 
 
 def tuning_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -143,7 +148,7 @@ def tuning_windows(token_ids: torch.Tensor, n: int, seq_len: int, seed: int) -> 
     g = torch.Generator().manual_seed(seed)
     middle = slots // 2 - n // 2
     chosen = torch.randperm(slots, generator=g)[middle:middle + n].sort().values
-    return torch.stack([token_ids[s * seq_len:(s + 1) * seq_len] for s in chosen.tolist()])
+    return _windows_at(token_ids, chosen, seq_len)
 
 
 def text_token_ids(tokenizer, source: str | None) -> torch.Tensor:

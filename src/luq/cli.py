@@ -162,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("gguf",))
     p.add_argument("--out", required=True, type=Path, help="file to write")
 
-    p = sub.add_parser("tune", help="train a GPTQ artifact's scales and norms end to end against its full-precision model",
+    p = sub.add_parser("tune",
+                       help="train a GPTQ artifact's scales and norms end to end against its full-precision model",
                        description="Distil the full-precision model into the quantized artifact DIR: the fp16 scales "
                                    "of its GPTQ-format weights and its norm weights learn to match the teacher's "
                                    "next-token distributions on calibration text (codes, formats and bytes "
                                    "unchanged), written as a new artifact. Resumes after an interruption.")
-    p.add_argument("dir", type=Path, help="luq artifact directory (the source; not changed)")
+    p.add_argument("dir", type=Path, help="luq artifact directory (changed only when --out names it too)")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from luq.artifact import (CONFIG, REPORT, check_quantization_config, load, stored_tensor_specs, verify_artifact,
-                          write_artifact)
+from luq.artifact import (CONFIG, REPORT, check_quantization_config, load, set_module, stored_tensor_specs,
+                          verify_artifact, write_artifact)
 from luq.calibration import text_token_ids, tuning_windows
 from luq.checks import check_out_dir
 from luq.errors import LuqError
@@ -132,11 +132,6 @@ class _TrainEmbedding(nn.Module):
         return F.embedding(ids, self.scales.weight().to(self.dtype)) * self.multiplier
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, attr, module)
-
-
 def attach(model: nn.Module) -> dict[str, TunedScales]:
     """Swap every GPTQ-format packed module of `model` for a trainable one (in place); the trainable
     scales by module name (a tied head shares its embedding's). Other packed modules stay."""
@@ -145,15 +140,15 @@ def attach(model: nn.Module) -> dict[str, TunedScales]:
     for name, m in modules.items():
         if isinstance(m, QuantEmbedding) and m.weight_config["method"] == GPTQWeight.method:
             tuned[name] = TunedScales(m.quantized_weight)
-            _set_module(model, name, _TrainEmbedding(tuned[name], m))
+            set_module(model, name, _TrainEmbedding(tuned[name], m))
     for name, m in modules.items():
         if isinstance(m, QuantLinear) and m.weight_config["method"] == GPTQWeight.method:
             tuned[name] = TunedScales(m.quantized_weight)
-            _set_module(model, name, _TrainLinear(tuned[name], m.bias))
+            set_module(model, name, _TrainLinear(tuned[name], m.bias))
         elif isinstance(m, TiedQuantHead):
             owner = next((n for n, e in modules.items() if e is m.embedding), None)
             if owner in tuned:
-                _set_module(model, name, _TrainLinear(tuned[owner], m.bias))
+                set_module(model, name, _TrainLinear(tuned[owner], m.bias))
     return tuned
 
 
@@ -165,14 +160,14 @@ def detach(model: nn.Module, tuned: dict[str, TunedScales]) -> None:
         if isinstance(m, _TrainEmbedding):
             packed = QuantEmbedding(m.scales.tuned(), m.padding_idx, m.multiplier, m.dtype)
             embeddings[id(m.scales)] = packed
-            _set_module(model, name, packed)
+            set_module(model, name, packed)
     for name, m in modules.items():
         if isinstance(m, _TrainLinear):
             if id(m.scales) in embeddings:
-                _set_module(model, name, TiedQuantHead(embeddings[id(m.scales)], m.bias))
+                set_module(model, name, TiedQuantHead(embeddings[id(m.scales)], m.bias))
             else:
                 bias = None if m.bias is None else m.bias.detach()
-                _set_module(model, name, QuantLinear(m.scales.tuned(), bias))
+                set_module(model, name, QuantLinear(m.scales.tuned(), bias))
 
 
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -320,7 +315,8 @@ def _vector_dtype(artifact: Path, storage_dtype: torch.dtype) -> torch.dtype | N
 
 
 def _run_key(manifest: dict, config: TuneConfig, seq_len: int, text, teacher) -> str:
-    what = {"source": manifest["files"], "config": asdict(config), "seq_len": seq_len, "text": text, "teacher": teacher}
+    settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
+    what = {"source": manifest["files"], "config": settings, "seq_len": seq_len, "text": text, "teacher": teacher}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
