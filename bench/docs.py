@@ -683,6 +683,9 @@ def tuned(run):
 
 
 table("tuned-smollm2-offgrid-clip", f"{RESULTS}/tune-smollm2-offgrid-clip.json")(tuned)
+# four times the text and twice the steps, the rates decayed (cosine), on the two rows of the 75% target
+table("tuned-smollm2-offgrid-clip-s100-w512-cosine",
+      f"{RESULTS}/tune-smollm2-offgrid-clip-s100-w512-cosine.json")(tuned)
 
 
 def _types(types: dict[str, int]) -> str:
@@ -693,7 +696,8 @@ def _types(types: dict[str, int]) -> str:
 def _gguf_name(r) -> str:
     if r["tool"] == "luq":
         held = {"auto": "", "file": ", its file's speed", "none": ", --speed-of none"}[gguf_bench.speed_of(r)]
-        return f"luq at {gguf_bench.preset_of(r)}{held}"
+        tuned = f", luq tune {r['tune_steps']} steps" if r.get("tune_steps") else ""
+        return f"luq at {gguf_bench.preset_of(r)}{held}{tuned}"
     if r["tool"] == "auto-round":   # autoround-Q4_K_M-i50
         preset = r["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
         how = f"{r['iters']} iters" if r["iters"] else "no tuning, imatrix RTN"
@@ -731,6 +735,7 @@ def gguf_pairs(g):
         peer = by_name.get(target, smallest)
         how = {"auto": _held_to(r), "file": "bytes, that file's speed",
                "none": "bytes"}[gguf_bench.speed_of(r)]
+        how += f", then luq tune {r['tune_steps']} steps" if r.get("tune_steps") else ""
         if "error" in r:
             rows.append([target, how, mb(peer["tensor_bytes"]), f"{peer['kl_divergence']:.4f}", "", "", "", "",
                          r["error"]])
@@ -752,6 +757,7 @@ for _model in ("smollm2-offgrid", "smollm2"):   # every file of a bench.gguf run
     table(f"gguf-{_model}", f"{RESULTS}/gguf-{_model}.json")(gguf_rows)
     table(f"gguf-{_model}-pairs", f"{RESULTS}/gguf-{_model}.json")(gguf_pairs)
 table("gguf-smollm2-offgrid-autoround", f"{RESULTS}/gguf-smollm2-offgrid-autoround.json")(gguf_rows)   # + AutoRound
+table("gguf-smollm2-offgrid-tuned-pairs", f"{RESULTS}/gguf-smollm2-offgrid-tuned.json")(gguf_pairs)   # + luq tune
 
 
 def _frontier_name(r) -> str:

@@ -57,6 +57,7 @@ LUQ_FAST_AT = ()   # --speed-of auto holds to the same preset, as llama-quantize
 LUQ_FREE_AT = ("Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 # the decode speed a luq row's plan is held to -> its name's prefix
 PREFIX = {"auto": "luq-at-", "file": "luq-fast-at-", "none": "luq-free-at-"}
+TUNED = "-tuned-s"   # a luq row's name suffix after `luq tune`: luq-at-Q2_K-tuned-s50
 CALIB_CHARS, HELDOUT_CHARS = 2_000_000, 400_000
 
 
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="a preset: luq at its tensor bytes held to the decode speed of that very file (--speed-of FILE)")
     p.add_argument("--luq-free-at", nargs="*", default=list(LUQ_FREE_AT),
                    help="a preset: luq at its tensor bytes held to no decode speed (--speed-of none: least KL)")
+    p.add_argument("--luq-tuned-at", nargs="*", default=[],
+                   help="a preset or size of --luq-at: that file again after `luq tune` (default none)")
+    p.add_argument("--tune-steps", type=int, default=50, help="luq tune --steps of the --luq-tuned-at rows")
     p.add_argument("--autoround", nargs="*", default=[], metavar="SCHEME",
                    help="AutoRound's GGUF at these schemes too (gguf:q4_k_m gguf:q4_0 ...; default none)")
     p.add_argument("--autoround-python", type=Path, default=None,
@@ -231,27 +235,35 @@ def main(argv: list[str] | None = None) -> None:
         print(_line(rows[-1]), flush=True)
 
     sizes = {r["name"]: r["tensor_bytes"] for r in rows if "tensor_bytes" in r}
-    targets = ([(t, "auto") for t in args.luq_at] + [(t, "file") for t in args.luq_fast_at]
-               + [(t, "none") for t in args.luq_free_at])
-    for target, speed_of in targets:
+    targets = ([(t, "auto", 0) for t in args.luq_at] + [(t, "file", 0) for t in args.luq_fast_at]
+               + [(t, "none", 0) for t in args.luq_free_at] + [(t, "auto", args.tune_steps) for t in args.luq_tuned_at])
+    for target, speed_of, tune_steps in targets:
         nbytes = sizes.get(target) if not target.upper().endswith("MB") else int(float(target[:-2]) * 1e6)
         if nbytes is None:
             print(f"luq at {target}: no such preset measured", flush=True)
             continue
         tag = PREFIX[speed_of] + target
         row = {"tool": "luq", "name": tag, "budget_bytes": nbytes, "speed_of": speed_of}
-        d = out / tag
-        command = ["quantize", args.model, "--out", d, "--formats", "ggml", "--budget-gb", f"{nbytes / 1e9:.9f}",
+        d = source = out / tag
+        if tune_steps:   # the same artifact as the untuned row, then `luq tune` of it
+            d = out / f"{tag}{TUNED}{tune_steps}"
+            row.update(name=d.name, tune_steps=tune_steps)
+            tune_command = ["tune", source, "--out", d, "--steps", str(tune_steps)]
+        command = ["quantize", args.model, "--out", source, "--formats", "ggml", "--budget-gb", f"{nbytes / 1e9:.9f}",
                    "--calib-text", calib, "--samples", "16", "--seq-len", "256", "--seed", "0"]
         if speed_of == "file":
             command += ["--speed-of", out / f"llama-{target}.gguf"]
         elif speed_of == "none":
             command += ["--speed-of", "none"]
         row["command"] = "luq " + " ".join(map(str, command)).replace(str(work) + "/", "")
+        if tune_steps:
+            row["command"] += "; luq " + " ".join(map(str, tune_command)).replace(str(work) + "/", "")
         try:
             started = time.perf_counter()
-            if not (d / "luq_report.json").is_file():
+            if not (source / "luq_report.json").is_file():
                 luq_cli(*command)
+            if tune_steps and not (d / "luq_report.json").is_file():
+                luq_cli(*tune_command)
             gguf_file = d.parent / f"{tag}.gguf"
             if not gguf_file.is_file() or gguf_file.stat().st_mtime < (d / "luq_report.json").stat().st_mtime:
                 luq_cli("export", d, "--format", "gguf", "--out", gguf_file)
@@ -349,7 +361,7 @@ def preset_of(row: dict) -> str:
         return row["name"].removeprefix("autoround-").rsplit("-i", 1)[0]
     for prefix in PREFIX.values():
         if row["name"].startswith(prefix):
-            return row["name"].removeprefix(prefix)
+            return row["name"].removeprefix(prefix).split(TUNED)[0]
     return row["name"]
 
 
@@ -359,6 +371,10 @@ def speed_of(row: dict) -> str:
     if "speed_of" in row:
         return row["speed_of"]
     return "file" if row["name"].startswith(PREFIX["file"]) else "none"
+
+
+def _luq_series(row: dict) -> str:
+    return "tuned" if row.get("tune_steps") else speed_of(row)
 
 
 def _line(row: dict) -> str:
@@ -379,12 +395,13 @@ def plot(result: dict, path: Path) -> None:
     series = [("llama.cpp", None, "o-", "imatrix presets"),
               ("luq", "auto", "s-", "--formats ggml, budget; as fast as the preset that fits"),
               ("luq", "file", "D-", "the same held to that very file, --speed-of FILE"),
-              ("luq", "none", "x--", "least KL however it decodes, --speed-of none")]
+              ("luq", "none", "x--", "least KL however it decodes, --speed-of none"),
+              ("luq", "tuned", "P-", "as fast as the preset, then luq tune")]
     series += [("auto-round", n, "^-" if n else "v-", f"its GGUF export, {n} iters" if n else "its GGUF export, no tuning")
                for n in sorted({r["iters"] for r in result["rows"] if r["tool"] == "auto-round" and "iters" in r})]
     for tool, iters, style, what in series:   # one line per tool (AutoRound: per tuning steps)
         rows = sorted((r for r in result["rows"] if r["tool"] == tool and "error" not in r
-                       and (iters is None or (speed_of(r) if tool == "luq" else r["iters"]) == iters)),
+                       and (iters is None or (_luq_series(r) if tool == "luq" else r["iters"]) == iters)),
                       key=lambda r: r["file_bytes"])
         if not rows:
             continue

@@ -36,6 +36,10 @@ def main(argv=None) -> None:
     add_model_args(p)
     p.add_argument("--menu", choices=("default", "clip"), default="clip", help="which bench.budget --set whole run")
     p.add_argument("--steps", type=int, default=50, help="luq tune --steps")
+    p.add_argument("--windows", type=int, default=luq.TuneConfig.windows, help="luq tune --windows")
+    p.add_argument("--batch-size", type=int, default=luq.TuneConfig.batch_size, help="luq tune --batch-size")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=luq.TuneConfig.schedule,
+                   help="luq tune --schedule")
     p.add_argument("--rows", default=None, help="comma-separated row numbers (1-4 of ROWS) to tune; default all")
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--vqa-per-kind", type=int, default=15)
@@ -50,7 +54,8 @@ def main(argv=None) -> None:
     source = json.loads(source_file.read_text())
     work = work_dir(args.model)
     calibration = calibration_of(args)
-    config = luq.TuneConfig(steps=args.steps)
+    config = luq.TuneConfig(steps=args.steps, windows=args.windows, batch_size=args.batch_size,
+                            schedule=args.schedule)
     picked = [ROWS[int(i) - 1] for i in args.rows.split(",")] if args.rows else list(ROWS)
 
     rows = {}
@@ -61,7 +66,7 @@ def main(argv=None) -> None:
         if not (artifact / "luq_report.json").is_file():
             raise SystemExit(f"no artifact {artifact}: rerun `python -m bench.budget --model {args.model} --set whole"
                              f"{' --menu clip' if suffix else ''}`")
-        out = work / f"{before['name']}-tuned-s{args.steps}"
+        out = work / f"{before['name']}-tuned-{_tag(config)}"
         t0 = time.perf_counter()
         report = _reuse(out, artifact, config) or luq.tune(artifact, out, config, log=lambda s: None)
         seconds = report["seconds"]["tune"]
@@ -120,6 +125,16 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _tag(config) -> str:
+    """The tuned artifact's name suffix: the steps, and each setting that is not luq tune's default."""
+    default = luq.TuneConfig()
+    tag = f"s{config.steps}"
+    for key, short in (("windows", "w"), ("batch_size", "b"), ("schedule", "")):
+        if getattr(config, key) != getattr(default, key):
+            tag += f"-{short}{getattr(config, key)}"
+    return tag
+
+
 def _reuse(out: Path, artifact: Path, config) -> dict | None:
     """The report of a tuned artifact already at `out` made from `artifact` with these settings, else None."""
     path = out / "luq_report.json"
@@ -127,8 +142,9 @@ def _reuse(out: Path, artifact: Path, config) -> dict | None:
         return None
     report = json.loads(path.read_text())
     tuning = report.get("tuning") or {}
+    default = vars(luq.TuneConfig())   # a setting a report does not name ran at its default then
     same = tuning.get("source") == str(artifact) and all(
-        tuning.get(k) == v for k, v in vars(config).items()
+        tuning.get(k, default[k]) == v for k, v in vars(config).items()
         if v is not None and k not in ("text", "teacher", "checkpoint_every"))
     return report if same else None
 

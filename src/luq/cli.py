@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-dtype", default="float16", help="dtype of the unquantized tensors (default float16)")
     p.add_argument("--cache-dir", type=Path, default=None, help="variant cache root (default: $LUQ_CACHE/variants)")
     p.add_argument("--tune-steps", type=int, default=None, metavar="N",
-                   help="then tune the artifact in place for N steps (`luq tune`: its GPTQ scales and norms trained "
-                        "against the full-precision model)")
+                   help="then tune the artifact in place for N steps (`luq tune`: its GPTQ and llama.cpp block "
+                        "scales and its norms trained against the full-precision model)")
     p.add_argument("--export", default=None, choices=("gguf",),
                    help="also write the artifact as OUT.gguf for llama.cpp (every tensor needs a ggml form: "
                         "--formats ggml)")
@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="file to write")
 
     p = sub.add_parser("tune",
-                       help="train a GPTQ artifact's scales and norms end to end against its full-precision model",
+                       help="train an artifact's scales and norms end to end against its full-precision model",
                        description="Distil the full-precision model into the quantized artifact DIR: the fp16 scales "
-                                   "of its GPTQ-format weights and its norm weights learn to match the teacher's "
+                                   "of its GPTQ-format weights (of each group) and of its llama.cpp-type weights "
+                                   "(each block's d) and its norm weights learn to match the teacher's "
                                    "next-token distributions on calibration text (codes, formats and bytes "
                                    "unchanged), written as a new artifact. Resumes after an interruption.")
     p.add_argument("dir", type=Path, help="luq artifact directory (changed only when --out names it too)")
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the artifact's calibration)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam step of the scales' relative change (default 2e-3)")
     p.add_argument("--norm-lr", type=float, default=1e-3, help="Adam step of the norm weights; 0 freezes them")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rates kept (constant, default) or decayed to 0 over the steps (cosine)")
     p.add_argument("--calib-text", metavar="SRC", default=None,
                    help="text to tune on (default: the artifact's calibration text)")
     p.add_argument("--teacher", default=None, help="full-precision model (default: the one the artifact was made from)")
@@ -306,7 +309,8 @@ def cmd_tune(args) -> None:
     from luq.tuning import TuneConfig, tune
 
     config = TuneConfig(steps=args.steps, batch_size=args.batch_size, windows=args.windows, seq_len=args.seq_len,
-                        lr=args.lr, norm_lr=args.norm_lr, text=args.calib_text, teacher=args.teacher, seed=args.seed)
+                        lr=args.lr, norm_lr=args.norm_lr, schedule=args.schedule, text=args.calib_text,
+                        teacher=args.teacher, seed=args.seed)
     tune(args.dir, args.out, config, device=args.device)
 
 

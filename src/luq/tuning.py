@@ -7,13 +7,15 @@ with every stored integer code held fixed. What trains:
 - the fp16 scale of every (row, group) of a GPTQ-format weight (W_hat = scale * (code - zero)), as
   scale0 * (1 + t) with t starting at zero, so one learning rate moves every scale by the same
   relative step; the embedding and a head tied to it share theirs;
+- the fp16 scale d of every block of a weight in a llama.cpp type, the same way; its min field (m or
+  dmin of the affine types), like GPTQ's zeros, and the K-quants' integer sub-block scales and mins
+  stay with the codes, so a tuned GGUF holds the same types and bytes but for the block scales;
 - the norm weights (stored floats; `norm_lr=0` freezes them).
 
-Weights with no free float scale to train (llama.cpp's block types, whose scales are themselves
-quantized; binarized weights) are kept as they are. Formats, plan and bytes are unchanged: the result
-is an artifact like its source, with a `tuning` section in its report. This is the end-to-end step of
-EfficientQAT (Chen et al. 2024, "E2E-QP": codes frozen, step sizes trained), with the teacher's
-distribution as the target in place of the next token.
+Binarized weights, whose scales are not stored as free floats, are kept as they are. Formats, plan
+and bytes are unchanged: the result is an artifact like its source, with a `tuning` section in its
+report. This is the end-to-end step of EfficientQAT (Chen et al. 2024, "E2E-QP": codes frozen, step
+sizes trained), with the teacher's distribution as the target in place of the next token.
 
 The text windows are the calibration text's, drawn from the middle of the permutation that calibration,
 validation and sensitivity windows share (`luq.calibration.tuning_windows`): disjoint from all three,
@@ -24,6 +26,7 @@ cache; the same command resumes from it after an interruption.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import time
 from collections.abc import Callable
@@ -41,6 +44,7 @@ from luq.checks import check_out_dir
 from luq.errors import LuqError
 from luq.models.loading import check_device, load_model, parse_dtype
 from luq.quant.embedding import QuantEmbedding, TiedQuantHead
+from luq.quant.ggml import GGMLWeight, block_type, fp16_fields, with_fp16_fields
 from luq.quant.gptq import GPTQWeight
 from luq.quant.linear import QuantLinear
 from luq.quant.packing import unpack_bits
@@ -48,6 +52,7 @@ from luq.store import atomic_write, cache_root
 
 # a scale may shrink to half or grow to twice its solved value, no further (its sign never flips)
 SCALE_RANGE = (-0.5, 1.0)
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -55,6 +60,7 @@ class TuneConfig:
     """steps: optimizer steps of batch_size windows of seq_len tokens (default: the artifact's calibration
     length), drawn in turn from `windows` windows of `text` (default: the artifact's calibration text).
     lr: Adam's step for the relative scale change t; norm_lr: for the norm weights (0: frozen).
+    schedule: "constant" keeps both steps; "cosine" decays them to 0 over the run (half a cosine).
     teacher: the full-precision model (default: the one the artifact was made from)."""
 
     steps: int = 50
@@ -63,6 +69,7 @@ class TuneConfig:
     seq_len: int | None = None
     lr: float = 2e-3
     norm_lr: float = 1e-3
+    schedule: str = "constant"
     text: str | None = None
     teacher: str | None = None
     seed: int = 0
@@ -76,6 +83,8 @@ class TuneConfig:
             raise LuqError(f"tuning --seq-len must be at least 2, got {self.seq_len}")
         if self.lr <= 0 or self.norm_lr < 0:
             raise LuqError(f"tuning needs --lr > 0 and --norm-lr >= 0, got {self.lr} and {self.norm_lr}")
+        if self.schedule not in SCHEDULES:
+            raise LuqError(f"unknown tuning schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.batch_size > self.windows:
             raise LuqError(f"--batch-size {self.batch_size} is more than the {self.windows} --windows")
 
@@ -113,6 +122,38 @@ class TunedScales(nn.Module):
                           src.shape, src.bits, src.group_size)
 
 
+class TunedBlocks(TunedScales):
+    """A weight in a llama.cpp block type with its blocks' scale d trainable: W_hat = d0 * (1 + t) [row, block]
+    * basis + offset, where the basis is what the block's codes and integer sub-block scales decode to, and
+    the offset what its min field (m or dmin, in the affine types) does, kept as stored: like GPTQ's zeros,
+    the offsets do not train. (Trained too, a min moves every weight of its block at once; measured on the
+    test model, that made the run diverge at learning rates where scales alone did not.)"""
+
+    def __init__(self, qweight: GGMLWeight):
+        nn.Module.__init__(self)
+        fields, bases = fp16_fields(qweight)
+        self.source, self.block = qweight, block_type(qweight.type).block
+        offset = sum((self._spread(fields[..., f]) * bases[f] for f in range(1, fields.shape[-1])),
+                     torch.zeros(qweight.shape, device=bases.device))
+        self.register_buffer("basis", bases[0])
+        self.register_buffer("offset", offset)
+        self.register_buffer("mins", fields[..., 1:])
+        self.register_buffer("scale0", fields[..., 0])
+        self.t = nn.Parameter(torch.zeros_like(self.scale0))
+
+    def _spread(self, per_block: torch.Tensor) -> torch.Tensor:
+        return per_block.repeat_interleave(self.block, 1)
+
+    def weight(self) -> torch.Tensor:
+        return self._spread(self.scales()) * self.basis + self.offset
+
+    def tuned(self) -> GGMLWeight:
+        return with_fp16_fields(self.source, torch.cat([self.scales().detach().unsqueeze(-1), self.mins], -1))
+
+
+TRAINABLE = {GPTQWeight.method: TunedScales, GGMLWeight.method: TunedBlocks}   # stored method -> what trains
+
+
 class _TrainLinear(nn.Module):
     def __init__(self, scales: TunedScales, bias: torch.Tensor | None):
         super().__init__()
@@ -133,17 +174,17 @@ class _TrainEmbedding(nn.Module):
 
 
 def attach(model: nn.Module) -> dict[str, TunedScales]:
-    """Swap every GPTQ-format packed module of `model` for a trainable one (in place); the trainable
-    scales by module name (a tied head shares its embedding's). Other packed modules stay."""
+    """Swap every GPTQ-format or ggml-type packed module of `model` for a trainable one (in place); the
+    trainable scales by module name (a tied head shares its embedding's). Other packed modules stay."""
     modules = dict(model.named_modules())
     tuned: dict[str, TunedScales] = {}
     for name, m in modules.items():
-        if isinstance(m, QuantEmbedding) and m.weight_config["method"] == GPTQWeight.method:
-            tuned[name] = TunedScales(m.quantized_weight)
+        if isinstance(m, QuantEmbedding) and m.weight_config["method"] in TRAINABLE:
+            tuned[name] = TRAINABLE[m.weight_config["method"]](m.quantized_weight)
             set_module(model, name, _TrainEmbedding(tuned[name], m))
     for name, m in modules.items():
-        if isinstance(m, QuantLinear) and m.weight_config["method"] == GPTQWeight.method:
-            tuned[name] = TunedScales(m.quantized_weight)
+        if isinstance(m, QuantLinear) and m.weight_config["method"] in TRAINABLE:
+            tuned[name] = TRAINABLE[m.weight_config["method"]](m.quantized_weight)
             set_module(model, name, _TrainLinear(tuned[name], m.bias))
         elif isinstance(m, TiedQuantHead):
             owner = next((n for n, e in modules.items() if e is m.embedding), None)
@@ -208,8 +249,8 @@ def tune(artifact: Path | str, out: Path | str, config: TuneConfig = TuneConfig(
     _check_teacher(teacher, student, teacher_name)
     tuned = attach(student)
     if not tuned:
-        raise LuqError(f"{artifact} has no GPTQ-format weight: nothing for luq tune to train "
-                       "(llama.cpp's block types and binarized weights keep their scales)")
+        raise LuqError(f"{artifact} has no GPTQ-format or llama.cpp-type weight: nothing for luq tune to train "
+                       "(binarized weights keep their scales)")
 
     calibration = report.get("calibration") or {}
     seq_len = config.seq_len or int(calibration.get("seq_len") or 256)
@@ -236,6 +277,8 @@ def tune(artifact: Path | str, out: Path | str, config: TuneConfig = TuneConfig(
     bar = tqdm(total=config.steps, initial=start, desc="tune", unit="step", disable=not progress)
     for step in range(start, config.steps):
         batch = windows[order[step]].to(device)
+        for group, base in zip(optimizer.param_groups, (config.lr, config.norm_lr), strict=False):
+            group["lr"] = base * lr_factor(config, step)   # set, not stepped: a resumed run sets the same
         with torch.no_grad():
             target = teacher(input_ids=batch, use_cache=False).logits
         loss = distillation_kl(target, student(input_ids=batch, use_cache=False).logits)
@@ -296,6 +339,13 @@ def _check_teacher(teacher: nn.Module, student: nn.Module, name: str) -> None:
     if t_shape is not None and s_shape is not None and t_shape != s_shape:
         raise LuqError(f"teacher {name!r} has an output head of {t_shape}, the quantized model {s_shape}: "
                        "give the model it was made from (--teacher)")
+
+
+def lr_factor(config: TuneConfig, step: int) -> float:
+    """The learning rates' multiplier at a step: 1, or half a cosine from 1 at step 0 to 0 after the last."""
+    if config.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps))
 
 
 def _window_order(config: TuneConfig, n_windows: int) -> list[torch.Tensor]:
