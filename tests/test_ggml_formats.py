@@ -201,14 +201,14 @@ def test_fp16_fields_and_their_bases_rebuild_the_weight(type, name):
     q = solved(type, name, "rtn")
     fields, bases = fp16_fields(q)
     t = block_type(type)
-    assert fields.shape == (q.shape[0], q.shape[1] // t.block, len(t.fp16_fields)) and bases.dtype == torch.int16
+    assert fields.shape == (q.shape[0], q.shape[1] // t.block, len(t.fp16_offsets)) and bases.dtype == torch.int16
     rebuilt = sum(fields[..., f].repeat_interleave(t.block, 1) * bases[f] for f in range(fields.shape[-1]))
     assert torch.equal(rebuilt, q.dequantize())
     assert torch.equal(with_fp16_fields(q, fields).blocks, q.blocks)
     noise = torch.randn(fields.shape, generator=torch.Generator().manual_seed(0))
     moved = with_fp16_fields(q, fields * (1 + 0.05 * noise))
     outside = torch.ones(t.type_size, dtype=torch.bool)
-    for at in t.fp16_fields:
+    for at in t.fp16_offsets:
         outside[at:at + 2] = False
     a, b = q.blocks.reshape(-1, t.type_size), moved.blocks.reshape(-1, t.type_size)
     assert torch.equal(a[:, outside], b[:, outside]) and not torch.equal(a, b)

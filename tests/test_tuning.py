@@ -201,7 +201,7 @@ def test_a_llama_cpp_type_artifact_tunes_only_its_block_scales(smollm2_artifacts
         t = block_type(a.type)
         assert (b.type, b.shape, b.blocks.shape) == (a.type, a.shape, a.blocks.shape)
         outside = torch.ones(t.type_size, dtype=torch.bool)
-        outside[t.fp16_fields[0]:t.fp16_fields[0] + 2] = False
+        outside[t.fp16_offsets[0]:t.fp16_offsets[0] + 2] = False
         x, y = a.blocks.reshape(-1, t.type_size), b.blocks.reshape(-1, t.type_size)
         assert torch.equal(x[:, outside], y[:, outside]), name
         moved += not torch.equal(x, y)

@@ -26,8 +26,8 @@ cache; the same command resumes from it after an interruption.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -91,7 +91,18 @@ class TuneConfig:
 
 # ------------------------------------------------------------------------------------ what trains
 
-class TunedScales(nn.Module):
+class _Trainable(nn.Module):
+    """Stored scales scale0 made trainable as scale0 * (1 + t); `weight()` the weight they give, `tuned()` the
+    stored weight with them."""
+
+    scale0: torch.Tensor
+    t: nn.Parameter
+
+    def scales(self) -> torch.Tensor:
+        return self.scale0 * (1 + self.t)
+
+
+class TunedScales(_Trainable):
     """A GPTQ weight with trainable scales: W_hat = scale0 * (1 + t) [row, group] * (code - zero)."""
 
     def __init__(self, qweight: GPTQWeight):
@@ -109,9 +120,6 @@ class TunedScales(nn.Module):
         self.register_buffer("scale0", qweight.scales.float())
         self.t = nn.Parameter(torch.zeros_like(self.scale0))
 
-    def scales(self) -> torch.Tensor:
-        return self.scale0 * (1 + self.t)
-
     def weight(self) -> torch.Tensor:
         return self.scales()[:, self.groups] * self.centred
 
@@ -122,7 +130,7 @@ class TunedScales(nn.Module):
                           src.shape, src.bits, src.group_size)
 
 
-class TunedBlocks(TunedScales):
+class TunedBlocks(_Trainable):
     """A weight in a llama.cpp block type with its blocks' scale d trainable: W_hat = d0 * (1 + t) [row, block]
     * basis + offset, where the basis is what the block's codes and integer sub-block scales decode to, and
     the offset what its min field (m or dmin, in the affine types) does, kept as stored: like GPTQ's zeros,
@@ -130,7 +138,7 @@ class TunedBlocks(TunedScales):
     test model, that made the run diverge at learning rates where scales alone did not.)"""
 
     def __init__(self, qweight: GGMLWeight):
-        nn.Module.__init__(self)
+        super().__init__()
         fields, bases = fp16_fields(qweight)
         self.source, self.block = qweight, block_type(qweight.type).block
         offset = sum((self._spread(fields[..., f]) * bases[f] for f in range(1, fields.shape[-1])),
@@ -155,7 +163,7 @@ TRAINABLE = {GPTQWeight.method: TunedScales, GGMLWeight.method: TunedBlocks}   #
 
 
 class _TrainLinear(nn.Module):
-    def __init__(self, scales: TunedScales, bias: torch.Tensor | None):
+    def __init__(self, scales: _Trainable, bias: torch.Tensor | None):
         super().__init__()
         self.scales, self.bias = scales, bias
 
@@ -164,7 +172,7 @@ class _TrainLinear(nn.Module):
 
 
 class _TrainEmbedding(nn.Module):
-    def __init__(self, scales: TunedScales, packed: QuantEmbedding):
+    def __init__(self, scales: _Trainable, packed: QuantEmbedding):
         super().__init__()
         self.scales, self.multiplier, self.dtype = scales, packed.scale, packed.compute_dtype
         self.padding_idx = packed.padding_idx
@@ -173,11 +181,11 @@ class _TrainEmbedding(nn.Module):
         return F.embedding(ids, self.scales.weight().to(self.dtype)) * self.multiplier
 
 
-def attach(model: nn.Module) -> dict[str, TunedScales]:
+def attach(model: nn.Module) -> dict[str, _Trainable]:
     """Swap every GPTQ-format or ggml-type packed module of `model` for a trainable one (in place); the
     trainable scales by module name (a tied head shares its embedding's). Other packed modules stay."""
     modules = dict(model.named_modules())
-    tuned: dict[str, TunedScales] = {}
+    tuned: dict[str, _Trainable] = {}
     for name, m in modules.items():
         if isinstance(m, QuantEmbedding) and m.weight_config["method"] in TRAINABLE:
             tuned[name] = TRAINABLE[m.weight_config["method"]](m.quantized_weight)
@@ -193,7 +201,7 @@ def attach(model: nn.Module) -> dict[str, TunedScales]:
     return tuned
 
 
-def detach(model: nn.Module, tuned: dict[str, TunedScales]) -> None:
+def detach(model: nn.Module, tuned: dict[str, _Trainable]) -> None:
     """Put packed modules back in place of the trainable ones, with the trained scales."""
     modules = dict(model.named_modules())
     embeddings: dict[int, QuantEmbedding] = {}

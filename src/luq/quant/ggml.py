@@ -272,7 +272,7 @@ class _BlockType:
     block: int
     type_size: int
     grid: _Scaled | _Affine
-    fp16_fields: tuple[int, ...]   # byte offset in a block of each fp16 field: d, then m or dmin where stored
+    fp16_offsets: tuple[int, ...]   # byte offset in a block of each fp16 field: d, then m or dmin where stored
 
     @property
     def bits_per_weight(self) -> float:
@@ -291,9 +291,9 @@ class _BlockType:
 class _OneScale(_BlockType):
     """Legacy and ternary types: one fp16 d per block (and an fp16 m for q4_1 / q5_1)."""
 
-    def __init__(self, name: str, block: int, type_size: int, grid: _Scaled | _Affine, fp16_fields=(0,)):
+    def __init__(self, name: str, block: int, type_size: int, grid: _Scaled | _Affine, fp16_offsets=(0,)):
         self.name, self.block, self.type_size, self.grid = name, block, type_size, grid
-        self.fp16_fields = fp16_fields
+        self.fp16_offsets = fp16_offsets
 
     def fit(self, x, w):
         n = x.shape[0]
@@ -355,10 +355,10 @@ class _KQuant(_BlockType):
     block = QK_K
 
     def __init__(self, name: str, type_size: int, sub: int, grid: _Scaled | _Affine, sub_scale: _Scaled,
-                 fp16_fields: tuple[int, ...]):
+                 fp16_offsets: tuple[int, ...]):
         self.name, self.type_size, self.sub, self.grid, self.sub_scale = name, type_size, sub, grid, sub_scale
         self.n_sub = QK_K // sub
-        self.fp16_fields = fp16_fields
+        self.fp16_offsets = fp16_offsets
 
     def fit(self, x, w):
         n, k = x.shape[0], self.n_sub
@@ -440,9 +440,9 @@ class _KQuant(_BlockType):
 _TYPES: dict[str, _BlockType] = {t.name: t for t in (
     _OneScale("q8_0", QK, 34, _Scaled(tuple(range(-128, 128)))),
     _OneScale("q5_0", QK, 22, _Scaled(tuple(range(-16, 16)))),
-    _OneScale("q5_1", QK, 24, _Affine(31, nonpositive_min=False), fp16_fields=(0, 2)),
+    _OneScale("q5_1", QK, 24, _Affine(31, nonpositive_min=False), fp16_offsets=(0, 2)),
     _OneScale("q4_0", QK, 18, _Scaled(tuple(range(-8, 8)))),
-    _OneScale("q4_1", QK, 20, _Affine(15, nonpositive_min=False), fp16_fields=(0, 2)),
+    _OneScale("q4_1", QK, 20, _Affine(15, nonpositive_min=False), fp16_offsets=(0, 2)),
     _OneScale("iq4_nl", QK, 18, _Scaled(IQ4_NL_LEVELS)),
     _KQuant("q6_k", 210, 16, _Scaled(tuple(range(-32, 32))), _Scaled(tuple(range(-128, 128))), (208,)),
     _KQuant("q5_k", 176, 32, _Affine(31, nonpositive_min=True), _Scaled(tuple(range(64))), (0, 2)),
@@ -450,8 +450,8 @@ _TYPES: dict[str, _BlockType] = {t.name: t for t in (
     _KQuant("q3_k", 110, 16, _Scaled(tuple(range(-4, 4))), _Scaled(tuple(range(-32, 32))), (108,)),
     _KQuant("q2_k", 84, 16, _Affine(3, nonpositive_min=True), _Scaled(tuple(range(16))), (80, 82)),
     # ternary: the scale placed so that anything from a quarter of the extreme up rounds to +-1 is tried
-    _OneScale("tq2_0", QK_K, 66, _Scaled((-1, 0, 1), spread=(-0.5, 3.0)), fp16_fields=(64,)),
-    _OneScale("tq1_0", QK_K, 54, _Scaled((-1, 0, 1), spread=(-0.5, 3.0)), fp16_fields=(52,)),
+    _OneScale("tq2_0", QK_K, 66, _Scaled((-1, 0, 1), spread=(-0.5, 3.0)), fp16_offsets=(64,)),
+    _OneScale("tq1_0", QK_K, 54, _Scaled((-1, 0, 1), spread=(-0.5, 3.0)), fp16_offsets=(52,)),
 )}
 GGML_TYPES = tuple(_TYPES)
 GGML_BITS = {name: t.bits_per_weight for name, t in _TYPES.items()}   # true bits per weight of each type
@@ -525,12 +525,12 @@ def fp16_fields(weight: GGMLWeight) -> tuple[torch.Tensor, torch.Tensor]:
     t = block_type(weight.type)
     rows, cols = weight.shape
     blocks = weight.blocks.reshape(-1, t.type_size)
-    fields = torch.cat([_read_fp16(blocks, at) for at in t.fp16_fields], 1).reshape(rows, cols // t.block, -1)
+    fields = torch.cat([_read_fp16(blocks, at) for at in t.fp16_offsets], 1).reshape(rows, cols // t.block, -1)
     one, zero = _fp16_bytes(torch.ones(1, 1)), _fp16_bytes(torch.zeros(1, 1))
     bases = []
-    for f in t.fp16_fields:
+    for f in t.fp16_offsets:
         unit = blocks.clone()
-        for at in t.fp16_fields:
+        for at in t.fp16_offsets:
             unit[:, at:at + 2] = (one if at == f else zero).to(unit.device)
         basis = t.decode(unit)
         assert torch.equal(basis, basis.round()) and basis.abs().max() < 2 ** 15, t.name
@@ -543,8 +543,8 @@ def with_fp16_fields(weight: GGMLWeight, fields: torch.Tensor) -> GGMLWeight:
     other byte as it was: the inverse of `fp16_fields`."""
     t = block_type(weight.type)
     blocks = weight.blocks.reshape(-1, t.type_size).clone()
-    flat = fields.detach().reshape(blocks.shape[0], len(t.fp16_fields)).float()
-    for i, at in enumerate(t.fp16_fields):
+    flat = fields.detach().reshape(blocks.shape[0], len(t.fp16_offsets)).float()
+    for i, at in enumerate(t.fp16_offsets):
         blocks[:, at:at + 2] = _fp16_bytes(flat[:, i:i + 1]).to(blocks.device)
     return GGMLWeight(blocks=blocks.reshape(weight.blocks.shape), shape=weight.shape, type=weight.type)
 
