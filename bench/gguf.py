@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                        predicted_kl_lower_bound=speed.get("lagrangian_lower_bound"),
                        predicted_decode_tps=speed.get("predicted_decode_tps"),
                        speed_of_decode_tps=speed.get("speed_of_decode_tps"),
+                       speed_margin=speed.get("speed_margin"), held_to_decode_tps=speed.get("held_to_decode_tps"),
                        speed_held_to=speed.get("speed_held_to"))
             rows.append(score(row, gguf_file, heldout, logits, args))
         except LuqError as e:

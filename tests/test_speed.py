@@ -9,8 +9,8 @@ import pytest
 from luq.errors import LuqError
 from luq.plan import LinearSizes, SizeTable
 from luq.plan.measured import knapsack
-from luq.plan.speed import (check_reference, format_ns, gguf_decode_ns, knapsack_within, ns_per_weight,
-                            plan_decode_ns, reference_decode_ns, speed_table)
+from luq.plan.speed import (check_reference, decode_limits, format_ns, gguf_decode_ns, knapsack_within, ns_per_weight,
+                            plan_decode_ns, reference_decode_ns, speed_table, table_error)
 from luq.quant.formats import GGML_MENU
 from luq.quant.ggml import ggml_nbytes
 
@@ -21,6 +21,10 @@ def test_the_table_times_every_type_of_the_menu_and_names_its_source():
     table = ns_per_weight()
     assert set(GGML_MENU) <= set(table) and all(v > 0 for v in table.values())
     assert (ROOT / speed_table()["source"]).is_file()
+    # the default margin is the table's own error on the files it was checked on, as its bench wrote it
+    import json
+    source = json.loads((ROOT / speed_table()["source"]).read_text())
+    assert table_error() == source["check_median_abs_error"] and 0 < table_error() < 0.2
     assert format_ns("gptq4-g128") is None and format_ns("keep") is None   # no ggml type: no speed
     assert format_ns("rtn-q4_0") == format_ns("q4_0") == table["q4_0"]
 
@@ -83,6 +87,24 @@ def _brute_force(sizes, costs, budget, limit) -> float:
     return best
 
 
+def test_a_margin_holds_the_plan_that_much_faster_than_its_reference():
+    sizes, costs = _table(SHAPES, FORMATS), _costs()
+    budget = int(sum(ggml_nbytes(s, "q5_0") for s in SHAPES.values()))
+    reference = reference_decode_ns("q5_0", sizes)
+    assert decode_limits("q5_0", sizes)(budget).ns == reference
+    limit = decode_limits("q5_0", sizes, 0.1)(budget)
+    assert limit.ns == pytest.approx(reference / 1.1) and limit.what == "q5_0"
+    assert decode_limits("none", sizes, 0.1)(budget) is None
+    held = knapsack_within(sizes, costs, FORMATS, budget, limit.ns)
+    even = knapsack_within(sizes, costs, FORMATS, budget, reference)
+    # the margin binds here: the plan held to the reference alone is only 3.5% faster than it
+    assert plan_decode_ns(sizes, even.plan) > reference / 1.1 and held.cost > even.cost
+    assert plan_decode_ns(sizes, held.plan) <= reference / 1.1 * (1 + 1e-9)
+    # a reference plan slower than the limit is not a start of the search (it would not be within it)
+    slow = {n: "q5_0" for n in SHAPES}
+    assert knapsack_within(sizes, costs, FORMATS, budget, limit.ns, known=slow).plan == held.plan
+
+
 def test_a_decode_time_no_plan_meets_is_refused_with_the_fastest_reachable():
     sizes, costs = _table(SHAPES, FORMATS), _costs()
     budget = int(sum(ggml_nbytes(s, "q8_0") for s in SHAPES.values()))
@@ -137,3 +159,9 @@ def test_speed_of_needs_a_ggml_menu_and_a_budget():
     with pytest.raises(LuqError, match="--speed-of"):
         LUQConfig(formats=("q4_0",), speed_of="q4_0")                  # one format, no rule
     assert LUQConfig(formats=("ggml",), budget_gb=0.1, speed_of="q4_0").speed_of == "q4_0"
+    assert LUQConfig(formats=("ggml",), budget_gb=0.1, speed_margin=0.1).speed_margin == 0.1
+    for bad in ({"speed_margin": -0.1}, {"speed_margin": 1.0}, {"speed_of": "none", "speed_margin": 0.1}):
+        with pytest.raises(LuqError, match="--speed-margin"):
+            LUQConfig(formats=("ggml",), budget_gb=0.1, **bad)
+    with pytest.raises(LuqError, match="--speed-margin"):
+        LUQConfig(budget_gb=0.1, speed_margin=0.1)                     # the default (torch) menu

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "size (auto, the default: the largest preset that fits), this GGUF file, or the model with "
                         "every linear in this ggml type; none: least KL at the size, however it decodes. Predicted "
                         "from luq's measured per-type speed table")
+    p.add_argument("--speed-margin", type=float, default=None, metavar="FRACTION",
+                   help="with --speed-of: how much faster than the reference the plan is predicted (0.05: 5%% more "
+                        "tokens/s; default: the speed table's median error on files it was not fitted on)")
     p.add_argument("--metric", default="perplexity",
                    help="metric of --max-drop: perplexity on held-out text (default) or a VQA task (textvqa, pope, ...)")
     p.add_argument("--metric-data", default=None, metavar="PATH",
@@ -228,7 +231,8 @@ def cmd_quantize(args) -> None:
     config = LUQConfig(calibration=calibration, budget_gb=args.budget_gb, max_drop=args.max_drop, metric=args.metric,
                        metric_data=args.metric_data, n_low_layers=args.n_low_layers, search=args.search, **paper,
                        hessians=args.hessians, allocate=args.allocate, formats=args.formats,
-                       sensitivity_samples=args.sensitivity_samples, speed_of=args.speed_of, keep=args.keep,
+                       sensitivity_samples=args.sensitivity_samples, speed_of=args.speed_of,
+                       speed_margin=args.speed_margin, keep=args.keep,
                        final_pass=args.final_pass, kmeans_clusters=args.kmeans_clusters, subsample=args.subsample,
                        storage_dtype=args.storage_dtype, offload_dir=args.offload_dir, measure_kl=args.measure_kl)
     gguf_out = args.out.with_name(args.out.name + ".gguf") if args.export else None

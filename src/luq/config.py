@@ -29,17 +29,22 @@ class MeasuredConfig:
     luq.plan.speed) no slower than: "auto", llama.cpp's own file of the budget's size (the largest preset
     that fits it, luq.plan.presets); a GGUF file; the model with every linear in a ggml type (its name);
     "none": bytes and cost only.
+    speed_margin: how much faster than that reference the plan is predicted (0.05: 5% more tokens/s);
+    None: the speed table's median error on files it was not fitted on (luq.plan.speed.table_error).
     """
 
     formats: tuple[str, ...] | None = None
     sensitivity_samples: int = 16
     speed_of: str = AUTO
+    speed_margin: float | None = None
 
     def __post_init__(self) -> None:
         if self.formats is not None:
             object.__setattr__(self, "formats", parse_formats(self.formats))
         if self.sensitivity_samples <= 0:
             raise LuqError(f"--sensitivity-samples must be positive, got {self.sensitivity_samples}")
+        if self.speed_margin is not None and not 0 <= self.speed_margin < 1:
+            raise LuqError(f"--speed-margin is a fraction from 0 to below 1 (0.05: 5% faster), got {self.speed_margin}")
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,10 @@ class LUQConfig:
                                                    or (self.budget_gb is None and self.max_drop is None)):
             raise LuqError("--speed-of holds a plan of llama.cpp's block types to a decode speed: use it with "
                            "--formats ggml (or ggml type names) and --budget-gb or --max-drop")
+        if self.measured.speed_margin is not None and (self.measured.speed_of == NONE or self.allocate != "measured"
+                                                       or not self.for_gguf()):
+            raise LuqError("--speed-margin is how much faster than --speed-of's reference a plan of llama.cpp's block "
+                           "types decodes: use it with --formats ggml and a --speed-of other than none")
         if self.hessians not in HESSIAN_SOURCES:
             raise LuqError(f"--hessians must be one of {', '.join(HESSIAN_SOURCES)}, got {self.hessians!r}")
         if self.storage_dtype not in STORAGE_DTYPES:

@@ -18,7 +18,7 @@ from luq.errors import LuqError
 from luq.plan.entropy import entropy_plan, layer_order, smallest_fitting_k, threshold_search
 from luq.plan.measured import Costs, knapsack, lagrangian_bound, smallest_budget_within
 from luq.plan.sizes import Plan, SizeTable
-from luq.plan.speed import Limit, decode_limits, knapsack_within, plan_decode_ns
+from luq.plan.speed import Limit, decode_limits, knapsack_within, plan_decode_ns, table_error
 from luq.quant.formats import COMPACT_MENU
 
 FRONTIER_POINTS = 12   # plans of the measured frontier drawn in the report, evenly spaced in bytes
@@ -75,14 +75,27 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
     largest = sizes.total_bytes(sizes.extreme_plan(menu, largest=True))
 
     # llama.cpp's decode, held to a reference where the plan is bound for a GGUF file (luq.plan.speed)
-    limits = decode_limits(config.measured.speed_of if config.for_gguf() else None, sizes)
-    held: dict[int, Limit | None] = {}   # id of a plan's result -> the limit it was held to
+    # faster than the reference by a margin: the one asked for, or by default the speed table's error, which is
+    # dropped where no plan of the budget reaches it (the reference itself then holds the plan)
+    speed_of = config.measured.speed_of if config.for_gguf() else None
+    default_margin = config.measured.speed_margin is None
+    margin = table_error() if default_margin else config.measured.speed_margin
+    limits, even_limits = decode_limits(speed_of, sizes, margin), decode_limits(speed_of, sizes)
+    held: dict[int, tuple[Limit | None, float]] = {}   # id of a plan's result -> the limit it was held to, margin
 
     def plan_for_budget(b: int):
-        limit = limits(b)
-        result = (knapsack(sizes, costs, menu, b) if limit is None
-                  else knapsack_within(sizes, costs, menu, b, limit.ns, known=limit.plan))
-        held[id(result)] = limit
+        limit, kept = limits(b), margin
+        if limit is None:
+            result = knapsack(sizes, costs, menu, b)
+        else:
+            try:
+                result = knapsack_within(sizes, costs, menu, b, limit.ns, known=limit.plan)
+            except LuqError:
+                if not (default_margin and margin):
+                    raise
+                limit, kept = even_limits(b), 0.0
+                result = knapsack_within(sizes, costs, menu, b, limit.ns, known=limit.plan)
+        held[id(result)] = (limit, kept)
         return result
 
     frontier = []
@@ -109,12 +122,15 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
     speed = {}
     plan_ns = plan_decode_ns(sizes, result.plan) if config.for_gguf() else None
     if plan_ns is not None:   # llama.cpp's decode, predicted (luq.plan.speed)
-        limit = held.get(id(result))
+        limit, margin = held.get(id(result), (None, 0.0))
         speed = {"predicted_decode_tps": 1e9 / plan_ns, "speed_of": config.measured.speed_of,
                  "speed_held_to": None if limit is None else limit.what,
-                 "speed_of_decode_tps": None if limit is None else 1e9 / limit.ns}
+                 "speed_of_decode_tps": None if limit is None else 1e9 / (limit.ns * (1 + margin)),
+                 "speed_margin": None if limit is None else margin,
+                 "held_to_decode_tps": None if limit is None else 1e9 / limit.ns}
         log(f"  predicted llama.cpp decode: {1e9 / plan_ns:.0f} tokens/s"
-            + ("" if limit is None else f" (held to {limit.what}: {1e9 / limit.ns:.0f})"))
+            + ("" if limit is None else f" (held to {limit.what}: {1e9 / (limit.ns * (1 + margin)):.0f}, "
+                                        f"{margin:.1%} faster: {1e9 / limit.ns:.0f})"))
     return Decision(result.plan, steps, frontier, predicted_cost=result.cost,
                     knapsack={"cell_bytes": result.cell_bytes, "lagrangian_lower_bound": bound,
                               "gap": result.cost - bound, **speed})

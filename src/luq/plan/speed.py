@@ -2,7 +2,9 @@
 
 By default (`--speed-of auto`) a plan of llama.cpp's block types is held to the predicted decode speed of
 the file a user would otherwise run: the largest of llama.cpp's presets that fits the same budget, typed
-as `llama-quantize` would type it (`luq.plan.presets`); below the smallest preset nothing holds it.
+as `llama-quantize` would type it (`luq.plan.presets`); below the smallest preset nothing holds it. The
+plan must be predicted faster than that by a margin (`--speed-margin`; by default the table's own median
+error on files it was not fitted on), so that the table's error does not leave it slower in llama.cpp.
 
 A plan of llama.cpp block types runs in llama.cpp at a speed its types decide: on an x86 CPU llama.cpp's
 dot products for Q4_1, Q5_0, Q5_1 and Q5_K take far longer per weight than those of Q4_0, IQ4_NL or the
@@ -60,6 +62,11 @@ def speed_table() -> dict:
 
 def ns_per_weight() -> dict[str, float]:
     return speed_table()["ns_per_weight"]
+
+
+def table_error() -> float:
+    """The table's median relative error in decode speed on files it was not fitted on (the default margin)."""
+    return float(speed_table().get("check_median_abs_error") or 0.0)
 
 
 def format_ns(fmt: str) -> float | None:
@@ -123,21 +130,21 @@ def reference_decode_ns(ref: str, sizes: SizeTable) -> float:
 
 
 class Limit(NamedTuple):
-    """A decode time a plan is held to (ns a token, predicted), what it is, and the reference's own plan
-    where it is one of the model's (a preset)."""
+    """A decode time a plan is held to (ns a token, predicted: the reference's, less the margin), what the
+    reference is, and its own plan where it is one of the model's (a preset)."""
 
     ns: float
     what: str
     plan: Plan | None = None
 
 
-def decode_limits(ref: str | None, sizes: SizeTable) -> Callable[[int], Limit | None]:
-    """For a budget in bytes, the decode limit a plan is held to; None: no limit (`none`, or `auto` with
-    no preset of so few bytes)."""
+def decode_limits(ref: str | None, sizes: SizeTable, margin: float = 0.0) -> Callable[[int], Limit | None]:
+    """For a budget in bytes, the decode limit a plan is held to: the reference's predicted decode speed
+    times 1 + margin; None: no limit (`none`, or `auto` with no preset of so few bytes)."""
     if ref is None or ref == NONE:
         return lambda budget_bytes: None
     if ref != AUTO:
-        limit = Limit(reference_decode_ns(ref, sizes), ref)
+        limit = Limit(reference_decode_ns(ref, sizes) / (1 + margin), ref)
         return lambda budget_bytes: limit
     presets = [(sizes.total_bytes(plan), -plan_decode_ns(sizes, plan), name, plan)
                for name, plan in (preset_plans(sizes) or {}).items()]
@@ -147,7 +154,8 @@ def decode_limits(ref: str | None, sizes: SizeTable) -> Callable[[int], Limit | 
         if not fitting:
             return None
         nbytes, minus_ns, name, plan = max(fitting, key=lambda p: p[:3])   # the largest; of two alike, the faster
-        return Limit(-minus_ns, f"llama.cpp's {name} ({nbytes / 1e6:.1f} MB, as llama-quantize types it)", plan)
+        what = f"llama.cpp's {name} ({nbytes / 1e6:.1f} MB, as llama-quantize types it)"
+        return Limit(-minus_ns / (1 + margin), what, plan)
     return of_budget
 
 
@@ -171,8 +179,8 @@ def check_reference(ref: str, shapes: Sequence[tuple[int, int]]) -> None:
 def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budget_bytes: int,
                     max_ns: float, known: Plan | None = None) -> KnapsackResult:
     """The plan of least summed cost that fits `budget_bytes` and decodes within `max_ns` a token
-    (predicted); formats whose speed is unknown are left out. `known`: a plan within both limits (the
-    reference preset's) that the local search also starts from, so the result is never worse than it."""
+    (predicted); formats whose speed is unknown are left out. `known`: a plan (the reference preset's) that
+    the local search also starts from where it is within both limits, so the result is never worse than it."""
     max_ns *= 1 + 1e-9   # a plan exactly as fast as the reference (its own types) is fast enough
     times = {name: {f: format_ns(f) for f in c} for name, c in costs.items()}
     timed = {name: {f: c[f] for f in c if times[name][f] is not None} for name, c in costs.items()}
@@ -198,7 +206,8 @@ def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budg
                                for name, c in timed.items()}, formats, budget_bytes)
     if ns(fastest) > max_ns:
         raise LuqError(f"no plan of {budget_bytes / 1e9:.4g} GB decodes as fast as asked: the fastest is predicted "
-                       f"at {1e9 / ns(fastest):.0f} tokens/s, the reference at {1e9 / max_ns:.0f} (--speed-of)")
+                       f"at {1e9 / ns(fastest):.0f} tokens/s, asked for {1e9 / max_ns:.0f} (--speed-of, "
+                       "--speed-margin)")
     lo, hi = 0.0, 1e-3
     slow = best
     while ns(fast := priced(hi)) > max_ns:
@@ -215,7 +224,8 @@ def knapsack_within(sizes: SizeTable, costs: Costs, formats: Sequence[str], budg
     blended = _blend(sizes, costs, fast, slow, budget_bytes, max_ns)
     options = {n: {f: timed[n][f] for f in fmts if f in timed[n]} for n, fmts, _, _ in _choices(sizes, costs, formats)}
     plan = _exchange(sizes, options, blended.plan, budget_bytes, max_ns)
-    if known is not None and all(f in options[n] for n, f in known.items()):
+    if (known is not None and all(f in options[n] for n, f in known.items())
+            and plan_decode_ns(sizes, known) <= max_ns and sizes.total_bytes(known) <= budget_bytes):
         other = _exchange(sizes, options, known, budget_bytes, max_ns)
         plan = min(plan, other, key=lambda p: sum(costs[n][f] for n, f in p.items()))
     return replace(blended, plan=plan, cost=sum(costs[n][f] for n, f in plan.items()),
