@@ -16,6 +16,8 @@ from luq.cli import main
     (["entropy", "--out", "{tmp}/o", "--calib-images", "x.jsonl", "--alpha", "0.5"], "take no images"),
     (["entropy", "--out", "{tmp}/o", "--samples", "100000", "--seq-len", "512"], "fewer than the"),
     (["report", "{tmp}"], "no entropy.json"),
+    (["quantize", "--out", "{tmp}/o", "--formats", "ggml", "--budget-gb", "0.1", "--speed-margin", "-0.1"],
+     "--speed-margin is a fraction"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
