@@ -721,7 +721,8 @@ def _held_to(r) -> str:
     """What a `--speed-of auto` row was held to: the speed of a preset ("llama.cpp's Q3_K_M (91.7 MB, ...)"),
     or nothing below the smallest."""
     held = re.match(r"llama\.cpp's (\S+)", r.get("speed_held_to") or "")
-    return f"bytes, speed of {held.group(1)}" if held else "bytes (no preset this small)"
+    margin = f" + {r['speed_margin']:.1%}" if r.get("speed_margin") else ""
+    return f"bytes, speed of {held.group(1)}{margin}" if held else "bytes (no preset this small)"
 
 
 def gguf_pairs(g):
@@ -758,6 +759,7 @@ for _model in ("smollm2-offgrid", "smollm2"):   # every file of a bench.gguf run
     table(f"gguf-{_model}-pairs", f"{RESULTS}/gguf-{_model}.json")(gguf_pairs)
 table("gguf-smollm2-offgrid-autoround", f"{RESULTS}/gguf-smollm2-offgrid-autoround.json")(gguf_rows)   # + AutoRound
 table("gguf-smollm2-offgrid-tuned-pairs", f"{RESULTS}/gguf-smollm2-offgrid-tuned.json")(gguf_pairs)   # + luq tune
+table("gguf-smollm2-offgrid-margin-pairs", f"{RESULTS}/gguf-smollm2-offgrid-margin.json")(gguf_pairs)   # + margin
 
 
 def _frontier_name(r) -> str:

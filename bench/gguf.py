@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--luq-tuned-at", nargs="*", default=[],
                    help="a preset or size of --luq-at: that file again after `luq tune` (default none)")
     p.add_argument("--tune-steps", type=int, default=50, help="luq tune --steps of the --luq-tuned-at rows")
+    p.add_argument("--speed-margin", default=None, help="luq quantize --speed-margin of the --luq-at rows (default: "
+                   "luq's, the speed table's median error)")
     p.add_argument("--autoround", nargs="*", default=[], metavar="SCHEME",
                    help="AutoRound's GGUF at these schemes too (gguf:q4_k_m gguf:q4_0 ...; default none)")
     p.add_argument("--autoround-python", type=Path, default=None,
@@ -251,20 +253,28 @@ def main(argv: list[str] | None = None) -> None:
             tune_command = ["tune", source, "--out", d, "--steps", str(tune_steps)]
         command = ["quantize", args.model, "--out", source, "--formats", "ggml", "--budget-gb", f"{nbytes / 1e9:.9f}",
                    "--calib-text", calib, "--samples", "16", "--seq-len", "256", "--seed", "0"]
+        if speed_of != "none" and args.speed_margin is not None:
+            command += ["--speed-margin", args.speed_margin]
         if speed_of == "file":
             command += ["--speed-of", out / f"llama-{target}.gguf"]
         elif speed_of == "none":
             command += ["--speed-of", "none"]
-        row["command"] = "luq " + " ".join(map(str, command)).replace(str(work) + "/", "")
+        row["command"] = quantize_line = "luq " + " ".join(map(str, command)).replace(str(work) + "/", "")
         if tune_steps:
             row["command"] += "; luq " + " ".join(map(str, tune_command)).replace(str(work) + "/", "")
         try:
             started = time.perf_counter()
+            made_by = source / "bench-command.txt"   # an artifact is reused only for the same command
+            if source.is_dir() and (not made_by.is_file() or made_by.read_text() != quantize_line):
+                shutil.rmtree(source)
+                if d != source and d.is_dir():   # tuned from the old artifact
+                    shutil.rmtree(d)
             if not (source / "luq_report.json").is_file():
                 luq_cli(*command)
+                made_by.write_text(quantize_line)
             if tune_steps and not (d / "luq_report.json").is_file():
                 luq_cli(*tune_command)
-            gguf_file = d.parent / f"{tag}.gguf"
+            gguf_file = out / f"{d.name}.gguf"   # the tuned row its own file, beside the untuned one
             if not gguf_file.is_file() or gguf_file.stat().st_mtime < (d / "luq_report.json").stat().st_mtime:
                 luq_cli("export", d, "--format", "gguf", "--out", gguf_file)
             report = json.loads((d / "luq_report.json").read_text())
