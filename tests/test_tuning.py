@@ -214,6 +214,10 @@ def test_a_llama_cpp_type_artifact_tunes_only_its_block_scales(smollm2_artifacts
 
     files = [export_gguf(path, path.parent / f"{path.name}.gguf") for path in (source, out)]
     assert files[0]["tensors"] == files[1]["tensors"] and files[0]["tensor_bytes"] == files[1]["tensor_bytes"]
+    # the same metadata too (the model's name, not the artifact's path): files of the same size
+    import gguf
+    names = [gguf.GGUFReader(path.parent / f"{path.name}.gguf").fields["general.name"].contents() for path in (source, out)]
+    assert names[0] == names[1] == "model" and files[0]["bytes"] == files[1]["bytes"]
 
 
 def test_tuning_block_fields_lowers_the_kl_on_held_out_windows(smollm2_artifacts, ggml_tuned):

@@ -247,11 +247,12 @@ def tune(artifact: Path | str, out: Path | str, config: TuneConfig = TuneConfig(
     if out.resolve() != artifact.resolve():   # the same path: replaced at the end, atomically
         check_out_dir(out)
     report = json.loads((artifact / REPORT).read_text())
-    qconfig = check_quantization_config(json.loads((artifact / CONFIG).read_text()).get("quantization_config"),
-                                        artifact)
+    source_config = json.loads((artifact / CONFIG).read_text())
+    qconfig = check_quantization_config(source_config.get("quantization_config"), artifact)
     device = check_device(device)
     t_start = time.perf_counter()
     student, tokenizer, _ = load(artifact, device, torch.float32, verify=False)
+    student.config._name_or_path = source_config.get("_name_or_path", "")   # the model's, not the artifact's path
     teacher_name = config.teacher or report.get("model")
     teacher, _, _ = load_model(teacher_name, device, torch.float32)
     _check_teacher(teacher, student, teacher_name)

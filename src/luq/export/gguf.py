@@ -567,7 +567,7 @@ def _writer(path: Path, folder: Path, config: dict, tensors: dict[str, Encoded],
 
     arch = architecture(config, folder)
     writer = gguf.GGUFWriter(str(path), arch.name)
-    writer.add_name(config.get("_name_or_path") or folder.name)
+    writer.add_name(Path(config.get("_name_or_path") or folder.name).name)   # a name, not a local path
     writer.add_file_type(_file_type(tensors))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     arch.metadata(writer, config)
