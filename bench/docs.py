@@ -686,6 +686,9 @@ table("tuned-smollm2-offgrid-clip", f"{RESULTS}/tune-smollm2-offgrid-clip.json")
 # four times the text and twice the steps, the rates decayed (cosine), on the two rows of the 75% target
 table("tuned-smollm2-offgrid-clip-s100-w512-cosine",
       f"{RESULTS}/tune-smollm2-offgrid-clip-s100-w512-cosine.json")(tuned)
+# twice that again: 200 steps on 1024 windows, the 75% row alone
+table("tuned-smollm2-offgrid-clip-s200-w1024-cosine",
+      f"{RESULTS}/tune-smollm2-offgrid-clip-s200-w1024-cosine.json")(tuned)
 
 
 def _types(types: dict[str, int]) -> str:
