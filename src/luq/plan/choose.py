@@ -77,11 +77,10 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
     # llama.cpp's decode, held to a reference where the plan is bound for a GGUF file (luq.plan.speed)
     # faster than the reference by a margin: the one asked for, or by default the speed table's error, which is
     # dropped where no plan of the budget reaches it (the reference itself then holds the plan)
-    speed_of = config.measured.speed_of if config.for_gguf() else None
+    limits = decode_limits(config.measured.speed_of if config.for_gguf() else None, sizes)
     default_margin = config.measured.speed_margin is None
     margin = table_error() if default_margin else config.measured.speed_margin
-    limits, even_limits = decode_limits(speed_of, sizes, margin), decode_limits(speed_of, sizes)
-    held: dict[int, tuple[Limit | None, float]] = {}   # id of a plan's result -> the limit it was held to, margin
+    held: dict[int, tuple[Limit | None, float]] = {}   # id of a plan's result -> its reference, the margin kept
 
     def plan_for_budget(b: int):
         limit, kept = limits(b), margin
@@ -89,11 +88,11 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
             result = knapsack(sizes, costs, menu, b)
         else:
             try:
-                result = knapsack_within(sizes, costs, menu, b, limit.ns, known=limit.plan)
+                result = knapsack_within(sizes, costs, menu, b, limit.ns / (1 + margin), known=limit.plan)
             except LuqError:
                 if not (default_margin and margin):
                     raise
-                limit, kept = even_limits(b), 0.0
+                kept = 0.0
                 result = knapsack_within(sizes, costs, menu, b, limit.ns, known=limit.plan)
         held[id(result)] = (limit, kept)
         return result
@@ -125,12 +124,12 @@ def choose_plan(config: LUQConfig, sizes: SizeTable, costs: Costs | None, names:
         limit, margin = held.get(id(result), (None, 0.0))
         speed = {"predicted_decode_tps": 1e9 / plan_ns, "speed_of": config.measured.speed_of,
                  "speed_held_to": None if limit is None else limit.what,
-                 "speed_of_decode_tps": None if limit is None else 1e9 / (limit.ns * (1 + margin)),
+                 "speed_of_decode_tps": None if limit is None else 1e9 / limit.ns,
                  "speed_margin": None if limit is None else margin,
-                 "held_to_decode_tps": None if limit is None else 1e9 / limit.ns}
+                 "held_to_decode_tps": None if limit is None else 1e9 * (1 + margin) / limit.ns}
         log(f"  predicted llama.cpp decode: {1e9 / plan_ns:.0f} tokens/s"
-            + ("" if limit is None else f" (held to {limit.what}: {1e9 / (limit.ns * (1 + margin)):.0f}, "
-                                        f"{margin:.1%} faster: {1e9 / limit.ns:.0f})"))
+            + ("" if limit is None else f" (held to {limit.what}: {1e9 / limit.ns:.0f}, "
+                                        f"{margin:.1%} faster: {1e9 * (1 + margin) / limit.ns:.0f})"))
     return Decision(result.plan, steps, frontier, predicted_cost=result.cost,
                     knapsack={"cell_bytes": result.cell_bytes, "lagrangian_lower_bound": bound,
                               "gap": result.cost - bound, **speed})

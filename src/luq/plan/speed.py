@@ -130,21 +130,21 @@ def reference_decode_ns(ref: str, sizes: SizeTable) -> float:
 
 
 class Limit(NamedTuple):
-    """A decode time a plan is held to (ns a token, predicted: the reference's, less the margin), what the
-    reference is, and its own plan where it is one of the model's (a preset)."""
+    """A reference's decode time (ns a token, predicted), what the reference is, and its own plan where it
+    is one of the model's (a preset). A plan is held to ns / (1 + margin)."""
 
     ns: float
     what: str
     plan: Plan | None = None
 
 
-def decode_limits(ref: str | None, sizes: SizeTable, margin: float = 0.0) -> Callable[[int], Limit | None]:
-    """For a budget in bytes, the decode limit a plan is held to: the reference's predicted decode speed
-    times 1 + margin; None: no limit (`none`, or `auto` with no preset of so few bytes)."""
+def decode_limits(ref: str | None, sizes: SizeTable) -> Callable[[int], Limit | None]:
+    """For a budget in bytes, the reference a plan is held to; None: no limit (`none`, or `auto` with no
+    preset of so few bytes)."""
     if ref is None or ref == NONE:
         return lambda budget_bytes: None
     if ref != AUTO:
-        limit = Limit(reference_decode_ns(ref, sizes) / (1 + margin), ref)
+        limit = Limit(reference_decode_ns(ref, sizes), ref)
         return lambda budget_bytes: limit
     presets = [(sizes.total_bytes(plan), -plan_decode_ns(sizes, plan), name, plan)
                for name, plan in (preset_plans(sizes) or {}).items()]
@@ -154,8 +154,7 @@ def decode_limits(ref: str | None, sizes: SizeTable, margin: float = 0.0) -> Cal
         if not fitting:
             return None
         nbytes, minus_ns, name, plan = max(fitting, key=lambda p: p[:3])   # the largest; of two alike, the faster
-        what = f"llama.cpp's {name} ({nbytes / 1e6:.1f} MB, as llama-quantize types it)"
-        return Limit(-minus_ns / (1 + margin), what, plan)
+        return Limit(-minus_ns, f"llama.cpp's {name} ({nbytes / 1e6:.1f} MB, as llama-quantize types it)", plan)
     return of_budget
 
 
