@@ -108,7 +108,7 @@ def value(v: float, higher_is_better: bool) -> str:
 
 # ------------------------------------------------------------------------------------------- README
 
-# README's table is gguf-smollm2-offgrid-pairs (below, with docs/gguf.md's).
+# README's table is gguf-smollm2-offgrid-default (below, with docs/gguf.md's).
 
 
 # ------------------------------------------------------------------------------------------- docs/results.md
@@ -763,6 +763,24 @@ for _model in ("smollm2-offgrid", "smollm2"):   # every file of a bench.gguf run
 table("gguf-smollm2-offgrid-autoround", f"{RESULTS}/gguf-smollm2-offgrid-autoround.json")(gguf_rows)   # + AutoRound
 table("gguf-smollm2-offgrid-tuned-pairs", f"{RESULTS}/gguf-smollm2-offgrid-tuned.json")(gguf_pairs)   # + luq tune
 table("gguf-smollm2-offgrid-margin-pairs", f"{RESULTS}/gguf-smollm2-offgrid-margin.json")(gguf_pairs)   # + margin
+
+
+def _held_to_a_preset(r) -> bool:
+    return gguf_bench.speed_of(r) == "auto" and _held_to(r) != "bytes (no preset this small)"
+
+
+@table("gguf-smollm2-offgrid-default", f"{RESULTS}/gguf-smollm2-offgrid-margin.json",
+       f"{RESULTS}/gguf-smollm2-offgrid.json")
+def gguf_default_pairs(margin, main):
+    """README's table: the default command's rows (the margin run, held to each preset's speed with the margin),
+    then the main run's rows that no margin changes (below every preset; held to size alone)."""
+    presets = {r["name"]: r["kl_divergence"] for r in margin["rows"] if r["tool"] == "llama.cpp" and "error" not in r}
+    for r in main["rows"]:   # the main run's rows are paired with the margin run's presets: the same files
+        if r["tool"] == "llama.cpp" and r["name"] in presets and r.get("kl_divergence") != presets[r["name"]]:
+            raise ValueError(f"{r['name']} scores differently in the two runs: re-run both")
+    rows = [r for r in margin["rows"] if r["tool"] == "llama.cpp" or _held_to_a_preset(r)]
+    rows += [r for r in main["rows"] if r["tool"] == "luq" and not _held_to_a_preset(r)]
+    return gguf_pairs({"rows": rows})
 
 
 def _frontier_name(r) -> str:

@@ -20,7 +20,7 @@ def test_every_generated_table_matches_its_result_files():
 
 def test_the_docs_render_their_tables_and_each_renderer_is_used():
     used = docs.used_tables(ROOT)
-    assert "README.md" in used["gguf-smollm2-offgrid-pairs"]   # the README's one results table
+    assert "README.md" in used["gguf-smollm2-offgrid-default"]   # the README's one results table
     for name in ("budget-smollm2", "like-for-like-smollm2-offgrid", "like-for-like-smollm2", "frontier-all-smollm2", "orders-smollm2",
                  "calibration-mix", "cost"):
         assert "docs/results.md" in used.get(name, []), name
@@ -43,7 +43,7 @@ def test_check_mode_reports_a_table_edited_by_hand(tmp_path):
     text = readme.read_text()
     assert "| 103.62 |" in text
     readme.write_text(text.replace("| 103.62 |", "| 103.60 |", 1))
-    assert docs.check(tmp_path) == ["README.md: gguf-smollm2-offgrid-pairs"]
+    assert docs.check(tmp_path) == ["README.md: gguf-smollm2-offgrid-default"]
     assert docs.main(["--check"]) == 0          # the real checkout is untouched
 
 
@@ -68,3 +68,14 @@ def test_links_between_the_docs_resolve():
             if "://" in target:
                 continue
             assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to missing {target}"
+
+
+def test_readme_table_refuses_runs_whose_presets_differ():
+    """README's table pairs the main run's luq rows with the margin run's presets: only if both scored the same file."""
+    preset = {"tool": "llama.cpp", "name": "Q2_K", "tensor_bytes": 86_420_000, "kl_divergence": 0.3462}
+    luq = {"tool": "luq", "name": "luq-free-at-Q2_K", "speed_of": "none", "tensor_bytes": 86_400_000,
+           "kl_divergence": 0.0599}
+    same = docs.gguf_default_pairs({"rows": [preset]}, {"rows": [preset, luq]})
+    assert "| **0.17** |" in same
+    with pytest.raises(ValueError, match="Q2_K scores differently"):
+        docs.gguf_default_pairs({"rows": [preset]}, {"rows": [{**preset, "kl_divergence": 0.35}, luq]})
