@@ -76,9 +76,9 @@ results: $(BSTAMP)
 # docs/gguf.md and section 0c of docs/results.md: luq's GGUF files against llama.cpp's own quants, scored
 # in llama.cpp, then every tool's files on one held-out text (after the whole-model rows of `make results`).
 # The speed runs need idle cores. About 4 hours on 2 cores from cold caches, estimated from the parts:
-# 19 luq GGUF runs of 5-12 minutes each, 25 minutes of speed runs, 45 minutes of torch scoring.
+# 23 luq GGUF runs of 5-12 minutes each, 35 minutes of speed runs, 45 minutes of torch scoring.
 # The first, second and fourth files' plans held to a preset's speed were made with no margin (before
-# --speed-margin); the third is the default, faster than the preset by the speed table's error.
+# --speed-margin); the third and fifth are the default, faster than the preset by the speed table's error.
 results-gguf: $(BSTAMP) $(LLAMA_STAMP)
 	$(VPY) -m bench.gguf --model smollm2-offgrid --speed-margin 0
 	$(VPY) -m bench.gguf --model smollm2-offgrid --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K --luq-free-at --speed-rounds 11 \
@@ -86,6 +86,8 @@ results-gguf: $(BSTAMP) $(LLAMA_STAMP)
 	$(VPY) -m bench.gguf --model smollm2-offgrid --presets Q4_K_M Q4_0 Q3_K_M Q2_K --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K \
 		--luq-free-at --speed-rounds 11 --json bench/results/gguf-smollm2-offgrid-margin.json
 	$(VPY) -m bench.gguf --model smollm2 --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K --speed-margin 0
+	$(VPY) -m bench.gguf --model smollm2 --presets Q4_K_M Q4_0 Q3_K_M Q2_K --luq-at Q4_K_M Q4_0 Q3_K_M Q2_K \
+		--luq-free-at --speed-rounds 11 --json bench/results/gguf-smollm2-margin.json
 	$(VPY) -m bench.ggml_speed --model smollm2-offgrid
 	$(VPY) -m bench.gguf_frontier --model smollm2-offgrid
 	$(VPY) -m bench.gguf_frontier --model smollm2
