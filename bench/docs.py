@@ -720,12 +720,17 @@ def gguf_rows(g):
                "tensor types"], rows, "lrrrrrrl")
 
 
-def _held_to(r) -> str:
-    """What a `--speed-of auto` row was held to: the speed of a preset ("llama.cpp's Q3_K_M (91.7 MB, ...)"),
-    or nothing below the smallest."""
+def _preset_held_to(r) -> str | None:
+    """The preset whose speed a `--speed-of auto` row was held to ("llama.cpp's Q3_K_M (91.7 MB, ...)" -> Q3_K_M),
+    or None below the smallest."""
     held = re.match(r"llama\.cpp's (\S+)", r.get("speed_held_to") or "")
+    return held.group(1) if held else None
+
+
+def _held_to(r) -> str:
+    preset = _preset_held_to(r)
     margin = f" + {r['speed_margin']:.1%}" if r.get("speed_margin") else ""
-    return f"bytes, speed of {held.group(1)}{margin}" if held else "bytes (no preset this small)"
+    return f"bytes, speed of {preset}{margin}" if preset else "bytes (no preset this small)"
 
 
 def gguf_pairs(g):
@@ -766,8 +771,10 @@ for _model in ("smollm2-offgrid", "smollm2"):   # the default command, held fast
     table(f"gguf-{_model}-margin-pairs", f"{RESULTS}/gguf-{_model}-margin.json")(gguf_pairs)
 
 
-def _held_to_a_preset(r) -> bool:
-    return gguf_bench.speed_of(r) == "auto" and _held_to(r) != "bytes (no preset this small)"
+def _margin_free(r) -> bool:
+    """A luq row no speed margin changes: held to size alone, or below every preset (no speed to hold to)."""
+    held = gguf_bench.speed_of(r)
+    return held == "none" or (held == "auto" and _preset_held_to(r) is None)
 
 
 @table("gguf-smollm2-offgrid-default", f"{RESULTS}/gguf-smollm2-offgrid-margin.json",
@@ -779,8 +786,8 @@ def gguf_default_pairs(margin, main):
     for r in main["rows"]:   # the main run's rows are paired with the margin run's presets: the same files
         if r["tool"] == "llama.cpp" and r["name"] in presets and r.get("kl_divergence") != presets[r["name"]]:
             raise ValueError(f"{r['name']} scores differently in the two runs: re-run both")
-    rows = [r for r in margin["rows"] if r["tool"] == "llama.cpp" or _held_to_a_preset(r)]
-    rows += [r for r in main["rows"] if r["tool"] == "luq" and not _held_to_a_preset(r)]
+    rows = [r for r in margin["rows"] if r["tool"] == "llama.cpp" or not _margin_free(r)]
+    rows += [r for r in main["rows"] if r["tool"] == "luq" and _margin_free(r)]
     return gguf_pairs({"rows": rows})
 
 
